@@ -1,0 +1,82 @@
+// One scheduler step (schedule + update) with 256 running, 2,000 intercepted and 1,000
+// waiting requests under the min-waste policy. Prints microseconds per step.
+//
+// The running requests decode forever (no limit) and the queue never drains (the batch is
+// full), so the mix stays the same over the measured steps. Two mixes of paused contexts:
+// - settled: long tools (hint 1e6 s); min-waste swaps what the budget allows and discards the
+//   rest, so later steps see mostly device-free paused requests;
+// - all preserved: short tools and a clock that barely moves, so every step re-evaluates the
+//   waste equations for all 2,000 device-resident paused contexts (the most work per step).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <vector>
+
+#include "infercept/scheduler.h"
+
+using namespace infercept;
+
+namespace {
+
+constexpr int kNumRunning = 256;
+constexpr int kNumIntercepted = 2000;
+constexpr int kNumWaiting = 1000;
+constexpr int kContextTokens = 512;
+constexpr int kWarmupSteps = 50;
+constexpr int kMeasuredSteps = 2000;
+
+void step(Scheduler& scheduler, double& now_s, double step_s) {
+  StepPlan plan = scheduler.schedule(now_s);
+  now_s += step_s;
+  scheduler.update(plan, StepResult{step_s, 0, {}}, now_s);
+}
+
+void run(const char* mix, double expected_duration_s, double step_s) {
+  SchedulerConfig config;
+  config.policy = Policy::kInfercept;
+  config.block_size = 16;
+  // Room for every context on the device; the host takes what min-waste swaps out.
+  config.num_device_blocks = (kNumRunning + kNumIntercepted + 64) * (kContextTokens / 16 + 8);
+  config.num_host_blocks = config.num_device_blocks;
+  config.max_batched_tokens = 4096;
+  config.max_running_requests = kNumRunning;
+  Scheduler scheduler(config, CostModel::builtin("gptj-6b-a100"));
+
+  double now_s = 0;
+  // Bring 2,256 requests into the batch in waves of 256, intercept 2,000 of them.
+  std::vector<RequestId> intercepted;
+  for (int wave = 0; intercepted.size() < kNumIntercepted; ++wave) {
+    std::vector<RequestId> ids;
+    for (int i = 0; i < kNumRunning; ++i) ids.push_back(scheduler.add_request(kContextTokens, now_s));
+    while (scheduler.request(ids.back()).num_generated_tokens == 0) step(scheduler, now_s, step_s);
+    for (RequestId id : ids) {
+      if (intercepted.size() == kNumIntercepted) { break; }
+      scheduler.intercept(id, now_s, expected_duration_s);
+      intercepted.push_back(id);
+    }
+  }
+  for (int i = 0; i < kNumWaiting; ++i) scheduler.add_request(kContextTokens, now_s);
+  for (int i = 0; i < kWarmupSteps; ++i) step(scheduler, now_s, step_s);
+
+  auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < kMeasuredSteps; ++i) step(scheduler, now_s, step_s);
+  double elapsed_us =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+
+  SchedulerStats stats = scheduler.stats();
+  std::printf("scheduler step (schedule + update), policy infercept, mix: %s\n", mix);
+  std::printf("  running %d, swapping in %d, intercepted %d (preserved %d, swapped %d, discarded %d), waiting %d\n",
+              stats.num_running, stats.num_swapping_in, stats.num_intercepted, stats.num_preserved,
+              stats.num_swapped, stats.num_discarded, stats.num_waiting);
+  std::printf("  preemptions %lld, recomputed tokens %lld\n", (long long)stats.num_preemptions, (long long)stats.num_recomputed_tokens);
+  std::printf("  %.1f us per step over %d steps (goal: < 200 us)\n", elapsed_us / kMeasuredSteps, kMeasuredSteps);
+  scheduler.check_invariants();
+}
+
+}  // namespace
+
+int main() {
+  run("settled (long tools)", /*expected_duration_s=*/1e6, /*step_s=*/0.02);
+  run("all preserved (short tools)", /*expected_duration_s=*/1e-4, /*step_s=*/1e-7);
+  return 0;
+}

@@ -1,0 +1,263 @@
+// infercept._core: the native engine core as a Python module. Declarations only: every check
+// lives in the core, whose typed errors map to the exceptions registered here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "infercept/block_pool.h"
+#include "infercept/cost_model.h"
+#include "infercept/errors.h"
+#include "infercept/kv_cache_manager.h"
+#include "infercept/request.h"
+#include "infercept/scheduler.h"
+#include "infercept/step.h"
+#include "infercept/waste_model.h"
+
+#ifdef INFERCEPT_WITH_CUDA
+#include "device_info.h"
+#endif
+
+namespace py = pybind11;
+using namespace infercept;
+
+namespace {
+
+void bind_errors(py::module_& m) {
+  auto base = py::register_exception<Error>(m, "InferceptError", PyExc_RuntimeError);
+  py::register_exception<OutOfBlocksError>(m, "OutOfBlocksError", base.ptr());
+  py::register_exception<BlockError>(m, "BlockError", base.ptr());
+  py::register_exception<StateError>(m, "StateError", base.ptr());
+  py::register_exception<UnknownRequestError>(m, "UnknownRequestError", base.ptr());
+  py::register_exception<InvalidArgumentError>(m, "InvalidArgumentError", PyExc_ValueError);
+}
+
+void bind_enums(py::module_& m) {
+  py::enum_<Tier>(m, "Tier").value("DEVICE", Tier::kDevice).value("HOST", Tier::kHost);
+  py::enum_<Policy>(m, "Policy")
+      .value("VLLM", Policy::kVllm)
+      .value("DISCARD", Policy::kDiscard)
+      .value("PRESERVE", Policy::kPreserve)
+      .value("SWAP", Policy::kSwap)
+      .value("INFERCEPT", Policy::kInfercept)
+      .def_static("parse", &parse_policy, py::arg("name"))
+      .def_property_readonly("label", [](Policy p) { return to_string(p); });
+  py::enum_<RequestState>(m, "RequestState")
+      .value("WAITING", RequestState::kWaiting)
+      .value("RUNNING", RequestState::kRunning)
+      .value("PRESERVED", RequestState::kPreserved)
+      .value("SWAPPING_OUT", RequestState::kSwappingOut)
+      .value("SWAPPED", RequestState::kSwapped)
+      .value("DISCARDED", RequestState::kDiscarded)
+      .value("SWAPPING_IN", RequestState::kSwappingIn)
+      .value("RECOMPUTING", RequestState::kRecomputing)
+      .value("FINISHED", RequestState::kFinished)
+      .value("ABORTED", RequestState::kAborted)
+      .def_property_readonly("label", [](RequestState s) { return to_string(s); });
+  m.def("can_transition", &can_transition, py::arg("src"), py::arg("dst"));
+}
+
+void bind_memory(py::module_& m) {
+  py::class_<BlockPool>(m, "BlockPool")
+      .def(py::init<Tier, int32_t>(), py::arg("tier"), py::arg("num_blocks"))
+      .def("allocate", py::overload_cast<>(&BlockPool::allocate))
+      .def("allocate_many", py::overload_cast<int32_t>(&BlockPool::allocate), py::arg("num_blocks"))
+      .def("retain", &BlockPool::retain, py::arg("block"))
+      .def("free", &BlockPool::free, py::arg("block"))
+      .def("can_allocate", &BlockPool::can_allocate, py::arg("num_blocks"))
+      .def("ref_count", &BlockPool::ref_count, py::arg("block"))
+      .def_property_readonly("num_blocks", &BlockPool::num_blocks)
+      .def_property_readonly("num_free", &BlockPool::num_free)
+      .def_property_readonly("num_used", &BlockPool::num_used)
+      .def_property_readonly("tier", &BlockPool::tier)
+      .def("check_invariants", &BlockPool::check_invariants);
+
+  py::class_<BlockCopy>(m, "BlockCopy")
+      .def_readonly("src", &BlockCopy::src)
+      .def_readonly("dst", &BlockCopy::dst)
+      .def("__repr__", [](const BlockCopy& c) {
+        return "BlockCopy(src=" + std::to_string(c.src) + ", dst=" + std::to_string(c.dst) + ")";
+      });
+
+  py::class_<BlockTable>(m, "BlockTable")
+      .def_readonly("device_blocks", &BlockTable::device_blocks)
+      .def_readonly("host_blocks", &BlockTable::host_blocks)
+      .def_readonly("num_tokens", &BlockTable::num_tokens)
+      .def_readonly("num_tokens_to_recompute", &BlockTable::num_tokens_to_recompute);
+}
+
+void bind_cost(py::module_& m) {
+  py::class_<AffineFit>(m, "AffineFit")
+      .def(py::init<>())
+      .def_readwrite("intercept_s", &AffineFit::intercept_s)
+      .def_readwrite("slope_s_per_token", &AffineFit::slope_s_per_token)
+      .def_readonly("samples", &AffineFit::samples)
+      .def("__call__", &AffineFit::operator(), py::arg("num_tokens"))
+      .def_static("fit", &AffineFit::fit, py::arg("samples"));
+
+  py::class_<CostModel>(m, "CostModel")
+      .def(py::init<>())
+      .def_readwrite("name", &CostModel::name)
+      .def_readwrite("source", &CostModel::source)
+      .def_readwrite("forward", &CostModel::forward)
+      .def_readwrite("swap", &CostModel::swap)
+      .def_readwrite("kv_bytes_per_token", &CostModel::kv_bytes_per_token)
+      .def_readwrite("saturation_tokens", &CostModel::saturation_tokens)
+      .def_readwrite("kv_capacity_tokens", &CostModel::kv_capacity_tokens)
+      .def("forward_time_s", &CostModel::forward_time_s, py::arg("num_tokens"))
+      .def("swap_time_s", &CostModel::swap_time_s, py::arg("num_tokens"))
+      .def("swap_budget_tokens", &CostModel::swap_budget_tokens, py::arg("num_batched_tokens"))
+      .def("to_json", &CostModel::to_json)
+      .def_static("from_json", &CostModel::from_json, py::arg("text"))
+      .def("save", &CostModel::save, py::arg("path"))
+      .def_static("load", &CostModel::load, py::arg("path"))
+      .def_static("builtin", &CostModel::builtin, py::arg("name"))
+      .def_static("builtin_names", &CostModel::builtin_names);
+
+  m.def("discard_waste", &discard_waste, py::arg("cost"), py::arg("context_tokens"), py::arg("other_tokens"));
+  m.def("preserve_waste", &preserve_waste, py::arg("cost"), py::arg("context_tokens"), py::arg("intercept_s"));
+  m.def("swap_waste", &swap_waste, py::arg("cost"), py::arg("context_tokens"), py::arg("batch_tokens"));
+  m.def("chunked_discard_waste", &chunked_discard_waste, py::arg("cost"), py::arg("context_tokens"),
+        py::arg("other_tokens"), py::arg("num_chunks"));
+
+  py::class_<WasteCounters>(m, "WasteCounters")
+      .def_readonly("preserved_idle_byte_s", &WasteCounters::preserved_idle_byte_s)
+      .def_readonly("recompute_byte_s", &WasteCounters::recompute_byte_s)
+      .def_readonly("swap_stall_byte_s", &WasteCounters::swap_stall_byte_s)
+      .def_property_readonly("total_byte_s", &WasteCounters::total_byte_s);
+  py::class_<WasteLedger>(m, "WasteLedger")
+      .def_readonly("waste", &WasteLedger::waste)
+      .def_readonly("capacity_byte_s", &WasteLedger::capacity_byte_s)
+      .def_property_readonly("waste_fraction", &WasteLedger::waste_fraction);
+}
+
+void bind_step(py::module_& m) {
+  py::class_<ScheduledRequest>(m, "ScheduledRequest")
+      .def_readonly("request_id", &ScheduledRequest::request_id)
+      .def_readonly("num_computed_tokens", &ScheduledRequest::num_computed_tokens)
+      .def_readonly("num_new_tokens", &ScheduledRequest::num_new_tokens)
+      .def_readonly("num_recompute_tokens", &ScheduledRequest::num_recompute_tokens)
+      .def_readonly("samples", &ScheduledRequest::samples)
+      .def_readonly("block_table", &ScheduledRequest::block_table);
+
+  py::class_<StepPlan>(m, "StepPlan")
+      .def_readonly("step_id", &StepPlan::step_id)
+      .def_readonly("now_s", &StepPlan::now_s)
+      .def_readonly("scheduled", &StepPlan::scheduled)
+      .def_readonly("swap_out", &StepPlan::swap_out)
+      .def_readonly("swap_in", &StepPlan::swap_in)
+      .def_readonly("preempted", &StepPlan::preempted)
+      .def_readonly("discarded", &StepPlan::discarded)
+      .def_readonly("num_batched_tokens", &StepPlan::num_batched_tokens)
+      .def_readonly("num_recompute_tokens", &StepPlan::num_recompute_tokens)
+      .def_readonly("num_sampling_requests", &StepPlan::num_sampling_requests)
+      .def_readonly("swap_budget_tokens", &StepPlan::swap_budget_tokens)
+      .def_property_readonly("num_swap_out_blocks", [](const StepPlan& p) { return p.swap_out.size(); })
+      .def_property_readonly("num_swap_in_blocks", [](const StepPlan& p) { return p.swap_in.size(); })
+      .def("is_empty", &StepPlan::is_empty);
+
+  py::class_<StepResult>(m, "StepResult")
+      .def(py::init([](double duration_s, double swap_stall_s, std::vector<RequestId> finished) {
+             return StepResult{duration_s, swap_stall_s, std::move(finished)};
+           }),
+           py::arg("duration_s"), py::arg("swap_stall_s") = 0.0, py::arg("finished") = std::vector<RequestId>{})
+      .def_readwrite("duration_s", &StepResult::duration_s)
+      .def_readwrite("swap_stall_s", &StepResult::swap_stall_s)
+      .def_readwrite("finished", &StepResult::finished);
+
+  py::class_<StepOutput>(m, "StepOutput")
+      .def_readonly("sampled", &StepOutput::sampled)
+      .def_readonly("reached_limit", &StepOutput::reached_limit)
+      .def_readonly("aborted", &StepOutput::aborted)
+      .def_readonly("abort_reasons", &StepOutput::abort_reasons);
+}
+
+void bind_scheduler(py::module_& m) {
+  py::class_<Request>(m, "Request")
+      .def_readonly("id", &Request::id)
+      .def_readonly("state", &Request::state)
+      .def_readonly("arrival_s", &Request::arrival_s)
+      .def_readonly("priority_s", &Request::priority_s)
+      .def_readonly("num_prompt_tokens", &Request::num_prompt_tokens)
+      .def_readonly("num_generated_tokens", &Request::num_generated_tokens)
+      .def_readonly("num_tool_tokens", &Request::num_tool_tokens)
+      .def_readonly("generated_token_limit", &Request::generated_token_limit)
+      .def_readonly("tool_pending", &Request::tool_pending)
+      .def_readonly("expected_duration_s", &Request::expected_duration_s)
+      .def_readonly("num_intercepts", &Request::num_intercepts)
+      .def_readonly("num_preemptions", &Request::num_preemptions)
+      .def_readonly("waste", &Request::waste)
+      .def_property_readonly("num_tokens", &Request::num_tokens)
+      .def_property_readonly("num_computed_tokens", &Request::num_computed_tokens)
+      .def_property_readonly("num_tokens_to_recompute", [](const Request& r) { return r.kv->num_tokens_to_recompute; })
+      .def_property_readonly("device_blocks", [](const Request& r) { return r.kv->device_blocks; })
+      .def_property_readonly("host_blocks", [](const Request& r) { return r.kv->host_blocks; });
+
+  py::class_<SchedulerConfig>(m, "SchedulerConfig")
+      .def(py::init<>())
+      .def_readwrite("policy", &SchedulerConfig::policy)
+      .def_readwrite("block_size", &SchedulerConfig::block_size)
+      .def_readwrite("num_device_blocks", &SchedulerConfig::num_device_blocks)
+      .def_readwrite("num_host_blocks", &SchedulerConfig::num_host_blocks)
+      .def_readwrite("max_batched_tokens", &SchedulerConfig::max_batched_tokens)
+      .def_readwrite("max_running_requests", &SchedulerConfig::max_running_requests)
+      .def_readwrite("max_context_tokens", &SchedulerConfig::max_context_tokens)
+      .def("validate", &SchedulerConfig::validate);
+
+#define STAT(name) .def_readonly(#name, &SchedulerStats::name)
+  py::class_<SchedulerStats>(m, "SchedulerStats")
+      STAT(num_waiting) STAT(num_running) STAT(num_swapping_in) STAT(num_intercepted)
+      STAT(num_preserved) STAT(num_swapped) STAT(num_discarded) STAT(num_finished) STAT(num_aborted)
+      STAT(num_free_device_blocks) STAT(num_free_host_blocks) STAT(num_swap_out_blocks)
+      STAT(num_swap_in_blocks) STAT(num_recomputed_tokens) STAT(num_preemptions);
+#undef STAT
+
+  py::class_<Scheduler>(m, "Scheduler")
+      .def(py::init<const SchedulerConfig&, const CostModel&>(), py::arg("config"), py::arg("cost"))
+      .def("add_request", &Scheduler::add_request, py::arg("num_prompt_tokens"), py::arg("arrival_s"),
+           py::arg("generated_token_limit") = 0)
+      .def("intercept", &Scheduler::intercept, py::arg("request_id"), py::arg("now_s"),
+           py::arg("expected_duration_s") = -1.0)
+      .def("resume", &Scheduler::resume, py::arg("request_id"), py::arg("num_tool_tokens"), py::arg("now_s"))
+      .def("set_expected_duration", &Scheduler::set_expected_duration, py::arg("request_id"),
+           py::arg("expected_duration_s"))
+      .def("set_generated_token_limit", &Scheduler::set_generated_token_limit, py::arg("request_id"),
+           py::arg("generated_token_limit"))
+      .def("finish", &Scheduler::finish, py::arg("request_id"))
+      .def("abort", &Scheduler::abort, py::arg("request_id"))
+      .def("remove", &Scheduler::remove, py::arg("request_id"))
+      .def("schedule", &Scheduler::schedule, py::arg("now_s"))
+      .def("update", &Scheduler::update, py::arg("plan"), py::arg("result"), py::arg("now_s"))
+      .def("request", &Scheduler::request, py::arg("request_id"), py::return_value_policy::copy)
+      .def("contains", &Scheduler::contains, py::arg("request_id"))
+      .def("stats", &Scheduler::stats)
+      .def("ledger", &Scheduler::ledger, py::return_value_policy::copy)
+      .def("remaining_intercept_s", &Scheduler::remaining_intercept_s, py::arg("request"), py::arg("now_s"))
+      .def("block_table", [](const Scheduler& s, RequestId id) { return s.kv().table(id); }, py::arg("request_id"))
+      .def_property_readonly("config", &Scheduler::config)
+      .def_property_readonly("cost", &Scheduler::cost)
+      .def_property_readonly("num_live_requests", &Scheduler::num_live_requests)
+      .def_property_readonly("num_free_device_blocks", [](const Scheduler& s) { return s.kv().pool(Tier::kDevice).num_free(); })
+      .def_property_readonly("num_free_host_blocks", [](const Scheduler& s) { return s.kv().pool(Tier::kHost).num_free(); })
+      .def("check_invariants", &Scheduler::check_invariants);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "InferCept native core: block pools, KV cache manager, scheduler, cost and waste models";
+  m.attr("__version__") = INFERCEPT_VERSION;
+#ifdef INFERCEPT_WITH_CUDA
+  m.attr("cuda_compiled") = true;
+  m.def("cuda_device_count", &infercept::cuda::num_devices);
+  m.def("cuda_smoke_test", &infercept::cuda::smoke_test, py::arg("value") = 42);
+#else
+  m.attr("cuda_compiled") = false;
+  m.def("cuda_device_count", []() { return 0; });
+  m.def("cuda_smoke_test", [](int) { return false; }, py::arg("value") = 42);
+#endif
+  bind_errors(m);
+  bind_enums(m);
+  bind_memory(m);
+  bind_cost(m);
+  bind_step(m);
+  bind_scheduler(m);
+}

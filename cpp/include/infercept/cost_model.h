@@ -1,0 +1,52 @@
+#pragma once
+// Iteration and transfer times as affine functions of token counts, fitted from measured
+// samples. The scheduler sizes its swap budget and the waste equations from this model; the
+// simulator advances its clock by it.
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace infercept {
+
+/// seconds = intercept_s + slope_s_per_token * num_tokens, fitted by least squares.
+struct AffineFit {
+  double intercept_s = 0;
+  double slope_s_per_token = 0;
+  std::vector<std::pair<double, double>> samples;  // (num_tokens, seconds) it was fitted to
+
+  double operator()(double num_tokens) const { return intercept_s + slope_s_per_token * num_tokens; }
+
+  /// Least-squares line through (num_tokens, seconds) samples; needs two distinct token counts.
+  static AffineFit fit(const std::vector<std::pair<double, double>>& samples);
+};
+
+/// T_fwd, T_swap and the memory facts the scheduler needs, for one model on one machine.
+struct CostModel {
+  std::string name;
+  std::string source;               // where the numbers come from: "measured ..." or "paper ..."
+  AffineFit forward;                // T_fwd(num_batched_tokens)
+  AffineFit swap;                   // T_swap(num_tokens), one direction
+  int64_t kv_bytes_per_token = 0;   // M: K and V of all layers
+  int32_t saturation_tokens = 0;    // S: past it T_fwd grows linearly; the token budget
+  int64_t kv_capacity_tokens = 0;   // device KV capacity of the setup the profile describes
+
+  double forward_time_s(double num_tokens) const { return forward(num_tokens); }
+  double swap_time_s(double num_tokens) const { return num_tokens <= 0 ? 0 : swap(num_tokens); }
+
+  /// N_i with T_swap(N_i) = T_fwd(B_i): tokens one iteration of B_i tokens can hide a copy behind.
+  int64_t swap_budget_tokens(int64_t num_batched_tokens) const;
+
+  std::string to_json() const;
+  /// Parses a profile; throws InvalidArgumentError naming the missing or bad field.
+  static CostModel from_json(const std::string& text);
+  void save(const std::string& path) const;
+  static CostModel load(const std::string& path);
+
+  /// Profiles built from the InferCept paper's published constants (see cost_model.cpp);
+  /// `name` is "gptj-6b-a100" or "vicuna-13b-2xa100".
+  static CostModel builtin(const std::string& name);
+  static std::vector<std::string> builtin_names();
+};
+
+}  // namespace infercept

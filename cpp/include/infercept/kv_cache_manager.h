@@ -1,0 +1,103 @@
+#pragma once
+// Per-request block tables over two pools (device, host). Bookkeeping only: the executor moves
+// the bytes that the copies returned here describe.
+//
+// A request's KV is a sequence of logical blocks. The device part is always a prefix and the
+// host part the suffix: swap-out moves blocks from the back of the device part to the front of
+// the host part, swap-in moves them back in order. So a swap can stop after any number of
+// blocks and continue in a later iteration.
+#include <cstdint>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "infercept/block_pool.h"
+#include "infercept/types.h"
+
+namespace infercept {
+
+/// One block copied between tiers: swap-out copies device `src` to host `dst`, swap-in copies
+/// host `src` to device `dst`.
+struct BlockCopy {
+  BlockId src = 0;
+  BlockId dst = 0;
+};
+
+/// A request's KV blocks on both tiers.
+struct BlockTable {
+  std::vector<BlockId> device_blocks;  // logical blocks [0, device_blocks.size())
+  std::vector<BlockId> host_blocks;    // logical blocks that follow the device part
+  int32_t num_tokens = 0;              // tokens whose KV is held, on either tier
+  int32_t num_tokens_to_recompute = 0; // tokens whose KV was discarded and must be rebuilt
+
+  int32_t num_device_tokens(int32_t block_size) const;
+  int32_t num_host_tokens(int32_t block_size) const { return num_tokens - num_device_tokens(block_size); }
+  bool is_on_device() const { return host_blocks.empty(); }
+};
+
+/// Owns both pools and every request's block table.
+///
+/// Blocks that are the source of a copy planned this iteration are not freed at once: the copy
+/// still reads them. They are released by commit(), which the scheduler calls once the executor
+/// reports the step done.
+class KvCacheManager {
+ public:
+  KvCacheManager(int32_t block_size, int32_t num_device_blocks, int32_t num_host_blocks);
+
+  /// Registers a request with an empty table.
+  BlockTable& add(RequestId request);
+  bool contains(RequestId request) const { return tables_.count(request) != 0; }
+  const BlockTable& table(RequestId request) const;
+
+  /// Device blocks needed to append `num_tokens` tokens to the request's KV.
+  int32_t num_blocks_to_append(RequestId request, int32_t num_tokens) const;
+  bool can_append(RequestId request, int32_t num_tokens) const;
+
+  /// Appends `num_tokens` tokens of KV, allocating device blocks as blocks fill. The request
+  /// must be wholly on the device. Returns how many of them rebuild discarded KV (recompute).
+  int32_t append_tokens(RequestId request, int32_t num_tokens);
+
+  /// Plans moving up to `max_blocks` blocks from the back of the device part to the host.
+  /// Returns the copies (device src -> host dst); fewer when the device part or the host pool
+  /// runs out. The device sources are released at commit().
+  std::vector<BlockCopy> swap_out(RequestId request, int32_t max_blocks);
+
+  /// Plans moving up to `max_blocks` blocks from the front of the host part to the device.
+  /// Returns the copies (host src -> device dst); the host sources are released at commit().
+  std::vector<BlockCopy> swap_in(RequestId request, int32_t max_blocks);
+
+  /// Frees the request's blocks on both tiers and records its tokens as to be recomputed.
+  /// Returns the number of tokens to recompute.
+  int32_t discard(RequestId request);
+
+  /// Frees the request's blocks and forgets it.
+  void free(RequestId request);
+
+  /// Releases the sources of this iteration's copies: the copies have finished.
+  void commit();
+
+  const BlockPool& pool(Tier tier) const { return tier == Tier::kDevice ? device_pool_ : host_pool_; }
+  int32_t block_size() const { return block_size_; }
+  int32_t num_requests() const { return static_cast<int32_t>(tables_.size()); }
+  /// Device blocks that commit() will release (sources of planned swap-outs).
+  int32_t num_device_blocks_releasing() const { return static_cast<int32_t>(releasing_[0].size()); }
+
+  /// Throws BlockError unless every used block is owned exactly once (by a table or by a
+  /// pending release) and each pool's own invariants hold.
+  void check_invariants() const;
+
+ private:
+  BlockTable& mutable_table(RequestId request);
+  BlockPool& mutable_pool(Tier tier) { return tier == Tier::kDevice ? device_pool_ : host_pool_; }
+  // Frees now, or at commit() when a copy planned this iteration still touches the request.
+  void release(RequestId request, Tier tier, BlockId block);
+
+  int32_t block_size_;
+  BlockPool device_pool_;
+  BlockPool host_pool_;
+  std::unordered_map<RequestId, BlockTable> tables_;
+  std::vector<BlockId> releasing_[2];           // [tier] blocks released at commit()
+  std::unordered_set<RequestId> copying_;       // requests with copies planned this iteration
+};
+
+}  // namespace infercept

@@ -1,0 +1,74 @@
+#pragma once
+// A request's lifecycle and token accounting. The KV blocks live in the KvCacheManager; this
+// record says what the request is doing and how many tokens of each kind it has.
+#include <cstdint>
+
+#include "infercept/kv_cache_manager.h"
+#include "infercept/types.h"
+#include "infercept/waste_ledger.h"
+
+namespace infercept {
+
+/// Where a request is in its life.
+///
+///   waiting -> running -> finished
+///   running -> intercepted {preserved, swapping_out, swapped, discarded} (tool call, or
+///              preemption when memory runs out)
+///   intercepted -> resuming {swapping_in, recomputing} -> running
+///   any live state -> aborted
+enum class RequestState : uint8_t {
+  kWaiting,      // admitted to nothing yet; needs a (chunked) prefill
+  kRunning,      // in the batch: prefill chunks, then one decode token per step
+  kPreserved,    // paused; KV kept on the device
+  kSwappingOut,  // paused; KV moving to the host (partly there)
+  kSwapped,      // paused; KV wholly on the host
+  kDiscarded,    // paused; KV freed, to be recomputed
+  kSwappingIn,   // resuming; KV moving back to the device
+  kRecomputing,  // resuming; discarded KV rebuilt in chunks that ride along with decodes
+  kFinished,
+  kAborted,
+};
+
+const char* to_string(RequestState state);
+bool can_transition(RequestState from, RequestState to);
+/// Preserved, swapping out, swapped or discarded.
+bool is_intercepted(RequestState state);
+/// Running or recomputing: the request takes part in the forward pass.
+bool is_computing(RequestState state);
+bool is_terminal(RequestState state);
+
+/// Bookkeeping for one request. Token counts: prompt + generated + tool-returned = num_tokens;
+/// of those, the KV of `kv->num_tokens` exists (device or host) and the rest waits to be
+/// computed, `kv->num_tokens_to_recompute` of it for the second time.
+struct Request {
+  RequestId id = 0;
+  RequestState state = RequestState::kWaiting;
+  double arrival_s = 0;   // original arrival: the FCFS key of every policy but vllm
+  double priority_s = 0;  // queue key: arrival_s, or the resume time under vllm
+
+  int32_t num_prompt_tokens = 0;
+  int32_t num_generated_tokens = 0;
+  int32_t num_tool_tokens = 0;
+  /// update() reports the request once num_generated_tokens reaches this (0: never).
+  int32_t generated_token_limit = 0;
+
+  bool tool_pending = false;          // intercepted and its tool has not returned
+  double intercept_start_s = 0;       // when the current intercept began
+  double expected_duration_s = -1;    // caller's estimate of the intercept; < 0 when unknown
+  int32_t num_intercepts = 0;
+  int32_t num_preemptions = 0;
+  int64_t last_action_step = -1;      // the step that last moved or freed its blocks
+
+  BlockTable* kv = nullptr;           // owned by the KvCacheManager
+  WasteCounters waste;                // device memory-time this request caused to be wasted
+  int32_t intercepted_index = -1;     // position in the scheduler's intercepted list
+
+  int32_t num_tokens() const { return num_prompt_tokens + num_generated_tokens + num_tool_tokens; }
+  int32_t num_computed_tokens() const { return kv->num_tokens; }
+  int32_t num_uncomputed_tokens() const { return num_tokens() - kv->num_tokens; }
+
+  /// Moves to `to`; throws StateError naming both states if the move is illegal.
+  void transition(RequestState to);
+};
+
+}  // namespace infercept

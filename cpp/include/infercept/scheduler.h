@@ -1,0 +1,160 @@
+#pragma once
+// The iteration-level scheduler: which requests compute how many tokens, which paused contexts
+// are preserved, swapped or discarded, and which resume. Bookkeeping over block ids only: no
+// tensors, no clock (time is an argument), so it runs the same under a real executor and the
+// simulator.
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "infercept/cost_model.h"
+#include "infercept/kv_cache_manager.h"
+#include "infercept/request.h"
+#include "infercept/step.h"
+#include "infercept/types.h"
+#include "infercept/waste_ledger.h"
+
+namespace infercept {
+
+struct SchedulerConfig {
+  Policy policy = Policy::kInfercept;
+  int32_t block_size = 16;
+  int32_t num_device_blocks = 0;
+  int32_t num_host_blocks = 0;
+  int32_t max_batched_tokens = 512;   // S: tokens per iteration, decodes and chunks together
+  int32_t max_running_requests = 256;
+  /// Largest context a request may reach (the model's window); 0 means only the pool limits it.
+  int32_t max_context_tokens = 0;
+
+  /// Throws InvalidArgumentError naming the first bad field.
+  void validate() const;
+};
+
+/// Counts by state, for metrics and logs.
+struct SchedulerStats {
+  int32_t num_waiting = 0;         // queued: new, or resumable and not yet admitted
+  int32_t num_running = 0;         // running or recomputing
+  int32_t num_swapping_in = 0;
+  int32_t num_intercepted = 0;     // tool pending
+  int32_t num_preserved = 0;       // tool pending, KV wholly on the device
+  int32_t num_swapped = 0;         // KV wholly or partly on the host
+  int32_t num_discarded = 0;       // tool pending, KV freed
+  int32_t num_finished = 0;
+  int32_t num_aborted = 0;
+  int32_t num_free_device_blocks = 0;
+  int32_t num_free_host_blocks = 0;
+  int64_t num_swap_out_blocks = 0;  // cumulative
+  int64_t num_swap_in_blocks = 0;   // cumulative
+  int64_t num_recomputed_tokens = 0;  // cumulative
+  int64_t num_preemptions = 0;        // cumulative
+};
+
+class Scheduler {
+ public:
+  Scheduler(const SchedulerConfig& config, const CostModel& cost);
+
+  /// Queues a new request and returns its id. `generated_token_limit` > 0 makes update()
+  /// report the request when it has generated that many tokens.
+  RequestId add_request(int32_t num_prompt_tokens, double arrival_s, int32_t generated_token_limit = 0);
+
+  /// Pauses a running request that has just sampled (it called a tool). The policy decides what
+  /// happens to its KV. `expected_duration_s` < 0 means unknown: the scheduler then estimates
+  /// the intercept from the time already elapsed.
+  void intercept(RequestId request, double now_s, double expected_duration_s = -1);
+
+  /// The tool returned `num_tool_tokens` tokens: queue the request to resume.
+  void resume(RequestId request, int32_t num_tool_tokens, double now_s);
+
+  /// Updates the caller's estimate of an ongoing intercept (e.g. a learned tool duration).
+  void set_expected_duration(RequestId request, double expected_duration_s);
+
+  void set_generated_token_limit(RequestId request, int32_t generated_token_limit);
+
+  /// Ends a request normally and frees its blocks.
+  void finish(RequestId request);
+
+  /// Ends a request in any live state and frees its blocks.
+  void abort(RequestId request);
+
+  /// Drops a finished or aborted request's record.
+  void remove(RequestId request);
+
+  /// Plans one iteration at time `now_s`.
+  StepPlan schedule(double now_s);
+
+  /// Applies a finished iteration: commits copies and tokens, accounts waste.
+  StepOutput update(const StepPlan& plan, const StepResult& result, double now_s);
+
+  const Request& request(RequestId request) const;
+  bool contains(RequestId request) const { return requests_.count(request) != 0; }
+  SchedulerStats stats() const;
+  const WasteLedger& ledger() const { return ledger_; }
+  const KvCacheManager& kv() const { return kv_; }
+  const SchedulerConfig& config() const { return config_; }
+  const CostModel& cost() const { return cost_; }
+  /// Live requests (not finished or aborted).
+  int32_t num_live_requests() const { return num_live_; }
+  /// Device tokens held by requests in the batch (C_other + the batch's own in eq. 1-4).
+  int64_t num_running_tokens() const;
+
+  /// Expected remaining intercept time of a paused request (DESIGN.md §2): the caller's hint
+  /// minus the time elapsed while the hint lasts, else the time elapsed so far.
+  double remaining_intercept_s(const Request& request, double now_s) const;
+
+  /// Throws BlockError or StateError unless blocks are conserved and every request sits in
+  /// exactly the queues its state says.
+  void check_invariants() const;
+
+ private:
+  Request& get(RequestId request);
+  void enqueue(Request& r);
+  void dequeue(Request& r);
+  void add_running(Request& r);
+  void remove_running(Request& r);
+  void add_intercepted(Request& r);
+  void remove_intercepted(Request& r);
+  void release(Request& r, RequestState terminal);
+  void discard(Request& r, StepPlan* plan);
+
+  // schedule() phases, in order.
+  void schedule_running(StepPlan& plan, int32_t& token_budget);
+  void schedule_swapping_in(StepPlan& plan, int64_t& swap_in_budget_blocks);
+  void admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swap_in_budget_blocks);
+  void decide_intercepted(StepPlan& plan);  // intercept_policy.cpp: the policies' choices
+
+  void add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan);
+  // Frees device blocks for `needed` (discarding idle paused contexts, then preempting running
+  // requests below `r` in priority). Returns false when `r` must wait.
+  bool make_room(Request& r, int32_t needed, StepPlan& plan);
+  // Discards one paused context holding device blocks (never `keep`); false when none is left.
+  bool reclaim_intercepted(StepPlan& plan, const Request* keep);
+  void preempt(Request& victim, StepPlan& plan);
+  int64_t swap_budget_blocks(int64_t num_batched_tokens) const;
+  int32_t num_blocks(int64_t num_tokens) const;
+  // waste accounting (waste_accounting.cpp)
+  void account_time(double now_s);
+  void account_step(const StepPlan& plan, const StepResult& result);
+
+  SchedulerConfig config_;
+  CostModel cost_;
+  KvCacheManager kv_;
+  std::unordered_map<RequestId, Request> requests_;  // node-based: Request* stay valid
+  RequestId next_id_ = 0;
+  int64_t step_id_ = 0;
+  int32_t num_live_ = 0;
+
+  std::vector<Request*> running_;        // running and recomputing, by priority
+  std::vector<Request*> swapping_in_;    // admitted, KV coming back, by priority
+  std::set<std::pair<double, RequestId>> queue_;  // (priority_s, id): new and resumable
+  std::vector<Request*> intercepted_;    // tool pending, any KV location; unordered
+  std::vector<std::pair<RequestId, int32_t>> moved_;  // blocks each request copies this step
+  std::vector<std::pair<RequestId, std::string>> pending_aborts_;  // reported by update()
+  SchedulerStats totals_;                // cumulative counters only
+  WasteLedger ledger_;
+};
+
+}  // namespace infercept

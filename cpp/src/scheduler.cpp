@@ -1,0 +1,555 @@
+#include "infercept/scheduler.h"
+
+#include <algorithm>
+#include <limits>
+#include <string>
+
+#include "infercept/errors.h"
+
+namespace infercept {
+namespace {
+
+constexpr int64_t kUnlimited = std::numeric_limits<int32_t>::max();
+
+const SchedulerConfig& validated(const SchedulerConfig& config) {
+  config.validate();
+  return config;
+}
+
+// Keeps `list` ordered by priority (then id) when inserting `r`.
+void insert_by_priority(std::vector<Request*>& list, Request* r) {
+  auto before = [](const Request* a, const Request* b) {
+    return a->priority_s != b->priority_s ? a->priority_s < b->priority_s : a->id < b->id;
+  };
+  list.insert(std::upper_bound(list.begin(), list.end(), r, before), r);
+}
+
+void erase_from(std::vector<Request*>& list, Request* r) {
+  list.erase(std::find(list.begin(), list.end(), r));
+}
+
+}  // namespace
+
+void SchedulerConfig::validate() const {
+  auto require = [](bool ok, const std::string& what) {
+    if (!ok) throw InvalidArgumentError(what);
+  };
+  require(block_size > 0, "block_size must be positive, got " + std::to_string(block_size));
+  require(num_device_blocks > 0, "num_device_blocks must be positive, got " + std::to_string(num_device_blocks));
+  require(num_host_blocks >= 0, "num_host_blocks must be >= 0, got " + std::to_string(num_host_blocks));
+  require(max_batched_tokens > 0, "max_batched_tokens must be positive, got " + std::to_string(max_batched_tokens));
+  require(max_running_requests > 0,
+          "max_running_requests must be positive, got " + std::to_string(max_running_requests));
+  require(max_context_tokens >= 0, "max_context_tokens must be >= 0, got " + std::to_string(max_context_tokens));
+}
+
+Scheduler::Scheduler(const SchedulerConfig& config, const CostModel& cost)
+    : config_(validated(config)),
+      cost_(cost),
+      kv_(config.block_size, config.num_device_blocks, config.num_host_blocks) {
+  if (cost.kv_bytes_per_token <= 0) {
+    throw InvalidArgumentError("cost model kv_bytes_per_token must be positive, got " +
+                               std::to_string(cost.kv_bytes_per_token));
+  }
+}
+
+// ---- requests in and out ------------------------------------------------------------------
+
+int32_t Scheduler::num_blocks(int64_t num_tokens) const {
+  return static_cast<int32_t>((num_tokens + config_.block_size - 1) / config_.block_size);
+}
+
+RequestId Scheduler::add_request(int32_t num_prompt_tokens, double arrival_s, int32_t generated_token_limit) {
+  if (num_prompt_tokens <= 0) {
+    throw InvalidArgumentError("num_prompt_tokens must be positive, got " + std::to_string(num_prompt_tokens));
+  }
+  if (generated_token_limit < 0) {
+    throw InvalidArgumentError("generated_token_limit must be >= 0, got " + std::to_string(generated_token_limit));
+  }
+  if (config_.max_context_tokens > 0 && num_prompt_tokens >= config_.max_context_tokens) {
+    throw InvalidArgumentError("prompt of " + std::to_string(num_prompt_tokens) +
+                               " tokens leaves no room to generate within the context limit of " +
+                               std::to_string(config_.max_context_tokens) + " tokens");
+  }
+  // The prompt plus the first generated token must fit in the whole device pool.
+  if (num_blocks(num_prompt_tokens + 1) > config_.num_device_blocks) {
+    throw InvalidArgumentError("prompt of " + std::to_string(num_prompt_tokens) + " tokens needs " +
+                               std::to_string(num_blocks(num_prompt_tokens + 1)) +
+                               " KV blocks but the device pool holds only " +
+                               std::to_string(config_.num_device_blocks));
+  }
+  RequestId id = next_id_++;
+  Request& r = requests_[id];
+  r.id = id;
+  r.arrival_s = r.priority_s = arrival_s;
+  r.num_prompt_tokens = num_prompt_tokens;
+  r.generated_token_limit = generated_token_limit;
+  r.kv = &kv_.add(id);
+  enqueue(r);
+  ++num_live_;
+  return id;
+}
+
+Request& Scheduler::get(RequestId request) {
+  auto it = requests_.find(request);
+  if (it == requests_.end()) throw UnknownRequestError("unknown request id " + std::to_string(request));
+  return it->second;
+}
+
+const Request& Scheduler::request(RequestId request) const {
+  return const_cast<Scheduler*>(this)->get(request);
+}
+
+void Scheduler::intercept(RequestId request, double now_s, double expected_duration_s) {
+  Request& r = get(request);
+  if (r.state != RequestState::kRunning || r.num_uncomputed_tokens() != 1) {
+    throw StateError("request " + std::to_string(request) + " cannot be intercepted while " +
+                     to_string(r.state) + " with " + std::to_string(r.num_uncomputed_tokens()) +
+                     " uncomputed tokens; only a running request that has just sampled can");
+  }
+  remove_running(r);
+  r.tool_pending = true;
+  r.intercept_start_s = now_s;
+  r.expected_duration_s = expected_duration_s;
+  ++r.num_intercepts;
+  switch (config_.policy) {
+    case Policy::kVllm:
+    case Policy::kDiscard:
+      r.transition(RequestState::kDiscarded);
+      discard(r, nullptr);
+      break;
+    case Policy::kPreserve:
+    case Policy::kInfercept:  // min-waste decides from the next schedule() on
+      r.transition(RequestState::kPreserved);
+      break;
+    case Policy::kSwap:  // the copy is planned by the next schedule()
+      r.transition(RequestState::kSwappingOut);
+      break;
+  }
+  add_intercepted(r);
+}
+
+void Scheduler::resume(RequestId request, int32_t num_tool_tokens, double now_s) {
+  Request& r = get(request);
+  if (!r.tool_pending) {
+    throw StateError("request " + std::to_string(request) + " is " + to_string(r.state) +
+                     ", not waiting on a tool; only an intercepted request can be resumed");
+  }
+  if (num_tool_tokens < 0) {
+    throw InvalidArgumentError("num_tool_tokens must be >= 0, got " + std::to_string(num_tool_tokens));
+  }
+  int64_t num_tokens = static_cast<int64_t>(r.num_tokens()) + num_tool_tokens;
+  bool over_context = config_.max_context_tokens > 0 && num_tokens >= config_.max_context_tokens;
+  if (over_context || num_blocks(num_tokens + 1) > config_.num_device_blocks) {
+    std::string limit = over_context ? "the context limit of " + std::to_string(config_.max_context_tokens) + " tokens"
+                                     : "the device pool of " + std::to_string(config_.num_device_blocks) + " blocks";
+    release(r, RequestState::kAborted);
+    throw InvalidArgumentError("resuming request " + std::to_string(request) + " with " +
+                               std::to_string(num_tool_tokens) + " tool tokens makes its context " +
+                               std::to_string(num_tokens) + " tokens, over " + limit +
+                               "; the request was aborted and its blocks freed");
+  }
+  remove_intercepted(r);
+  r.tool_pending = false;
+  r.num_tool_tokens += num_tool_tokens;
+  if (r.state == RequestState::kSwappingOut && r.kv->host_blocks.empty()) r.transition(RequestState::kPreserved);
+  if (config_.policy == Policy::kVllm) {
+    // vLLM treats the tool's return as the start of a new request: the back of the queue.
+    r.priority_s = now_s;
+    r.transition(RequestState::kWaiting);
+  }
+  enqueue(r);
+}
+
+void Scheduler::set_expected_duration(RequestId request, double expected_duration_s) {
+  get(request).expected_duration_s = expected_duration_s;
+}
+
+void Scheduler::set_generated_token_limit(RequestId request, int32_t generated_token_limit) {
+  if (generated_token_limit < 0) {
+    throw InvalidArgumentError("generated_token_limit must be >= 0, got " + std::to_string(generated_token_limit));
+  }
+  get(request).generated_token_limit = generated_token_limit;
+}
+
+void Scheduler::finish(RequestId request) {
+  Request& r = get(request);
+  if (r.state != RequestState::kRunning) {
+    throw StateError("request " + std::to_string(request) + " cannot finish while " + to_string(r.state));
+  }
+  release(r, RequestState::kFinished);
+}
+
+void Scheduler::abort(RequestId request) {
+  Request& r = get(request);
+  if (is_terminal(r.state)) {
+    throw StateError("request " + std::to_string(request) + " is already " + to_string(r.state));
+  }
+  release(r, RequestState::kAborted);
+}
+
+void Scheduler::remove(RequestId request) {
+  Request& r = get(request);
+  if (!is_terminal(r.state)) {
+    throw StateError("request " + std::to_string(request) + " is " + to_string(r.state) +
+                     "; only finished or aborted requests can be removed");
+  }
+  kv_.free(request);
+  requests_.erase(request);
+}
+
+void Scheduler::release(Request& r, RequestState terminal) {
+  if (is_computing(r.state)) remove_running(r);
+  else if (r.state == RequestState::kSwappingIn) erase_from(swapping_in_, &r);
+  else if (r.tool_pending) remove_intercepted(r);
+  else dequeue(r);
+  r.tool_pending = false;
+  kv_.discard(r.id);
+  r.kv->num_tokens_to_recompute = 0;
+  r.transition(terminal);
+  --num_live_;
+  ++(terminal == RequestState::kFinished ? totals_.num_finished : totals_.num_aborted);
+}
+
+void Scheduler::discard(Request& r, StepPlan* plan) {
+  kv_.discard(r.id);
+  r.last_action_step = step_id_;
+  if (plan) plan->discarded.push_back(r.id);
+}
+
+// ---- queues -------------------------------------------------------------------------------
+
+void Scheduler::enqueue(Request& r) { queue_.emplace(r.priority_s, r.id); }
+void Scheduler::dequeue(Request& r) { queue_.erase({r.priority_s, r.id}); }
+void Scheduler::add_running(Request& r) { insert_by_priority(running_, &r); }
+void Scheduler::remove_running(Request& r) { erase_from(running_, &r); }
+
+void Scheduler::add_intercepted(Request& r) {
+  r.intercepted_index = static_cast<int32_t>(intercepted_.size());
+  intercepted_.push_back(&r);
+}
+
+void Scheduler::remove_intercepted(Request& r) {
+  // Swap with the last entry: O(1), the list has no order.
+  Request* last = intercepted_.back();
+  intercepted_[r.intercepted_index] = last;
+  last->intercepted_index = r.intercepted_index;
+  intercepted_.pop_back();
+  r.intercepted_index = -1;
+}
+
+// ---- one iteration ------------------------------------------------------------------------
+
+StepPlan Scheduler::schedule(double now_s) {
+  account_time(now_s);
+  StepPlan plan;
+  plan.step_id = ++step_id_;
+  plan.now_s = now_s;
+  moved_.clear();
+
+  int32_t token_budget = config_.max_batched_tokens;
+  schedule_running(plan, token_budget);
+  // The swap-in budget comes from the batch formed so far: admissions only add tokens, so
+  // the copies stay hidden behind the final forward too.
+  int64_t swap_in_budget_blocks = swap_budget_blocks(plan.num_batched_tokens);
+  schedule_swapping_in(plan, swap_in_budget_blocks);
+  admit_queued(plan, token_budget, swap_in_budget_blocks);
+  plan.swap_budget_tokens = cost_.swap_budget_tokens(plan.num_batched_tokens);
+  decide_intercepted(plan);
+  return plan;
+}
+
+void Scheduler::add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan) {
+  ScheduledRequest s;
+  s.request_id = r.id;
+  s.num_computed_tokens = r.kv->num_tokens;
+  s.num_new_tokens = num_new_tokens;
+  s.num_recompute_tokens = kv_.append_tokens(r.id, num_new_tokens);
+  s.samples = r.kv->num_tokens == r.num_tokens();
+  s.block_table = r.kv->device_blocks;
+  plan.num_batched_tokens += num_new_tokens;
+  plan.num_recompute_tokens += s.num_recompute_tokens;
+  plan.num_sampling_requests += s.samples;
+  plan.scheduled.push_back(std::move(s));
+  r.last_action_step = step_id_;
+}
+
+void Scheduler::schedule_running(StepPlan& plan, int32_t& token_budget) {
+  // Highest priority first; make_room() preempts from the back, so the list can shrink under us.
+  for (size_t i = 0; i < running_.size() && token_budget > 0; ++i) {
+    Request& r = *running_[i];
+    int32_t num_new_tokens = std::min(r.num_uncomputed_tokens(), token_budget);
+    if (num_new_tokens <= 0) continue;
+    if (!make_room(r, kv_.num_blocks_to_append(r.id, num_new_tokens), plan)) {
+      if (i < running_.size() && running_[i] != &r) --i;  // r left the list; revisit this slot
+      continue;
+    }
+    add_chunk(r, num_new_tokens, plan);
+    token_budget -= num_new_tokens;
+  }
+}
+
+void Scheduler::schedule_swapping_in(StepPlan& plan, int64_t& swap_in_budget_blocks) {
+  for (Request* r : swapping_in_) {
+    if (swap_in_budget_blocks <= 0) break;
+    if (r->kv->host_blocks.empty() || r->last_action_step == step_id_) continue;
+    std::vector<BlockCopy> copies = kv_.swap_in(r->id, static_cast<int32_t>(swap_in_budget_blocks));
+    swap_in_budget_blocks -= static_cast<int64_t>(copies.size());
+    moved_.emplace_back(r->id, static_cast<int32_t>(copies.size()));
+    plan.swap_in.insert(plan.swap_in.end(), copies.begin(), copies.end());
+    r->last_action_step = step_id_;
+  }
+}
+
+void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swap_in_budget_blocks) {
+  const BlockPool& device = kv_.pool(Tier::kDevice);
+  // Strict FCFS over the queue: when the head cannot start, nothing behind it does.
+  while (!queue_.empty()) {
+    if (static_cast<int32_t>(running_.size() + swapping_in_.size()) >= config_.max_running_requests) return;
+    Request& r = get(queue_.begin()->second);
+    if (r.last_action_step == step_id_) return;  // preempted this step: its copies are in flight
+
+    if (!r.kv->host_blocks.empty()) {
+      // Swapped out (wholly or partly): bring it back within the swap budget.
+      int32_t num_moves = static_cast<int32_t>(std::min<int64_t>(swap_in_budget_blocks, r.kv->host_blocks.size()));
+      if (num_moves <= 0 || !device.can_allocate(num_moves)) return;
+      dequeue(r);
+      r.transition(RequestState::kSwappingIn);
+      insert_by_priority(swapping_in_, &r);
+      std::vector<BlockCopy> copies = kv_.swap_in(r.id, num_moves);
+      swap_in_budget_blocks -= num_moves;
+      moved_.emplace_back(r.id, num_moves);
+      plan.swap_in.insert(plan.swap_in.end(), copies.begin(), copies.end());
+      r.last_action_step = step_id_;
+      continue;
+    }
+
+    if (token_budget <= 0) return;
+    int32_t num_new_tokens = std::min(r.num_uncomputed_tokens(), token_budget);
+    int32_t needed = kv_.num_blocks_to_append(r.id, num_new_tokens);
+    if (!device.can_allocate(needed)) {
+      // Nothing else can free memory (no batch, no copies): paused contexts must give way,
+      // or the engine would wait forever.
+      bool idle = running_.empty() && swapping_in_.empty() && kv_.num_device_blocks_releasing() == 0;
+      if (idle && reclaim_intercepted(plan, &r)) continue;
+      return;
+    }
+    dequeue(r);
+    r.transition(r.kv->num_tokens_to_recompute > 0 ? RequestState::kRecomputing : RequestState::kRunning);
+    add_running(r);
+    add_chunk(r, num_new_tokens, plan);
+    token_budget -= num_new_tokens;
+  }
+}
+
+// ---- memory pressure ----------------------------------------------------------------------
+
+bool Scheduler::make_room(Request& r, int32_t needed, StepPlan& plan) {
+  const BlockPool& device = kv_.pool(Tier::kDevice);
+  while (!device.can_allocate(needed)) {
+    // Blocks that this step's swap-outs release will do: wait one step for them.
+    if (device.num_free() + kv_.num_device_blocks_releasing() >= needed) return false;
+    if (reclaim_intercepted(plan, &r)) continue;
+    Request* victim = running_.back();
+    if (victim == &r && running_.size() == 1) {
+      // Alone and still too big: the context has outgrown the whole pool.
+      std::string reason = "context of " + std::to_string(r.num_tokens()) + " tokens outgrew the device pool of " +
+                           std::to_string(config_.num_device_blocks) + " blocks of " +
+                           std::to_string(config_.block_size) + " tokens";
+      pending_aborts_.emplace_back(r.id, reason);
+      release(r, RequestState::kAborted);
+      return false;
+    }
+    preempt(*victim, plan);
+    if (victim == &r) return false;
+  }
+  return true;
+}
+
+bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
+  // First the contexts whose tools are still running, longest expected wait first; then the
+  // resumable ones in the queue and those swapping in, lowest priority first.
+  Request* victim = nullptr;
+  double longest_s = -1;
+  for (Request* r : intercepted_) {
+    if (r->kv->device_blocks.empty() || r->last_action_step == step_id_) continue;
+    double remaining_s = remaining_intercept_s(*r, plan.now_s);
+    if (remaining_s > longest_s) longest_s = remaining_s, victim = r;
+  }
+  if (victim) {
+    victim->transition(RequestState::kDiscarded);
+    discard(*victim, &plan);
+    return true;
+  }
+  for (auto it = queue_.rbegin(); it != queue_.rend(); ++it) {
+    Request& r = get(it->second);
+    if (&r == keep || r.kv->device_blocks.empty() || r.last_action_step == step_id_) continue;
+    r.transition(RequestState::kDiscarded);
+    discard(r, &plan);
+    return true;
+  }
+  for (auto it = swapping_in_.rbegin(); it != swapping_in_.rend(); ++it) {
+    Request& r = **it;
+    if (&r == keep || r.kv->device_blocks.empty() || r.last_action_step == step_id_) continue;
+    erase_from(swapping_in_, &r);
+    r.transition(RequestState::kDiscarded);
+    discard(r, &plan);
+    enqueue(r);
+    return true;
+  }
+  return false;
+}
+
+void Scheduler::preempt(Request& victim, StepPlan& plan) {
+  remove_running(victim);
+  ++victim.num_preemptions;
+  ++totals_.num_preemptions;
+  plan.preempted.push_back(victim.id);
+  int32_t num_device_blocks = static_cast<int32_t>(victim.kv->device_blocks.size());
+  bool can_swap = (config_.policy == Policy::kSwap || config_.policy == Policy::kInfercept) &&
+                  num_device_blocks > 0 && kv_.pool(Tier::kHost).can_allocate(num_device_blocks);
+  if (can_swap) {
+    // The whole context at once: preemption is an emergency and cannot wait for a budget.
+    victim.transition(RequestState::kSwappingOut);
+    std::vector<BlockCopy> copies = kv_.swap_out(victim.id, num_device_blocks);
+    moved_.emplace_back(victim.id, num_device_blocks);
+    plan.swap_out.insert(plan.swap_out.end(), copies.begin(), copies.end());
+    victim.last_action_step = step_id_;
+  } else {
+    victim.transition(RequestState::kDiscarded);
+    discard(victim, &plan);
+  }
+  enqueue(victim);
+}
+
+int64_t Scheduler::swap_budget_blocks(int64_t num_batched_tokens) const {
+  if (config_.policy == Policy::kSwap) return kUnlimited;  // the baseline ignores the budget
+  // At least one block, so a swap always makes progress even behind an empty batch.
+  return std::max<int64_t>(1, cost_.swap_budget_tokens(num_batched_tokens) / config_.block_size);
+}
+
+// ---- after the step -----------------------------------------------------------------------
+
+StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, double now_s) {
+  if (plan.step_id != step_id_) {
+    throw StateError("update() got the plan of step " + std::to_string(plan.step_id) +
+                     " but the last scheduled step is " + std::to_string(step_id_));
+  }
+  if (result.duration_s < 0 || result.swap_stall_s < 0 || result.swap_stall_s > result.duration_s + 1e-12) {
+    throw InvalidArgumentError("step result needs 0 <= swap_stall_s <= duration_s, got swap_stall_s=" +
+                               std::to_string(result.swap_stall_s) + " duration_s=" +
+                               std::to_string(result.duration_s));
+  }
+  account_time(now_s);
+  account_step(plan, result);
+  kv_.commit();
+
+  StepOutput out;
+  for (const ScheduledRequest& s : plan.scheduled) {
+    auto it = requests_.find(s.request_id);
+    if (it == requests_.end() || !is_computing(it->second.state)) continue;  // aborted meanwhile
+    Request& r = it->second;
+    if (r.state == RequestState::kRecomputing && r.kv->num_tokens_to_recompute == 0) {
+      r.transition(RequestState::kRunning);
+    }
+    if (!s.samples) continue;
+    ++r.num_generated_tokens;
+    out.sampled.push_back(r.id);
+    if (r.generated_token_limit > 0 && r.num_generated_tokens >= r.generated_token_limit) {
+      out.reached_limit.push_back(r.id);
+    }
+  }
+  totals_.num_recomputed_tokens += plan.num_recompute_tokens;
+  totals_.num_swap_out_blocks += static_cast<int64_t>(plan.swap_out.size());
+  totals_.num_swap_in_blocks += static_cast<int64_t>(plan.swap_in.size());
+
+  // Copies are done: finish the moves they completed.
+  for (const auto& [id, num_blocks] : moved_) {
+    auto it = requests_.find(id);
+    if (it == requests_.end()) continue;
+    Request& r = it->second;
+    if (r.state == RequestState::kSwappingOut && r.kv->device_blocks.empty()) {
+      r.transition(RequestState::kSwapped);
+    } else if (r.state == RequestState::kSwappingIn && r.kv->host_blocks.empty()) {
+      erase_from(swapping_in_, &r);
+      r.transition(r.kv->num_tokens_to_recompute > 0 ? RequestState::kRecomputing : RequestState::kRunning);
+      add_running(r);
+    }
+  }
+  moved_.clear();
+
+  for (RequestId id : result.finished) finish(id);
+  for (auto& [id, reason] : pending_aborts_) {
+    out.aborted.push_back(id);
+    out.abort_reasons.push_back(std::move(reason));
+  }
+  pending_aborts_.clear();
+  return out;
+}
+
+// ---- queries ------------------------------------------------------------------------------
+
+int64_t Scheduler::num_running_tokens() const {
+  int64_t num_tokens = 0;
+  for (const Request* r : running_) num_tokens += r->kv->num_tokens;
+  return num_tokens;
+}
+
+SchedulerStats Scheduler::stats() const {
+  SchedulerStats s = totals_;
+  s.num_waiting = static_cast<int32_t>(queue_.size());
+  s.num_running = static_cast<int32_t>(running_.size());
+  s.num_swapping_in = static_cast<int32_t>(swapping_in_.size());
+  s.num_intercepted = static_cast<int32_t>(intercepted_.size());
+  for (const Request* r : intercepted_) {
+    if (!r->kv->host_blocks.empty()) ++s.num_swapped;
+    else if (!r->kv->device_blocks.empty()) ++s.num_preserved;
+    else ++s.num_discarded;
+  }
+  s.num_free_device_blocks = kv_.pool(Tier::kDevice).num_free();
+  s.num_free_host_blocks = kv_.pool(Tier::kHost).num_free();
+  return s;
+}
+
+void Scheduler::check_invariants() const {
+  kv_.check_invariants();
+  size_t num_computing = 0, num_swapping_in = 0, num_queued = 0, num_pending = 0;
+  int32_t num_live = 0;
+  for (const auto& [id, r] : requests_) {
+    auto fail = [&](const std::string& what) {
+      throw StateError("request " + std::to_string(id) + " (" + to_string(r.state) + "): " + what);
+    };
+    bool queued = queue_.count({r.priority_s, id}) != 0;
+    bool should_queue = r.state == RequestState::kWaiting || (is_intercepted(r.state) && !r.tool_pending);
+    if (queued != should_queue) fail(queued ? "is queued but should not be" : "is missing from the queue");
+    if (r.tool_pending && (!is_intercepted(r.state) || r.intercepted_index < 0 ||
+                           intercepted_[r.intercepted_index] != &r)) {
+      fail("tool pending but not in the intercepted list");
+    }
+    const BlockTable& t = *r.kv;
+    if ((is_computing(r.state) || r.state == RequestState::kPreserved) && !t.host_blocks.empty()) {
+      fail("has host blocks");
+    }
+    if ((r.state == RequestState::kDiscarded || is_terminal(r.state) || r.state == RequestState::kWaiting) &&
+        t.num_tokens != 0) {
+      fail("holds KV it should have freed");
+    }
+    if (r.state == RequestState::kSwapped && !t.device_blocks.empty()) fail("swapped but holds device blocks");
+    if (t.num_tokens > r.num_tokens()) fail("holds KV for more tokens than it has");
+    num_computing += is_computing(r.state);
+    num_swapping_in += r.state == RequestState::kSwappingIn;
+    num_queued += should_queue;
+    num_pending += r.tool_pending;
+    num_live += !is_terminal(r.state);
+  }
+  if (num_computing != running_.size() || num_swapping_in != swapping_in_.size() ||
+      num_queued != queue_.size() || num_pending != intercepted_.size() || num_live != num_live_) {
+    throw StateError("scheduler lists disagree with request states: running " + std::to_string(running_.size()) +
+                     " vs " + std::to_string(num_computing) + ", swapping in " +
+                     std::to_string(swapping_in_.size()) + " vs " + std::to_string(num_swapping_in) +
+                     ", queued " + std::to_string(queue_.size()) + " vs " + std::to_string(num_queued) +
+                     ", intercepted " + std::to_string(intercepted_.size()) + " vs " + std::to_string(num_pending));
+  }
+}
+
+}  // namespace infercept

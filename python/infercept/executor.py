@@ -1,0 +1,40 @@
+"""The executor interface (DESIGN.md §3) and the simulated executor.
+
+The executor is the only part of the engine that touches tensors: it takes one StepPlan,
+runs the forward pass and the planned block copies, and reports a StepResult. The simulated
+executor runs nothing: it says how long the step would take on the profiled machine.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from infercept._core import CostModel, StepPlan, StepResult
+
+
+class Executor(Protocol):
+    """Runs the plans of one scheduler."""
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Runs one iteration: the forward of plan.scheduled and the copies of plan.swap_*."""
+        ...
+
+
+class SimulatedExecutor:
+    """Advances a virtual clock by the cost model; emits no tokens (the core counts them).
+
+    A step takes T_fwd(B) for B batched tokens. Swaps run pipelined beside the forward, each
+    direction on its own copy stream: the forward waits only for the part of the longer
+    direction that T_fwd(B) cannot hide (that wait is the swap stall).
+    """
+
+    def __init__(self, cost: CostModel, block_size: int) -> None:
+        self._cost = cost
+        self._block_size = block_size
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        forward_s = self._cost.forward_time_s(plan.num_batched_tokens) if plan.num_batched_tokens else 0.0
+        num_copy_tokens = max(plan.num_swap_out_blocks, plan.num_swap_in_blocks) * self._block_size
+        swap_s = self._cost.swap_time_s(num_copy_tokens)
+        stall_s = max(0.0, swap_s - forward_s)
+        return StepResult(duration_s=forward_s + stall_s, swap_stall_s=stall_s)

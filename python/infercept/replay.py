@@ -1,0 +1,201 @@
+"""Replays a scripted augmented workload through the native scheduler and an executor.
+
+This is the engine loop of DESIGN.md §3 for workloads whose tool calls are scripted (the
+paper's trace): each request decodes a segment's tokens, pauses for the segment's tool time,
+gets the tool's tokens appended and decodes the next segment. The clock is virtual: it
+advances by what the executor reports, and jumps over idle time to the next event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from infercept._core import CostModel, Policy, Scheduler, SchedulerConfig
+from infercept.executor import Executor
+from infercept.metrics import RequestRecord
+from infercept.workload import WorkloadRequest
+
+
+@dataclass
+class _Progress:
+    """Where one request is in its script."""
+
+    request: WorkloadRequest
+    segment: int = 0               # the segment being decoded
+    segment_end_tokens: int = 0    # generated-token count at which that segment ends
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    tool_time_s: float = 0.0
+    intercept_start_s: float = 0.0
+
+
+@dataclass
+class ReplayResult:
+    """Outcome of one replay: per-request records and the scheduler's own accounting."""
+
+    records: list[RequestRecord]
+    duration_s: float               # the arrival window
+    end_s: float                    # when the last request finished (or the run was cut)
+    num_steps: int
+    waste: dict[str, float]         # byte-seconds per cause, and capacity
+    stats: dict[str, int]
+    aborted: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def waste_fraction(self) -> float:
+        """Wasted device memory-time over total device memory-time."""
+        capacity = self.waste["capacity_byte_s"]
+        return self.waste["total_byte_s"] / capacity if capacity > 0 else 0.0
+
+
+class ReplayEngine:
+    """Drives one Scheduler over a scripted workload.
+
+    Args:
+        config: the scheduler's configuration (policy, pool sizes, token budget).
+        cost: the cost model the scheduler sizes swaps and waste by.
+        executor: runs each StepPlan (simulated or real).
+        check_invariants: check block conservation after every step (tests; slow).
+    """
+
+    def __init__(self, config: SchedulerConfig, cost: CostModel, executor: Executor,
+                 check_invariants: bool = False) -> None:
+        self.scheduler = Scheduler(config, cost)
+        self._executor = executor
+        self._check = check_invariants
+        self._policy = config.policy
+
+    def run(self, requests: Sequence[WorkloadRequest], duration_s: float,
+            max_time_s: float | None = None,
+            on_step: Callable[[float], None] | None = None) -> ReplayResult:
+        """Replays `requests` (their arrival_s set) and returns what happened.
+
+        Args:
+            requests: the workload, arrivals within [0, duration_s).
+            duration_s: the arrival window; throughput is measured over it.
+            max_time_s: stop the clock here even if requests are unfinished (default: run
+                until every request finishes).
+            on_step: called with the clock after every step (progress bars).
+        """
+        core = self.scheduler
+        events: list[tuple[float, int, str, object]] = []  # (time_s, seq, kind, payload)
+        seq = itertools.count()
+        for request in requests:
+            heapq.heappush(events, (request.arrival_s, next(seq), "arrive", request))
+        progress: dict[int, _Progress] = {}
+        aborted: dict[str, str] = {}
+        limit_s = math.inf if max_time_s is None else max_time_s
+        now_s = 0.0
+        num_steps = 0
+
+        while (events or core.num_live_requests) and now_s < limit_s:
+            while events and events[0][0] <= now_s:
+                _, _, kind, payload = heapq.heappop(events)
+                if kind == "arrive":
+                    self._arrive(payload, now_s, progress)
+                else:
+                    self._tool_returns(payload, now_s, progress)
+            plan = core.schedule(now_s)
+            if plan.is_empty():
+                if not events:
+                    raise RuntimeError(
+                        f"replay stalled at t={now_s:.3f}s with {core.num_live_requests} live requests "
+                        "and nothing schedulable; this is a scheduler bug")
+                now_s = max(now_s, events[0][0])
+                continue
+            result = self._executor.execute(plan)
+            now_s += result.duration_s
+            output = core.update(plan, result, now_s)
+            num_steps += 1
+            for request_id in output.reached_limit:
+                self._segment_done(request_id, now_s, progress, events, seq)
+            for request_id, reason in zip(output.aborted, output.abort_reasons):
+                aborted[progress[request_id].request.request_id] = reason
+            if self._check:
+                core.check_invariants()
+            if on_step is not None:
+                on_step(now_s)
+
+        records = [self._record(core, rid, p) for rid, p in progress.items()]
+        ledger = core.ledger()
+        waste = {
+            "preserved_idle_byte_s": ledger.waste.preserved_idle_byte_s,
+            "recompute_byte_s": ledger.waste.recompute_byte_s,
+            "swap_stall_byte_s": ledger.waste.swap_stall_byte_s,
+            "total_byte_s": ledger.waste.total_byte_s,
+            "capacity_byte_s": ledger.capacity_byte_s,
+        }
+        stats = core.stats()
+        stat_names = [name for name in dir(stats) if name.startswith("num_")]
+        return ReplayResult(records=records, duration_s=duration_s, end_s=now_s, num_steps=num_steps,
+                            waste=waste, stats={name: getattr(stats, name) for name in stat_names},
+                            aborted=aborted)
+
+    def _arrive(self, request: WorkloadRequest, now_s: float, progress: dict[int, _Progress]) -> None:
+        # Limit 1 first: the first token's time is the request's TTFT.
+        request_id = self.scheduler.add_request(request.prompt_tokens, request.arrival_s, 1)
+        state = _Progress(request=request, segment_end_tokens=request.segments[0].completion_tokens)
+        progress[request_id] = state
+
+    def _segment_done(self, request_id: int, now_s: float, progress: dict[int, _Progress],
+                      events: list, seq: itertools.count) -> None:
+        core = self.scheduler
+        state = progress[request_id]
+        if state.first_token_s is None:
+            state.first_token_s = now_s
+        generated = core.request(request_id).num_generated_tokens
+        if generated < state.segment_end_tokens:
+            core.set_generated_token_limit(request_id, state.segment_end_tokens)
+            return
+        segment = state.request.segments[state.segment]
+        if segment.tool_duration_s is None:
+            core.finish(request_id)
+            state.finish_s = now_s
+            return
+        # The model has called its tool: pause for the tool's time, hinting the duration as a
+        # caller with a learned estimate would.
+        core.intercept(request_id, now_s, segment.tool_duration_s)
+        state.intercept_start_s = now_s
+        heapq.heappush(events, (now_s + segment.tool_duration_s, next(seq), "resume", request_id))
+
+    def _tool_returns(self, request_id: int, now_s: float, progress: dict[int, _Progress]) -> None:
+        core = self.scheduler
+        state = progress[request_id]
+        segment = state.request.segments[state.segment]
+        state.tool_time_s += now_s - state.intercept_start_s
+        state.segment += 1
+        state.segment_end_tokens += state.request.segments[state.segment].completion_tokens
+        core.resume(request_id, segment.tool_tokens, now_s)
+        core.set_generated_token_limit(request_id, state.segment_end_tokens)
+
+    @staticmethod
+    def _record(core: Scheduler, request_id: int, state: _Progress) -> RequestRecord:
+        generated = core.request(request_id).num_generated_tokens
+        return RequestRecord(request_id=state.request.request_id, arrival_s=state.request.arrival_s,
+                             first_token_s=state.first_token_s, finish_s=state.finish_s,
+                             num_output_tokens=generated, tool_time_s=state.tool_time_s)
+
+
+def simulated_config(cost: CostModel, policy: Policy | str, block_size: int = 16,
+                     host_to_device_ratio: float = 2.0, max_running_requests: int = 256) -> SchedulerConfig:
+    """A scheduler configuration sized from a cost profile's KV capacity.
+
+    Args:
+        cost: the profile; its kv_capacity_tokens sizes the device pool.
+        policy: a Policy or its name.
+        block_size: tokens per KV block.
+        host_to_device_ratio: host (pinned) pool size as a multiple of the device pool.
+        max_running_requests: cap on the batch's requests.
+    """
+    config = SchedulerConfig()
+    config.policy = Policy.parse(policy) if isinstance(policy, str) else policy
+    config.block_size = block_size
+    config.num_device_blocks = int(cost.kv_capacity_tokens // block_size)
+    config.num_host_blocks = int(config.num_device_blocks * host_to_device_ratio)
+    config.max_batched_tokens = cost.saturation_tokens
+    config.max_running_requests = max_running_requests
+    return config
