@@ -69,8 +69,9 @@ AffineFit AffineFit::fit(const std::vector<std::pair<double, double>>& samples) 
   return fit;
 }
 
-int64_t CostModel::swap_budget_tokens(int64_t num_batched_tokens) const {
-  double hide_s = forward_time_s(static_cast<double>(num_batched_tokens)) - swap.intercept_s;
+int64_t CostModel::swap_budget_tokens(int64_t num_batched_tokens, int64_t num_context_tokens) const {
+  double hide_s = step_time_s(static_cast<double>(num_batched_tokens), static_cast<double>(num_context_tokens)) -
+                  swap.intercept_s;
   if (hide_s <= 0) return 0;
   if (swap.slope_s_per_token <= 0) return kv_capacity_tokens;  // free copies: no limit but memory
   return static_cast<int64_t>(std::floor(hide_s / swap.slope_s_per_token));
@@ -80,6 +81,7 @@ std::string CostModel::to_json() const {
   json j = {{"name", name},
             {"source", source},
             {"forward", fit_to_json(forward)},
+            {"attention_s_per_context_token", attention_s_per_context_token},
             {"swap", fit_to_json(swap)},
             {"kv_bytes_per_token", kv_bytes_per_token},
             {"saturation_tokens", saturation_tokens},
@@ -99,6 +101,13 @@ CostModel CostModel::from_json(const std::string& text) {
   model.name = j.value("name", "");
   model.source = j.value("source", "");
   model.forward = fit_from_json(j, "forward");
+  if (j.contains("attention_s_per_context_token")) {
+    const json& value = j["attention_s_per_context_token"];
+    if (!value.is_number() || value.get<double>() < 0) {
+      throw InvalidArgumentError("cost profile field 'attention_s_per_context_token' must be a number >= 0");
+    }
+    model.attention_s_per_context_token = value.get<double>();
+  }
   model.swap = fit_from_json(j, "swap");
   for (const char* key : {"kv_bytes_per_token", "saturation_tokens", "kv_capacity_tokens"}) {
     if (!j.contains(key) || !j[key].is_number_integer() || j[key].get<int64_t>() <= 0) {
@@ -130,7 +139,9 @@ CostModel CostModel::load(const std::string& path) {
   }
 }
 
-std::vector<std::string> CostModel::builtin_names() { return {"gptj-6b-a100", "vicuna-13b-2xa100"}; }
+std::vector<std::string> CostModel::builtin_names() {
+  return {"gptj-6b-a100", "vicuna-13b-2xa100", "gptj-6b-a100+attn", "vicuna-13b-2xa100+attn"};
+}
 
 // Published constants, not measurements of this machine. The forward fits are the paper's
 // iteration-time fits; the rest are stated assumptions about the same setups:
@@ -140,6 +151,18 @@ std::vector<std::string> CostModel::builtin_names() { return {"gptj-6b-a100", "v
 CostModel CostModel::builtin(const std::string& name) {
   constexpr double kPcieBytesPerS = 25e9;
   constexpr double kA100Bytes = 80e9;
+  constexpr double kA100HbmBytesPerS = 1.5e12;  // ~75% of the A100 80GB's 2.0 TB/s
+  const std::string suffix = "+attn";
+  bool with_attention = name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  if (with_attention) {
+    CostModel model = builtin(name.substr(0, name.size() - suffix.size()));
+    double num_gpus = name.rfind("vicuna", 0) == 0 ? 2 : 1;
+    model.name = name;
+    model.source += "; plus an assumed attention term: each context token's KV read once per step at " +
+                    std::to_string(static_cast<int>(kA100HbmBytesPerS / 1e9)) + " GB/s per GPU";
+    model.attention_s_per_context_token = model.kv_bytes_per_token / (kA100HbmBytesPerS * num_gpus);
+    return model;
+  }
   CostModel model;
   model.name = name;
   model.saturation_tokens = 512;
@@ -159,7 +182,7 @@ CostModel CostModel::builtin(const std::string& name) {
     model.kv_capacity_tokens = static_cast<int64_t>((0.9 * 2 * kA100Bytes - weight_bytes) / model.kv_bytes_per_token);
   } else {
     throw InvalidArgumentError("unknown built-in profile '" + name +
-                               "'; expected gptj-6b-a100 or vicuna-13b-2xa100");
+                               "'; expected gptj-6b-a100 or vicuna-13b-2xa100, optionally with +attn");
   }
   // Two GPUs with tensor parallelism move half the KV each over their own links.
   double num_links = name == "vicuna-13b-2xa100" ? 2 : 1;

@@ -37,7 +37,7 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
     Request* request;
     bool operator<(const Candidate& other) const { return min_waste < other.min_waste; }
   };
-  int64_t swap_budget = swap_budget_blocks(plan.num_batched_tokens);
+  int64_t swap_budget = swap_budget_blocks(plan);
   int64_t other_tokens = num_running_tokens();
   // Recompute chunks ride along with the decodes: what the budget leaves after one token each.
   int64_t chunk_tokens = std::max<int64_t>(1, config_.max_batched_tokens - static_cast<int64_t>(running_.size()));

@@ -251,10 +251,10 @@ StepPlan Scheduler::schedule(double now_s) {
   schedule_running(plan, token_budget);
   // The swap-in budget comes from the batch formed so far: admissions only add tokens, so
   // the copies stay hidden behind the final forward too.
-  int64_t swap_in_budget_blocks = swap_budget_blocks(plan.num_batched_tokens);
+  int64_t swap_in_budget_blocks = swap_budget_blocks(plan);
   schedule_swapping_in(plan, swap_in_budget_blocks);
   admit_queued(plan, token_budget, swap_in_budget_blocks);
-  plan.swap_budget_tokens = cost_.swap_budget_tokens(plan.num_batched_tokens);
+  plan.swap_budget_tokens = cost_.swap_budget_tokens(plan.num_batched_tokens, plan.num_context_tokens);
   decide_intercepted(plan);
   return plan;
 }
@@ -268,6 +268,7 @@ void Scheduler::add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan) {
   s.samples = r.kv->num_tokens == r.num_tokens();
   s.block_table = r.kv->device_blocks;
   plan.num_batched_tokens += num_new_tokens;
+  plan.num_context_tokens += r.kv->num_tokens;
   plan.num_recompute_tokens += s.num_recompute_tokens;
   plan.num_sampling_requests += s.samples;
   plan.scheduled.push_back(std::move(s));
@@ -422,10 +423,10 @@ void Scheduler::preempt(Request& victim, StepPlan& plan) {
   enqueue(victim);
 }
 
-int64_t Scheduler::swap_budget_blocks(int64_t num_batched_tokens) const {
+int64_t Scheduler::swap_budget_blocks(const StepPlan& plan) const {
   if (config_.policy == Policy::kSwap) return kUnlimited;  // the baseline ignores the budget
-  // At least one block, so a swap always makes progress even behind an empty batch.
-  return std::max<int64_t>(1, cost_.swap_budget_tokens(num_batched_tokens) / config_.block_size);
+  int64_t tokens = cost_.swap_budget_tokens(plan.num_batched_tokens, plan.num_context_tokens);
+  return std::max<int64_t>(1, tokens / config_.block_size);
 }
 
 // ---- after the step -----------------------------------------------------------------------

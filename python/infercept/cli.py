@@ -46,11 +46,14 @@ def _percent_row(row: dict) -> dict:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     cost = load_profile(args.profile)
-    tokenizer = None
-    templates = load_trace(args.trace, tokenizer)
+    if args.kv_capacity_tokens is not None:
+        cost.kv_capacity_tokens = args.kv_capacity_tokens
+    templates = load_trace(args.trace)
     setup = SimulationSetup(cost=cost, duration_s=args.duration, seed=args.seed, block_size=args.block_size,
                             host_to_device_ratio=args.host_to_device_ratio)
     print(f"profile {cost.name}: {cost.source}")
+    print(f"device KV capacity {cost.kv_capacity_tokens} tokens, host {args.host_to_device_ratio:g}x that, "
+          f"token budget S={cost.saturation_tokens}")
     print(f"trace {args.trace}: {len(templates)} request templates; window {args.duration:g} s; seed {args.seed}")
     rows = []
     for row in simulate_grid(templates, args.policies, args.rates, setup):
@@ -87,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, default=1800.0, help="arrival window, seconds")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--block-size", type=int, default=16)
+    sim.add_argument("--kv-capacity-tokens", type=int, default=None,
+                     help="override the profile's device KV capacity (tokens)")
     sim.add_argument("--host-to-device-ratio", type=float, default=2.0)
     sim.add_argument("--threshold", type=float, default=None,
                      help="also print the highest rate each policy sustains under this normalized latency")

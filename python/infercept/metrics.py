@@ -44,8 +44,10 @@ class RequestRecord:
 def summarize(records: Iterable[RequestRecord], duration_s: float) -> dict[str, float | int]:
     """Summarizes a run.
 
-    Rates divide by duration_s: throughput_rps counts finished requests, tokens_per_s counts
-    num_output_tokens of every record (unfinished requests' tokens were produced too).
+    Rates divide by duration_s: throughput_rps counts requests finished within the window
+    (finish_s <= duration_s: a run drained long after its window says nothing about the rate it
+    served), tokens_per_s counts num_output_tokens of every record (unfinished requests'
+    tokens were produced too).
     normalized_latency is the mean over finished requests of latency / num_output_tokens
     (seconds per output token; requests with no output tokens are left out of it). Latency
     percentiles use numpy's default (linear) interpolation; mean_ttft_s is the mean of
@@ -77,7 +79,7 @@ def summarize(records: Iterable[RequestRecord], duration_s: float) -> dict[str, 
     return {
         "num_requests": len(records),
         "num_finished": len(finished),
-        "throughput_rps": len(finished) / duration_s,
+        "throughput_rps": sum(r.finish_s <= duration_s for r in finished) / duration_s,
         "tokens_per_s": sum(r.num_output_tokens for r in records) / duration_s,
         "normalized_latency": _mean(per_token_s),
         "mean_latency_s": _mean(latencies_s),

@@ -35,6 +35,12 @@ def test_summarize_hand_computed():
     }
 
 
+def test_throughput_counts_only_requests_finished_within_the_window():
+    summary = summarize(RECORDS, duration_s=8.0)  # "a" finishes at 10, after the window
+    assert summary["num_finished"] == 2
+    assert summary["throughput_rps"] == 1 / 8.0
+
+
 def test_latency_property_excludes_tool_time():
     assert RECORDS[0].latency_s == 8.0
     assert RECORDS[2].latency_s is None

@@ -26,16 +26,24 @@ struct CostModel {
   std::string name;
   std::string source;               // where the numbers come from: "measured ..." or "paper ..."
   AffineFit forward;                // T_fwd(num_batched_tokens)
+  /// Seconds per context token the batch attends to (reading its KV); 0 in the paper's model,
+  /// where T_fwd depends on the batched tokens alone.
+  double attention_s_per_context_token = 0;
   AffineFit swap;                   // T_swap(num_tokens), one direction
   int64_t kv_bytes_per_token = 0;   // M: K and V of all layers
   int32_t saturation_tokens = 0;    // S: past it T_fwd grows linearly; the token budget
   int64_t kv_capacity_tokens = 0;   // device KV capacity of the setup the profile describes
 
   double forward_time_s(double num_tokens) const { return forward(num_tokens); }
+  /// T_fwd of a step that computes `num_tokens` and attends over `num_context_tokens` in all.
+  double step_time_s(double num_tokens, double num_context_tokens) const {
+    return forward(num_tokens) + attention_s_per_context_token * num_context_tokens;
+  }
   double swap_time_s(double num_tokens) const { return num_tokens <= 0 ? 0 : swap(num_tokens); }
 
-  /// N_i with T_swap(N_i) = T_fwd(B_i): tokens one iteration of B_i tokens can hide a copy behind.
-  int64_t swap_budget_tokens(int64_t num_batched_tokens) const;
+  /// N_i with T_swap(N_i) = T_fwd(B_i): tokens one iteration of B_i tokens (attending over
+  /// `num_context_tokens`) can hide a copy behind.
+  int64_t swap_budget_tokens(int64_t num_batched_tokens, int64_t num_context_tokens = 0) const;
 
   std::string to_json() const;
   /// Parses a profile; throws InvalidArgumentError naming the missing or bad field.
@@ -44,7 +52,8 @@ struct CostModel {
   static CostModel load(const std::string& path);
 
   /// Profiles built from the InferCept paper's published constants (see cost_model.cpp);
-  /// `name` is "gptj-6b-a100" or "vicuna-13b-2xa100".
+  /// `name` is one of builtin_names(). A "+attn" suffix adds an attention term: reading each
+  /// context token's KV once per step at the GPUs' memory bandwidth (an assumption).
   static CostModel builtin(const std::string& name);
   static std::vector<std::string> builtin_names();
 };

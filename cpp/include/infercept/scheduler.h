@@ -133,7 +133,8 @@ class Scheduler {
   // Discards one paused context holding device blocks (never `keep`); false when none is left.
   bool reclaim_intercepted(StepPlan& plan, const Request* keep);
   void preempt(Request& victim, StepPlan& plan);
-  int64_t swap_budget_blocks(int64_t num_batched_tokens) const;
+  // N_i in blocks for the batch planned so far (at least one block, so swaps always progress).
+  int64_t swap_budget_blocks(const StepPlan& plan) const;
   int32_t num_blocks(int64_t num_tokens) const;
   // waste accounting (waste_accounting.cpp)
   void account_time(double now_s);

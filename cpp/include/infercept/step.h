@@ -33,6 +33,7 @@ struct StepPlan {
   std::vector<RequestId> preempted;         // running requests pushed out for memory
   std::vector<RequestId> discarded;         // requests whose KV was freed this step
   int32_t num_batched_tokens = 0;           // B_i
+  int64_t num_context_tokens = 0;           // tokens the batch attends over (cached + new)
   int32_t num_recompute_tokens = 0;
   int32_t num_sampling_requests = 0;
   int64_t swap_budget_tokens = 0;           // N_i per direction: what the forward can hide

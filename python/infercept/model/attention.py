@@ -1,0 +1,236 @@
+"""Attention over a paged KV cache for a flat batch of tokens from several sequences.
+
+One path serves prefill, chunked prefill, recompute chunks and decode: each sequence's new tokens
+attend to everything already cached for it plus themselves, causally. There is no separate
+"prefill phase"; the scheduler may mix a recompute chunk with decodes in one step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttentionMetadata:
+    """Where each sequence's tokens sit in the flat batch and in the paged KV cache.
+
+    ``B`` is the number of sequences, ``T`` the number of new tokens in the step.
+
+    Attributes:
+        query_start: ``[B + 1]`` int64; sequence ``i``'s new tokens are flat rows
+            ``query_start[i]:query_start[i + 1]``.
+        context_lens: ``[B]`` int32; tokens with KV after this step (cached + new).
+        block_tables: ``[B, max_blocks]`` int32; block ids of each sequence in order, padded
+            with 0 past the blocks it uses.
+        slot_mapping: ``[T]`` int64; ``block_id * block_size + offset`` where each new token's
+            K/V is written.
+        block_size: Tokens per KV block.
+        query_lens_host: The ``B`` new-token counts as python ints, so planning needs no
+            device-to-host sync.
+        context_lens_host: ``context_lens`` as python ints, for the same reason.
+    """
+
+    query_start: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_size: int
+    query_lens_host: tuple[int, ...]
+    context_lens_host: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        """Number of sequences ``B``."""
+        return len(self.query_lens_host)
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of new tokens ``T`` in the flat batch."""
+        return int(sum(self.query_lens_host))
+
+    @classmethod
+    def build(cls, query_lens: Sequence[int], context_lens: Sequence[int],
+              block_tables: Sequence[Sequence[int]], block_size: int,
+              device: torch.device | str = "cpu") -> PagedAttentionMetadata:
+        """Builds the record from host lists (what a scheduler's step plan carries).
+
+        Args:
+            query_lens: New tokens per sequence.
+            context_lens: Cached + new tokens per sequence.
+            block_tables: Block ids per sequence; must cover ``context_lens`` tokens.
+            block_size: Tokens per KV block.
+            device: Where the tensors live.
+
+        Raises:
+            ValueError: The lists disagree in length, a query is longer than its context, or a
+                block table is too short for its context.
+        """
+        num_seqs = len(query_lens)
+        if len(context_lens) != num_seqs or len(block_tables) != num_seqs:
+            raise ValueError(
+                f"got {num_seqs} query_lens, {len(context_lens)} context_lens and "
+                f"{len(block_tables)} block_tables; they must have one entry per sequence")
+        slots: list[int] = []
+        for seq, (query_len, context_len, table) in enumerate(
+                zip(query_lens, context_lens, block_tables)):
+            if not 0 < query_len <= context_len:
+                raise ValueError(f"sequence {seq}: query_len={query_len} must be in "
+                                 f"1..context_len={context_len}")
+            if len(table) * block_size < context_len:
+                raise ValueError(f"sequence {seq}: {len(table)} blocks of {block_size} tokens "
+                                 f"cannot hold context_len={context_len}")
+            for pos in range(context_len - query_len, context_len):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        max_blocks = max((len(t) for t in block_tables), default=0)
+        padded = [list(t) + [0] * (max_blocks - len(t)) for t in block_tables]
+        query_start = [0]
+        for query_len in query_lens:
+            query_start.append(query_start[-1] + query_len)
+        return cls(
+            query_start=torch.tensor(query_start, dtype=torch.int64, device=device),
+            context_lens=torch.tensor(list(context_lens), dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(
+                num_seqs, max_blocks),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_size=block_size,
+            query_lens_host=tuple(int(n) for n in query_lens),
+            context_lens_host=tuple(int(n) for n in context_lens),
+        )
+
+    def positions(self) -> torch.Tensor:
+        """``[T]`` int64 position of each new token: its sequence's cached count plus its offset."""
+        positions = [pos for query_len, context_len in zip(self.query_lens_host,
+                                                           self.context_lens_host)
+                     for pos in range(context_len - query_len, context_len)]
+        return torch.tensor(positions, dtype=torch.int64, device=self.slot_mapping.device)
+
+    def last_token_indices(self) -> torch.Tensor:
+        """``[B]`` int64 flat row of each sequence's last new token (the rows that need logits)."""
+        return self.query_start[1:] - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkPlan:
+    """One multi-token sequence chunk: flat rows ``start:start + query_len``."""
+
+    start: int
+    query_len: int
+    context_len: int
+    block_ids: torch.Tensor  # [num_blocks_used] int64
+    mask: torch.Tensor | None  # [query_len, context_len] bool (True = attend); None = causal
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """Per-step derived index tensors, computed once and shared by every layer."""
+
+    decode_rows: torch.Tensor  # [B_dec] int64 flat row of each single-token sequence
+    decode_block_tables: torch.Tensor  # [B_dec, max_blocks_dec] int64
+    decode_mask: torch.Tensor  # [B_dec, 1, 1, max_blocks_dec * block_size] bool (True = attend)
+    chunks: tuple[_ChunkPlan, ...]
+
+
+def plan_attention(metadata: PagedAttentionMetadata) -> AttentionPlan:
+    """Splits the batch into single-token sequences (batched) and multi-token chunks (looped)."""
+    device = metadata.slot_mapping.device
+    block_size = metadata.block_size
+    decode_seqs = [i for i, n in enumerate(metadata.query_lens_host) if n == 1]
+    max_blocks_dec = max((-(-metadata.context_lens_host[i] // block_size) for i in decode_seqs),
+                         default=0)
+    decode_index = torch.tensor(decode_seqs, dtype=torch.int64, device=device)
+    decode_context = metadata.context_lens.index_select(0, decode_index).to(torch.int64)
+    key_pos = torch.arange(max_blocks_dec * block_size, device=device)
+    chunks = []
+    for seq, (query_len, context_len) in enumerate(zip(metadata.query_lens_host,
+                                                       metadata.context_lens_host)):
+        if query_len == 1:
+            continue
+        num_blocks = -(-context_len // block_size)
+        mask = None
+        if query_len != context_len:
+            # Query j sits at position context_len - query_len + j and sees keys up to it.
+            query_pos = torch.arange(context_len - query_len, context_len, device=device)
+            mask = torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
+        chunks.append(_ChunkPlan(
+            start=sum(metadata.query_lens_host[:seq]), query_len=query_len,
+            context_len=context_len,
+            block_ids=metadata.block_tables[seq, :num_blocks].to(torch.int64), mask=mask))
+    return AttentionPlan(
+        decode_rows=metadata.query_start.index_select(0, decode_index),
+        decode_block_tables=metadata.block_tables.index_select(0, decode_index)[
+            :, :max_blocks_dec].to(torch.int64),
+        decode_mask=(key_pos[None, :] < decode_context[:, None])[:, None, None, :],
+        chunks=tuple(chunks),
+    )
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+             value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatters new tokens' K/V ``[T, num_kv_heads, head_dim]`` into their slots of the caches.
+
+    The caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``; slot ``s`` is row ``s`` of
+    the cache viewed as ``[num_blocks * block_size, num_kv_heads, head_dim]``.
+    """
+    num_kv_heads, head_dim = key_cache.shape[2:]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    key_cache: torch.Tensor, value_cache: torch.Tensor, plan: AttentionPlan,
+                    scale: float) -> torch.Tensor:
+    """Attention of each new token over its sequence's cached + new K/V.
+
+    The new K/V must already be written to the caches (:func:`write_kv`).
+
+    Args:
+        query: ``[T, num_heads, head_dim]`` (RoPE applied).
+        key: ``[T, num_kv_heads, head_dim]`` new keys (RoPE applied), used directly for chunks
+            with no cached context so a fresh prefill skips the cache gather.
+        value: ``[T, num_kv_heads, head_dim]`` new values.
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+        value_cache: Same shape as ``key_cache``.
+        plan: From :func:`plan_attention` for this step.
+        scale: Softmax scale, usually ``head_dim ** -0.5``.
+
+    Returns:
+        ``[T, num_heads, head_dim]``.
+    """
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    num_decode = plan.decode_rows.numel()
+    if num_decode:
+        # Pad every decode sequence to the longest one's blocks and mask the tail: one batched
+        # gather + one SDPA instead of a python loop over sequences.
+        q = query.index_select(0, plan.decode_rows)  # [B_dec, H, D]
+        # GQA without repeating K/V: query heads kv*group..kv*group+group-1 share kv head kv, so
+        # they become `group` query rows against that head. [B_dec, H_kv, group, D]
+        q = q.view(num_decode, num_kv_heads, group, head_dim)
+        # index_select over the flattened tables, not key_cache[tables]: advanced indexing is
+        # several times slower on CPU. [B_dec * max_blocks_dec, block, H_kv, D] -> [B_dec, S, ...]
+        block_ids = plan.decode_block_tables.flatten()
+        k = key_cache.index_select(0, block_ids).view(num_decode, -1, num_kv_heads, head_dim)
+        v = value_cache.index_select(0, block_ids).view(num_decode, -1, num_kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=plan.decode_mask, scale=scale)
+        out.index_copy_(0, plan.decode_rows, o.reshape(num_decode, num_heads, head_dim))
+    for chunk in plan.chunks:
+        rows = slice(chunk.start, chunk.start + chunk.query_len)
+        if chunk.mask is None:
+            k, v = key[rows], value[rows]  # [L, H_kv, D]: no cached context to gather.
+        else:
+            # [num_blocks_used, block_size, H_kv, D] -> first context_len token rows.
+            k = key_cache.index_select(0, chunk.block_ids).flatten(0, 1)[:chunk.context_len]
+            v = value_cache.index_select(0, chunk.block_ids).flatten(0, 1)[:chunk.context_len]
+        o = F.scaled_dot_product_attention(
+            query[rows].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale,
+            enable_gqa=group > 1)  # [H, L, D]
+        out[rows] = o.transpose(0, 1)
+    return out

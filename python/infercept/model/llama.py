@@ -1,0 +1,187 @@
+"""Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU) over a paged KV cache.
+
+Parameter names match Hugging Face ``LlamaForCausalLM`` so an HF state dict loads as is.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infercept.model.attention import (AttentionPlan, PagedAttentionMetadata, paged_attention,
+                                       plan_attention, write_kv)
+from infercept.model.config import ModelConfig
+from infercept.model.paged_cache import KVCache
+from infercept.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as transformers does, then cast back."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    """GQA self-attention that writes new K/V into the paged cache and reads context from it."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                plan: AttentionPlan) -> torch.Tensor:
+        """x: ``[T, hidden]``; cos/sin: ``[T, head_dim]``; caches: ``[N, block, H_kv, D]``."""
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        write_kv(k, v, key_cache, value_cache, slot_mapping)
+        o = paged_attention(q, k, v, key_cache, value_cache, plan, self.head_dim ** -0.5)
+        return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention block followed by a pre-norm MLP block, both residual."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                plan: AttentionPlan) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_cache, value_cache,
+                               slot_mapping, plan)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM whose forward takes a flat multi-sequence batch and paged caches."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
+            persistent=False)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state_dict: Mapping[str, torch.Tensor],
+                        dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+        """Builds the model around HF-named weights without a random initialisation pass.
+
+        Args:
+            config: Architecture.
+            state_dict: HF ``LlamaForCausalLM`` parameter names to tensors; ``lm_head.weight`` may
+                be absent or ignored when embeddings are tied.
+            dtype: Parameter dtype.
+
+        Raises:
+            ValueError: A parameter is missing, unexpected or of the wrong shape.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {name: p.shape for name, p in model.named_parameters()}
+        weights = {name: t for name, t in state_dict.items()
+                   if not (config.tie_word_embeddings and name == "lm_head.weight")}
+        missing = sorted(expected.keys() - weights.keys())
+        unexpected = sorted(weights.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the config: missing {missing[:5]}"
+                             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                             f"{'...' if len(unexpected) > 5 else ''}")
+        for name, shape in expected.items():
+            if weights[name].shape != shape:
+                raise ValueError(f"weight {name} has shape {tuple(weights[name].shape)}, "
+                                 f"expected {tuple(shape)}")
+        model.load_state_dict({n: t.to(dtype) for n, t in weights.items()}, strict=False,
+                              assign=True)
+        # The RoPE buffer was created on meta; inv_freq stays float32 whatever the weights' dtype.
+        model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        return model.eval()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """``[vocab, hidden]``: the LM head, or the embeddings when tied."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                metadata: PagedAttentionMetadata, kv_cache: KVCache,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs one step over a flat batch, writing its K/V into ``kv_cache``.
+
+        Args:
+            input_ids: ``[T]`` int64 new tokens of all sequences, concatenated.
+            positions: ``[T]`` int64 position of each token in its sequence.
+            metadata: Where each sequence's tokens and K/V blocks are.
+            kv_cache: Paged caches of every layer; written at ``metadata.slot_mapping``.
+            logits_indices: ``[R]`` int64 flat rows that need logits; defaults to the last new
+                token of each sequence, so the ``[hidden, vocab]`` head runs on ``B`` rows, not
+                ``T``.
+
+        Returns:
+            ``[R, vocab]`` logits in float32.
+        """
+        if logits_indices is None:
+            logits_indices = metadata.last_token_indices()
+        plan = plan_attention(metadata)
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # [T, head_dim] each
+        for layer, key_cache, value_cache in zip(self.model.layers, kv_cache.key_caches,
+                                                 kv_cache.value_caches):
+            x = layer(x, cos, sin, key_cache, value_cache, metadata.slot_mapping, plan)
+        x = self.model.norm(x.index_select(0, logits_indices))  # [R, hidden]
+        return F.linear(x, self.lm_head_weight).to(torch.float32)
