@@ -34,7 +34,8 @@ AffineFit fit_from_json(const json& j, const char* field) {
   fit.slope_s_per_token = f["slope_s_per_token"].get<double>();
   if (fit.intercept_s < 0 || fit.slope_s_per_token < 0) {
     throw InvalidArgumentError(std::string("cost profile field '") + field +
-                               "' has a negative coefficient");
+                               "' has a negative coefficient: intercept_s=" + f["intercept_s"].dump() +
+                               ", slope_s_per_token=" + f["slope_s_per_token"].dump());
   }
   if (f.contains("samples")) {
     for (const json& s : f["samples"]) fit.samples.emplace_back(s.at(0).get<double>(), s.at(1).get<double>());
@@ -104,15 +105,16 @@ CostModel CostModel::from_json(const std::string& text) {
   if (j.contains("attention_s_per_context_token")) {
     const json& value = j["attention_s_per_context_token"];
     if (!value.is_number() || value.get<double>() < 0) {
-      throw InvalidArgumentError("cost profile field 'attention_s_per_context_token' must be a number >= 0");
+      throw InvalidArgumentError("cost profile field 'attention_s_per_context_token' must be a number >= 0, got " +
+                                 value.dump());
     }
     model.attention_s_per_context_token = value.get<double>();
   }
   model.swap = fit_from_json(j, "swap");
   for (const char* key : {"kv_bytes_per_token", "saturation_tokens", "kv_capacity_tokens"}) {
     if (!j.contains(key) || !j[key].is_number_integer() || j[key].get<int64_t>() <= 0) {
-      throw InvalidArgumentError(std::string("cost profile field '") + key +
-                                 "' must be a positive integer");
+      throw InvalidArgumentError(std::string("cost profile field '") + key + "' must be a positive integer, got " +
+                                 (j.contains(key) ? j[key].dump() : std::string("nothing")));
     }
   }
   model.kv_bytes_per_token = j["kv_bytes_per_token"].get<int64_t>();

@@ -47,7 +47,9 @@ bool can_transition(RequestState from, RequestState to) {
       // Recomputing requests can be preempted but never intercepted or finished: they have not
       // sampled since they resumed.
       if (to == S::kPreserved || to == S::kFinished) return from == S::kRunning;
-      return to == S::kRunning || to == S::kSwappingOut || to == S::kDiscarded;
+      // Recomputing becomes running once its KV is rebuilt; running to running is no move.
+      if (to == S::kRunning) return from == S::kRecomputing;
+      return to == S::kSwappingOut || to == S::kDiscarded;
     case S::kPreserved:
       return to == S::kSwappingOut || to == S::kDiscarded || to == S::kRunning;
     case S::kSwappingOut:
