@@ -23,29 +23,42 @@ from infercept._core import (
     UnknownRequestError,
 )
 from infercept._core import __version__
+from infercept.engine import EngineConfig, InterceptRecord, LLMEngine, RequestOutput
 from infercept.executor import Executor, SimulatedExecutor
+from infercept.llm import LLM
 from infercept.profiles import load_profile
 from infercept.replay import ReplayEngine, ReplayResult, simulated_config
+from infercept.sampling import SamplingParams, ScriptedIntercept
+from infercept.tools import Tool, ToolRegistry
 
 __all__ = [
     "BlockError",
     "BlockPool",
     "CostModel",
+    "EngineConfig",
     "Executor",
     "InferceptError",
+    "InterceptRecord",
     "InvalidArgumentError",
+    "LLM",
+    "LLMEngine",
     "OutOfBlocksError",
     "Policy",
     "ReplayEngine",
     "ReplayResult",
+    "RequestOutput",
     "RequestState",
+    "SamplingParams",
     "Scheduler",
+    "ScriptedIntercept",
     "SchedulerConfig",
     "SimulatedExecutor",
     "StateError",
     "StepPlan",
     "StepResult",
     "Tier",
+    "Tool",
+    "ToolRegistry",
     "UnknownRequestError",
     "__version__",
     "load_profile",

@@ -5,7 +5,7 @@ Parameter names match Hugging Face ``LlamaForCausalLM`` so an HF state dict load
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +160,8 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 metadata: PagedAttentionMetadata, kv_cache: KVCache,
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+                logits_indices: torch.Tensor | None = None,
+                before_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Runs one step over a flat batch, writing its K/V into ``kv_cache``.
 
         Args:
@@ -171,6 +172,8 @@ class LlamaForCausalLM(nn.Module):
             logits_indices: ``[R]`` int64 flat rows that need logits; defaults to the last new
                 token of each sequence, so the ``[hidden, vocab]`` head runs on ``B`` rows, not
                 ``T``.
+            before_layer: Called with layer ``l`` before it runs: the swap engine waits there
+                for layer ``l``'s copies, so transfers of later layers overlap this one.
 
         Returns:
             ``[R, vocab]`` logits in float32.
@@ -180,8 +183,10 @@ class LlamaForCausalLM(nn.Module):
         plan = plan_attention(metadata)
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # [T, head_dim] each
-        for layer, key_cache, value_cache in zip(self.model.layers, kv_cache.key_caches,
-                                                 kv_cache.value_caches):
+        for index, (layer, key_cache, value_cache) in enumerate(
+                zip(self.model.layers, kv_cache.key_caches, kv_cache.value_caches)):
+            if before_layer is not None:
+                before_layer(index)
             x = layer(x, cos, sin, key_cache, value_cache, metadata.slot_mapping, plan)
         x = self.model.norm(x.index_select(0, logits_indices))  # [R, hidden]
         return F.linear(x, self.lm_head_weight).to(torch.float32)

@@ -1,0 +1,73 @@
+"""The engine's configuration: model, policy, KV pool sizes, batching limits, tool handling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infercept._core import Policy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """How an engine is built.
+
+    Attributes:
+        model: A ``.gguf`` file, an HF model directory, or None for the embedded SmolLM2.
+        policy: What happens to a paused request's KV: 'vllm', 'discard', 'preserve', 'swap'
+            or 'infercept' (min-waste, per request and per iteration).
+        dtype: Weights and KV cache: 'float32' (default on CPU), 'bfloat16' or 'float16'.
+        block_size: Tokens per KV block.
+        kv_cache_bytes: Device KV pool size, when ``num_device_blocks`` is not given.
+        num_device_blocks: Device KV pool size in blocks (overrides ``kv_cache_bytes``).
+        num_host_blocks: Host (swap) pool size in blocks; None: twice the device pool.
+        max_batched_tokens: Tokens per iteration S (decodes and prefill/recompute chunks).
+        max_running_requests: Requests in one batch at most.
+        max_model_len: Longest context; None: the model's ``max_position_embeddings``.
+        tool_response_format: How a tool's output is spliced into the context; ``{output}`` is
+            replaced by the tool's text.
+        cost_profile: The cost model the scheduler sizes swaps and waste by: None measures one
+            on this machine at start-up (cached per model, dtype and machine), else a JSON
+            profile path or a built-in profile name.
+        check_invariants: Check block conservation after every step (tests; slower).
+    """
+
+    model: str | None = None
+    policy: str = "infercept"
+    dtype: str = "float32"
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 2**20
+    num_device_blocks: int | None = None
+    num_host_blocks: int | None = None
+    max_batched_tokens: int = 512
+    max_running_requests: int = 64
+    max_model_len: int | None = None
+    tool_response_format: str = "<tool_response>{output}</tool_response>"
+    cost_profile: str | None = None
+    check_invariants: bool = False
+
+    def __post_init__(self) -> None:
+        Policy.parse(self.policy)  # raises ValueError naming the policy and the choices
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        for name in ("block_size", "kv_cache_bytes", "max_batched_tokens", "max_running_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        for name in ("num_device_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}={value!r} must be a positive int or None")
+        if self.num_host_blocks is not None and self.num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks={self.num_host_blocks} must be >= 0 or None")
+        if "{output}" not in self.tool_response_format:
+            raise ValueError(f"tool_response_format={self.tool_response_format!r} must contain "
+                             "'{output}'")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a torch dtype."""
+        return DTYPES[self.dtype]

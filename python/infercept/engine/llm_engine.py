@@ -1,0 +1,513 @@
+"""The engine loop over the native scheduler and the real model runner (DESIGN.md §3).
+
+One ``step()``:
+
+    tool runtime and scripted timers: finished pauses -> scheduler.resume(req, tool tokens)
+    scheduler.schedule(now)            -> StepPlan
+    runner.execute(plan)               -> logits (swaps pipelined per layer with the forward)
+    sample, detokenize, stop check     -> StepResult(finished=...)
+    scheduler.update(plan, result)     (append tokens, free, account waste)
+    tool-call parser / scripted points -> scheduler.intercept(req, expected duration)
+    tool runtime: launch the call (the engine keeps stepping while it runs)
+
+While a request is paused the policy decides, per iteration, whether its KV is preserved on
+the device, swapped to the host pool or discarded for recompute; the engine only records the
+decisions (``InterceptRecord.kv_actions``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence as SequenceT
+
+from infercept._core import (CostModel, Policy, Scheduler, SchedulerConfig, StepResult,
+                             UnknownRequestError)
+from infercept.engine.config import EngineConfig
+from infercept.engine.model_runner import ModelRunner
+from infercept.engine.outputs import InterceptRecord, RequestOutput
+from infercept.engine.profiler import load_or_measure
+from infercept.engine.sequence import Sequence
+from infercept.engine.swap import SwapEngine
+from infercept.model import KVCache, LlamaForCausalLM, Tokenizer, load_model
+from infercept.model.loader import resolve_model_path
+from infercept.profiles import load_profile
+from infercept.sampling import Sampler, SamplingParams
+from infercept.tools import (DurationEstimator, TagParser, Tool, ToolCall, ToolCallError,
+                             ToolCallParser, ToolRegistry, ToolRuntime)
+
+# KV states of a paused request worth reporting (the policy's decisions).
+_PAUSED_STATES = {"preserved", "swapping_out", "swapped", "discarded"}
+
+
+class LLMEngine:
+    """Runs requests with tool calls over one model.
+
+    Args:
+        config: How to build the engine (model, policy, pool sizes, limits).
+        tools: Server-side tools; more can be registered later with ``register_tool``.
+        parser: Finds tool calls in generated text (default: ``<tool_call>{json}</tool_call>``).
+        cost_model: Overrides ``config.cost_profile`` and the start-up measurement.
+        tool_errors: 'abort' ends a request whose tool raised or timed out (finish_reason
+            'error'); 'return' splices the error message into the context as the tool output.
+        model, tokenizer: Already loaded from ``config.model`` (engines may share weights;
+            each has its own KV cache).
+    """
+
+    def __init__(self, config: EngineConfig | None = None, *,
+                 tools: Iterable[Tool] | ToolRegistry | None = None,
+                 parser: ToolCallParser | None = None, cost_model: CostModel | None = None,
+                 tool_errors: str = "abort", model: LlamaForCausalLM | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if tool_errors not in ("abort", "return"):
+            raise ValueError(f"tool_errors={tool_errors!r} must be 'abort' or 'return'")
+        self._tool_errors = tool_errors
+        path = resolve_model_path(config.model)
+        self.model_name = path.name
+        self.model = model or load_model(path, config.torch_dtype)
+        self.tokenizer = tokenizer or Tokenizer.from_path(path)
+        model_config = self.model.config
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+
+        block_bytes = model_config.kv_bytes_per_token(config.torch_dtype) * config.block_size
+        num_device_blocks = config.num_device_blocks or config.kv_cache_bytes // block_bytes
+        if num_device_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of "
+                             f"{block_bytes} bytes")
+        num_host_blocks = (2 * num_device_blocks if config.num_host_blocks is None
+                           else config.num_host_blocks)
+        self.kv_cache = KVCache(model_config, num_device_blocks, config.block_size,
+                                config.torch_dtype)
+        self.swap_engine = SwapEngine(self.kv_cache, num_host_blocks)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.swap_engine)
+        kv_capacity_tokens = num_device_blocks * config.block_size
+        if cost_model is not None:
+            self.cost_model = cost_model
+        elif config.cost_profile is not None:
+            self.cost_model = load_profile(config.cost_profile)
+        else:
+            self.cost_model = load_or_measure(self.model, self.kv_cache, self.swap_engine,
+                                              str(path), kv_capacity_tokens,
+                                              config.max_batched_tokens)
+
+        scheduler_config = SchedulerConfig()
+        scheduler_config.policy = Policy.parse(config.policy)
+        scheduler_config.block_size = config.block_size
+        scheduler_config.num_device_blocks = num_device_blocks
+        scheduler_config.num_host_blocks = num_host_blocks
+        scheduler_config.max_batched_tokens = config.max_batched_tokens
+        scheduler_config.max_running_requests = config.max_running_requests
+        scheduler_config.max_context_tokens = self.max_model_len
+        self.scheduler = Scheduler(scheduler_config, self.cost_model)
+
+        if isinstance(tools, ToolRegistry):
+            self.tools = tools
+        else:
+            self.tools = ToolRegistry(list(tools or []))
+        self.parser = parser or TagParser()
+        self.estimator = DurationEstimator()
+        self._tool_runtime: ToolRuntime | None = None
+        self.sampler = Sampler()
+        self._seqs: dict[int, Sequence] = {}
+        self._timers: list[tuple[float, int, int]] = []  # (resume_at_s, request_id, after_tokens)
+        self._start_s = time.monotonic()
+        self.num_steps = 0
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Seconds on the engine clock (since construction)."""
+        return time.monotonic() - self._start_s
+
+    def register_tool(self, tool: Tool | object, **kwargs: object) -> Tool:
+        """Registers a server-side tool (a ``Tool`` or a callable plus ``name=``, ...)."""
+        return self.tools.register(tool, **kwargs)  # type: ignore[arg-type]
+
+    def add_request(self, prompt: str | None = None, params: SamplingParams | None = None, *,
+                    prompt_token_ids: SequenceT[int] | None = None, use_tools: bool = True,
+                    client_tools: Iterable[str] = ()) -> int:
+        """Queues a request and returns its id.
+
+        Args:
+            prompt: The prompt text (tokenized with the model's tokenizer).
+            params: Sampling and stopping; default greedy-free ``SamplingParams()``.
+            prompt_token_ids: The prompt as tokens, instead of ``prompt``.
+            use_tools: Run calls to the engine's registered tools inside the engine.
+            client_tools: Tool names the caller runs: a call to one pauses the request
+                (``RequestOutput.paused``) until ``resume``.
+
+        Raises:
+            ValueError: No prompt, an empty prompt, a token id outside the vocabulary, a
+                prompt that leaves no room within ``max_model_len``, or one larger than the KV
+                pool.
+        """
+        params = params or SamplingParams()
+        if (prompt is None) == (prompt_token_ids is None):
+            raise ValueError("give exactly one of prompt and prompt_token_ids")
+        token_ids = (self.tokenizer.encode(prompt) if prompt is not None
+                     else [int(t) for t in prompt_token_ids])  # type: ignore[union-attr]
+        if not token_ids:
+            raise ValueError("the prompt is empty: it must hold at least one token")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        now = self.now()
+        request_id = self.scheduler.add_request(len(token_ids), now)
+        output = RequestOutput(request_id=request_id, prompt=prompt,
+                               prompt_token_ids=list(token_ids), arrival_s=now)
+        self._seqs[request_id] = Sequence(
+            output=output, params=params, token_ids=list(token_ids), server_tools=use_tools,
+            client_tools=frozenset(client_tools),
+            scripted=deque(sorted(params.intercepts, key=lambda i: i.after_tokens)))
+        return request_id
+
+    def get(self, request_id: int) -> RequestOutput:
+        """The request's latest output."""
+        return self._seq(request_id).output
+
+    def intercept(self, request_id: int, expected_duration_s: float | None = None,
+                  name: str = "") -> None:
+        """Pauses a running request that has just sampled, until ``resume`` (client-driven)."""
+        seq = self._seq(request_id)
+        self._check_live(seq)
+        self._pause(seq, InterceptRecord("client", len(seq.generated), name=name,
+                                         expected_duration_s=expected_duration_s))
+
+    def resume(self, request_id: int, tool_output: str | None = None, *,
+               token_ids: SequenceT[int] | None = None, raw: bool = False) -> None:
+        """Continues a request paused for a client-side tool.
+
+        Args:
+            request_id: The paused request.
+            tool_output: The tool's text, spliced in with ``config.tool_response_format``
+                (as given with ``raw=True``).
+            token_ids: Exact tokens to append instead of text.
+
+        Raises:
+            UnknownRequestError: No such request.
+            ValueError: The request is not paused for the caller (running, finished or
+                paused on a server tool), or the output is malformed.
+        """
+        seq = self._seq(request_id)
+        record = seq.open_intercept
+        if seq.output.finished or record is None or record.kind != "client":
+            state = ("finished" if seq.output.finished else "paused on a server tool"
+                     if record is not None else "running")
+            raise ValueError(f"request {request_id} is {state}; only a request paused for a "
+                             "client tool can resume")
+        if (tool_output is None) == (token_ids is None):
+            raise ValueError("give exactly one of tool_output and token_ids")
+        if token_ids is None:
+            text = tool_output if raw else self.config.tool_response_format.format(output=tool_output)
+            tokens = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            tokens = [int(t) for t in token_ids]
+        self._end_pause(seq, tokens, self.now(), output=tool_output)
+
+    def abort(self, request_id: int) -> None:
+        """Ends a request in any state and frees its memory; a finished request is left as is."""
+        seq = self._seq(request_id)
+        if seq.output.finished:
+            return
+        self._terminate(seq, "abort", self.now())
+
+    def has_unfinished(self) -> bool:
+        """Whether any request can still make progress without the caller (not paused on it)."""
+        return any(not s.output.finished and not s.output.paused for s in self._seqs.values())
+
+    def release(self, request_id: int) -> None:
+        """Forgets a finished request's record."""
+        seq = self._seq(request_id)
+        if not seq.output.finished:
+            raise ValueError(f"request {request_id} has not finished; abort it first")
+        del self._seqs[request_id]
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one iteration; returns the outputs of the requests it changed.
+
+        When nothing can run (every live request waits on a tool) it waits for the next tool
+        result or scripted resume instead of spinning.
+        """
+        touched: dict[int, Sequence] = {}
+        self._collect_pauses(touched)
+        plan = self.scheduler.schedule(self.now())
+        if plan.is_empty():
+            self._wait_for_events()
+            self._record_kv_actions()
+            return [s.output for s in touched.values()]
+
+        contexts = {s.request_id: self._seqs[s.request_id].token_ids for s in plan.scheduled}
+        out = self.runner.execute(plan, contexts)
+        now = self.now()
+        finished: list[int] = []
+        if out.sampling_request_ids:
+            seqs = [self._seqs[i] for i in out.sampling_request_ids]
+            tokens = self.sampler.sample(out.logits, out.sampling_request_ids,
+                                         [s.params for s in seqs]).tolist()
+            for seq, token in zip(seqs, tokens):
+                decision = seq.append_sampled(token, self.tokenizer, now, self.max_model_len)
+                touched[seq.request_id] = seq
+                if decision.should_stop:
+                    finished.append(seq.request_id)
+                    seq.finish(decision.reason or "stop", now)
+        result = StepResult(out.duration_s, min(out.swap_stall_s, out.duration_s), finished)
+        step_output = self.scheduler.update(plan, result, now)
+        self.num_steps += 1
+        for request_id in finished:
+            self._forget(request_id)
+        for request_id, reason in zip(step_output.aborted, step_output.abort_reasons):
+            seq = self._seqs[request_id]
+            seq.finish("error", now, error=reason)
+            touched[request_id] = seq
+            self._forget(request_id)
+        for request_id in out.sampling_request_ids:
+            seq = self._seqs[request_id]
+            if not seq.output.finished:
+                self._maybe_pause(seq)
+        self._record_kv_actions()
+        if self.config.check_invariants:
+            self.check_invariants()
+        return [s.output for s in touched.values()]
+
+    def run_until_done(self, request_ids: Iterable[int]) -> list[RequestOutput]:
+        """Steps until each given request has finished or paused for the caller."""
+        ids = list(request_ids)
+        while any(not self._seqs[i].output.finished and not self._seqs[i].output.paused
+                  for i in ids):
+            self.step()
+        return [self._seqs[i].output for i in ids]
+
+    def check_invariants(self) -> None:
+        """Raises unless blocks are conserved and every live request's tokens match the core."""
+        self.scheduler.check_invariants()
+        for seq in self._seqs.values():
+            if seq.output.finished:
+                continue
+            core_tokens = self.scheduler.request(seq.request_id).num_tokens
+            if core_tokens != len(seq.token_ids):
+                raise AssertionError(f"request {seq.request_id}: the core counts {core_tokens} "
+                                     f"tokens but the engine holds {len(seq.token_ids)}")
+
+    def shutdown(self) -> None:
+        """Aborts what is live and stops the tool runtime."""
+        for seq in list(self._seqs.values()):
+            if not seq.output.finished:
+                self._terminate(seq, "abort", self.now())
+        if self._tool_runtime is not None:
+            self._tool_runtime.shutdown()
+            self._tool_runtime = None
+
+    # ---- pauses ----------------------------------------------------------------------------
+
+    @property
+    def tool_runtime(self) -> ToolRuntime:
+        """Started on the first server-side tool call (it owns a thread and a pool)."""
+        if self._tool_runtime is None:
+            self._tool_runtime = ToolRuntime(self.tools)
+        return self._tool_runtime
+
+    def _maybe_pause(self, seq: Sequence) -> None:
+        """Pauses a request that just sampled if it called a tool or hit a scripted intercept."""
+        if seq.scripted and len(seq.generated) == seq.scripted[0].after_tokens:
+            script = seq.scripted.popleft()
+            record = InterceptRecord("scripted", len(seq.generated),
+                                     expected_duration_s=script.duration_s)
+            self._pause(seq, record)
+            heapq.heappush(self._timers, (seq.paused_at_s + script.duration_s, seq.request_id,
+                                          record.after_tokens))
+            return
+        if not (seq.server_tools or seq.client_tools):
+            return
+        found = self.parser.find(seq.output.text, seq.parse_from)
+        if found is None:
+            return
+        seq.parse_from = found.span[1]
+        if isinstance(found, ToolCallError):
+            self._tool_failed(seq, f"malformed tool call {found.raw!r}: {found.message}")
+            return
+        self._start_call(seq, found)
+
+    def _start_call(self, seq: Sequence, call: ToolCall) -> None:
+        if call.name in seq.client_tools:
+            record = InterceptRecord("client", len(seq.generated), call.name, dict(call.arguments),
+                                     expected_duration_s=self.estimator.estimate(call.name))
+            self._pause(seq, record)
+            seq.output.paused = True
+            return
+        if not seq.server_tools or call.name not in self.tools:
+            self._tool_failed(seq, f"unknown tool {call.name!r}; registered tools: "
+                                   f"{', '.join(self.tools.names) or 'none'}")
+            return
+        tool = self.tools.get(call.name)
+        expected = self.estimator.estimate(call.name, tool.expected_duration_s)
+        self._pause(seq, InterceptRecord("tool", len(seq.generated), call.name,
+                                         dict(call.arguments), expected_duration_s=expected))
+        self.tool_runtime.submit(seq.request_id, call)
+
+    def _tool_failed(self, seq: Sequence, error: str) -> None:
+        """A call that cannot run: end the request, or tell the model, per ``tool_errors``."""
+        if self._tool_errors == "abort":
+            self._terminate(seq, "error", self.now(), error)
+            return
+        record = InterceptRecord("tool", len(seq.generated), error=error)
+        self._pause(seq, record)
+        self._end_pause(seq, self._tool_tokens(f"error: {error}"), self.now(), error=error)
+
+    def _pause(self, seq: Sequence, record: InterceptRecord) -> None:
+        now = self.now()
+        expected = record.expected_duration_s
+        self.scheduler.intercept(seq.request_id, now, -1.0 if expected is None else expected)
+        seq.paused_at_s = now
+        seq.output.intercepts.append(record)
+
+    def _end_pause(self, seq: Sequence, tokens: list[int], now: float, output: str | None = None,
+                   error: str | None = None) -> None:
+        record = seq.open_intercept
+        assert record is not None
+        record.duration_s = now - seq.paused_at_s
+        record.output, record.error = output, error
+        seq.output.tool_time_s += record.duration_s
+        seq.output.paused = False
+        if len(seq.token_ids) + len(tokens) >= self.max_model_len:
+            self._terminate(seq, "length", now)
+            return
+        seq.append_tool_tokens(tokens, self.tokenizer)
+        self.scheduler.resume(seq.request_id, len(tokens), now)
+
+    def _collect_pauses(self, touched: dict[int, Sequence]) -> None:
+        """Resumes requests whose tool finished or whose scripted pause ran out."""
+        if self._tool_runtime is not None:
+            for result in self._tool_runtime.poll():
+                seq = self._seqs.get(result.request_id)  # type: ignore[arg-type]
+                if seq is None or seq.output.finished:
+                    continue
+                touched[seq.request_id] = seq
+                self.estimator.observe(result.name, result.duration_s)
+                if result.error is None:
+                    self._end_pause(seq, self._tool_tokens(result.output), self.now(),
+                                    output=result.output)
+                elif self._tool_errors == "abort":
+                    self._terminate(seq, "error", self.now(), result.error)
+                else:
+                    self._end_pause(seq, self._tool_tokens(f"error: {result.error}"), self.now(),
+                                    error=result.error)
+        now = self.now()
+        while self._timers and self._timers[0][0] <= now:
+            _, request_id, after_tokens = heapq.heappop(self._timers)
+            seq = self._seqs.get(request_id)
+            record = seq.open_intercept if seq is not None else None
+            if record is None or record.kind != "scripted" or record.after_tokens != after_tokens:
+                continue  # aborted meanwhile
+            script = next(i for i in seq.params.intercepts if i.after_tokens == after_tokens)
+            if script.text is not None:
+                tokens = self.tokenizer.encode(script.text, add_special_tokens=False)
+                output = script.text
+            else:
+                tokens = [self._placeholder_token] * script.num_tokens  # type: ignore[operator]
+                output = None
+            self._end_pause(seq, tokens, now, output=output)
+            touched[request_id] = seq
+
+    def _wait_for_events(self) -> None:
+        """Sleeps until the next tool result or scripted resume (nothing else can change)."""
+        if not any(s.open_intercept is not None and s.open_intercept.kind != "client"
+                   for s in self._seqs.values() if not s.output.finished):
+            return
+        timeout = 0.05
+        if self._timers:
+            timeout = min(timeout, max(0.0, self._timers[0][0] - self.now()))
+        if self._tool_runtime is not None and self._tool_runtime.num_in_flight:
+            self._tool_runtime.wait(timeout)
+        else:
+            time.sleep(timeout)
+
+    def _record_kv_actions(self) -> None:
+        for seq in self._seqs.values():
+            record = seq.open_intercept
+            if record is None or seq.output.finished:
+                continue
+            state = self.scheduler.request(seq.request_id).state.label
+            if state in _PAUSED_STATES and (not record.kv_actions or record.kv_actions[-1] != state):
+                record.kv_actions.append(state)
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    @property
+    def _placeholder_token(self) -> int:
+        # Scripted intercepts that return a token count get this ordinary token repeated.
+        return self.tokenizer.encode(" .", add_special_tokens=False)[-1]
+
+    def _tool_tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(self.config.tool_response_format.format(output=text),
+                                     add_special_tokens=False)
+
+    def _seq(self, request_id: int) -> Sequence:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            raise UnknownRequestError(f"unknown request id {request_id}")
+        return seq
+
+    def _check_live(self, seq: Sequence) -> None:
+        if seq.output.finished:
+            raise ValueError(f"request {seq.request_id} has finished ({seq.output.finish_reason})")
+
+    def _terminate(self, seq: Sequence, reason: str, now: float, error: str | None = None) -> None:
+        """Ends a live request early: frees its blocks, cancels its tool call."""
+        self.scheduler.abort(seq.request_id)
+        if self._tool_runtime is not None:
+            self._tool_runtime.cancel(seq.request_id)
+        record = seq.open_intercept
+        if record is not None:
+            record.duration_s = now - seq.paused_at_s
+            record.error = record.error or error
+        seq.finish(reason, now, error)
+        self._forget(seq.request_id)
+
+    def _forget(self, request_id: int) -> None:
+        """Drops the core's record and the sampler's generator of a finished request."""
+        if self.scheduler.contains(request_id):
+            self.scheduler.remove(request_id)
+        self.sampler.release(request_id)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Scheduler counters and the waste breakdown (fractions of device memory-time)."""
+        s = self.scheduler.stats()
+        ledger = self.scheduler.ledger()
+        waste, capacity = ledger.waste, ledger.capacity_byte_s
+        fraction = (lambda x: x / capacity if capacity > 0 else 0.0)
+        return {
+            "num_running": s.num_running, "num_waiting": s.num_waiting,
+            "num_intercepted": s.num_intercepted, "num_preserved": s.num_preserved,
+            "num_swapped": s.num_swapped, "num_discarded": s.num_discarded,
+            "num_free_device_blocks": s.num_free_device_blocks,
+            "num_free_host_blocks": s.num_free_host_blocks,
+            "num_swap_out_blocks": s.num_swap_out_blocks, "num_swap_in_blocks": s.num_swap_in_blocks,
+            "num_recomputed_tokens": s.num_recomputed_tokens, "num_preemptions": s.num_preemptions,
+            "waste_fraction": fraction(waste.total_byte_s),
+            "preserve_waste_fraction": fraction(waste.preserved_idle_byte_s),
+            "recompute_waste_fraction": fraction(waste.recompute_byte_s),
+            "swap_waste_fraction": fraction(waste.swap_stall_byte_s),
+            "num_steps": self.num_steps,
+        }
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            if self._tool_runtime is not None:
+                self._tool_runtime.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter teardown; nothing to report to
+            pass

@@ -1,0 +1,128 @@
+"""The offline API: ``LLM(...).generate(prompts, SamplingParams(...), tools=...)`` and ``chat``.
+
+A thin layer over :class:`~infercept.engine.LLMEngine`: it queues the requests, steps the
+engine until each has finished (tools run while it steps) and returns the outputs in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from infercept.engine import EngineConfig, LLMEngine, RequestOutput
+from infercept.sampling import SamplingParams
+from infercept.tools import Tool
+
+Message = Mapping[str, Any]
+
+
+class LLM:
+    """A model served by the InferCept engine.
+
+    Args:
+        model: A ``.gguf`` file, an HF model directory, or None for the embedded
+            SmolLM2-135M-Instruct.
+        policy: 'infercept' (min-waste, default), 'vllm', 'discard', 'preserve' or 'swap'.
+        tools: Server-side tools (``Tool`` objects) available to every request.
+        tool_errors: 'abort' or 'return' (see :class:`LLMEngine`).
+        **config: Any other :class:`EngineConfig` field (dtype, kv_cache_bytes, ...).
+    """
+
+    def __init__(self, model: str | None = None, policy: str = "infercept", *,
+                 tools: Iterable[Tool] = (), tool_errors: str = "abort", **config: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, policy=policy, **config),
+                                tools=list(tools), tool_errors=tool_errors)
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - infercept.model.Tokenizer
+        return self.engine.tokenizer
+
+    def register_tool(self, fn: Callable[..., Any] | Tool, *, name: str | None = None,
+                      expected_duration_s: float | None = None, **kwargs: Any) -> Tool:
+        """Registers a server-side tool (sync or async callable) under ``name``."""
+        if name is not None:
+            kwargs["name"] = name
+        if expected_duration_s is not None:
+            kwargs["expected_duration_s"] = expected_duration_s
+        return self.engine.register_tool(fn, **kwargs)
+
+    def generate(self, prompts: str | Sequence[str] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None,
+                 tools: Iterable[Tool] = (), use_tools: bool = True,
+                 client_tools: Iterable[str] = ()) -> list[RequestOutput]:
+        """Generates a completion for each prompt, running tool calls as they appear.
+
+        Args:
+            prompts: One prompt or a list.
+            sampling_params: One for all prompts, or one per prompt.
+            prompt_token_ids: Prompts as tokens, instead of ``prompts``.
+            tools: Tools to register before running (kept for later calls).
+            use_tools: Whether calls to registered tools run inside the engine.
+            client_tools: Tool names the caller runs: such a call returns the request paused
+                (``output.paused``); continue it with ``resume``.
+
+        Returns:
+            One output per prompt, in order (finished, or paused on a client tool).
+        """
+        for tool in tools:
+            self.engine.register_tool(tool)
+        if prompt_token_ids is not None:
+            if prompts is not None:
+                raise ValueError("give prompts or prompt_token_ids, not both")
+            items: list[dict[str, Any]] = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
+        else:
+            if prompts is None:
+                raise ValueError("give prompts or prompt_token_ids")
+            items = [{"prompt": p} for p in ([prompts] if isinstance(prompts, str) else prompts)]
+        params = self._per_prompt(sampling_params, len(items))
+        client = tuple(client_tools)
+        ids = [self.engine.add_request(params=p, use_tools=use_tools, client_tools=client, **item)
+               for item, p in zip(items, params)]
+        return self.engine.run_until_done(ids)
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             tools: Iterable[Tool] = (), use_tools: bool = True,
+             client_tools: Iterable[str] = ()) -> list[RequestOutput]:
+        """Like ``generate`` for conversations rendered with the model's chat template.
+
+        Args:
+            messages: One conversation (a list of ``{"role", "content"}`` dicts) or a list of
+                them.
+        """
+        conversations = ([messages] if messages and isinstance(messages[0], Mapping)
+                         else list(messages))
+        tools = list(tools)
+        schemas = [t.to_openai() for t in [*tools, *(self.engine.tools.get(n)
+                                                   for n in self.engine.tools.names)]] or None
+        token_ids = [self.engine.tokenizer.apply_chat_template(c, tools=schemas)
+                     for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompt_token_ids=token_ids, sampling_params=sampling_params,
+                             tools=tools, use_tools=use_tools, client_tools=client_tools)
+
+    def resume(self, request_id: int, tool_output: str, *, raw: bool = False) -> RequestOutput:
+        """Continues a request paused on a client tool and runs it to its next stop."""
+        self.engine.resume(request_id, tool_output, raw=raw)
+        return self.engine.run_until_done([request_id])[0]
+
+    @staticmethod
+    def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None,
+                    num_prompts: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams() for _ in range(num_prompts)]
+        if isinstance(params, SamplingParams):
+            return [params] * num_prompts
+        if len(params) != num_prompts:
+            raise ValueError(f"got {len(params)} sampling params for {num_prompts} prompts")
+        return list(params)
+
+    def shutdown(self) -> None:
+        """Aborts live requests and stops tool threads."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
