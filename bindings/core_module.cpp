@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bindings.h"
+
 #include "infercept/block_pool.h"
 #include "infercept/cost_model.h"
 #include "infercept/errors.h"
@@ -71,6 +73,7 @@ void bind_memory(py::module_& m) {
       .def("check_invariants", &BlockPool::check_invariants);
 
   py::class_<BlockCopy>(m, "BlockCopy")
+      .def(py::init<BlockId, BlockId>(), py::arg("src"), py::arg("dst"))
       .def_readonly("src", &BlockCopy::src)
       .def_readonly("dst", &BlockCopy::dst)
       .def("__repr__", [](const BlockCopy& c) {
@@ -264,4 +267,5 @@ PYBIND11_MODULE(_core, m) {
   bind_cost(m);
   bind_step(m);
   bind_scheduler(m);
+  bind_swap_engine(m);
 }

@@ -1,0 +1,8 @@
+#pragma once
+// Parts of the infercept._core module that live in their own files, one bind_* per file. Each
+// is called once from PYBIND11_MODULE in core_module.cpp, after the errors and the BlockCopy
+// type they use are registered.
+#include <pybind11/pybind11.h>
+
+/// SwapEngine (the interface), CpuSwapEngine, SwapStepStats and SwapCounters.
+void bind_swap_engine(pybind11::module_& m);
