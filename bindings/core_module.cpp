@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bindings.h"
+
 #include "infercept/block_pool.h"
 #include "infercept/cost_model.h"
 #include "infercept/errors.h"
@@ -264,4 +266,5 @@ PYBIND11_MODULE(_core, m) {
   bind_cost(m);
   bind_step(m);
   bind_scheduler(m);
+  bind_cpu_attention(m);
 }
