@@ -6,3 +6,7 @@
 
 /// SwapEngine (the interface), CpuSwapEngine, SwapStepStats and SwapCounters.
 void bind_swap_engine(pybind11::module_& m);
+
+/// paged_decode_attention (and cpu_attention_has_openmp): the native CPU decode kernel over
+/// raw tensor addresses.
+void bind_cpu_attention(pybind11::module_& m);

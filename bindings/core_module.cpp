@@ -268,4 +268,5 @@ PYBIND11_MODULE(_core, m) {
   bind_step(m);
   bind_scheduler(m);
   bind_swap_engine(m);
+  bind_cpu_attention(m);
 }

@@ -4,7 +4,7 @@ InferCept native core: block pools, KV cache manager, scheduler, cost and waste 
 from __future__ import annotations
 import collections.abc
 import typing
-__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'InferceptError', 'InvalidArgumentError', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cuda_compiled', 'cuda_device_count', 'cuda_smoke_test', 'discard_waste', 'preserve_waste', 'swap_waste']
+__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'InferceptError', 'InvalidArgumentError', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cuda_compiled', 'cuda_device_count', 'cuda_smoke_test', 'discard_waste', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
 class InferceptError(RuntimeError):
     pass
 class OutOfBlocksError(InferceptError):
@@ -676,7 +676,7 @@ class SwapCounters:
     def num_bytes_out(self) -> int:
         ...
 class SwapEngine:
-    def begin_step(self, swap_out: collections.abc.Iterable[BlockCopy | tuple[int, int]], swap_in: collections.abc.Iterable[BlockCopy | tuple[int, int]]) -> None:
+    def begin_step(self, swap_out: collections.abc.Iterable, swap_in: collections.abc.Iterable) -> None:
         ...
     def finish_step(self) -> SwapStepStats:
         ...
@@ -711,15 +711,25 @@ def can_transition(src: RequestState, dst: RequestState) -> bool:
     ...
 def chunked_discard_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, other_tokens: typing.SupportsInt | typing.SupportsIndex, num_chunks: typing.SupportsInt | typing.SupportsIndex) -> float:
     ...
+def cpu_attention_has_openmp() -> bool:
+    """
+    Whether paged_decode_attention was built with OpenMP (multi-threaded).
+    """
 def cuda_device_count() -> int:
     ...
 def cuda_smoke_test(value: typing.SupportsInt | typing.SupportsIndex = 42) -> bool:
     ...
 def discard_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, other_tokens: typing.SupportsInt | typing.SupportsIndex) -> float:
     ...
+def paged_decode_attention(out_ptr: typing.SupportsInt | typing.SupportsIndex, query_ptr: typing.SupportsInt | typing.SupportsIndex, key_cache_ptr: typing.SupportsInt | typing.SupportsIndex, value_cache_ptr: typing.SupportsInt | typing.SupportsIndex, block_tables_ptr: typing.SupportsInt | typing.SupportsIndex, context_lens_ptr: typing.SupportsInt | typing.SupportsIndex, num_seqs: typing.SupportsInt | typing.SupportsIndex, num_heads: typing.SupportsInt | typing.SupportsIndex, num_kv_heads: typing.SupportsInt | typing.SupportsIndex, head_dim: typing.SupportsInt | typing.SupportsIndex, block_size: typing.SupportsInt | typing.SupportsIndex, max_blocks: typing.SupportsInt | typing.SupportsIndex, num_blocks: typing.SupportsInt | typing.SupportsIndex, scale: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    """
+    Decode attention of num_seqs single-token queries over a paged float32 KV cache.
+    
+    Pointers are tensor.data_ptr() of dense tensors: out and query [num_seqs, num_heads, head_dim] float32, key/value caches [num_blocks, block_size, num_kv_heads, head_dim] float32, block_tables [num_seqs, max_blocks] int32, context_lens [num_seqs] int32. Releases the GIL. Raises InvalidArgumentError (a ValueError) on bad sizes, context lengths or block ids.
+    """
 def preserve_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, intercept_s: typing.SupportsFloat | typing.SupportsIndex) -> float:
     ...
 def swap_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, batch_tokens: typing.SupportsInt | typing.SupportsIndex) -> float:
     ...
 __version__: str = '0.1.0'
-cuda_compiled: bool = True
+cuda_compiled: bool

@@ -3,15 +3,28 @@
 One path serves prefill, chunked prefill, recompute chunks and decode: each sequence's new tokens
 attend to everything already cached for it plus themselves, causally. There is no separate
 "prefill phase"; the scheduler may mix a recompute chunk with decodes in one step.
+
+Decode rows (single-token sequences) on CPU float32 go to the native kernel of
+:mod:`infercept.model.cpu_kernels`, which reads K/V straight from the blocks; elsewhere they are
+gathered into a padded buffer for SDPA. ``$INFERCEPT_CPU_ATTENTION`` picks: ``auto`` (default:
+native when built and the tensors allow), ``native`` (the same, but an error when not built) or
+``torch`` (always the gather path, e.g. to compare).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from infercept.model.cpu_kernels import (can_run_native_decode, has_native_decode,
+                                         paged_decode_attention)
+
+BACKEND_ENV = "INFERCEPT_CPU_ATTENTION"
+_BACKENDS = ("auto", "native", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +145,22 @@ class AttentionPlan:
     decode_block_tables: torch.Tensor  # [B_dec, max_blocks_dec] int64
     decode_mask: torch.Tensor  # [B_dec, 1, 1, max_blocks_dec * block_size] bool (True = attend)
     chunks: tuple[_ChunkPlan, ...]
+    # Native-kernel inputs, None when the plan is for the torch path (not CPU, not built, or
+    # $INFERCEPT_CPU_ATTENTION=torch). [B_dec, max_blocks] int32 and [B_dec] int32, contiguous.
+    native_block_tables: torch.Tensor | None = None
+    native_context_lens: torch.Tensor | None = None
+    # Every flat row is a decode row, in order: query and output need no gather or scatter.
+    decode_only: bool = False
+
+
+def _use_native_decode(device: torch.device) -> bool:
+    backend = os.environ.get(BACKEND_ENV, "auto")
+    if backend not in _BACKENDS:
+        raise ValueError(f"${BACKEND_ENV}={backend!r} must be one of {', '.join(_BACKENDS)}")
+    if backend == "native" and not has_native_decode():
+        raise RuntimeError(f"${BACKEND_ENV}=native but infercept._core has no "
+                           "paged_decode_attention; rebuild the package")
+    return backend != "torch" and device.type == "cpu" and has_native_decode()
 
 
 def plan_attention(metadata: PagedAttentionMetadata) -> AttentionPlan:
@@ -159,12 +188,19 @@ def plan_attention(metadata: PagedAttentionMetadata) -> AttentionPlan:
             start=sum(metadata.query_lens_host[:seq]), query_len=query_len,
             context_len=context_len,
             block_ids=metadata.block_tables[seq, :num_blocks].to(torch.int64), mask=mask))
+    native_block_tables = native_context_lens = None
+    if decode_seqs and _use_native_decode(device):
+        native_block_tables = metadata.block_tables.index_select(0, decode_index)
+        native_context_lens = metadata.context_lens.index_select(0, decode_index)
     return AttentionPlan(
         decode_rows=metadata.query_start.index_select(0, decode_index),
         decode_block_tables=metadata.block_tables.index_select(0, decode_index)[
             :, :max_blocks_dec].to(torch.int64),
         decode_mask=(key_pos[None, :] < decode_context[:, None])[:, None, None, :],
         chunks=tuple(chunks),
+        native_block_tables=native_block_tables,
+        native_context_lens=native_context_lens,
+        decode_only=len(decode_seqs) == metadata.num_seqs,
     )
 
 
@@ -203,9 +239,21 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(query)
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
     num_decode = plan.decode_rows.numel()
-    if num_decode:
+    if num_decode and plan.native_block_tables is not None and can_run_native_decode(
+            query, key_cache, value_cache):
+        # The kernel walks each block table itself: no per-step copy of every context.
+        if plan.decode_only:
+            paged_decode_attention(query.contiguous(), key_cache, value_cache,
+                                   plan.native_block_tables, plan.native_context_lens, scale,
+                                   out=out)
+        else:
+            o = paged_decode_attention(query.index_select(0, plan.decode_rows), key_cache,
+                                       value_cache, plan.native_block_tables,
+                                       plan.native_context_lens, scale)
+            out.index_copy_(0, plan.decode_rows, o)
+    elif num_decode:
         # Pad every decode sequence to the longest one's blocks and mask the tail: one batched
         # gather + one SDPA instead of a python loop over sequences.
         q = query.index_select(0, plan.decode_rows)  # [B_dec, H, D]

@@ -1,0 +1,54 @@
+#pragma once
+// Decode attention over a paged KV cache on the CPU, framework-free: raw float32 pointers and
+// sizes, no torch. Each decode sequence's single query token attends to its whole cached
+// context, read block by block through its block table, so no per-step gather of the context
+// into a contiguous buffer is needed.
+#include <cstdint>
+
+namespace infercept {
+
+/// One decode-attention call. Every array is dense, row-major, float32 or int32:
+///   out          [num_seqs, num_heads, head_dim]                        written
+///   query        [num_seqs, num_heads, head_dim]                        RoPE applied
+///   key_cache    [num_blocks, block_size, num_kv_heads, head_dim]
+///   value_cache  [num_blocks, block_size, num_kv_heads, head_dim]
+///   block_tables [num_seqs, max_blocks]  block ids of each sequence in order; entries past a
+///                                        sequence's ceil(context_len / block_size) are unread
+///   context_lens [num_seqs]              tokens of each sequence in the cache, >= 1
+/// Query heads h * group .. h * group + group - 1 share KV head h (group = num_heads /
+/// num_kv_heads), as in grouped-query attention.
+struct PagedDecodeProblem {
+  float* out = nullptr;
+  const float* query = nullptr;
+  const float* key_cache = nullptr;
+  const float* value_cache = nullptr;
+  const int32_t* block_tables = nullptr;
+  const int32_t* context_lens = nullptr;
+  int64_t num_seqs = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t block_size = 0;
+  int64_t max_blocks = 0;
+  int64_t num_blocks = 0;
+  float scale = 1.0f;  ///< Softmax scale, usually head_dim ** -0.5.
+};
+
+/// Throws InvalidArgumentError, naming the value and the limit it broke, unless the sizes are
+/// positive (num_seqs may be 0), num_heads is a multiple of num_kv_heads, the pointers are
+/// non-null, every context_len is in 1..max_blocks * block_size and every block id a sequence
+/// reads is in [0, num_blocks). Reads context_lens and block_tables.
+void check_paged_decode_problem(const PagedDecodeProblem& problem);
+
+/// Checks `problem` (as above), then writes `out`: for each sequence s and query head q,
+/// softmax(scale * K_s q_s) V_s over the sequence's context_len cached tokens, computed with a
+/// streaming (online) softmax in float32. Parallel over (sequence, KV head) pairs with OpenMP
+/// when the library was built with it. Throws InvalidArgumentError; on a throw `out` is
+/// unchanged.
+void paged_decode_attention(const PagedDecodeProblem& problem);
+
+/// Whether the kernel was built with OpenMP (and so runs its (sequence, KV head) pairs on
+/// several threads).
+bool cpu_attention_has_openmp();
+
+}  // namespace infercept

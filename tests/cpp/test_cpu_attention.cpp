@@ -1,0 +1,144 @@
+// The CPU paged decode kernel against a plain two-pass softmax reference over awkward shapes.
+#include "infercept/cpu_attention.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "infercept/errors.h"
+
+namespace infercept {
+namespace {
+
+struct Case {
+  int64_t num_heads, num_kv_heads, head_dim, block_size;
+  std::vector<int32_t> context_lens;
+};
+
+// Builds random caches, shuffled (non-contiguous) block tables and queries; runs the kernel and
+// a double-precision reference; returns the largest absolute difference.
+double max_error(const Case& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  const int64_t num_seqs = static_cast<int64_t>(c.context_lens.size());
+  int64_t max_blocks = 1, num_blocks = 0;
+  for (int32_t len : c.context_lens) {
+    const int64_t used = (len + c.block_size - 1) / c.block_size;
+    max_blocks = std::max(max_blocks, used);
+    num_blocks += used;
+  }
+  num_blocks += 3;
+  std::vector<int32_t> free_blocks(num_blocks);
+  std::iota(free_blocks.begin(), free_blocks.end(), 0);
+  std::shuffle(free_blocks.begin(), free_blocks.end(), rng);
+  std::vector<int32_t> tables(num_seqs * max_blocks, -1);  // -1 padding must never be read
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    for (int64_t b = 0; b * c.block_size < c.context_lens[s]; ++b) {
+      tables[s * max_blocks + b] = free_blocks.back();
+      free_blocks.pop_back();
+    }
+  }
+  const int64_t token_size = c.num_kv_heads * c.head_dim;
+  std::vector<float> keys(num_blocks * c.block_size * token_size);
+  std::vector<float> values(keys.size());
+  std::vector<float> query(num_seqs * c.num_heads * c.head_dim);
+  for (auto* v : {&keys, &values, &query}) {
+    for (float& x : *v) x = normal(rng);
+  }
+  std::vector<float> out(query.size(), NAN);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+
+  PagedDecodeProblem p;
+  p.out = out.data();
+  p.query = query.data();
+  p.key_cache = keys.data();
+  p.value_cache = values.data();
+  p.block_tables = tables.data();
+  p.context_lens = c.context_lens.data();
+  p.num_seqs = num_seqs;
+  p.num_heads = c.num_heads;
+  p.num_kv_heads = c.num_kv_heads;
+  p.head_dim = c.head_dim;
+  p.block_size = c.block_size;
+  p.max_blocks = max_blocks;
+  p.num_blocks = num_blocks;
+  p.scale = scale;
+  paged_decode_attention(p);
+
+  double worst = 0.0;
+  const int64_t group = c.num_heads / c.num_kv_heads;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    for (int64_t h = 0; h < c.num_heads; ++h) {
+      const float* q = &query[(s * c.num_heads + h) * c.head_dim];
+      std::vector<double> scores(c.context_lens[s]);
+      auto row = [&](const std::vector<float>& cache, int64_t pos) {
+        const int64_t block = tables[s * max_blocks + pos / c.block_size];
+        return &cache[((block * c.block_size + pos % c.block_size) * c.num_kv_heads +
+                       h / group) * c.head_dim];
+      };
+      for (int64_t t = 0; t < c.context_lens[s]; ++t) {
+        const float* k = row(keys, t);
+        double dot = 0.0;
+        for (int64_t d = 0; d < c.head_dim; ++d) dot += double(q[d]) * k[d];
+        scores[t] = dot * scale;
+      }
+      const double top = *std::max_element(scores.begin(), scores.end());
+      double total = 0.0;
+      for (double& x : scores) total += (x = std::exp(x - top));
+      for (int64_t d = 0; d < c.head_dim; ++d) {
+        double want = 0.0;
+        for (int64_t t = 0; t < c.context_lens[s]; ++t) want += scores[t] * row(values, t)[d];
+        const double got = out[(s * c.num_heads + h) * c.head_dim + d];
+        worst = std::max(worst, std::abs(got - want / total));
+      }
+    }
+  }
+  return worst;
+}
+
+TEST(CpuAttention, MatchesReferenceOverAwkwardShapes) {
+  const std::vector<int32_t> lens = {1, 15, 16, 17, 100, 1000, 33};
+  for (auto [heads, kv_heads] : {std::pair{4, 4}, {9, 3}, {8, 2}}) {
+    for (int64_t head_dim : {64, 128, 40}) {
+      for (int64_t block_size : {16, 5}) {
+        Case c{heads, kv_heads, head_dim, block_size, lens};
+        EXPECT_LT(max_error(c, 7), 1e-5)
+            << "heads=" << heads << " kv_heads=" << kv_heads << " head_dim=" << head_dim
+            << " block_size=" << block_size;
+      }
+    }
+  }
+}
+
+TEST(CpuAttention, RejectsBadArgumentsBeforeWriting) {
+  std::vector<float> buffer(64 * 4, 0.0f), out(4, 0.0f);
+  std::vector<int32_t> table = {0, 9}, lens = {20};
+  PagedDecodeProblem p;
+  p.out = out.data();
+  p.query = p.key_cache = p.value_cache = buffer.data();
+  p.block_tables = table.data();
+  p.context_lens = lens.data();
+  p.num_seqs = 1;
+  p.num_heads = p.num_kv_heads = 1;
+  p.head_dim = 4;
+  p.block_size = 16;
+  p.max_blocks = 2;
+  p.num_blocks = 4;
+  EXPECT_THROW(paged_decode_attention(p), InvalidArgumentError);  // block 9 >= num_blocks 4
+  table[1] = 3;
+  lens[0] = 33;
+  EXPECT_THROW(paged_decode_attention(p), InvalidArgumentError);  // 33 > 2 blocks of 16
+  lens[0] = 20;
+  p.num_heads = 3;
+  p.num_kv_heads = 2;
+  EXPECT_THROW(paged_decode_attention(p), InvalidArgumentError);  // 3 % 2 != 0
+  p.num_heads = p.num_kv_heads = 1;
+  EXPECT_NO_THROW(paged_decode_attention(p));
+}
+
+}  // namespace
+}  // namespace infercept

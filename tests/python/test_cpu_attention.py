@@ -1,0 +1,177 @@
+"""The native CPU paged decode-attention kernel against plain softmax attention in torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infercept import InvalidArgumentError, _core
+from infercept.model import PagedAttentionMetadata
+from infercept.model.attention import BACKEND_ENV, paged_attention, plan_attention, write_kv
+from infercept.model.cpu_kernels import has_native_decode, paged_decode_attention
+
+pytestmark = pytest.mark.skipif(not has_native_decode(),
+                                reason="infercept._core was built without the CPU kernel")
+
+BLOCK_SIZE = 16
+
+
+def _problem(batch: int, context_lens: list[int], num_heads: int, num_kv_heads: int,
+             head_dim: int, seed: int = 0, spare_blocks: int = 5):
+    """Random caches and queries; each sequence's blocks are drawn from a shuffled free list."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_used = [-(-n // BLOCK_SIZE) for n in context_lens]
+    num_blocks = sum(blocks_used) + spare_blocks
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    max_blocks = max(blocks_used) + 2  # padding columns the kernel must not read
+    tables = torch.full((batch, max_blocks), -1, dtype=torch.int32)
+    for seq, n in enumerate(blocks_used):
+        tables[seq, :n] = torch.tensor([free.pop() for _ in range(n)], dtype=torch.int32)
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    key_cache = torch.randn(shape, generator=gen)
+    value_cache = torch.randn(shape, generator=gen)
+    query = torch.randn(batch, num_heads, head_dim, generator=gen)
+    return query, key_cache, value_cache, tables, torch.tensor(context_lens, dtype=torch.int32)
+
+
+def _reference(query, key_cache, value_cache, tables, context_lens, scale):
+    """Per sequence: gather its context, repeat KV heads for GQA, softmax(q K^T * scale) V."""
+    num_heads = query.shape[1]
+    group = num_heads // key_cache.shape[2]
+    out = torch.empty_like(query)
+    for seq, context_len in enumerate(context_lens.tolist()):
+        blocks = tables[seq, :-(-context_len // BLOCK_SIZE)].long()
+        keys = key_cache[blocks].flatten(0, 1)[:context_len].repeat_interleave(group, dim=1)
+        values = value_cache[blocks].flatten(0, 1)[:context_len].repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,chd->hc", query[seq].double(), keys.double()) * scale
+        out[seq] = torch.einsum("hc,chd->hd", scores.softmax(-1), values.double()).float()
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 33])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_matches_reference_on_awkward_shapes(batch, num_heads, num_kv_heads, head_dim):
+    lengths = [1, 15, 16, 17, 100, 1000]
+    # Every batch mixes lengths at and around block boundaries.
+    context_lens = [lengths[(seq * 5 + batch) % len(lengths)] for seq in range(batch)]
+    problem = _problem(batch, context_lens, num_heads, num_kv_heads, head_dim, seed=batch)
+    scale = head_dim ** -0.5
+    got = paged_decode_attention(*problem, scale)
+    torch.testing.assert_close(got, _reference(*problem, scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("context_len", [1, 15, 16, 17, 100, 1000])
+def test_each_context_length_alone(context_len):
+    problem = _problem(1, [context_len], 9, 3, 64, seed=context_len)
+    got = paged_decode_attention(*problem, 0.125)
+    torch.testing.assert_close(got, _reference(*problem, 0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_large_scores_stay_finite():
+    """The streaming softmax subtracts the running max, so scores near 1e3 do not overflow."""
+    query, key_cache, value_cache, tables, context_lens = _problem(3, [17, 100, 1000], 9, 3, 64)
+    query = query * 30.0
+    got = paged_decode_attention(query, key_cache, value_cache, tables, context_lens, 1.0)
+    assert torch.isfinite(got).all()
+    want = _reference(query, key_cache, value_cache, tables, context_lens, 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_batch_is_a_no_op():
+    _, key_cache, value_cache, _, _ = _problem(1, [5], 9, 3, 64)
+    got = paged_decode_attention(torch.empty(0, 9, 64), key_cache, value_cache,
+                                 torch.zeros(0, 1, dtype=torch.int32),
+                                 torch.zeros(0, dtype=torch.int32), 0.125)
+    assert got.shape == (0, 9, 64)
+
+
+def test_paged_attention_native_matches_torch_path(monkeypatch):
+    """Decodes mixed with chunks: the native decode rows equal the gather + SDPA path's."""
+    gen = torch.Generator().manual_seed(1)
+    query_lens, cached_lens = [1, 5, 1, 1, 16, 1], [0, 40, 17, 1000, 0, 15]
+    num_heads, num_kv_heads, head_dim, num_blocks = 9, 3, 64, 128
+    context_lens = [q + c for q, c in zip(query_lens, cached_lens)]
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [[free.pop() for _ in range(-(-n // BLOCK_SIZE))] for n in context_lens]
+    metadata = PagedAttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE)
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    key_cache, value_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    num_tokens = sum(query_lens)
+    query = torch.randn(num_tokens, num_heads, head_dim, generator=gen)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen)
+    write_kv(key, value, key_cache, value_cache, metadata.slot_mapping)
+
+    outputs = {}
+    for backend in ("torch", "native"):
+        monkeypatch.setenv(BACKEND_ENV, backend)
+        plan = plan_attention(metadata)
+        assert (plan.native_block_tables is not None) == (backend == "native")
+        outputs[backend] = paged_attention(query, key, value, key_cache, value_cache, plan,
+                                           head_dim ** -0.5)
+    torch.testing.assert_close(outputs["native"], outputs["torch"], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "cuda-please")
+    metadata = PagedAttentionMetadata.build([1], [3], [[0]], BLOCK_SIZE)
+    with pytest.raises(ValueError, match="INFERCEPT_CPU_ATTENTION='cuda-please'"):
+        plan_attention(metadata)
+
+
+def test_wrapper_rejects_bad_tensors():
+    query, key_cache, value_cache, tables, context_lens = _problem(2, [5, 20], 9, 3, 64)
+    with pytest.raises(ValueError, match="query is torch.float64"):
+        paged_decode_attention(query.double(), key_cache, value_cache, tables, context_lens, 1.0)
+    with pytest.raises(ValueError, match="block_tables is torch.int64"):
+        paged_decode_attention(query, key_cache, value_cache, tables.long(), context_lens, 1.0)
+    with pytest.raises(ValueError, match="not contiguous"):
+        paged_decode_attention(query.transpose(0, 1).contiguous().transpose(0, 1), key_cache,
+                               value_cache, tables, context_lens, 1.0)
+    with pytest.raises(ValueError, match="value_cache has shape"):
+        paged_decode_attention(query, key_cache, value_cache[:-1], tables, context_lens, 1.0)
+    with pytest.raises(ValueError, match="key_cache has shape"):
+        paged_decode_attention(query[:, :, :32].contiguous(), key_cache, value_cache, tables,
+                               context_lens, 1.0)
+    with pytest.raises(ValueError, match="shares storage with query"):
+        paged_decode_attention(query, key_cache, value_cache, tables, context_lens, 1.0,
+                               out=query)
+
+
+def test_kernel_rejects_out_of_range_lengths_and_blocks():
+    query, key_cache, value_cache, tables, _ = _problem(2, [5, 20], 9, 3, 64)
+    max_context = tables.shape[1] * BLOCK_SIZE
+    for bad_len, limit in [(0, "1.."), (max_context + 1, f"1..max_blocks \\* block_size={max_context}")]:
+        with pytest.raises(InvalidArgumentError, match=rf"context_lens\[1\]={bad_len} must be in {limit}"):
+            paged_decode_attention(query, key_cache, value_cache, tables,
+                                   torch.tensor([5, bad_len], dtype=torch.int32), 1.0)
+    bad_tables = tables.clone()
+    bad_tables[1, 1] = key_cache.shape[0]
+    with pytest.raises(ValueError, match=rf"block_tables\[1, 1\]={key_cache.shape[0]} must be in "
+                                         rf"\[0, num_blocks={key_cache.shape[0]}\)"):
+        paged_decode_attention(query, key_cache, value_cache, bad_tables,
+                               torch.tensor([5, 20], dtype=torch.int32), 1.0)
+
+
+def test_binding_checks_sizes_before_reading_memory():
+    """Raw-pointer calls with bad sizes fail with the value and its limit, not a crash."""
+    def call(**overrides):
+        args = dict(out_ptr=0, query_ptr=0, key_cache_ptr=0, value_cache_ptr=0,
+                    block_tables_ptr=0, context_lens_ptr=0, num_seqs=1, num_heads=9,
+                    num_kv_heads=3, head_dim=64, block_size=16, max_blocks=4, num_blocks=8,
+                    scale=0.125)
+        args.update(overrides)
+        _core.paged_decode_attention(**args)
+
+    with pytest.raises(ValueError, match="num_heads=8 must be a multiple of num_kv_heads=3"):
+        call(num_heads=8)
+    with pytest.raises(ValueError, match="head_dim=0 must be > 0"):
+        call(head_dim=0)
+    with pytest.raises(ValueError, match="num_seqs=-1 must be >= 0"):
+        call(num_seqs=-1)
+    with pytest.raises(ValueError, match="must be non-null"):
+        call()
+    with pytest.raises(ValueError, match="scale=inf must be finite"):
+        call(scale=float("inf"))
+    call(num_seqs=0)  # nothing to read or write
