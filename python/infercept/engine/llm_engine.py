@@ -292,7 +292,7 @@ class LLMEngine:
             if seq.output.finished:
                 continue
             core_tokens = self.scheduler.request(seq.request_id).num_tokens
-            if core_tokens != len(seq.token_ids):
+            if core_tokens != len(seq.token_ids) - seq.pending_tokens:
                 raise AssertionError(f"request {seq.request_id}: the core counts {core_tokens} "
                                      f"tokens but the engine holds {len(seq.token_ids)}")
 
@@ -336,6 +336,7 @@ class LLMEngine:
         self._start_call(seq, found)
 
     def _start_call(self, seq: Sequence, call: ToolCall) -> None:
+        seq.trim_after(call.span[1], self.tokenizer)
         if call.name in seq.client_tools:
             record = InterceptRecord("client", len(seq.generated), call.name, dict(call.arguments),
                                      expected_duration_s=self.estimator.estimate(call.name))
@@ -379,8 +380,8 @@ class LLMEngine:
         if len(seq.token_ids) + len(tokens) >= self.max_model_len:
             self._terminate(seq, "length", now)
             return
-        seq.append_tool_tokens(tokens, self.tokenizer)
-        self.scheduler.resume(seq.request_id, len(tokens), now)
+        num_new = seq.append_tool_tokens(tokens, self.tokenizer)
+        self.scheduler.resume(seq.request_id, num_new, now)
 
     def _collect_pauses(self, touched: dict[int, Sequence]) -> None:
         """Resumes requests whose tool finished or whose scripted pause ran out."""
@@ -504,10 +505,3 @@ class LLMEngine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
-
-    def __del__(self) -> None:
-        try:
-            if self._tool_runtime is not None:
-                self._tool_runtime.shutdown()
-        except Exception:  # noqa: BLE001 - interpreter teardown; nothing to report to
-            pass

@@ -30,6 +30,8 @@ class Sequence:
         parse_from: Offset in ``output.text`` where the search for the next tool call starts.
         checked_chars: Text length already searched for stop strings.
         paused_at_s: When the open intercept began.
+        pending_tokens: Tokens in ``token_ids`` the scheduler has not counted yet (a re-tokenized
+            last token); they are reported with the next resume.
     """
 
     output: RequestOutput
@@ -42,6 +44,7 @@ class Sequence:
     parse_from: int = 0
     checked_chars: int = 0
     paused_at_s: float = 0.0
+    pending_tokens: int = 0
 
     @property
     def request_id(self) -> int:
@@ -80,11 +83,38 @@ class Sequence:
         self.output.text = decision.text
         return decision
 
-    def append_tool_tokens(self, token_ids: list[int], tokenizer: Tokenizer) -> None:
-        """Splices a tool's output into the context; searches for stops and calls resume after it."""
+    def trim_after(self, end: int, tokenizer: Tokenizer) -> None:
+        """Drops text the last sampled token carried past offset ``end`` of ``output.text``.
+
+        A token can straddle the end of a tool call ("</tool_call" + "><"); the tool's output
+        must follow the call, not the stray characters. The last sampled token's KV is not
+        computed yet (it is the next step's input), so it can be re-tokenized freely; the
+        scheduler learns the changed count when the request resumes.
+        """
+        excess = len(self.output.text) - end
+        if excess <= 0:
+            return
+        piece = tokenizer.decode(self.token_ids[-1:], skip_special_tokens=True)
+        if excess >= len(piece):
+            return  # the stray text is not all in the last token: leave the tokens as sampled
+        replacement = tokenizer.encode(piece[:len(piece) - excess], add_special_tokens=False)
+        if not replacement:
+            return
+        self.pending_tokens += len(replacement) - 1
+        self.token_ids[-1:] = replacement
+        self.refresh_text(tokenizer)
+
+    def append_tool_tokens(self, token_ids: list[int], tokenizer: Tokenizer) -> int:
+        """Splices a tool's output into the context; searches for stops and calls resume after it.
+
+        Returns:
+            How many tokens the context gained since the scheduler last counted it.
+        """
         self.token_ids.extend(token_ids)
         self.refresh_text(tokenizer)
         self.parse_from = self.checked_chars = len(self.output.text)
+        num_new, self.pending_tokens = len(token_ids) + self.pending_tokens, 0
+        return num_new
 
     def finish(self, reason: str, now_s: float, error: str | None = None) -> None:
         self.output.finished = True

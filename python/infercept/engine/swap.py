@@ -64,7 +64,9 @@ class SwapEngine:
         if not self._active:
             return 0.0
         self._active = False
-        return self._native.finish_step().stall_s
+        stats = self._native.finish_step()
+        # Waiting per layer during the forward and draining after it both delay the step.
+        return stats.stall_s + stats.drain_s
 
     @property
     def native(self) -> _core.CpuSwapEngine:
