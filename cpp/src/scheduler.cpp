@@ -333,6 +333,16 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
       // or the engine would wait forever.
       bool idle = running_.empty() && swapping_in_.empty() && kv_.num_device_blocks_releasing() == 0;
       if (idle && reclaim_intercepted(plan, &r)) continue;
+      if (idle && num_blocks(r.num_tokens()) > config_.num_device_blocks) {
+        // Alone, nothing left to reclaim, and its context cannot fit even in an empty pool
+        // (it grew while preempted): waiting would never end.
+        pending_aborts_.emplace_back(r.id, "context of " + std::to_string(r.num_tokens()) +
+                                               " tokens outgrew the device pool of " +
+                                               std::to_string(config_.num_device_blocks) + " blocks of " +
+                                               std::to_string(config_.block_size) + " tokens");
+        release(r, RequestState::kAborted);
+        continue;
+      }
       return;
     }
     dequeue(r);

@@ -11,7 +11,7 @@ from typing import Any
 
 from infercept.engine import EngineConfig, LLMEngine, RequestOutput
 from infercept.sampling import SamplingParams
-from infercept.tools import Tool
+from infercept.tools import Tool, ToolCallParser
 
 Message = Mapping[str, Any]
 
@@ -25,13 +25,22 @@ class LLM:
         policy: 'infercept' (min-waste, default), 'vllm', 'discard', 'preserve' or 'swap'.
         tools: Server-side tools (``Tool`` objects) available to every request.
         tool_errors: 'abort' or 'return' (see :class:`LLMEngine`).
+        parser: Finds tool calls in generated text (default ``<tool_call>{json}</tool_call>``).
         **config: Any other :class:`EngineConfig` field (dtype, kv_cache_bytes, ...).
     """
 
     def __init__(self, model: str | None = None, policy: str = "infercept", *,
-                 tools: Iterable[Tool] = (), tool_errors: str = "abort", **config: Any) -> None:
+                 tools: Iterable[Tool] = (), tool_errors: str = "abort",
+                 parser: ToolCallParser | None = None, **config: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, policy=policy, **config),
-                                tools=list(tools), tool_errors=tool_errors)
+                                tools=list(tools), tool_errors=tool_errors, parser=parser)
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """Wraps an engine built directly (e.g. several engines sharing one loaded model)."""
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        return llm
 
     @property
     def tokenizer(self):  # noqa: ANN201 - infercept.model.Tokenizer

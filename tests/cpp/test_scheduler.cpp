@@ -283,6 +283,21 @@ TEST_P(EveryPolicy, TinyDevicePoolPreemptsRunningRequestsWithoutLosingAny) {
   EXPECT_EQ(sim.num_free(Tier::kHost), kNumHostBlocks);
 }
 
+TEST_P(EveryPolicy, ARequestThatOutgrowsThePoolIsAbortedAndTheOthersFinish) {
+  // A pool of 4 blocks (64 tokens). The first request fits; the second would grow to
+  // 30 + 100 tokens. It is preempted while the first holds memory, and when it comes back
+  // alone its context no longer fits the empty pool: it must be aborted, not wait forever.
+  Sim sim{make_config(GetParam(), /*num_device_blocks=*/4, /*num_host_blocks=*/4, /*max_batched_tokens=*/64)};
+  RequestId small = sim.s.add_request(20, 0, 8);
+  RequestId growing = sim.s.add_request(30, 0.001, 100);
+  sim.run_until([&] { return sim.s.num_live_requests() == 0; });
+  EXPECT_EQ(sim.request(small).state, RequestState::kFinished);
+  EXPECT_EQ(sim.request(small).num_generated_tokens, 8);
+  EXPECT_EQ(sim.request(growing).state, RequestState::kAborted);
+  EXPECT_EQ(sim.num_free(Tier::kDevice), 4);
+  EXPECT_EQ(sim.num_free(Tier::kHost), 4);
+}
+
 TEST_P(EveryPolicy, ToolCallsUnderMemoryPressureLoseNothing) {
   // Each request calls a 50 ms tool after its 3rd token and gets 5 tokens back; the pool holds
   // about half of what they want at once.

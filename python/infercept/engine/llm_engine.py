@@ -345,7 +345,8 @@ class LLMEngine:
             return
         if not seq.server_tools or call.name not in self.tools:
             self._tool_failed(seq, f"unknown tool {call.name!r}; registered tools: "
-                                   f"{', '.join(self.tools.names) or 'none'}")
+                                   f"{', '.join(self.tools.names) or 'none'}",
+                              call.name, call.arguments)
             return
         tool = self.tools.get(call.name)
         expected = self.estimator.estimate(call.name, tool.expected_duration_s)
@@ -353,12 +354,16 @@ class LLMEngine:
                                          dict(call.arguments), expected_duration_s=expected))
         self.tool_runtime.submit(seq.request_id, call)
 
-    def _tool_failed(self, seq: Sequence, error: str) -> None:
+    def _tool_failed(self, seq: Sequence, error: str, name: str = "",
+                     arguments: dict | None = None) -> None:
         """A call that cannot run: end the request, or tell the model, per ``tool_errors``."""
+        record = InterceptRecord("tool", len(seq.generated), name, dict(arguments or {}),
+                                 error=error)
         if self._tool_errors == "abort":
+            record.duration_s = 0.0
+            seq.output.intercepts.append(record)
             self._terminate(seq, "error", self.now(), error)
             return
-        record = InterceptRecord("tool", len(seq.generated), error=error)
         self._pause(seq, record)
         self._end_pause(seq, self._tool_tokens(f"error: {error}"), self.now(), error=error)
 
