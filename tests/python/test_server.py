@@ -256,6 +256,30 @@ def test_streamed_tool_call_and_mismatched_follow_up_falls_back(server, client):
         'infercept_paused_context_total{outcome="reused"}']
 
 
+def test_expired_paused_context_is_freed_and_the_follow_up_still_answers(server, client):
+    store = server.app.state.server.store
+    expired = 'infercept_paused_context_total{outcome="expired"}'
+    before = _metrics(server)
+    ttl_s, store.ttl_s = store.ttl_s, 0.5
+    try:
+        messages = _question(12, 30)
+        first = client.chat.completions.create(model=MODEL, messages=messages, tools=[CALCULATOR],
+                                               temperature=0, max_tokens=40)
+    finally:
+        store.ttl_s = ttl_s
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    idle = _wait_idle(server)  # the expiry sweep aborts the paused request and frees its blocks
+    assert idle[expired] == before[expired] + 1 and idle["infercept_paused_contexts"] == 0
+    follow_up = [*messages, choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
+                  "content": "42"}]
+    late = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
+                                          temperature=0, max_tokens=12)
+    assert late.usage.prompt_tokens_details.cached_tokens == 0
+    assert "42" in late.choices[0].message.content
+
+
 def test_server_side_tool_runs_inside_one_completion(client):
     out = client.chat.completions.create(model=MODEL, messages=_question(20, 22), temperature=0,
                                          max_tokens=48)

@@ -228,6 +228,8 @@ class OpenAIServer:
                      result_ids: list[str], is_followup: bool) -> tuple[RequestHandle, int]:
         """Resumes the paused context the request continues, or adds a new request."""
         self._drop(self.store.expire(), expired=True)
+        if not is_followup:  # only a tool result continues a paused context
+            return await self._add(prompt_ids, params, client_tools), 0
         match = self.store.take_match(prompt_ids, session_id, result_ids)
         self._drop(match.stale)
         if match.context is not None:
@@ -244,13 +246,15 @@ class OpenAIServer:
                 self.counters.paused_context_reused += 1
                 self.counters.reused_prompt_tokens += num_cached
                 return handle, num_cached
-        if is_followup:
-            self.counters.paused_context_fallback += 1
+        self.counters.paused_context_fallback += 1
+        return await self._add(prompt_ids, params, client_tools), 0
+
+    async def _add(self, prompt_ids: list[int], params: SamplingParams,
+                   client_tools: list[str]) -> RequestHandle:
         try:
-            handle = await self.engine_loop.add(prompt_ids, params, client_tools=client_tools)
+            return await self.engine_loop.add(prompt_ids, params, client_tools=client_tools)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
-        return handle, 0
 
     def _chat_ending(self, update: Update, answer: str, session_id: str | None
                      ) -> tuple[str | None, list[dict[str, Any]] | None, str]:
