@@ -22,11 +22,13 @@ httpx = pytest.importorskip("httpx")
 
 import uvicorn  # noqa: E402
 
+from infercept.cli import build_parser  # noqa: E402
 from infercept.engine import EngineConfig, LLMEngine  # noqa: E402
 from infercept.server import ServerConfig, create_app  # noqa: E402
 from infercept.server.chat_format import ContentStreamer  # noqa: E402
 from infercept.server.metrics import parse_metrics  # noqa: E402
 from infercept.server.sessions import PausedContextStore  # noqa: E402
+from infercept.server.tool_plugins import load_tool_path  # noqa: E402
 from infercept.tools import calculator_tool  # noqa: E402
 
 MODEL = "smollm2-test"
@@ -151,6 +153,23 @@ def test_content_streamer_holds_back_tool_calls():
     assert streamer.delta("Sure <tool_call>{\"na") == ""
     assert streamer.delta("Sure <tool_call>{}</tool_call> ok") == "<tool_call>{}</tool_call> ok"
     assert streamer.delta("Sure <tool_call>{}</tool_call> ok <", final=True) == " <"
+
+
+def test_server_tools_load_from_module_paths():
+    tools = load_tool_path("infercept.tools:calculator_tool")
+    assert [t.name for t in tools] == ["calculator"]
+    with pytest.raises(ValueError, match="module:attr"):
+        load_tool_path("infercept.tools")
+    with pytest.raises(ValueError, match="no attribute"):
+        load_tool_path("infercept.tools:nope")
+    with pytest.raises(ValueError, match="not a Tool"):
+        load_tool_path("infercept.server.protocol:_FUNCTION_NAME_PATTERN")
+
+
+def test_serve_cli_parses():
+    args = build_parser().parse_args(["serve", "--model", "default", "--policy", "infercept",
+                                      "--port", "9", "--tools", "a:b"])
+    assert (args.model, args.policy, args.port, args.tools) == ("default", "infercept", 9, ["a:b"])
 
 
 # ---- endpoints ---------------------------------------------------------------------------
