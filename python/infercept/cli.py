@@ -1,4 +1,4 @@
-"""Command line: `infercept simulate ...` (more subcommands arrive with the real engine)."""
+"""Command line: `infercept simulate ...` and `infercept serve ...`."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def _policies(text: str) -> list[str]:
     for name in names:
         Policy.parse(name)  # raises ValueError naming the accepted policies
     return names
+
+
+def _policy(text: str) -> str:
+    Policy.parse(text)  # raises ValueError naming the accepted policies
+    return text
 
 
 def _percent_row(row: dict) -> dict:
@@ -79,6 +84,34 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from infercept.server import ServerConfig, build_engine, serve
+    except ImportError as error:
+        print(f"infercept: error: serve needs the server extra (pip install 'infercept[server]'): "
+              f"{error}", file=sys.stderr)
+        return 2
+    config = {}
+    if args.max_model_len is not None:
+        config["max_model_len"] = args.max_model_len
+    if args.kv_cache_bytes is not None:
+        config["kv_cache_bytes"] = args.kv_cache_bytes
+    if args.cost_profile is not None:
+        config["cost_profile"] = args.cost_profile
+    engine = build_engine(args.model, args.policy, args.tools,
+                          entry_point_tools=not args.no_entry_point_tools, dtype=args.dtype,
+                          **config)
+    name = args.served_model_name or ("default" if args.model in (None, "default")
+                                      else Path(args.model).name)
+    tool_prompt = {"auto": None, "always": True, "never": False}[args.tool_prompt]
+    server_config = ServerConfig(served_model_name=name, paused_ttl_s=args.paused_ttl_s,
+                                 tool_prompt=tool_prompt)
+    print(f"serving {engine.model_name} as {name!r} ({args.policy} policy; server tools: "
+          f"{', '.join(engine.tools.names) or 'none'}) on http://{args.host}:{args.port}")
+    serve(engine, args.host, args.port, server_config, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercept", description="InferCept: serving augmented LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", default=None, help="write the rows as JSON here")
     sim.add_argument("--rows-only", action="store_true", help="write only the list of rows to --json")
     sim.set_defaults(func=cmd_simulate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the server extra)")
+    srv.add_argument("--model", default="default",
+                     help="a .gguf file, an HF model directory, or 'default' (embedded SmolLM2)")
+    srv.add_argument("--policy", type=_policy, default="infercept", help="vllm, discard, preserve, swap or infercept")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--tools", action="append", default=[], metavar="MODULE:ATTR",
+                     help="server-side tools: a Tool, a list of them, or a factory "
+                          "(e.g. infercept.tools:calculator_tool); repeatable")
+    srv.add_argument("--no-entry-point-tools", action="store_true",
+                     help="skip tools registered under the 'infercept.tools' entry points")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients use (default: 'default' or the file name)")
+    srv.add_argument("--paused-ttl-s", type=float, default=120.0,
+                     help="how long a context paused on a client tool waits for its follow-up")
+    srv.add_argument("--tool-prompt", choices=["auto", "always", "never"], default="auto",
+                     help="describe tools in the system message (auto: when the chat template "
+                          "does not render them)")
+    srv.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--kv-cache-bytes", type=int, default=None)
+    srv.add_argument("--cost-profile", default=None,
+                     help="cost profile name or JSON (default: measured at start-up, cached)")
+    srv.add_argument("--log-level", default="info")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

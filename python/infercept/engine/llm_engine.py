@@ -17,6 +17,7 @@ decisions (``InterceptRecord.kv_actions``).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 from collections import deque
@@ -180,7 +181,9 @@ class LLMEngine:
                                          expected_duration_s=expected_duration_s))
 
     def resume(self, request_id: int, tool_output: str | None = None, *,
-               token_ids: SequenceT[int] | None = None, raw: bool = False) -> None:
+               token_ids: SequenceT[int] | None = None, raw: bool = False,
+               params: SamplingParams | None = None,
+               client_tools: Iterable[str] | None = None) -> None:
         """Continues a request paused for a client-side tool.
 
         Args:
@@ -188,6 +191,10 @@ class LLMEngine:
             tool_output: The tool's text, spliced in with ``config.tool_response_format``
                 (as given with ``raw=True``).
             token_ids: Exact tokens to append instead of text.
+            params: New sampling for what follows (a server's follow-up request); its
+                ``max_tokens`` counts tokens generated from the resume on, as for a fresh
+                request, and a seeded request restarts its generator.
+            client_tools: New client-side tool names (None keeps the current ones).
 
         Raises:
             UnknownRequestError: No such request.
@@ -208,6 +215,12 @@ class LLMEngine:
             tokens = self.tokenizer.encode(text, add_special_tokens=False)
         else:
             tokens = [int(t) for t in token_ids]
+        if params is not None:
+            seq.params = dataclasses.replace(params,
+                                             max_tokens=len(seq.generated) + params.max_tokens)
+            self.sampler.release(request_id)
+        if client_tools is not None:
+            seq.client_tools = frozenset(client_tools)
         self._end_pause(seq, tokens, self.now(), output=tool_output)
 
     def abort(self, request_id: int) -> None:

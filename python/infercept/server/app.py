@@ -1,0 +1,501 @@
+"""FastAPI routes of the OpenAI-compatible server.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
+streaming over SSE or not), ``GET /health`` and ``GET /metrics`` (Prometheus text).
+
+A chat completion that ends on a call to one of the request's ``tools`` returns
+``finish_reason="tool_calls"`` and leaves its engine request paused in the
+:class:`~infercept.server.sessions.PausedContextStore`; the follow-up carrying the tool result
+resumes it when its tokens continue the paused context exactly (see ``sessions.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from infercept._core import UnknownRequestError
+from infercept.engine import LLMEngine
+from infercept.sampling import SamplingParams
+from infercept.server import protocol as p
+from infercept.server.chat_format import ChatRenderer, ContentStreamer, split_tool_call
+from infercept.server.engine_loop import EngineLoop, RequestHandle, Update
+from infercept.server.metrics import ServerCounters, render_metrics
+from infercept.server.sessions import PausedContext, PausedContextStore
+
+log = logging.getLogger("infercept.server")
+
+# A handler waiting on the engine checks this often whether its client is still there.
+_DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class ServerConfig:
+    """Server options.
+
+    Attributes:
+        served_model_name: The ``model`` clients ask for (the engine's model file name is
+            accepted too).
+        paused_ttl_s: How long a context paused on a client tool waits for its follow-up.
+        max_paused_contexts: Paused contexts held at most (the oldest is dropped beyond).
+        tool_prompt: Describe ``tools`` in the system message when the chat template does
+            not render them (None: decide from the template).
+    """
+
+    served_model_name: str = "default"
+    paused_ttl_s: float = 120.0
+    max_paused_contexts: int = 256
+    tool_prompt: bool | None = None
+
+
+class BadRequestError(Exception):
+    """A request the server refuses with 400 (the message names the value and the limit)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class _EngineStreamingResponse(StreamingResponse):
+    """Closes its generator however the response ends, so an unfinished request is aborted."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            pass  # the client went away; the generator's cleanup aborts the request
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+class OpenAIServer:
+    """The server's state: engine thread, paused contexts, counters. Routes call into it."""
+
+    def __init__(self, engine: LLMEngine, config: ServerConfig | None = None) -> None:
+        self.engine = engine
+        self.config = config = config or ServerConfig()
+        self.engine_loop = EngineLoop(engine)
+        self.store = PausedContextStore(config.paused_ttl_s, config.max_paused_contexts)
+        self.counters = ServerCounters()
+        self.renderer = ChatRenderer(engine.tokenizer, self.store.call_text, config.tool_prompt)
+        self.model_names = {config.served_model_name, engine.model_name}
+        self.server_tool_schemas = engine.tools.to_openai()
+        stats = engine.stats
+        self.num_device_blocks = int(stats["num_free_device_blocks"])
+        self.num_host_blocks = int(stats["num_free_host_blocks"])
+        model_config = engine.model.config
+        self.block_bytes = (model_config.kv_bytes_per_token(engine.config.torch_dtype)
+                            * engine.config.block_size)
+        self._expiry_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.engine_loop.start()
+        self._expiry_task = asyncio.create_task(self._expire_forever())
+
+    async def stop(self) -> None:
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
+        await asyncio.to_thread(self.engine_loop.stop)
+
+    async def _expire_forever(self) -> None:
+        period_s = min(1.0, self.config.paused_ttl_s / 4)
+        while True:
+            await asyncio.sleep(period_s)
+            self._drop(self.store.expire(), expired=True)
+
+    def _drop(self, contexts: Sequence[PausedContext], expired: bool = False) -> None:
+        for context in contexts:
+            self.engine_loop.abort(context.request_id)
+            if expired:
+                self.counters.paused_context_expired += 1
+
+    # ---- shared pieces -------------------------------------------------------------------
+
+    def check_model(self, model: str) -> None:
+        if model not in self.model_names:
+            raise BadRequestError(
+                f"The model {model!r} does not exist; this server serves "
+                f"{self.config.served_model_name!r}", param="model", code="model_not_found")
+
+    def sampling_params(self, req: p._SamplingFields, num_prompt_tokens: int,
+                        max_tokens: int | None) -> SamplingParams:
+        """The request's sampling; raises BadRequestError past the context length."""
+        max_len = self.engine.max_model_len
+        if num_prompt_tokens >= max_len:
+            raise BadRequestError(
+                f"This model's maximum context length is {max_len} tokens, but the prompt has "
+                f"{num_prompt_tokens} tokens", param="messages", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = max_len - num_prompt_tokens
+        elif num_prompt_tokens + max_tokens > max_len:
+            raise BadRequestError(
+                f"This model's maximum context length is {max_len} tokens. However, you "
+                f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+                f"prompt, {max_tokens} for the completion); reduce the prompt or max_tokens",
+                param="max_tokens", code="context_length_exceeded")
+        try:
+            return SamplingParams(
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_k=-1 if req.top_k is None else req.top_k,
+                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
+                max_tokens=max_tokens, stop=req.stop_list, ignore_eos=req.ignore_eos)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+
+    async def next_final(self, handle: RequestHandle, request: Request) -> Update:
+        """Waits for the request to finish or pause; aborts it if the client goes away."""
+        while True:
+            try:
+                update = await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientDisconnect() from None
+                continue
+            if update.finished or update.paused:
+                return update
+
+    def abort_for_disconnect(self, handle: RequestHandle) -> None:
+        self.counters.client_disconnects += 1
+        self.engine_loop.abort(handle.request_id)
+
+    # ---- chat ----------------------------------------------------------------------------
+
+    async def chat(self, req: p.ChatCompletionRequest, request: Request) -> Any:
+        self.check_model(req.model)
+        choice = req.tool_choice
+        client_tools = [t.function.name for t in req.tools or []]
+        schemas = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        if choice == "none":
+            client_tools, schemas = [], []
+        elif isinstance(choice, p.NamedToolChoice):
+            client_tools = [choice.function.name]
+            schemas = [s for s in schemas if s["function"]["name"] == choice.function.name]
+        try:
+            # A request's own tool shadows a server tool of the same name (the engine runs
+            # client tools first).
+            server_schemas = [s for s in self.server_tool_schemas
+                              if s["function"]["name"] not in client_tools]
+            prompt_ids = self.renderer.render(req.messages, schemas + server_schemas)
+        except ValueError as exc:
+            raise BadRequestError(str(exc), param="messages") from None
+        params = self.sampling_params(req, len(prompt_ids), req.completion_limit)
+        result_ids = [m.tool_call_id for m in req.messages if m.role == "tool" and m.tool_call_id]
+        handle, num_cached = await self._start(prompt_ids, params, client_tools, req.session_id,
+                                               result_ids, req.messages[-1].role == "tool")
+        response_id = p.new_id("chatcmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _EngineStreamingResponse(
+                self._stream_chat(handle, request, response_id, req.model, len(prompt_ids),
+                                  num_cached, req.session_id, include_usage),
+                media_type="text/event-stream")
+        try:
+            update = await self.next_final(handle, request)
+        except (ClientDisconnect, asyncio.CancelledError):
+            self.abort_for_disconnect(handle)
+            raise
+        if update.finish_reason == "error":
+            return JSONResponse(p.error_body(update.error or "generation failed",
+                                             error_type="server_error"), status_code=500)
+        answer = update.text[handle.text_offset:]
+        usage = p.usage(len(prompt_ids), update.num_generated_tokens - handle.generated_offset,
+                        num_cached)
+        content, tool_calls, finish = self._chat_ending(update, answer, req.session_id)
+        return p.chat_completion(response_id, req.model, content, tool_calls, finish, usage)
+
+    async def _start(self, prompt_ids: list[int], params: SamplingParams,
+                     client_tools: list[str], session_id: str | None,
+                     result_ids: list[str], is_followup: bool) -> tuple[RequestHandle, int]:
+        """Resumes the paused context the request continues, or adds a new request."""
+        self._drop(self.store.expire(), expired=True)
+        if not is_followup:  # only a tool result continues a paused context
+            return await self._add(prompt_ids, params, client_tools), 0
+        match = self.store.take_match(prompt_ids, session_id, result_ids)
+        self._drop(match.stale)
+        if match.context is not None:
+            try:
+                handle = await self.engine_loop.resume(
+                    match.context.request_id, match.resume_token_ids, params,
+                    client_tools=client_tools)
+            except (ValueError, UnknownRequestError) as exc:
+                log.warning("resuming paused request %d failed (%s); prefilling instead",
+                            match.context.request_id, exc)
+                self.engine_loop.abort(match.context.request_id)
+            else:
+                num_cached = len(match.context.context_token_ids)
+                self.counters.paused_context_reused += 1
+                self.counters.reused_prompt_tokens += num_cached
+                return handle, num_cached
+        self.counters.paused_context_fallback += 1
+        return await self._add(prompt_ids, params, client_tools), 0
+
+    async def _add(self, prompt_ids: list[int], params: SamplingParams,
+                   client_tools: list[str]) -> RequestHandle:
+        try:
+            return await self.engine_loop.add(prompt_ids, params, client_tools=client_tools)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+
+    def _chat_ending(self, update: Update, answer: str, session_id: str | None
+                     ) -> tuple[str | None, list[dict[str, Any]] | None, str]:
+        """(content, tool_calls, finish_reason); holds the context of a client tool call."""
+        if not update.paused:
+            return answer, None, p.FINISH_REASONS.get(update.finish_reason or "stop", "stop")
+        content, call = split_tool_call(answer, self.engine.parser)
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        if call is not None:
+            self.store.remember_call_text(call_id, call.raw)
+        assert update.context_token_ids is not None
+        self._drop(self.store.add(update.request_id, update.context_token_ids, [call_id],
+                                  session_id), expired=True)
+        self.counters.paused_context_held += 1
+        arguments = json.dumps(update.tool_arguments or {})
+        return (content or None, [p.tool_call_json(call_id, update.tool_name or "", arguments)],
+                "tool_calls")
+
+    async def _stream_chat(self, handle: RequestHandle, request: Request, response_id: str,
+                           model: str, num_prompt_tokens: int, num_cached: int,
+                           session_id: str | None, include_usage: bool) -> AsyncIterator[str]:
+        settled = False  # the engine request finished or paused: nothing to abort
+        try:
+            yield _sse(p.chat_chunk(response_id, model, {"role": "assistant", "content": ""}))
+            streamer = ContentStreamer()
+            while True:
+                try:
+                    update = await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                answer = update.text[handle.text_offset:]
+                if update.finished and update.finish_reason == "error":
+                    settled = True
+                    yield _sse(p.error_body(update.error or "generation failed",
+                                            error_type="server_error"))
+                    break
+                if update.finished or update.paused:
+                    settled = True
+                    content, tool_calls, finish = self._chat_ending(update, answer, session_id)
+                    piece = (content or "")[streamer.num_emitted:]
+                    if piece:
+                        yield _sse(p.chat_chunk(response_id, model, {"content": piece}))
+                    if tool_calls:
+                        deltas = [{**c, "index": i} for i, c in enumerate(tool_calls)]
+                        yield _sse(p.chat_chunk(response_id, model, {"tool_calls": deltas}))
+                    yield _sse(p.chat_chunk(response_id, model, {}, finish))
+                    if include_usage:
+                        usage = p.usage(num_prompt_tokens,
+                                        update.num_generated_tokens - handle.generated_offset,
+                                        num_cached)
+                        yield _sse(p.chat_chunk(response_id, model, None, usage_json=usage))
+                    break
+                piece = streamer.delta(answer)
+                if piece:
+                    yield _sse(p.chat_chunk(response_id, model, {"content": piece}))
+            yield _sse("[DONE]")
+        finally:
+            if not settled:
+                self.abort_for_disconnect(handle)
+
+    # ---- completions ---------------------------------------------------------------------
+
+    async def complete(self, req: p.CompletionRequest, request: Request) -> Any:
+        self.check_model(req.model)
+        try:
+            prompt = req.single_prompt()
+        except ValueError as exc:
+            raise BadRequestError(str(exc), param="prompt") from None
+        prompt_ids = (self.engine.tokenizer.encode(prompt) if isinstance(prompt, str)
+                      else list(prompt))
+        if not prompt_ids:
+            raise BadRequestError("prompt is empty: it must hold at least one token",
+                                  param="prompt")
+        params = self.sampling_params(req, len(prompt_ids), req.max_tokens)
+        handle, _ = await self._start(prompt_ids, params, [], None, [], False)
+        response_id = p.new_id("cmpl")
+        echo = (self.engine.tokenizer.decode(prompt_ids) if isinstance(prompt, list)
+                else prompt) if req.echo else ""
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _EngineStreamingResponse(
+                self._stream_completion(handle, request, response_id, req.model, len(prompt_ids),
+                                        echo, include_usage),
+                media_type="text/event-stream")
+        try:
+            update = await self.next_final(handle, request)
+        except (ClientDisconnect, asyncio.CancelledError):
+            self.abort_for_disconnect(handle)
+            raise
+        if update.finish_reason == "error":
+            return JSONResponse(p.error_body(update.error or "generation failed",
+                                             error_type="server_error"), status_code=500)
+        usage = p.usage(len(prompt_ids), update.num_generated_tokens)
+        return p.completion(response_id, req.model, echo + update.text,
+                            p.FINISH_REASONS.get(update.finish_reason or "stop", "stop"), usage)
+
+    async def _stream_completion(self, handle: RequestHandle, request: Request, response_id: str,
+                                 model: str, num_prompt_tokens: int, echo: str,
+                                 include_usage: bool) -> AsyncIterator[str]:
+        settled = False
+        num_sent = 0
+        try:
+            if echo:
+                yield _sse(p.completion(response_id, model, echo, None))
+            while True:
+                try:
+                    update = await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if update.finished and update.finish_reason == "error":
+                    settled = True
+                    yield _sse(p.error_body(update.error or "generation failed",
+                                            error_type="server_error"))
+                    break
+                piece, num_sent = update.text[num_sent:], max(num_sent, len(update.text))
+                if update.finished:
+                    settled = True
+                    finish = p.FINISH_REASONS.get(update.finish_reason or "stop", "stop")
+                    yield _sse(p.completion(response_id, model, piece, finish))
+                    if include_usage:
+                        usage = p.usage(num_prompt_tokens, update.num_generated_tokens)
+                        yield _sse(p.completion(response_id, model, None, None, usage))
+                    break
+                if piece:
+                    yield _sse(p.completion(response_id, model, piece, None))
+            yield _sse("[DONE]")
+        finally:
+            if not settled:
+                self.abort_for_disconnect(handle)
+
+    # ---- observability -------------------------------------------------------------------
+
+    async def metrics_text(self) -> str:
+        stats = await self.engine_loop.call(lambda engine: engine.stats)
+        loop = self.engine_loop
+        return render_metrics(
+            stats, self.counters, num_device_blocks=self.num_device_blocks,
+            num_host_blocks=self.num_host_blocks, block_bytes=self.block_bytes,
+            num_paused_contexts=len(self.store),
+            generation_tokens_total=loop.num_generated_tokens_total,
+            prompt_tokens_total=loop.num_prompt_tokens_total,
+            generation_tokens_per_s=loop.generation_tokens_per_s())
+
+
+class _StatusCounter:
+    """ASGI middleware counting responses by endpoint and status (streaming-safe)."""
+
+    def __init__(self, app: Any, counters: ServerCounters) -> None:
+        self.app, self.counters = app, counters
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.counters.requests[(path, int(message["status"]))] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (detail.get("ctx") or {}).get("error", detail.get("msg", ""))
+        return f"malformed JSON body: {reason}", None
+    parts, first_param = [], None
+    for error in errors:
+        loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        first_param = first_param or param
+        value = error.get("input")
+        shown = f" (got {json.dumps(value)[:200]})" if value is not None and not isinstance(
+            value, dict) else ""
+        parts.append(f"{param or 'body'}: {error.get('msg', 'invalid')}{shown}")
+    return "invalid request: " + "; ".join(parts), first_param
+
+
+def create_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``; the engine thread runs for the app's lifespan."""
+    server = OpenAIServer(engine, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    app = FastAPI(title="InferCept", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(p.error_body(message, param), status_code=400)
+
+    @app.exception_handler(BadRequestError)
+    async def _bad(request: Request, exc: BadRequestError) -> JSONResponse:
+        return JSONResponse(p.error_body(str(exc), exc.param, exc.code), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(p.error_body(str(exc.detail), error_type="not_found_error"
+                                         if exc.status_code == 404 else "invalid_request_error"),
+                            status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = server.engine_loop.is_alive
+        return JSONResponse({"status": "ok" if alive else "engine stopped"},
+                            status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(await server.metrics_text(),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": server.config.served_model_name, "object": "model", "created": 0,
+            "owned_by": "infercept", "root": engine.model_name,
+            "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: p.ChatCompletionRequest, request: Request) -> Any:
+        return await server.chat(req, request)
+
+    @app.post("/v1/completions")
+    async def completions(req: p.CompletionRequest, request: Request) -> Any:
+        return await server.complete(req, request)
+
+    app.add_middleware(_StatusCounter, counters=server.counters)
+    return app

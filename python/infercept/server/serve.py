@@ -1,0 +1,41 @@
+"""``infercept serve``: build the engine, load server-side tools, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+
+from infercept.engine import EngineConfig, LLMEngine
+from infercept.server.app import ServerConfig, create_app
+from infercept.server.tool_plugins import load_entry_point_tools, load_tool_path
+from infercept.tools import Tool
+
+
+def build_engine(model: str | None, policy: str, tool_paths: list[str] = (),
+                 entry_point_tools: bool = True, **config: object) -> LLMEngine:
+    """An engine with the server-side tools of ``tool_paths`` and the installed entry points.
+
+    Args:
+        model: A model path, or None / 'default' for the embedded SmolLM2.
+        policy: The intercept policy.
+        tool_paths: ``module:attr`` targets (see ``tool_plugins``).
+        entry_point_tools: Also load the ``infercept.tools`` entry points.
+        **config: Other :class:`EngineConfig` fields.
+    """
+    tools: list[Tool] = []
+    if entry_point_tools:
+        tools.extend(load_entry_point_tools())
+    for path in tool_paths:
+        tools.extend(load_tool_path(path))
+    engine_config = EngineConfig(model=None if model in (None, "default") else model,
+                                 policy=policy, **config)  # type: ignore[arg-type]
+    # A failing server tool is reported to the model, not turned into a failed response.
+    return LLMEngine(engine_config, tools=tools, tool_errors="return")
+
+
+def serve(engine: LLMEngine, host: str, port: int, config: ServerConfig | None = None,
+          log_level: str = "info") -> None:
+    """Runs the server until interrupted."""
+    import uvicorn
+
+    logging.basicConfig(level=log_level.upper())
+    uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level)

@@ -1,0 +1,417 @@
+"""The OpenAI-compatible server against the official ``openai`` client on 127.0.0.1.
+
+One real uvicorn server (SmolLM2-135M, CPU) runs in a thread for the module. Greedy sampling
+and small ``max_tokens`` keep it fast; the tool prompts are few-shot, which is what makes the
+135M model call ``calculator`` reliably.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+
+from infercept.cli import build_parser  # noqa: E402
+from infercept.engine import EngineConfig, LLMEngine  # noqa: E402
+from infercept.server import ServerConfig, create_app  # noqa: E402
+from infercept.server.chat_format import ContentStreamer  # noqa: E402
+from infercept.server.metrics import parse_metrics  # noqa: E402
+from infercept.server.sessions import PausedContextStore  # noqa: E402
+from infercept.server.tool_plugins import load_tool_path  # noqa: E402
+from infercept.tools import calculator_tool  # noqa: E402
+
+MODEL = "smollm2-test"
+
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                   "required": ["expression"]}}}
+
+
+def _call(expression: str) -> str:
+    return ('<tool_call>{"name": "calculator", "arguments": {"expression": "%s"}}</tool_call>'
+            % expression)
+
+
+FEW_SHOT = [
+    {"role": "system", "content": "You are a helpful assistant. To do arithmetic, call the "
+                                  "calculator tool."},
+    {"role": "user", "content": "What is 3 + 4?"},
+    {"role": "assistant", "content": _call("3 + 4")},
+    {"role": "tool", "content": "7"},
+    {"role": "assistant", "content": "The answer is 7."},
+    {"role": "user", "content": "What is 10 * 5?"},
+    {"role": "assistant", "content": _call("10 * 5")},
+    {"role": "tool", "content": "50"},
+    {"role": "assistant", "content": "The answer is 50."},
+]
+
+
+def _question(a: int, b: int) -> list[dict]:
+    return [*FEW_SHOT, {"role": "user", "content": f"What is {a} + {b}?"}]
+
+
+class _ThreadServer:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.app = create_app(engine, ServerConfig(served_model_name=MODEL, paused_ttl_s=300.0))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> _ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=2048),
+                       tools=[calculator_tool()], tool_errors="return")
+    with _ThreadServer(engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                       timeout=120) as c:
+        yield c
+
+
+def _metrics(server) -> dict[str, float]:
+    return parse_metrics(httpx.get(f"{server.url}/metrics", timeout=30).text)
+
+
+def _wait_idle(server, timeout_s: float = 30.0) -> dict[str, float]:
+    """Waits until no request runs, waits or is paused and every device block is free."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = _metrics(server)
+        idle = (m['infercept_requests{state="running"}'] == 0
+                and m['infercept_requests{state="waiting"}'] == 0
+                and m['infercept_requests{state="intercepted"}'] == 0
+                and m['infercept_kv_blocks{tier="device",state="used"}'] == 0)
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+# ---- pieces without a server -------------------------------------------------------------
+
+def test_store_matches_by_token_prefix_and_expires():
+    now = [0.0]
+    store = PausedContextStore(ttl_s=10.0, clock=lambda: now[0])
+    store.add(1, [5, 6, 7], ["call_a"])
+    store.add(2, [5, 9], ["call_b"], session_id="s")
+    miss = store.take_match([5, 6, 8, 1])
+    assert miss.context is None and not miss.stale and len(store) == 2
+    hit = store.take_match([5, 6, 7, 1, 2])
+    assert hit.context.request_id == 1 and hit.resume_token_ids == (1, 2)
+    # Claimed by session id but the tokens moved on: stale, to abort; no match.
+    claimed = store.take_match([5, 6, 7, 1], session_id="s")
+    assert claimed.context is None and [c.request_id for c in claimed.stale] == [2]
+    store.add(3, [1, 2], ["call_c"])
+    now[0] = 11.0
+    expired = store.take_match([1, 2, 3])
+    assert expired.context is None and [c.request_id for c in expired.stale] == [3]
+
+
+def test_content_streamer_holds_back_tool_calls():
+    streamer = ContentStreamer()
+    assert streamer.delta("Sure <to") == "Sure "
+    assert streamer.delta("Sure <tool_call>{\"na") == ""
+    assert streamer.delta("Sure <tool_call>{}</tool_call> ok") == "<tool_call>{}</tool_call> ok"
+    assert streamer.delta("Sure <tool_call>{}</tool_call> ok <", final=True) == " <"
+
+
+def test_server_tools_load_from_module_paths():
+    tools = load_tool_path("infercept.tools:calculator_tool")
+    assert [t.name for t in tools] == ["calculator"]
+    with pytest.raises(ValueError, match="module:attr"):
+        load_tool_path("infercept.tools")
+    with pytest.raises(ValueError, match="no attribute"):
+        load_tool_path("infercept.tools:nope")
+    with pytest.raises(ValueError, match="not a Tool"):
+        load_tool_path("infercept.server.protocol:_FUNCTION_NAME_PATTERN")
+
+
+def test_serve_cli_parses():
+    args = build_parser().parse_args(["serve", "--model", "default", "--policy", "infercept",
+                                      "--port", "9", "--tools", "a:b"])
+    assert (args.model, args.policy, args.port, args.tools) == ("default", "infercept", 9, ["a:b"])
+
+
+# ---- endpoints ---------------------------------------------------------------------------
+
+def test_models_health_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("infercept_requests", "infercept_kv_usage_ratio", "infercept_swap_bytes_total",
+                 "infercept_waste_fraction", "infercept_generation_tokens_per_second",
+                 "infercept_paused_context_total"):
+        assert f"# TYPE {name} " in text
+
+
+def test_completions_streaming_matches_non_streaming(client):
+    kwargs = dict(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    full = client.completions.create(**kwargs)
+    assert full.choices[0].finish_reason in ("length", "stop")
+    assert full.usage.completion_tokens <= 8 and full.choices[0].text
+    pieces = [chunk.choices[0].text for chunk in client.completions.create(stream=True, **kwargs)
+              if chunk.choices]
+    assert "".join(pieces) == full.choices[0].text
+
+
+def test_chat_streaming_matches_non_streaming(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name a color."}],
+                  max_tokens=10, temperature=0)
+    full = client.chat.completions.create(**kwargs)
+    message = full.choices[0].message
+    assert message.role == "assistant" and message.content and not message.tool_calls
+    stream = client.chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                            **kwargs)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_tool_round_trip_resumes_paused_context(server, client):
+    messages = _question(12, 30)
+    first = client.chat.completions.create(model=MODEL, messages=messages, tools=[CALCULATOR],
+                                           temperature=0, max_tokens=40)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "calculator"
+    assert json.loads(call.function.arguments) == {"expression": "12 + 30"}
+    before = _metrics(server)
+    assert before["infercept_paused_contexts"] >= 1
+
+    follow_up = [*messages, choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "42"}]
+    resumed = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
+                                             temperature=0, max_tokens=12)
+    after = _metrics(server)
+    reused = 'infercept_paused_context_total{outcome="reused"}'
+    fallback = 'infercept_paused_context_total{outcome="fallback"}'
+    assert after[reused] == before[reused] + 1
+    assert after[fallback] == before[fallback]
+    # The context through the tool call was not prefilled again.
+    assert resumed.usage.prompt_tokens_details.cached_tokens == (
+        first.usage.prompt_tokens + first.usage.completion_tokens)
+
+    # The same conversation again: nothing is paused for it now, so it is a fresh prefill.
+    fresh = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
+                                           temperature=0, max_tokens=12)
+    assert _metrics(server)[fallback] == after[fallback] + 1
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert resumed.choices[0].message.content == fresh.choices[0].message.content
+    assert resumed.choices[0].finish_reason == fresh.choices[0].finish_reason
+    assert resumed.usage.prompt_tokens == fresh.usage.prompt_tokens
+    assert "42" in resumed.choices[0].message.content
+    _wait_idle(server)
+
+
+def test_streamed_tool_call_and_mismatched_follow_up_falls_back(server, client):
+    messages = _question(7, 8)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages,
+                                                 tools=[CALCULATOR], temperature=0,
+                                                 max_tokens=40, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "<tool_call>" not in content  # the call goes out as tool_calls, not text
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert len(calls) == 1 and calls[0].function.name == "calculator"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    before = _metrics(server)
+
+    # The client edits an earlier turn: the paused tokens no longer prefix the conversation.
+    edited = [*FEW_SHOT, {"role": "user", "content": "What is 7 + 8 exactly?"},
+              {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": calls[0].id, "type": "function",
+                   "function": {"name": "calculator", "arguments": calls[0].function.arguments}}]},
+              {"role": "tool", "tool_call_id": calls[0].id, "content": "15"}]
+    out = client.chat.completions.create(model=MODEL, messages=edited, tools=[CALCULATOR],
+                                         temperature=0, max_tokens=8)
+    assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    after = _wait_idle(server) if out.choices[0].finish_reason != "tool_calls" else _metrics(server)
+    fallback = 'infercept_paused_context_total{outcome="fallback"}'
+    assert after[fallback] == before[fallback] + 1
+    assert after['infercept_paused_context_total{outcome="reused"}'] == before[
+        'infercept_paused_context_total{outcome="reused"}']
+
+
+def test_expired_paused_context_is_freed_and_the_follow_up_still_answers(server, client):
+    store = server.app.state.server.store
+    expired = 'infercept_paused_context_total{outcome="expired"}'
+    before = _metrics(server)
+    ttl_s, store.ttl_s = store.ttl_s, 0.5
+    try:
+        messages = _question(12, 30)
+        first = client.chat.completions.create(model=MODEL, messages=messages, tools=[CALCULATOR],
+                                               temperature=0, max_tokens=40)
+    finally:
+        store.ttl_s = ttl_s
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    idle = _wait_idle(server)  # the expiry sweep aborts the paused request and frees its blocks
+    assert idle[expired] == before[expired] + 1 and idle["infercept_paused_contexts"] == 0
+    follow_up = [*messages, choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
+                  "content": "42"}]
+    late = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
+                                          temperature=0, max_tokens=12)
+    assert late.usage.prompt_tokens_details.cached_tokens == 0
+    assert "42" in late.choices[0].message.content
+
+
+def test_server_side_tool_runs_inside_one_completion(client):
+    out = client.chat.completions.create(model=MODEL, messages=_question(20, 22), temperature=0,
+                                         max_tokens=48)
+    choice = out.choices[0]
+    assert choice.finish_reason in ("stop", "length") and not choice.message.tool_calls
+    assert "<tool_response>42</tool_response>" in choice.message.content
+
+
+def test_concurrent_clients_with_mixed_tool_calls(server):
+    num_clients = 32
+
+    async def round_trip(c, i):
+        messages = _question(i, 100)
+        first = await c.chat.completions.create(model=MODEL, messages=messages,
+                                                tools=[CALCULATOR], temperature=0, max_tokens=40)
+        choice = first.choices[0]
+        if choice.finish_reason != "tool_calls":
+            return choice.finish_reason
+        call = choice.message.tool_calls[0]
+        follow_up = [*messages, choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": str(i + 100)}]
+        second = await c.chat.completions.create(model=MODEL, messages=follow_up,
+                                                 tools=[CALCULATOR], temperature=0, max_tokens=8)
+        return second.choices[0].finish_reason
+
+    async def server_tool(c, i):
+        out = await c.chat.completions.create(model=MODEL, messages=_question(i, 7),
+                                              temperature=0, max_tokens=40)
+        return out.choices[0].finish_reason
+
+    async def plain_stream(c, i):
+        stream = await c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Say the number {i}."}],
+            temperature=0, max_tokens=8, stream=True)
+        reasons = [chunk.choices[0].finish_reason async for chunk in stream
+                   if chunk.choices and chunk.choices[0].finish_reason]
+        return reasons[-1]
+
+    async def plain_completion(c, i):
+        out = await c.completions.create(model=MODEL, prompt=f"Count: {i},", max_tokens=8,
+                                         temperature=0)
+        return out.choices[0].finish_reason
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused",
+                                      max_retries=0, timeout=300) as c:
+            kinds = [round_trip, server_tool, plain_stream, plain_completion]
+            before = _metrics(server)
+            reasons = await asyncio.gather(*(kinds[i % 4](c, i) for i in range(num_clients)))
+            return before, reasons
+
+    before, reasons = asyncio.run(main())
+    assert len(reasons) == num_clients
+    assert all(r in ("stop", "length") for r in reasons), reasons
+    after = _wait_idle(server)
+    assert after['infercept_kv_blocks{tier="device",state="used"}'] == 0
+    reused = 'infercept_paused_context_total{outcome="reused"}'
+    assert after[reused] > before[reused]
+
+
+def test_bad_requests_get_400_and_the_server_keeps_serving(server, client):
+    raw = httpx.post(f"{server.url}/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                     headers={"content-type": "application/json"})
+    assert raw.status_code == 400
+    assert "malformed JSON" in raw.json()["error"]["message"]
+
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.chat.completions.create(model="no-such-model",
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert "no-such-model" in str(unknown.value) and unknown.value.code == "model_not_found"
+
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=5000)
+    assert "2048" in str(too_long.value) and "5000" in str(too_long.value)
+    with pytest.raises(openai.BadRequestError, match="2048"):
+        client.completions.create(model=MODEL, prompt=[1] * 2100, max_tokens=4)
+
+    bad_schema = {"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}
+    with pytest.raises(openai.BadRequestError, match="parameters") as bad_tool:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       tools=[bad_schema])
+    assert bad_tool.value.param == "tools.0.function.parameters"
+    with pytest.raises(openai.BadRequestError, match="function"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       tools=[{"type": "function", "function": {"name": "a b"}}])
+
+    ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=4, temperature=0)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+    assert _metrics(server)['infercept_http_requests_total{endpoint="/v1/chat/completions",'
+                            'status="400"}'] >= 4
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_blocks(server):
+    _wait_idle(server)
+    before = _metrics(server)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            received = 0
+            for line in lines:
+                if line.startswith("data: ") and '"content"' in line:
+                    received += 1
+                if received >= 3:
+                    break
+            used = _metrics(server)['infercept_kv_blocks{tier="device",state="used"}']
+            assert used > 0  # the request holds blocks while it streams
+    after = _wait_idle(server)
+    assert after["infercept_client_disconnects_total"] == (
+        before["infercept_client_disconnects_total"] + 1)
+    assert after['infercept_kv_blocks{tier="device",state="used"}'] == 0
+    assert after['infercept_requests{state="running"}'] == 0
