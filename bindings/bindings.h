@@ -10,3 +10,8 @@ void bind_swap_engine(pybind11::module_& m);
 /// paged_decode_attention (and cpu_attention_has_openmp): the native CPU decode kernel over
 /// raw tensor addresses.
 void bind_cpu_attention(pybind11::module_& m);
+
+#ifdef INFERCEPT_WITH_CUDA
+/// CudaSwapEngine, cuda_write_kv_cache and cuda_paged_attention (CUDA builds only).
+void bind_cuda(pybind11::module_& m);
+#endif

@@ -269,4 +269,7 @@ PYBIND11_MODULE(_core, m) {
   bind_scheduler(m);
   bind_swap_engine(m);
   bind_cpu_attention(m);
+#ifdef INFERCEPT_WITH_CUDA
+  bind_cuda(m);
+#endif
 }

@@ -4,7 +4,7 @@ InferCept native core: block pools, KV cache manager, scheduler, cost and waste 
 from __future__ import annotations
 import collections.abc
 import typing
-__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'InferceptError', 'InvalidArgumentError', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cuda_compiled', 'cuda_device_count', 'cuda_smoke_test', 'discard_waste', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
+__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
 class InferceptError(RuntimeError):
     pass
 class OutOfBlocksError(InferceptError):
@@ -707,6 +707,23 @@ class SwapEngine:
 class CpuSwapEngine(SwapEngine):
     def __init__(self, num_layers: typing.SupportsInt | typing.SupportsIndex, block_bytes: typing.SupportsInt | typing.SupportsIndex, num_device_blocks: typing.SupportsInt | typing.SupportsIndex, num_host_blocks: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+class CudaSwapEngine(SwapEngine):
+    """
+    CUDA builds only: pinned host pool, swap-in / swap-out copy streams, one event per layer and direction.
+    """
+    def __init__(self, num_layers: typing.SupportsInt | typing.SupportsIndex, block_bytes: typing.SupportsInt | typing.SupportsIndex, num_device_blocks: typing.SupportsInt | typing.SupportsIndex, num_host_blocks: typing.SupportsInt | typing.SupportsIndex, max_copy_ctas: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+        ...
+    def set_compute_stream(self, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def compute_stream(self) -> int:
+        ...
+    @property
+    def device(self) -> int:
+        ...
+    @property
+    def max_copy_ctas(self) -> int:
+        ...
 def can_transition(src: RequestState, dst: RequestState) -> bool:
     ...
 def chunked_discard_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, other_tokens: typing.SupportsInt | typing.SupportsIndex, num_chunks: typing.SupportsInt | typing.SupportsIndex) -> float:
@@ -717,6 +734,14 @@ def cpu_attention_has_openmp() -> bool:
     """
 def cuda_device_count() -> int:
     ...
+def cuda_paged_attention(out_ptr: typing.SupportsInt | typing.SupportsIndex, query_ptr: typing.SupportsInt | typing.SupportsIndex, key_cache_ptr: typing.SupportsInt | typing.SupportsIndex, value_cache_ptr: typing.SupportsInt | typing.SupportsIndex, block_tables_ptr: typing.SupportsInt | typing.SupportsIndex, context_lens_ptr: typing.SupportsInt | typing.SupportsIndex, query_start_ptr: typing.SupportsInt | typing.SupportsIndex, num_rows: typing.SupportsInt | typing.SupportsIndex, num_seqs: typing.SupportsInt | typing.SupportsIndex, num_heads: typing.SupportsInt | typing.SupportsIndex, num_kv_heads: typing.SupportsInt | typing.SupportsIndex, head_dim: typing.SupportsInt | typing.SupportsIndex, block_size: typing.SupportsInt | typing.SupportsIndex, max_blocks: typing.SupportsInt | typing.SupportsIndex, num_blocks: typing.SupportsInt | typing.SupportsIndex, scale: typing.SupportsFloat | typing.SupportsIndex, dtype: str, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    CUDA builds only. Paged attention of num_rows query rows (decode when query_start_ptr is 0, else causal prefill/recompute chunks) over the paged caches, enqueued on `stream`.
+    """
+def cuda_write_kv_cache(key_ptr: typing.SupportsInt | typing.SupportsIndex, value_ptr: typing.SupportsInt | typing.SupportsIndex, key_cache_ptr: typing.SupportsInt | typing.SupportsIndex, value_cache_ptr: typing.SupportsInt | typing.SupportsIndex, slot_mapping_ptr: typing.SupportsInt | typing.SupportsIndex, num_tokens: typing.SupportsInt | typing.SupportsIndex, num_kv_heads: typing.SupportsInt | typing.SupportsIndex, head_dim: typing.SupportsInt | typing.SupportsIndex, block_size: typing.SupportsInt | typing.SupportsIndex, num_blocks: typing.SupportsInt | typing.SupportsIndex, dtype: str, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    CUDA builds only. Writes new K/V [num_tokens, num_kv_heads, head_dim] into the paged caches at int64 slot_mapping (device addresses), enqueued on `stream`.
+    """
 def cuda_smoke_test(value: typing.SupportsInt | typing.SupportsIndex = 42) -> bool:
     ...
 def discard_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, other_tokens: typing.SupportsInt | typing.SupportsIndex) -> float:

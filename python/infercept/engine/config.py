@@ -33,6 +33,9 @@ class EngineConfig:
             on this machine at start-up (cached per model, dtype and machine), else a JSON
             profile path or a built-in profile name.
         check_invariants: Check block conservation after every step (tests; slower).
+        device: Where the model and the KV cache live: 'auto' (CUDA when compiled and a
+            device is present, else CPU with a logged message), 'cpu', 'cuda' or 'cuda:N' (an
+            error when CUDA cannot run); see :func:`infercept.backend.select_device`.
     """
 
     model: str | None = None
@@ -48,6 +51,7 @@ class EngineConfig:
     tool_response_format: str = "<tool_response>{output}</tool_response>"
     cost_profile: str | None = None
     check_invariants: bool = False
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         Policy.parse(self.policy)  # raises ValueError naming the policy and the choices
@@ -63,6 +67,9 @@ class EngineConfig:
                 raise ValueError(f"{name}={value!r} must be a positive int or None")
         if self.num_host_blocks is not None and self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks={self.num_host_blocks} must be >= 0 or None")
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if "{output}" not in self.tool_response_format:
             raise ValueError(f"tool_response_format={self.tool_response_format!r} must contain "
                              "'{output}'")

@@ -30,6 +30,7 @@ from infercept.engine.model_runner import ModelRunner
 from infercept.engine.outputs import InterceptRecord, RequestOutput
 from infercept.engine.profiler import load_or_measure
 from infercept.engine.sequence import Sequence
+from infercept.backend import select_device
 from infercept.engine.swap import SwapEngine
 from infercept.model import KVCache, LlamaForCausalLM, Tokenizer, load_model
 from infercept.model.loader import resolve_model_path
@@ -67,7 +68,8 @@ class LLMEngine:
         self._tool_errors = tool_errors
         path = resolve_model_path(config.model)
         self.model_name = path.name
-        self.model = model or load_model(path, config.torch_dtype)
+        self.device = select_device(config.device)
+        self.model = (model or load_model(path, config.torch_dtype)).to(self.device)
         self.tokenizer = tokenizer or Tokenizer.from_path(path)
         model_config = self.model.config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
@@ -80,7 +82,7 @@ class LLMEngine:
         num_host_blocks = (2 * num_device_blocks if config.num_host_blocks is None
                            else config.num_host_blocks)
         self.kv_cache = KVCache(model_config, num_device_blocks, config.block_size,
-                                config.torch_dtype)
+                                config.torch_dtype, self.device)
         self.swap_engine = SwapEngine(self.kv_cache, num_host_blocks)
         self.runner = ModelRunner(self.model, self.kv_cache, self.swap_engine)
         kv_capacity_tokens = num_device_blocks * config.block_size

@@ -71,6 +71,8 @@ def _forward_samples(model: LlamaForCausalLM, kv_cache: KVCache) -> list[tuple[f
         metadata = PagedAttentionMetadata.build(query_lens, context_lens, tables, block_size, device)
         ids = torch.zeros(metadata.num_tokens, dtype=torch.int64, device=device)
         model(ids, metadata.positions(), metadata, kv_cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the forward is asynchronous on CUDA: time all of it
 
     blocks_per_decode = -(-DECODE_CONTEXT // block_size)
     for batch in DECODE_BATCHES:

@@ -3,11 +3,18 @@
 The native engine (C++, no torch) owns the host pool and a copy worker; this wrapper hands it
 the raw addresses of the KV tensors once, checks that their layout is what it assumes, and
 turns a step's stats into the stall the scheduler accounts.
+
+A KV cache on CUDA gets ``_core.CudaSwapEngine`` (pinned host pool, two copy streams, one event
+per layer and direction); before each step the wrapper hands it torch's current stream, so
+``wait_layer(l)`` makes the forward's stream wait for layer ``l``'s swap-in without blocking the
+host. A cache on the CPU gets ``_core.CpuSwapEngine``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import torch
 
 from infercept import _core
 from infercept.model import KVCache
@@ -27,21 +34,33 @@ class SwapEngine:
         """Allocates the host pool and registers the cache's layers.
 
         Raises:
-            ValueError: The cache tensors are not contiguous CPU tensors (a CUDA cache needs
-                the CUDA swap engine), or ``num_host_blocks`` is negative.
+            ValueError: The cache tensors are not contiguous, not all on one device, or
+                ``num_host_blocks`` is negative.
+            RuntimeError: The cache is on CUDA but ``infercept._core`` has no CUDA backend.
         """
+        first = kv_cache.key_caches[0]
+        self.device = first.device
         for cache in kv_cache.key_caches + kv_cache.value_caches:
             if not cache.is_contiguous():
                 raise ValueError("KV cache tensors must be contiguous for block copies")
-            if cache.device.type != "cpu":
-                raise ValueError(f"the CPU swap engine cannot copy a KV cache on {cache.device}")
+            if cache.device != self.device:
+                raise ValueError(f"KV cache tensors are on {cache.device} and {self.device}; "
+                                 "the swap engine serves one device")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"no swap engine copies a KV cache on {self.device}")
         if num_host_blocks < 0:
             raise ValueError(f"num_host_blocks={num_host_blocks} must be >= 0")
-        first = kv_cache.key_caches[0]
         block_bytes = first[0].numel() * first.element_size()
         self.num_host_blocks = num_host_blocks
-        self._native = _core.CpuSwapEngine(kv_cache.num_layers, block_bytes, kv_cache.num_blocks,
-                                          max(num_host_blocks, 1))
+        shape = (kv_cache.num_layers, block_bytes, kv_cache.num_blocks, max(num_host_blocks, 1))
+        if self.device.type == "cuda":
+            if not hasattr(_core, "CudaSwapEngine"):
+                raise RuntimeError("the KV cache is on CUDA but infercept._core was built without "
+                                   "the CUDA backend; rebuild with INFERCEPT_CUDA=ON")
+            with torch.cuda.device(self.device):
+                self._native = _core.CudaSwapEngine(*shape)
+        else:
+            self._native = _core.CpuSwapEngine(*shape)
         for layer, (key, value) in enumerate(zip(kv_cache.key_caches, kv_cache.value_caches)):
             self._native.register_device_layer(layer, key.data_ptr(), value.data_ptr())
         # The tensors must outlive the native engine's pointers to them.
@@ -52,10 +71,14 @@ class SwapEngine:
         """Starts a step's copies (device->host ``swap_out``, host->device ``swap_in``)."""
         self._active = bool(swap_out) or bool(swap_in)
         if self._active:
+            if self.device.type == "cuda":
+                # Copies are ordered after the work already queued on the forward's stream.
+                self._native.set_compute_stream(torch.cuda.current_stream(self.device).cuda_stream)
             self._native.begin_step(list(swap_out), list(swap_in))
 
     def wait_layer(self, layer: int) -> None:
-        """Blocks until layer ``layer``'s copies of this step are done."""
+        """Layer ``layer``'s compute waits for its copies: the CPU engine blocks the caller, the
+        CUDA engine makes the compute stream wait (no host sync)."""
         if self._active:
             self._native.wait_layer(layer)
 
@@ -65,10 +88,11 @@ class SwapEngine:
             return 0.0
         self._active = False
         stats = self._native.finish_step()
-        # Waiting per layer during the forward and draining after it both delay the step.
+        # Waiting per layer during the forward and draining after it both delay the step (on
+        # CUDA both are device times read off events).
         return stats.stall_s + stats.drain_s
 
     @property
-    def native(self) -> _core.CpuSwapEngine:
+    def native(self) -> _core.SwapEngine:
         """The native engine (counters, host blocks for tests)."""
         return self._native

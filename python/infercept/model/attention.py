@@ -9,6 +9,15 @@ Decode rows (single-token sequences) on CPU float32 go to the native kernel of
 gathered into a padded buffer for SDPA. ``$INFERCEPT_CPU_ATTENTION`` picks: ``auto`` (default:
 native when built and the tensors allow), ``native`` (the same, but an error when not built) or
 ``torch`` (always the gather path, e.g. to compare).
+
+On CUDA tensors the kernels of :mod:`infercept.model.cuda_kernels` write K/V by slot mapping
+and compute attention straight from the blocks. ``$INFERCEPT_CUDA_ATTENTION`` picks ``auto``
+(default: the kernels when built and the tensors allow), ``native`` (an error when not built)
+or ``torch`` (index_copy + the gather/SDPA path). ``$INFERCEPT_CUDA_PREFILL`` picks the path of
+multi-token chunks (prefill, recompute): ``native`` (default: one paged-attention launch per
+layer for every row of the step, decode and chunks, causal per row) or ``torch`` (decode rows
+native, each chunk gathered from the cache and run through torch SDPA, which can use the
+tensor-core flash kernels for long float16/bfloat16 chunks).
 """
 
 from __future__ import annotations
@@ -20,11 +29,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from infercept.model import cuda_kernels
 from infercept.model.cpu_kernels import (can_run_native_decode, has_native_decode,
                                          paged_decode_attention)
 
 BACKEND_ENV = "INFERCEPT_CPU_ATTENTION"
+CUDA_BACKEND_ENV = "INFERCEPT_CUDA_ATTENTION"
+CUDA_PREFILL_ENV = "INFERCEPT_CUDA_PREFILL"
 _BACKENDS = ("auto", "native", "torch")
+_PREFILL_PATHS = ("native", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +164,33 @@ class AttentionPlan:
     native_context_lens: torch.Tensor | None = None
     # Every flat row is a decode row, in order: query and output need no gather or scatter.
     decode_only: bool = False
+    # CUDA, $INFERCEPT_CUDA_PREFILL=native: one kernel launch covers every row of the step.
+    # [B + 1] int32 row offsets; native_block_tables / native_context_lens then cover all B
+    # sequences. None otherwise.
+    native_query_start: torch.Tensor | None = None
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"${name}={value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def use_cuda_kernels(device: torch.device) -> bool:
+    """Whether CUDA tensors on ``device`` go to the native kernels ($INFERCEPT_CUDA_ATTENTION)."""
+    if device.type != "cuda":
+        return False
+    backend = _env_choice(CUDA_BACKEND_ENV, "auto", _BACKENDS)
+    if backend == "native" and not cuda_kernels.has_cuda_kernels():
+        raise RuntimeError(f"${CUDA_BACKEND_ENV}=native but infercept._core has no CUDA "
+                           "kernels; rebuild with INFERCEPT_CUDA=ON")
+    return backend != "torch" and cuda_kernels.has_cuda_kernels()
 
 
 def _use_native_decode(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return use_cuda_kernels(device)
     backend = os.environ.get(BACKEND_ENV, "auto")
     if backend not in _BACKENDS:
         raise ValueError(f"${BACKEND_ENV}={backend!r} must be one of {', '.join(_BACKENDS)}")
@@ -188,8 +225,13 @@ def plan_attention(metadata: PagedAttentionMetadata) -> AttentionPlan:
             start=sum(metadata.query_lens_host[:seq]), query_len=query_len,
             context_len=context_len,
             block_ids=metadata.block_tables[seq, :num_blocks].to(torch.int64), mask=mask))
-    native_block_tables = native_context_lens = None
-    if decode_seqs and _use_native_decode(device):
+    native_block_tables = native_context_lens = native_query_start = None
+    if (device.type == "cuda" and chunks and use_cuda_kernels(device)
+            and _env_choice(CUDA_PREFILL_ENV, "native", _PREFILL_PATHS) == "native"):
+        native_block_tables = metadata.block_tables
+        native_context_lens = metadata.context_lens
+        native_query_start = metadata.query_start.to(torch.int32)
+    elif decode_seqs and _use_native_decode(device):
         native_block_tables = metadata.block_tables.index_select(0, decode_index)
         native_context_lens = metadata.context_lens.index_select(0, decode_index)
     return AttentionPlan(
@@ -201,6 +243,7 @@ def plan_attention(metadata: PagedAttentionMetadata) -> AttentionPlan:
         native_block_tables=native_block_tables,
         native_context_lens=native_context_lens,
         decode_only=len(decode_seqs) == metadata.num_seqs,
+        native_query_start=native_query_start,
     )
 
 
@@ -211,6 +254,10 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
     The caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``; slot ``s`` is row ``s`` of
     the cache viewed as ``[num_blocks * block_size, num_kv_heads, head_dim]``.
     """
+    if key_cache.is_cuda and use_cuda_kernels(key_cache.device) and key_cache.is_contiguous() \
+            and value_cache.is_contiguous():
+        cuda_kernels.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        return
     num_kv_heads, head_dim = key_cache.shape[2:]
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
@@ -241,7 +288,23 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     group = num_heads // num_kv_heads
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     num_decode = plan.decode_rows.numel()
-    if num_decode and plan.native_block_tables is not None and can_run_native_decode(
+    is_cuda_native = (plan.native_block_tables is not None and query.is_cuda
+                      and cuda_kernels.can_run_cuda_attention(query, key_cache, value_cache))
+    if is_cuda_native and plan.native_query_start is not None:
+        # Every row of the step, decode and chunks, in one launch; causal per row.
+        return cuda_kernels.paged_attention(query, key_cache, value_cache, plan.native_block_tables,
+                                            plan.native_context_lens, scale,
+                                            query_start=plan.native_query_start, out=out)
+    if num_decode and is_cuda_native:
+        if plan.decode_only:
+            cuda_kernels.paged_attention(query, key_cache, value_cache, plan.native_block_tables,
+                                         plan.native_context_lens, scale, out=out)
+        else:
+            o = cuda_kernels.paged_attention(query.index_select(0, plan.decode_rows), key_cache,
+                                             value_cache, plan.native_block_tables,
+                                             plan.native_context_lens, scale)
+            out.index_copy_(0, plan.decode_rows, o)
+    elif num_decode and plan.native_block_tables is not None and can_run_native_decode(
             query, key_cache, value_cache):
         # The kernel walks each block table itself: no per-step copy of every context.
         if plan.decode_only:
