@@ -48,8 +48,14 @@ test: test-cpp test-python
 bench: build-cpp
 	ctest --test-dir $(CMAKE_BUILD) -L bench -V
 
-# The main job (until the real model lands): the paper's policy comparison on the trace.
+# The main job: tool-using conversations on the embedded SmolLM2 with a real calculator, each
+# intercept and the policy's action; then the five policies side by side on a scaled-down
+# real-execution replay of the trace (a few minutes on 2 cores).
 demo: install
+	$(PYTHON) -m infercept.cli demo --trace $(TRACE)
+
+# The paper's policy comparison at GPU scale on the simulator (seconds).
+simulate: install
 	$(PYTHON) -m infercept.cli simulate --trace $(TRACE) --profile gptj-6b-a100 \
 	  --rates 1,2,3,4 --policies vllm,discard,preserve,swap,infercept --duration 1800 --threshold 0.05
 

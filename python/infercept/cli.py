@@ -157,10 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cost profile name or JSON (default: measured at start-up, cached)")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="the main job: tool calls on the embedded model, then the "
+                                       "policies side by side (see `infercept demo --help`)",
+                          add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        # The demo has its own parser; its options must not be parsed here.
+        from infercept.demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

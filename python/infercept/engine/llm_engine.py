@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence as SequenceT
 
-from infercept._core import (CostModel, Policy, Scheduler, SchedulerConfig, StepResult,
+from infercept._core import (CostModel, Policy, Scheduler, SchedulerConfig, StepOutput, StepResult,
                              UnknownRequestError)
 from infercept.engine.config import EngineConfig
 from infercept.engine.model_runner import ModelRunner
@@ -255,6 +255,9 @@ class LLMEngine:
         self._collect_pauses(touched)
         plan = self.scheduler.schedule(self.now())
         if plan.is_empty():
+            # Nothing to run, but planning may have given up on a request (it outgrew the pool):
+            # an empty update reports it.
+            self._report_aborts(self.scheduler.update(plan, StepResult(0.0), self.now()), touched)
             self._wait_for_events()
             self._record_kv_actions()
             return [s.output for s in touched.values()]
@@ -278,11 +281,7 @@ class LLMEngine:
         self.num_steps += 1
         for request_id in finished:
             self._forget(request_id)
-        for request_id, reason in zip(step_output.aborted, step_output.abort_reasons):
-            seq = self._seqs[request_id]
-            seq.finish("error", now, error=reason)
-            touched[request_id] = seq
-            self._forget(request_id)
+        self._report_aborts(step_output, touched)
         for request_id in out.sampling_request_ids:
             seq = self._seqs[request_id]
             if not seq.output.finished:
@@ -291,6 +290,15 @@ class LLMEngine:
         if self.config.check_invariants:
             self.check_invariants()
         return [s.output for s in touched.values()]
+
+    def _report_aborts(self, step_output: StepOutput, touched: dict[int, Sequence]) -> None:
+        """Ends the requests the scheduler gave up on (e.g. a context that outgrew the pool)."""
+        now = self.now()
+        for request_id, reason in zip(step_output.aborted, step_output.abort_reasons):
+            seq = self._seqs[request_id]
+            seq.finish("error", now, error=reason)
+            touched[request_id] = seq
+            self._forget(request_id)
 
     def run_until_done(self, request_ids: Iterable[int]) -> list[RequestOutput]:
         """Steps until each given request has finished or paused for the caller."""
