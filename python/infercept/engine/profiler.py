@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ DECODE_CONTEXT = 64
 PREFILL_CHUNKS = (64, 256, 512)
 SWAP_BLOCKS = (4, 16, 64)
 REPEATS = 3
+PROFILE_VERSION = 2  # bump when the measurement changes: cached profiles are then re-measured
 
 
 def cache_dir() -> Path:
@@ -41,19 +41,20 @@ def cache_dir() -> Path:
 def profile_key(model_name: str, dtype: torch.dtype, block_size: int, device: str) -> str:
     """A file name that changes with anything the timings depend on."""
     machine = f"{platform.machine()}-{platform.processor()}-{os.cpu_count()}-{torch.get_num_threads()}"
-    digest = hashlib.sha1(f"{model_name}|{dtype}|{block_size}|{device}|{machine}|{torch.__version__}"
+    digest = hashlib.sha1(f"{PROFILE_VERSION}|{model_name}|{dtype}|{block_size}|{device}|{machine}|{torch.__version__}"
                           .encode()).hexdigest()[:12]
     return f"{Path(model_name).stem}-{str(dtype).removeprefix('torch.')}-{device}-{digest}.json"
 
 
-def _median_time_s(fn: Callable[[], None]) -> float:
+def _best_time_s(fn: Callable[[], None]) -> float:
+    """The fastest of a few runs: the least disturbed by whatever else shares the machine."""
     fn()  # warm-up: first calls allocate and pick kernels
     samples = []
     for _ in range(REPEATS):
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def _forward_samples(model: LlamaForCausalLM, kv_cache: KVCache) -> list[tuple[float, float]]:
@@ -78,12 +79,12 @@ def _forward_samples(model: LlamaForCausalLM, kv_cache: KVCache) -> list[tuple[f
     for batch in DECODE_BATCHES:
         if batch * blocks_per_decode > kv_cache.num_blocks:
             break
-        seconds = _median_time_s(lambda: run([1] * batch, [DECODE_CONTEXT] * batch))
+        seconds = _best_time_s(lambda: run([1] * batch, [DECODE_CONTEXT] * batch))
         samples.append((float(batch), seconds))
     for chunk in PREFILL_CHUNKS:
         if -(-chunk // block_size) > kv_cache.num_blocks:
             break
-        seconds = _median_time_s(lambda: run([chunk], [chunk]))
+        seconds = _best_time_s(lambda: run([chunk], [chunk]))
         samples.append((float(chunk), seconds))
     return samples
 
@@ -102,7 +103,7 @@ def _swap_samples(swap: SwapEngine, kv_cache: KVCache, block_size: int) -> list[
             swap.finish_step()
 
         # Half a round trip is one direction's time for num_blocks * block_size tokens.
-        samples.append((float(num_blocks * block_size), _median_time_s(round_trip) / 2))
+        samples.append((float(num_blocks * block_size), _best_time_s(round_trip) / 2))
     return samples
 
 
