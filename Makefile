@@ -37,7 +37,7 @@ build-cpp: setup
 	cmake --build $(CMAKE_BUILD) -j $(JOBS)
 
 test-cpp: build-cpp
-	ctest --test-dir $(CMAKE_BUILD) -L cpu --output-on-failure -j $(JOBS)
+	ctest --test-dir $(CMAKE_BUILD) -L 'cpu|gpu' --output-on-failure -j $(JOBS)
 
 test-python: install
 	$(PYTHON) -m pytest
