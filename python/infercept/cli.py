@@ -1,4 +1,4 @@
-"""Command line: `infercept simulate ...` and `infercept serve ...`."""
+"""Command line: `infercept simulate`, `bench`, `profile` and `serve`."""
 
 from __future__ import annotations
 
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", default=None, help="write the rows as JSON here")
     sim.add_argument("--rows-only", action="store_true", help="write only the list of rows to --json")
     sim.set_defaults(func=cmd_simulate)
+
+    from infercept.bench.command import add_parsers
+    add_parsers(sub, _floats, _policies)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the server extra)")
     srv.add_argument("--model", default="default",

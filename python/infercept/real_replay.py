@@ -60,7 +60,9 @@ def to_engine_request(request: WorkloadRequest, vocab_size: int, seed: int,
 
 def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: float, *,
            time_scale: float = 1.0, seed: int = 0,
-           on_step: Callable[[int, int], None] | None = None) -> RealReplayResult:
+           on_step: Callable[[int, int], None] | None = None,
+           on_tick: Callable[[float], None] | None = None,
+           max_time_s: float | None = None) -> RealReplayResult:
     """Runs ``requests`` (arrival_s set, in seconds) on ``engine`` and returns what happened.
 
     Args:
@@ -70,6 +72,10 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
         time_scale: Multiplies tool durations (arrival times are used as given).
         seed: Seeds the prompts.
         on_step: Called with (finished, total) after every step (progress bars).
+        on_tick: Called with the run's elapsed seconds after every step (memory timelines:
+            read ``engine.scheduler.stats()`` in it).
+        max_time_s: Stop stepping here even if requests are unfinished (they are reported
+            unfinished; the engine's shutdown aborts them).
     """
     pending = sorted(requests, key=lambda r: r.arrival_s)
     prepared = [to_engine_request(r, engine.model.config.vocab_size, seed + i, time_scale)
@@ -79,6 +85,8 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
     next_arrival = 0
     while next_arrival < len(pending) or engine.has_unfinished():
         now = engine.now() - start
+        if max_time_s is not None and now >= max_time_s:
+            break
         while next_arrival < len(pending) and pending[next_arrival].arrival_s <= now:
             prompt, params = prepared[next_arrival]
             ids[engine.add_request(prompt_token_ids=prompt, params=params)] = pending[next_arrival]
@@ -89,6 +97,8 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
             time.sleep(max(0.0, pending[next_arrival].arrival_s - (engine.now() - start)))
         if on_step is not None:
             on_step(sum(engine.get(i).finished for i in ids), len(pending))
+        if on_tick is not None:
+            on_tick(engine.now() - start)
     end = engine.now() - start
     records = []
     for request_id, request in ids.items():

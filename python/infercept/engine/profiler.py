@@ -1,9 +1,17 @@
-"""Measures the cost model on this machine: T_fwd over batched tokens, T_swap over blocks.
+"""Measures the cost model on this machine: T_fwd over batched tokens and context, T_swap.
 
-Runs before any request exists, on blocks nobody owns yet: a few decode batches and prefill
-chunks through the real model, and block round trips through the real swap engine; then
-fits the affine models the scheduler's waste equations read (DESIGN.md §2). The result is
-cached as JSON per model, dtype, block size and machine, so later start-ups read it.
+Runs before any request exists, on blocks nobody owns yet: decode batches over several
+context sizes and prefill chunks of several sizes through the real model, and block round
+trips through the real swap engine; then fits the models the scheduler's waste equations read
+(DESIGN.md §2):
+
+    T_fwd(n, ctx) = intercept + slope * n + attention_s_per_context_token * ctx
+    T_swap(n)     = intercept + slope * n
+
+and finds the saturation point S on the prefill series: the batched-token count past which
+the marginal cost of a token has reached ~90% of the asymptotic slope. The result is cached
+as JSON per model, dtype, block size and machine, so later start-ups (and ``infercept
+profile``, which writes the same file) read it.
 """
 
 from __future__ import annotations
@@ -16,20 +24,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from infercept._core import AffineFit, BlockCopy, CostModel
 from infercept.engine.swap import SwapEngine
 from infercept.model import KVCache, LlamaForCausalLM, PagedAttentionMetadata
 
-# Batched-token counts measured: decode batches (one token per sequence over a short context)
-# and single prefill chunks, so the fit covers what the scheduler mixes into a step.
-DECODE_BATCHES = (1, 4, 16, 32)
-DECODE_CONTEXT = 64
-PREFILL_CHUNKS = (64, 256, 512)
+# Batched-token counts measured: decode batches (one token per sequence) over several context
+# sizes, so the attention term separates from the per-token term, and single prefill chunks
+# from 1 token up, whose per-token time locates the saturation point.
+DECODE_BATCHES = (1, 4, 16)
+DECODE_CONTEXTS = (32, 128, 384)
+PREFILL_CHUNKS = (1, 8, 32, 64, 128, 256, 512)
 SWAP_BLOCKS = (4, 16, 64)
 REPEATS = 3
-PROFILE_VERSION = 2  # bump when the measurement changes: cached profiles are then re-measured
+# S is where the marginal cost per batched token reaches this fraction of the asymptotic one.
+SATURATION_FRACTION = 0.9
+PROFILE_VERSION = 3  # bump when the measurement changes: cached profiles are then re-measured
 
 
 def cache_dir() -> Path:
@@ -57,10 +69,15 @@ def _best_time_s(fn: Callable[[], None]) -> float:
     return min(samples)
 
 
-def _forward_samples(model: LlamaForCausalLM, kv_cache: KVCache) -> list[tuple[float, float]]:
+# (num_batched_tokens, num_context_tokens, seconds) of one measured forward.
+ForwardSample = tuple[float, float, float]
+
+
+def _forward_samples(model: LlamaForCausalLM,
+                     kv_cache: KVCache) -> tuple[list[ForwardSample], list[ForwardSample]]:
+    """Times decode batches over several contexts and prefill chunks; returns (decode, prefill)."""
     block_size = kv_cache.block_size
     device = kv_cache.key_caches[0].device
-    samples = []
 
     def run(query_lens: list[int], context_lens: list[int]) -> None:
         # Sequences take consecutive blocks from 0: nothing owns them before the first request.
@@ -75,18 +92,74 @@ def _forward_samples(model: LlamaForCausalLM, kv_cache: KVCache) -> list[tuple[f
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the forward is asynchronous on CUDA: time all of it
 
-    blocks_per_decode = -(-DECODE_CONTEXT // block_size)
-    for batch in DECODE_BATCHES:
-        if batch * blocks_per_decode > kv_cache.num_blocks:
-            break
-        seconds = _best_time_s(lambda: run([1] * batch, [DECODE_CONTEXT] * batch))
-        samples.append((float(batch), seconds))
+    def fits(context_lens: list[int]) -> bool:
+        return sum(-(-c // block_size) for c in context_lens) <= kv_cache.num_blocks
+
+    decode: list[ForwardSample] = []
+    for context in DECODE_CONTEXTS:
+        for batch in DECODE_BATCHES:
+            if not fits([context] * batch):
+                break
+            seconds = _best_time_s(lambda: run([1] * batch, [context] * batch))
+            decode.append((float(batch), float(batch * context), seconds))
+    prefill: list[ForwardSample] = []
     for chunk in PREFILL_CHUNKS:
-        if -(-chunk // block_size) > kv_cache.num_blocks:
+        if not fits([chunk]):
             break
         seconds = _best_time_s(lambda: run([chunk], [chunk]))
-        samples.append((float(chunk), seconds))
-    return samples
+        prefill.append((float(chunk), float(chunk), seconds))
+    return decode, prefill
+
+
+def fit_forward(samples: list[ForwardSample]) -> tuple[AffineFit, float]:
+    """Least squares of T = a + b * tokens + c * context; returns (AffineFit(a, b), c).
+
+    ``c`` is clamped at 0 (noise around a negligible attention term); the affine part is then
+    refitted on the times less ``c * context``, so it keeps its samples and its own clamps.
+
+    Raises:
+        ValueError: fewer than two distinct token counts.
+    """
+    if len({n for n, _, _ in samples}) < 2:
+        raise ValueError(f"a forward fit needs two or more distinct token counts, got {samples}")
+    attention_s = 0.0
+    if len({ctx / n for n, ctx, _ in samples}) >= 2 and len(samples) >= 3:
+        design = np.array([[1.0, n, ctx] for n, ctx, _ in samples])
+        seconds = np.array([t for _, _, t in samples])
+        coefficients, *_ = np.linalg.lstsq(design, seconds, rcond=None)
+        attention_s = max(0.0, float(coefficients[2]))
+    forward = AffineFit.fit([(n, t - attention_s * ctx) for n, ctx, t in samples])
+    return forward, attention_s
+
+
+def find_saturation_tokens(samples: list[tuple[float, float]],
+                           fraction: float = SATURATION_FRACTION) -> int:
+    """The batched-token count S past which per-token forward time stops falling.
+
+    The asymptotic marginal cost is the slope between the last two samples; S is the smallest
+    measured count whose time per token is within ``1 / fraction`` of it (the marginal cost
+    has reached ``fraction`` of the average). On a GPU the forward time is flat up to S and
+    linear after, so S is the knee; on a CPU the time is about affine and S is where the fixed
+    per-step cost is amortized to ~10% of a token's.
+
+    Args:
+        samples: (num_batched_tokens, seconds), attention term already removed.
+        fraction: How close the marginal cost must be to the time per token.
+
+    Raises:
+        ValueError: fewer than two distinct token counts.
+    """
+    points = sorted(dict(samples).items())
+    if len(points) < 2:
+        raise ValueError(f"finding S needs two or more distinct token counts, got {samples}")
+    (n_prev, t_prev), (n_last, t_last) = points[-2], points[-1]
+    asymptotic = (t_last - t_prev) / (n_last - n_prev)
+    if asymptotic <= 0:
+        return int(n_last)  # still flat at the largest count measured: S is at least that
+    for num_tokens, seconds in points:
+        if fraction * seconds / num_tokens <= asymptotic:
+            return int(num_tokens)
+    return int(n_last)
 
 
 def _swap_samples(swap: SwapEngine, kv_cache: KVCache, block_size: int) -> list[tuple[float, float]]:
@@ -108,29 +181,49 @@ def _swap_samples(swap: SwapEngine, kv_cache: KVCache, block_size: int) -> list[
 
 
 def measure_cost_model(model: LlamaForCausalLM, kv_cache: KVCache, swap: SwapEngine,
-                       name: str, kv_capacity_tokens: int, saturation_tokens: int) -> CostModel:
-    """Measures and fits a cost model (a few seconds on a 2-core CPU for SmolLM2-135M).
+                       name: str, kv_capacity_tokens: int,
+                       saturation_tokens: int | None = None) -> CostModel:
+    """Measures and fits a cost model (tens of seconds on a 2-core CPU for SmolLM2-135M).
 
     Args:
         model: The model the engine will run.
-        kv_cache: Its paged cache; must not yet hold any request's KV.
+        kv_cache: Its paged cache; must not yet hold any request's KV. Measurements that do
+            not fit in it are skipped.
         swap: The swap engine bound to ``kv_cache``.
         name: Profile name (e.g. the model file's name).
         kv_capacity_tokens: Device KV capacity in tokens (the pool the engine will use).
-        saturation_tokens: Token budget S per iteration.
+        saturation_tokens: Token budget S per iteration; None keeps the measured S.
     """
     cost = CostModel()
     cost.name = name
-    cost.source = (f"measured at start-up on {platform.node() or 'this machine'} "
-                   f"({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__})")
-    cost.forward = AffineFit.fit(_forward_samples(model, kv_cache))
+    cost.source = (f"measured on {platform.node() or 'this machine'} "
+                   f"({platform.machine()}, {os.cpu_count()} cores, {kv_cache.key_caches[0].device}, "
+                   f"torch {torch.__version__})")
+    decode, prefill = _forward_samples(model, kv_cache)
+    cost.forward, cost.attention_s_per_context_token = fit_forward(decode + prefill)
+    attention_s = cost.attention_s_per_context_token
+    measured_s = find_saturation_tokens([(n, t - attention_s * ctx) for n, ctx, t in prefill or decode])
     swap_samples = _swap_samples(swap, kv_cache, kv_cache.block_size)
     if len(swap_samples) >= 2:
         cost.swap = AffineFit.fit(swap_samples)
     cost.kv_bytes_per_token = kv_cache.bytes_per_block // kv_cache.block_size
     cost.kv_capacity_tokens = kv_capacity_tokens
-    cost.saturation_tokens = saturation_tokens
+    cost.saturation_tokens = saturation_tokens or measured_s
     return cost
+
+
+def profile_path(model_name: str, kv_cache: KVCache) -> Path:
+    """Where the cached profile of this model on ``kv_cache``'s device and dtype lives."""
+    return cache_dir() / profile_key(model_name, kv_cache.key_caches[0].dtype, kv_cache.block_size,
+                                     kv_cache.key_caches[0].device.type)
+
+
+def save_profile(cost: CostModel, path: Path) -> None:
+    """Writes ``cost`` atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    cost.save(str(tmp))
+    tmp.replace(path)
 
 
 def load_or_measure(model: LlamaForCausalLM, kv_cache: KVCache, swap: SwapEngine, model_name: str,
@@ -139,9 +232,7 @@ def load_or_measure(model: LlamaForCausalLM, kv_cache: KVCache, swap: SwapEngine
 
     The pool-dependent fields (capacity, S) are set from this engine's configuration either way.
     """
-    device = kv_cache.key_caches[0].device.type
-    path = cache_dir() / profile_key(model_name, kv_cache.key_caches[0].dtype, kv_cache.block_size,
-                                     device)
+    path = profile_path(model_name, kv_cache)
     cost = None
     if path.is_file():
         try:
@@ -149,12 +240,8 @@ def load_or_measure(model: LlamaForCausalLM, kv_cache: KVCache, swap: SwapEngine
         except (ValueError, RuntimeError, json.JSONDecodeError):
             cost = None  # a stale or damaged cache is measured again
     if cost is None:
-        cost = measure_cost_model(model, kv_cache, swap, Path(model_name).stem, kv_capacity_tokens,
-                                  saturation_tokens)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        cost.save(str(tmp))
-        tmp.replace(path)
+        cost = measure_cost_model(model, kv_cache, swap, Path(model_name).stem, kv_capacity_tokens)
+        save_profile(cost, path)
     cost.kv_capacity_tokens = kv_capacity_tokens
     cost.saturation_tokens = saturation_tokens
     return cost

@@ -1,0 +1,8 @@
+"""The paper's experiment as a benchmark: workloads, real and simulated runs, calibration, plots."""
+
+from infercept.bench.calibrate import calibration_errors
+from infercept.bench.generator import AUGMENTATION_TYPES, AugmentationType, generate_workload
+from infercept.bench.runner import BenchSetup, run_grid, run_one
+
+__all__ = ["AUGMENTATION_TYPES", "AugmentationType", "BenchSetup", "calibration_errors",
+           "generate_workload", "run_grid", "run_one"]

@@ -1,0 +1,298 @@
+"""`infercept bench` and `infercept profile`: argument handling, output files, the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from infercept.bench.calibrate import (calibration_errors, forward_model_error, step_overhead_s,
+                                       with_step_overhead)
+from infercept.bench.generator import generate_workload, scale_tool_time
+from infercept.bench.runner import EXECUTORS, BenchSetup, run_grid
+from infercept.metrics import format_table, highest_sustained_rate
+
+TABLE_COLUMNS = ["policy", "rate", "normalized_latency", "completed_rps", "throughput_rps",
+                 "tokens_per_s", "mean_ttft_s", "p50_latency_s", "p90_latency_s", "p99_latency_s",
+                 "waste_fraction", "preserve_waste_fraction", "recompute_waste_fraction",
+                 "swap_waste_fraction", "num_finished", "num_requests"]
+FIXED_POLICIES = ("vllm", "discard", "preserve", "swap")
+
+
+def machine_description() -> dict[str, str]:
+    """The platform and the first lines of ``lscpu`` (where it exists)."""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        lscpu = ""
+    return {"platform": platform.platform(), "lscpu": "\n".join(lscpu.splitlines()[:10])}
+
+
+def load_templates(args: argparse.Namespace) -> tuple[list, str]:
+    """The workload's templates (scaled to ``--context`` and ``--time-scale``) and a description."""
+    from infercept.workload import load_trace, scale_to_context
+    if args.trace is not None:
+        templates, what = load_trace(args.trace), f"trace {args.trace}"
+    else:
+        templates = generate_workload(args.generate, args.seed)
+        what = f"generated: {args.generate} templates of the six Table 1 types, seed {args.seed}"
+    if args.context is not None:
+        templates = scale_to_context(templates, args.context)
+        what += f", contexts scaled to <= {args.context} tokens"
+    if args.time_scale != 1.0:
+        templates = scale_tool_time(templates, args.time_scale)
+        what += f", tool durations x{args.time_scale:g}"
+    return templates, what
+
+
+def resolve_cost(args: argparse.Namespace):
+    """The profile named by ``--profile``, else this machine's (cached, or measured now)."""
+    from infercept.profiles import load_profile
+    if args.profile is not None:
+        return load_profile(args.profile)
+    from infercept.bench.profile import ProfileRequest, cached_or_measured
+    cost, path, measured = cached_or_measured(ProfileRequest(args.model, args.dtype, args.device,
+                                                             args.block_size))
+    print(f"{'measured' if measured else 'cached'} profile {path}", file=sys.stderr)
+    return cost
+
+
+def sustained_ratios(rows: list[dict], threshold: float) -> dict[str, Any]:
+    """Sustained rate per policy at ``threshold`` and infercept's ratios to the others."""
+    sustained = highest_sustained_rate(rows, threshold)
+    out: dict[str, Any] = {"threshold_s_per_token": threshold, "sustained_rps": sustained}
+    if "infercept" in sustained:
+        base = sustained["infercept"]
+        out["infercept_over"] = {p: (base / r if r and not math.isnan(r) else math.nan)
+                                 for p, r in sustained.items() if p != "infercept"}
+    waste: dict[str, Any] = {}
+    for rate in sorted({r["rate"] for r in rows}):
+        at = {r["policy"]: r["waste_fraction"] for r in rows if r["rate"] == rate}
+        if "infercept" not in at:
+            continue
+        ratios = {p: (at["infercept"] / w if w > 0 else math.nan) for p, w in at.items()
+                  if p in FIXED_POLICIES}
+        waste[f"{rate:g}"] = {"infercept_waste_over": ratios,
+                              "infercept_lowest": all(at["infercept"] <= at[p] for p in ratios)}
+    out["waste"] = waste
+    return out
+
+
+def _default_threshold(rows: list[dict]) -> float:
+    """Twice the best normalized latency at the lowest rate: 'about unloaded' doubled."""
+    lowest = min(r["rate"] for r in rows)
+    values = [r["normalized_latency"] for r in rows if r["rate"] == lowest
+              and not math.isnan(r["normalized_latency"])]
+    return 2 * min(values) if values else math.nan
+
+
+def _clean(value: Any) -> Any:
+    """JSON without NaN (null instead)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _shown(row: dict) -> dict:
+    shown = dict(row)
+    for key in TABLE_COLUMNS:
+        if key.endswith("waste_fraction"):
+            shown[key] = f"{100 * row[key]:.2f}%"
+    return shown
+
+
+def _run(templates: list, args: argparse.Namespace, setup: BenchSetup, label: str,
+         timeline: list[dict] | None) -> list[dict]:
+    from tqdm import tqdm
+    total = len(args.rates) * len(args.policies)
+    rows: list[dict] = []
+    with tqdm(total=total, desc=label, unit="run", disable=args.no_progress, file=sys.stderr) as bar:
+        def on_row(row: dict) -> None:
+            bar.set_postfix_str(f"{row['policy']} @ {row['rate']:g}: "
+                                f"{row['normalized_latency']:.3g} s/tok")
+            bar.update(1)
+        timeline_of = (args.timeline_policy, max(args.rates))
+        rows.extend(run_grid(templates, args.policies, args.rates, setup, timeline_of, timeline,
+                             on_row))
+    return rows
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    templates, workload = load_templates(args)
+    cost = resolve_cost(args)
+    executor = "real" if args.calibrate else args.executor
+    setup = BenchSetup(cost=cost, duration_s=args.duration, num_device_blocks=args.num_device_blocks,
+                       max_batched_tokens=args.max_batched_tokens or cost.saturation_tokens,
+                       executor=executor, seed=args.seed, block_size=args.block_size,
+                       host_to_device_ratio=args.host_to_device_ratio,
+                       max_running_requests=args.max_running_requests, model=args.model,
+                       device=args.device, dtype=args.dtype, max_time_s=args.max_time)
+    print(f"{workload}\n{executor} executor; window {args.duration:g} s; seed {args.seed}; device "
+          f"pool {setup.num_device_blocks} blocks of {setup.block_size}, host {setup.num_host_blocks}; "
+          f"token budget {setup.max_batched_tokens}; profile {cost.name}: {cost.source}")
+    timeline: list[dict] = []
+    rows = _run(templates, args, setup, executor, timeline)
+    print(format_table([_shown(r) for r in rows], TABLE_COLUMNS))
+    print("normalized_latency: s per output token, tool time excluded; completed_rps: finished / "
+          "drained run; throughput_rps: finished within the window / window; waste: % of device "
+          "KV memory-time")
+    threshold = args.threshold if args.threshold is not None else _default_threshold(rows)
+    ratios = sustained_ratios(rows, threshold)
+    print(f"highest rate with normalized latency <= {threshold:.4g} s/token:")
+    for policy, rate in ratios["sustained_rps"].items():
+        print(f"  {policy:>9}: {rate:.3g} req/s")
+    if "infercept_over" in ratios:
+        print("infercept / other (sustained rate): " + ", ".join(
+            f"{p} {v:.2f}x" for p, v in ratios["infercept_over"].items()))
+    for rate, w in ratios["waste"].items():
+        print(f"waste at {rate} req/s: infercept / fixed = " + ", ".join(
+            f"{p} {v:.2f}" for p, v in w["infercept_waste_over"].items())
+            + f"  (infercept lowest: {w['infercept_lowest']})")
+
+    payload: dict[str, Any] = {
+        "command": " ".join(["infercept"] + sys.argv[1:]) if args.argv is None else args.argv,
+        "machine": machine_description(), "workload": workload,
+        "profile": json.loads(cost.to_json()),
+        "setup": {k: getattr(setup, k) for k in ("executor", "duration_s", "num_device_blocks",
+                                                  "num_host_blocks", "max_batched_tokens", "seed",
+                                                  "block_size", "max_running_requests", "device",
+                                                  "dtype")},
+        "rows": [{k: v for k, v in r.items() if k != "busy_steps"} for r in rows],
+        "comparison": ratios,
+        "timeline": {"policy": args.timeline_policy, "rate": max(args.rates), "samples": timeline},
+    }
+    if args.calibrate:
+        payload["calibration"] = calibrate(templates, args, setup, rows)
+    files = write_outputs(payload, rows, timeline, args, setup, out_dir, threshold)
+    for path in files:
+        print(f"wrote {path}")
+    return 0
+
+
+def calibrate(templates: list, args: argparse.Namespace, setup: BenchSetup,
+              real_rows: list[dict]) -> dict[str, Any]:
+    """Reruns the grid on the simulator (raw profile, then with the measured step overhead)."""
+    overhead_s = step_overhead_s(real_rows)
+    report: dict[str, Any] = {
+        "forward_model_error": forward_model_error(real_rows, setup.pool_cost()),
+        "step_overhead_s": overhead_s,
+        "mean_runner_s": {f"{r['policy']}@{r['rate']:g}": r["mean_runner_s"] for r in real_rows},
+        "mean_step_s": {f"{r['policy']}@{r['rate']:g}": r["mean_step_s"] for r in real_rows},
+    }
+    print(f"\ncalibration: T_fwd model vs the runner's measured step times: "
+          f"{100 * report['forward_model_error']:+.1f}%; engine overhead outside the runner "
+          f"{1e3 * overhead_s:.2f} ms per busy step")
+    for label, cost in (("profile", setup.cost), ("profile+overhead", with_step_overhead(setup.cost, overhead_s))):
+        sim_setup = BenchSetup(**{**setup.__dict__, "cost": cost, "executor": "sim", "_loaded": None})
+        sim_rows = _run(templates, args, sim_setup, f"sim ({label})", None)
+        errors = calibration_errors(real_rows, sim_rows)
+        report[label] = {"errors": errors, "sim_rows": sim_rows}
+        print(f"simulator ({label}) relative error: "
+              + "; ".join(f"{m} mean |e| {100 * errors[m]['mean_abs']:.1f}%, max {100 * errors[m]['max_abs']:.1f}%"
+                          for m in ("completed_rps", "normalized_latency")))
+        print(format_table(errors["rows"], ["policy", "rate", "real_completed_rps", "sim_completed_rps",
+                                            "completed_rps_error", "real_normalized_latency",
+                                            "sim_normalized_latency", "normalized_latency_error"]))
+    return report
+
+
+def write_outputs(payload: dict, rows: list[dict], timeline: list[dict], args: argparse.Namespace,
+                  setup: BenchSetup, out_dir: Path, threshold: float) -> list[Path]:
+    from infercept.bench.plots import plot_latency, plot_timeline, plot_waste
+    stem = args.name
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(_clean(payload), indent=1) + "\n")
+    files = [json_path,
+             plot_latency(rows, out_dir / f"{stem}_latency.png",
+                          f"normalized latency vs rate ({setup.executor})",
+                          None if math.isnan(threshold) else threshold),
+             plot_waste(rows, out_dir / f"{stem}_waste.png")]
+    if timeline:
+        files.append(plot_timeline(timeline, out_dir / f"{stem}_timeline.png",
+                                   f"memory timeline: {args.timeline_policy} at {max(args.rates):g} req/s "
+                                   f"({setup.executor})", setup.num_device_blocks))
+    return files
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    from infercept.bench.profile import ProfileRequest, describe, measure_profile
+    request = ProfileRequest(args.model, args.dtype, args.device, args.block_size,
+                             args.num_device_blocks, args.kv_capacity_tokens)
+    cost, cache_path = measure_profile(request)
+    print(describe(cost))
+    print(f"wrote {cache_path} (read by engines at start-up)")
+    if args.out:
+        cost.save(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, floats, policies) -> None:
+    """Registers `bench` and `profile` on the CLI's subparsers."""
+    bench = sub.add_parser("bench", help="the policies side by side on a workload, real or simulated")
+    source = bench.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", help="workload trace (JSON, format of shared/workloads)")
+    source.add_argument("--generate", type=int, metavar="N",
+                        help="N templates from the built-in generator of the paper's six types")
+    bench.add_argument("--executor", choices=EXECUTORS, default="sim")
+    bench.add_argument("--calibrate", action="store_true",
+                       help="run real, then sim with the measured profile; report the sim's error")
+    bench.add_argument("--rates", type=floats, default=[1.0, 2.0, 3.0, 4.0], help="req/s")
+    bench.add_argument("--policies", type=policies, default=["vllm", "discard", "preserve", "swap", "infercept"])
+    bench.add_argument("--duration", type=float, default=60.0, help="arrival window, seconds")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--context", type=int, default=None, help="scale contexts to this many tokens")
+    bench.add_argument("--time-scale", type=float, default=1.0, help="multiplies tool durations")
+    bench.add_argument("--profile", default=None,
+                       help="profile name or JSON (default: this machine's, cached or measured now)")
+    bench.add_argument("--num-device-blocks", type=int, default=64)
+    bench.add_argument("--host-to-device-ratio", type=float, default=2.0)
+    bench.add_argument("--max-batched-tokens", type=int, default=None,
+                       help="token budget per step (default: the profile's S)")
+    bench.add_argument("--max-running-requests", type=int, default=64)
+    bench.add_argument("--block-size", type=int, default=16)
+    bench.add_argument("--model", default=None, help="real mode: .gguf, HF dir or embedded SmolLM2")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32")
+    bench.add_argument("--max-time", type=float, default=None,
+                       help="real mode: cut a run after this many seconds (unfinished count as such)")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared CPU)")
+    bench.add_argument("--threshold", type=float, default=None,
+                       help="normalized latency (s/token) for the sustained-rate comparison "
+                            "(default: twice the best at the lowest rate)")
+    bench.add_argument("--timeline-policy", default="infercept",
+                       help="whose run at the highest rate gets the memory timeline")
+    bench.add_argument("--out-dir", default="bench_out")
+    bench.add_argument("--name", default="bench", help="file stem of the outputs")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(func=cmd_bench, argv=None)
+
+    prof = sub.add_parser("profile", help="measure T_fwd, T_swap and S on this machine; write the profile")
+    prof.add_argument("--model", default=None)
+    prof.add_argument("--dtype", default="float32")
+    prof.add_argument("--device", default="auto")
+    prof.add_argument("--block-size", type=int, default=16)
+    prof.add_argument("--num-device-blocks", type=int, default=400,
+                      help="scratch KV pool the measurement runs in")
+    prof.add_argument("--kv-capacity-tokens", type=int, default=None,
+                      help="device KV capacity to record (default: the scratch pool's)")
+    prof.add_argument("--threads", type=int, default=None)
+    prof.add_argument("--out", default=None, help="also write the profile here")
+    prof.set_defaults(func=cmd_profile)

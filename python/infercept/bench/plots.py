@@ -1,0 +1,81 @@
+"""PNG plots of a benchmark (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+WASTE_PARTS = (("preserve_waste_fraction", "preserved idle"),
+               ("recompute_waste_fraction", "recompute"),
+               ("swap_waste_fraction", "swap stall"))
+
+
+def plot_latency(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "",
+                 threshold: float | None = None) -> Path:
+    """Normalized latency (s per output token) against request rate, one line per policy."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        points = sorted((r["rate"], r["normalized_latency"]) for r in rows if r["policy"] == policy)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+    if threshold is not None:
+        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("normalized latency (s / output token)")
+    ax.set_title(title or "normalized latency vs request rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_waste(rows: Sequence[Mapping[str, Any]], path: Path, rate: float | None = None) -> Path:
+    """Stacked bars of the waste breakdown per policy (% of device memory-time) at one rate."""
+    rate = max(r["rate"] for r in rows) if rate is None else rate
+    chosen = [r for r in rows if r["rate"] == rate]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = [0.0] * len(chosen)
+    names = [r["policy"] for r in chosen]
+    for key, label in WASTE_PARTS:
+        values = [100 * r[key] for r in chosen]
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("waste (% of device KV memory-time)")
+    ax.set_title(f"waste breakdown at {rate:g} req/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_timeline(samples: Sequence[Mapping[str, Any]], path: Path, title: str,
+                  num_device_blocks: int) -> Path:
+    """Memory over one run: device and host KV blocks in use, requests per KV state."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    t = [s["t_s"] for s in samples]
+    top.plot(t, [s["device_used_blocks"] for s in samples], label="device KV in use")
+    top.plot(t, [s["host_used_blocks"] for s in samples], label="host KV (swapped)")
+    top.axhline(num_device_blocks, color="grey", linestyle="--", linewidth=1, label="device pool")
+    top.set_ylabel("KV blocks")
+    top.legend(loc="upper right", fontsize="small")
+    for key, label in (("num_running", "running"), ("num_preserved", "preserved"),
+                       ("num_swapped", "swapped"), ("num_discarded", "discarded / recomputing"),
+                       ("num_waiting", "waiting")):
+        bottom.step(t, [s[key] for s in samples], where="post", label=label)
+    bottom.set_xlabel("time (s)")
+    bottom.set_ylabel("requests")
+    bottom.legend(loc="upper right", fontsize="small")
+    top.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+

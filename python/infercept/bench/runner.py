@@ -1,0 +1,246 @@
+"""One benchmark grid: every policy at every rate, on the real engine or the simulator.
+
+Both executors see the same seeded Poisson arrivals of the same templates, the same pool
+sizes and token budget, and report the same row (DESIGN.md §7): metrics from per-request
+timestamps, the waste breakdown from the native ledger, and a memory timeline sampled after
+every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from infercept._core import CostModel
+from infercept.executor import SimulatedExecutor
+from infercept.metrics import RequestRecord, summarize
+from infercept.replay import ReplayEngine, simulated_config
+from infercept.workload import WorkloadRequest, poisson_arrivals
+
+EXECUTORS = ("real", "sim")
+
+
+@dataclass
+class BenchSetup:
+    """What every run of a grid shares.
+
+    Attributes:
+        cost: The cost profile: times the simulator's steps and sizes the scheduler's swap
+            budget and waste estimates (real and simulated alike).
+        duration_s: The arrival window.
+        num_device_blocks: Device KV pool, blocks.
+        max_batched_tokens: Token budget per iteration.
+        executor: 'real' (the engine on ``device``) or 'sim' (the simulated executor).
+        seed: Seeds arrivals and prompts; every policy sees the same requests at a rate.
+        block_size: Tokens per KV block.
+        host_to_device_ratio: Host (swap) pool as a multiple of the device pool.
+        max_running_requests: Requests in one batch at most.
+        model: Real mode: the model (None: the embedded SmolLM2).
+        device: Real mode: 'cpu', 'cuda', 'auto', ...
+        dtype: Real mode: weights and KV dtype.
+        max_time_s: Real mode: stop a run here even if requests are unfinished (they count as
+            unfinished); bounds a run whose scheduler stalls.
+    """
+
+    cost: CostModel
+    duration_s: float
+    num_device_blocks: int
+    max_batched_tokens: int
+    executor: str = "sim"
+    seed: int = 0
+    block_size: int = 16
+    host_to_device_ratio: float = 2.0
+    max_running_requests: int = 64
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_time_s: float | None = None
+    _loaded: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor={self.executor!r} must be one of {EXECUTORS}")
+        for name in ("duration_s", "num_device_blocks", "max_batched_tokens"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+
+    @property
+    def num_host_blocks(self) -> int:
+        return int(self.num_device_blocks * self.host_to_device_ratio)
+
+    def pool_cost(self) -> CostModel:
+        """A copy of ``cost`` sized to this setup's pool and token budget."""
+        cost = CostModel.from_json(self.cost.to_json())
+        cost.kv_capacity_tokens = self.num_device_blocks * self.block_size
+        cost.saturation_tokens = self.max_batched_tokens
+        return cost
+
+
+def _sample(t_s: float, stats: Any, num_device_blocks: int, num_host_blocks: int) -> dict:
+    """One point of the memory timeline from ``Scheduler.stats()``."""
+    return {"t_s": t_s,
+            "device_used_blocks": num_device_blocks - stats.num_free_device_blocks,
+            "host_used_blocks": num_host_blocks - stats.num_free_host_blocks,
+            "num_running": stats.num_running, "num_waiting": stats.num_waiting,
+            "num_preserved": stats.num_preserved, "num_swapped": stats.num_swapped,
+            "num_discarded": stats.num_discarded}
+
+
+def _row(policy: str, rate: float, setup: BenchSetup, records: list[RequestRecord],
+         waste: dict[str, float], end_s: float, extra: dict) -> dict:
+    capacity = waste["capacity_byte_s"] or 1.0
+    row: dict[str, Any] = {"policy": policy, "rate": rate, "executor": setup.executor}
+    row.update(summarize(records, setup.duration_s))
+    # Short windows: completions over the whole run (until drained) are the steadier rate.
+    row["completed_rps"] = row["num_finished"] / end_s if end_s > 0 else 0.0
+    row.update({
+        "waste_fraction": waste["total_byte_s"] / capacity,
+        "preserve_waste_fraction": waste["preserved_idle_byte_s"] / capacity,
+        "recompute_waste_fraction": waste["recompute_byte_s"] / capacity,
+        "swap_waste_fraction": waste["swap_stall_byte_s"] / capacity,
+        "waste": waste,
+        "end_s": end_s,
+    })
+    row.update(extra)
+    return row
+
+
+def _stalled_row(policy: str, rate: float, setup: BenchSetup, error: str) -> dict:
+    nan = float("nan")
+    row: dict[str, Any] = {"policy": policy, "rate": rate, "executor": setup.executor,
+                           "stalled": error}
+    row.update(summarize([], setup.duration_s))
+    row.update({key: nan for key in ("completed_rps", "waste_fraction", "preserve_waste_fraction",
+                                     "recompute_waste_fraction", "swap_waste_fraction")})
+    return row
+
+
+def run_sim(requests: Sequence[WorkloadRequest], policy: str, rate: float, setup: BenchSetup,
+            timeline: list[dict] | None = None) -> dict:
+    """One policy at one rate on the simulated executor (virtual clock)."""
+    cost = setup.pool_cost()
+    config = simulated_config(cost, policy, setup.block_size, setup.host_to_device_ratio,
+                              setup.max_running_requests)
+    engine = ReplayEngine(config, cost, SimulatedExecutor(cost, setup.block_size))
+    on_step = None
+    if timeline is not None:
+        def on_step(now_s: float) -> None:
+            timeline.append(_sample(now_s, engine.scheduler.stats(), config.num_device_blocks,
+                                    config.num_host_blocks))
+    try:
+        result = engine.run(requests, setup.duration_s, on_step=on_step)
+    except RuntimeError as error:  # the core's scheduler stalled: report it, keep the grid going
+        return _stalled_row(policy, rate, setup, str(error))
+    return _row(policy, rate, setup, result.records, result.waste, result.end_s, {
+        "num_steps": result.num_steps, "num_aborted": len(result.aborted),
+        "num_preemptions": result.stats["num_preemptions"],
+        "num_recomputed_tokens": result.stats["num_recomputed_tokens"],
+        "num_swap_out_blocks": result.stats["num_swap_out_blocks"]})
+
+
+class _StepClock:
+    """Wraps an engine's model runner to time what each executed plan costs.
+
+    Per executed step: (num_batched_tokens, num_context_tokens, runner seconds); the caller
+    adds the whole step's wall time, so step - runner is the engine loop's own overhead
+    (scheduling, sampling, bookkeeping) that T_fwd does not contain.
+    """
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        self.steps: list[list[float]] = []
+
+    def execute(self, plan: Any, token_ids: Any) -> Any:
+        out = self._runner.execute(plan, token_ids)
+        self.steps.append([float(plan.num_batched_tokens), float(plan.num_context_tokens),
+                           out.duration_s])
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+
+def _load(setup: BenchSetup) -> tuple[Any, Any]:
+    if setup._loaded is None:
+        from infercept.engine.config import DTYPES
+        from infercept.model import Tokenizer, load_model
+        from infercept.model.loader import resolve_model_path
+        path = resolve_model_path(setup.model)
+        setup._loaded = (load_model(path, DTYPES[setup.dtype]), Tokenizer.from_path(path))
+    return setup._loaded
+
+
+def run_real(requests: Sequence[WorkloadRequest], policy: str, rate: float, setup: BenchSetup,
+             timeline: list[dict] | None = None) -> dict:
+    """One policy at one rate on the real engine, under the wall clock.
+
+    Tools are the engine's scripted intercepts: real asynchronous waits of the trace's
+    durations that return the trace's token counts. The row adds the step timing figures
+    calibration needs: mean runner (forward + copies) and whole-step seconds of busy steps.
+    """
+    from infercept.engine import EngineConfig, LLMEngine
+    from infercept.real_replay import replay
+
+    model, tokenizer = _load(setup)
+    config = EngineConfig(model=setup.model, policy=policy, dtype=setup.dtype,
+                          block_size=setup.block_size, num_device_blocks=setup.num_device_blocks,
+                          num_host_blocks=setup.num_host_blocks,
+                          max_batched_tokens=setup.max_batched_tokens,
+                          max_running_requests=setup.max_running_requests, device=setup.device)
+    cost = setup.pool_cost()
+    busy: list[list[float]] = []  # per executed step: tokens, context, runner s, step s
+    with LLMEngine(config, model=model, tokenizer=tokenizer, cost_model=cost) as engine:
+        clock = _StepClock(engine.runner)
+        engine.runner = clock
+        last = {"t_s": 0.0, "steps": 0}
+
+        def on_tick(t_s: float) -> None:
+            if len(clock.steps) > last["steps"]:
+                busy.append(clock.steps[-1] + [t_s - last["t_s"]])
+            last["t_s"], last["steps"] = t_s, len(clock.steps)
+            if timeline is not None:
+                timeline.append(_sample(t_s, engine.scheduler.stats(), setup.num_device_blocks,
+                                        setup.num_host_blocks))
+
+        result = replay(engine, requests, setup.duration_s, seed=setup.seed, on_tick=on_tick,
+                        max_time_s=setup.max_time_s)
+        stats = engine.stats
+    num_busy = max(1, len(busy))
+    return _row(policy, rate, setup, result.records, result.waste, result.end_s, {
+        "num_steps": int(stats["num_steps"]),
+        "num_aborted": sum(r.finish_s is None for r in result.records),
+        "num_preemptions": int(stats["num_preemptions"]),
+        "num_recomputed_tokens": int(stats["num_recomputed_tokens"]),
+        "num_swap_out_blocks": int(stats["num_swap_out_blocks"]),
+        "mean_runner_s": sum(b[2] for b in busy) / num_busy,
+        "mean_step_s": sum(b[3] for b in busy) / num_busy,
+        "mean_predicted_step_s": sum(cost.step_time_s(b[0], b[1]) for b in busy) / num_busy,
+        "busy_steps": busy,
+    })
+
+
+def run_one(templates: Sequence[WorkloadRequest], policy: str, rate: float, setup: BenchSetup,
+            timeline: list[dict] | None = None) -> dict:
+    """Seeded Poisson arrivals of ``templates`` at ``rate`` under ``policy``; returns the row."""
+    requests = poisson_arrivals(templates, rate, setup.duration_s, setup.seed)
+    run = run_real if setup.executor == "real" else run_sim
+    return run(requests, policy, rate, setup, timeline)
+
+
+def run_grid(templates: Sequence[WorkloadRequest], policies: Sequence[str], rates: Sequence[float],
+             setup: BenchSetup, timeline_of: tuple[str, float] | None = None,
+             timeline: list[dict] | None = None,
+             on_row: Callable[[dict], None] | None = None) -> Iterator[dict]:
+    """Yields one row per (policy, rate), rates outermost, policies side by side.
+
+    Args:
+        timeline_of: (policy, rate) whose memory timeline is appended to ``timeline``.
+    """
+    for rate in rates:
+        for policy in policies:
+            sink = timeline if timeline_of == (policy, rate) else None
+            row = run_one(templates, policy, rate, setup, sink)
+            if on_row is not None:
+                on_row(row)
+            yield row
