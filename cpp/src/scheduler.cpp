@@ -291,10 +291,19 @@ void Scheduler::schedule_running(StepPlan& plan, int32_t& token_budget) {
 }
 
 void Scheduler::schedule_swapping_in(StepPlan& plan, int64_t& swap_in_budget_blocks) {
-  for (Request* r : swapping_in_) {
+  const BlockPool& device = kv_.pool(Tier::kDevice);
+  // By index: reclaiming may remove a lower-priority entry (never this one or those before it).
+  for (size_t i = 0; i < swapping_in_.size(); ++i) {
+    Request* r = swapping_in_[i];
     if (swap_in_budget_blocks <= 0) break;
     if (r->kv->host_blocks.empty() || r->last_action_step == step_id_) continue;
+    // A full device pool with nothing running or being freed: only paused or lower-priority
+    // contexts can give way, or the swap-in would wait forever.
+    while (device.num_free() == 0 && running_.empty() && kv_.num_device_blocks_releasing() == 0 &&
+           reclaim_intercepted(plan, r)) {
+    }
     std::vector<BlockCopy> copies = kv_.swap_in(r->id, static_cast<int32_t>(swap_in_budget_blocks));
+    if (copies.empty()) continue;
     swap_in_budget_blocks -= static_cast<int64_t>(copies.size());
     moved_.emplace_back(r->id, static_cast<int32_t>(copies.size()));
     plan.swap_in.insert(plan.swap_in.end(), copies.begin(), copies.end());
@@ -312,8 +321,15 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
 
     if (!r.kv->host_blocks.empty()) {
       // Swapped out (wholly or partly): bring it back within the swap budget.
-      int32_t num_moves = static_cast<int32_t>(std::min<int64_t>(swap_in_budget_blocks, r.kv->host_blocks.size()));
-      if (num_moves <= 0 || !device.can_allocate(num_moves)) return;
+      // A chunked swap-in takes what is free now; the rest follows as blocks free up.
+      int32_t num_moves = static_cast<int32_t>(
+          std::min<int64_t>({swap_in_budget_blocks, static_cast<int64_t>(r.kv->host_blocks.size()),
+                             static_cast<int64_t>(device.num_free())}));
+      if (num_moves <= 0) {
+        bool idle = running_.empty() && swapping_in_.empty() && kv_.num_device_blocks_releasing() == 0;
+        if (swap_in_budget_blocks > 0 && idle && reclaim_intercepted(plan, &r)) continue;
+        return;
+      }
       dequeue(r);
       r.transition(RequestState::kSwappingIn);
       insert_by_priority(swapping_in_, &r);

@@ -130,3 +130,23 @@ def test_scaled_trace_fits_a_small_context(trace_file) -> None:
     templates = scale_to_context(load_trace(trace_file), 2048)
     requests = poisson_arrivals(templates, 2.0, 30.0, seed=1)
     assert requests and all(r.max_context_tokens <= 2048 for r in requests)
+
+
+@pytest.mark.parametrize("policy", ["swap", "infercept"])
+def test_swapped_contexts_come_back_when_the_device_pool_is_full(policy):
+    # Regression: a 64-block pool under the Table 1 mix filled up with preserved and resumable
+    # contexts while the queue's head waited, swapped out, for more free blocks than existed;
+    # nothing ran and the replay stalled. Swap-ins now take what is free and reclaim paused or
+    # lower-priority contexts when nothing else can free memory.
+    from infercept import CostModel, ReplayEngine, SimulatedExecutor, simulated_config
+    from infercept.bench.generator import generate_workload
+    from infercept.workload import poisson_arrivals, scale_to_context
+
+    cost = CostModel.builtin("gptj-6b-a100")
+    cost.kv_capacity_tokens = 64 * 16
+    arrivals = poisson_arrivals(scale_to_context(generate_workload(60, 0), 1024), 2.0, 30.0, 0)
+    engine = ReplayEngine(simulated_config(cost, policy), cost, SimulatedExecutor(cost, 16),
+                          check_invariants=True)
+    result = engine.run(arrivals, 30.0)
+    assert all(r.finish_s is not None for r in result.records)
+    assert engine.scheduler.num_live_requests == 0
