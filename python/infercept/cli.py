@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
 
-    demo = sub.add_parser("demo", help="the main job: tool calls on the embedded model, then the "
+    sub.add_parser("demo", help="the main job: tool calls on the embedded model, then the "
                                        "policies side by side (see `infercept demo --help`)",
-                          add_help=False)
+                   add_help=False)  # for --help only: main() hands `demo` to its own parser
     return parser
 
 
