@@ -22,6 +22,7 @@ pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accel
 
 from infercept import (LLM, EngineConfig, LLMEngine, SamplingParams,  # noqa: E402
                        ScriptedIntercept, Tool, UnknownRequestError)
+from infercept.demo import calculator_conversation  # noqa: E402
 from infercept.model import Tokenizer, load_model  # noqa: E402
 from infercept.tools import PatternParser, calculator_tool  # noqa: E402
 from infercept.weights import InvalidWeightsError, WeightsNotFoundError  # noqa: E402
@@ -199,19 +200,8 @@ def test_concurrent_intercepts_under_memory_pressure_match_running_alone(
 
 # ---- tools -----------------------------------------------------------------------------------
 
-def _calculator_conversation(question: str) -> list[dict]:
-    """Few-shot: SmolLM2-135M follows the <tool_call> format after two worked examples."""
-    messages = [{"role": "system", "content": "You are a helpful assistant. Use the calculator tool for arithmetic."}]
-    for q, expression, result in [("What is 3 + 4?", "3 + 4", "7"), ("What is 12 * 5?", "12 * 5", "60")]:
-        call = '{"name": "calculator", "arguments": {"expression": "%s"}}' % expression
-        messages += [{"role": "user", "content": q},
-                     {"role": "assistant", "content": f"<tool_call>{call}</tool_call>"
-                                                      f"<tool_response>{result}</tool_response>The answer is {result}."}]
-    return messages + [{"role": "user", "content": question}]
-
-
 def test_server_tool_and_client_tool_give_the_same_conversation(make_engine):
-    question = _calculator_conversation("What is 37 * 91?")
+    question = calculator_conversation("What is 37 * 91?")
     params = SamplingParams(temperature=0.0, max_tokens=60)
     with LLM.from_engine(make_engine(tools=[calculator_tool()])) as llm:
         (server,) = llm.chat(question, params)

@@ -33,29 +33,8 @@ from infercept.tools import calculator_tool  # noqa: E402
 
 MODEL = "smollm2-test"
 
-CALCULATOR = {"type": "function", "function": {
-    "name": "calculator", "description": "Evaluate an arithmetic expression.",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                   "required": ["expression"]}}}
+from infercept.server.few_shot import CALCULATOR, FEW_SHOT  # noqa: E402
 
-
-def _call(expression: str) -> str:
-    return ('<tool_call>{"name": "calculator", "arguments": {"expression": "%s"}}</tool_call>'
-            % expression)
-
-
-FEW_SHOT = [
-    {"role": "system", "content": "You are a helpful assistant. To do arithmetic, call the "
-                                  "calculator tool."},
-    {"role": "user", "content": "What is 3 + 4?"},
-    {"role": "assistant", "content": _call("3 + 4")},
-    {"role": "tool", "content": "7"},
-    {"role": "assistant", "content": "The answer is 7."},
-    {"role": "user", "content": "What is 10 * 5?"},
-    {"role": "assistant", "content": _call("10 * 5")},
-    {"role": "tool", "content": "50"},
-    {"role": "assistant", "content": "The answer is 50."},
-]
 
 
 def _question(a: int, b: int) -> list[dict]:

@@ -164,15 +164,27 @@ class OpenAIServer:
 
     async def next_final(self, handle: RequestHandle, request: Request) -> Update:
         """Waits for the request to finish or pause; aborts it if the client goes away."""
-        while True:
-            try:
-                update = await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    raise ClientDisconnect() from None
-                continue
-            if update.finished or update.paused:
-                return update
+        try:
+            while True:
+                try:
+                    update = await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        raise ClientDisconnect() from None
+                    continue
+                if update.finished or update.paused:
+                    return update
+        except (ClientDisconnect, asyncio.CancelledError):
+            self.abort_for_disconnect(handle)
+            raise
+
+    @staticmethod
+    def generation_failed(update: Update) -> JSONResponse | None:
+        """The 500 response for a request the engine ended with an error, else None."""
+        if update.finish_reason != "error":
+            return None
+        return JSONResponse(p.error_body(update.error or "generation failed",
+                                         error_type="server_error"), status_code=500)
 
     def abort_for_disconnect(self, handle: RequestHandle) -> None:
         self.counters.client_disconnects += 1
@@ -209,14 +221,9 @@ class OpenAIServer:
                 self._stream_chat(handle, request, response_id, req.model, len(prompt_ids),
                                   num_cached, req.session_id, include_usage),
                 media_type="text/event-stream")
-        try:
-            update = await self.next_final(handle, request)
-        except (ClientDisconnect, asyncio.CancelledError):
-            self.abort_for_disconnect(handle)
-            raise
-        if update.finish_reason == "error":
-            return JSONResponse(p.error_body(update.error or "generation failed",
-                                             error_type="server_error"), status_code=500)
+        update = await self.next_final(handle, request)
+        if (failed := self.generation_failed(update)) is not None:
+            return failed
         answer = update.text[handle.text_offset:]
         usage = p.usage(len(prompt_ids), update.num_generated_tokens - handle.generated_offset,
                         num_cached)
@@ -341,14 +348,9 @@ class OpenAIServer:
                 self._stream_completion(handle, request, response_id, req.model, len(prompt_ids),
                                         echo, include_usage),
                 media_type="text/event-stream")
-        try:
-            update = await self.next_final(handle, request)
-        except (ClientDisconnect, asyncio.CancelledError):
-            self.abort_for_disconnect(handle)
-            raise
-        if update.finish_reason == "error":
-            return JSONResponse(p.error_body(update.error or "generation failed",
-                                             error_type="server_error"), status_code=500)
+        update = await self.next_final(handle, request)
+        if (failed := self.generation_failed(update)) is not None:
+            return failed
         usage = p.usage(len(prompt_ids), update.num_generated_tokens)
         return p.completion(response_id, req.model, echo + update.text,
                             p.FINISH_REASONS.get(update.finish_reason or "stop", "stop"), usage)
