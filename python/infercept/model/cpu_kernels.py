@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from infercept import _core
+from infercept.model.kernel_checks import check_layout
 
 
 def has_native_decode() -> bool:
@@ -28,12 +29,7 @@ def can_run_native_decode(query: torch.Tensor, key_cache: torch.Tensor,
 def _check(name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     if tensor.device.type != "cpu":
         raise ValueError(f"{name} is on {tensor.device}; the kernel reads CPU memory")
-    if tensor.dtype != dtype:
-        raise ValueError(f"{name} is {tensor.dtype}, expected {dtype}")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
-    if not tensor.is_contiguous():
-        raise ValueError(f"{name} with strides {tensor.stride()} is not contiguous")
+    check_layout(name, tensor, dtype, shape)
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor,

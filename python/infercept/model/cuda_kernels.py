@@ -12,6 +12,7 @@ import contextlib
 import torch
 
 from infercept import _core
+from infercept.model.kernel_checks import check_layout
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 HEAD_DIMS = (64, 128)
@@ -47,12 +48,7 @@ def _check(name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.d
            shape: tuple[int, ...]) -> None:
     if tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device}, expected {device}")
-    if tensor.dtype != dtype:
-        raise ValueError(f"{name} is {tensor.dtype}, expected {dtype}")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
-    if not tensor.is_contiguous():
-        raise ValueError(f"{name} with strides {tensor.stride()} is not contiguous")
+    check_layout(name, tensor, dtype, shape)
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
