@@ -37,7 +37,8 @@ from infercept._core import (
 POLICIES = [Policy.VLLM, Policy.DISCARD, Policy.PRESERVE, Policy.SWAP, Policy.INFERCEPT]
 MAX_EXAMPLES_PER_POLICY = 40
 STEP_COUNT = 200
-MAX_DRAIN_STEPS = 20_000
+# Slack on top of the steps one request can need to end once it is the oldest (see drain_limit).
+DRAIN_SLACK_STEPS = 1_000
 # Consecutive empty plans with nothing paused on a tool: the state cannot change any more.
 MAX_IDLE_STEPS = 50
 
@@ -455,21 +456,49 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     # ---- the end of an example: drain --------------------------------------------------------
 
+    def drain_limit(self) -> int:
+        """Steps within which some live request must end while draining.
+
+        Nothing arrives during the drain, so progress means requests ending. The oldest live
+        request can need a whole pool's worth of tokens in chunks of `max_batched_tokens`, plus a
+        block per step both ways through the host pool; a bound on elapsed steps instead fails
+        honest examples where one-token chunks prefill dozens of near-pool-size prompts.
+        """
+        cfg = self.config
+        max_context = cfg.num_device_blocks * cfg.block_size
+        per_request = -(-max_context // cfg.max_batched_tokens) + 2 * (cfg.num_device_blocks + cfg.num_host_blocks)
+        return 2 * per_request + DRAIN_SLACK_STEPS
+
     def teardown(self):
         if self.scheduler is None:
             return
         STEP_TOTALS["examples"] += 1
         s = self.scheduler
         idle = 0
-        for _ in range(MAX_DRAIN_STEPS):
+        limit = self.drain_limit()
+        steps_since_an_end = 0
+        num_live = len(self.live_ids())
+        while True:
             for i in self.ids_where(lambda r: r.tool_pending):
                 self.resume_one(i, 0)
             # Stop each request once it has generated a token past any intercept.
             for i in self.ids_where(lambda r: self.just_sampled(r) and r.num_generated_tokens > 0):
                 s.finish(i)
                 self.finished_by_test.add(i)
-            if not self.live_ids():
+            live = self.live_ids()
+            if not live:
                 break
+            steps_since_an_end = 0 if len(live) < num_live else steps_since_an_end + 1
+            num_live = len(live)
+            if steps_since_an_end > limit:
+                states = {
+                    i: (s.request(i).state.label, s.request(i).num_computed_tokens, s.request(i).num_tokens)
+                    for i in live
+                }
+                raise AssertionError(
+                    f"no request ended in {limit} drain steps; live (state, computed, tokens): {states}, "
+                    f"free device blocks {s.num_free_device_blocks}/{self.config.num_device_blocks}"
+                )
             plan, _ = self.step()
             if self.num_steps % 16 == 0:
                 self.core_invariants_hold()
@@ -481,8 +510,6 @@ class SchedulerMachine(RuleBasedStateMachine):
                     f"free device blocks {s.num_free_device_blocks}/{self.config.num_device_blocks}, "
                     f"free host blocks {s.num_free_host_blocks}/{self.config.num_host_blocks}"
                 )
-        else:
-            raise AssertionError(f"requests still live after {MAX_DRAIN_STEPS} drain steps: {self.live_ids()}")
         assert s.num_live_requests == 0
         assert s.num_free_device_blocks == self.config.num_device_blocks
         assert s.num_free_host_blocks == self.config.num_host_blocks
