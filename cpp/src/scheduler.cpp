@@ -394,7 +394,8 @@ bool Scheduler::make_room(Request& r, int32_t needed, StepPlan& plan) {
 }
 
 bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
-  // First the contexts whose tools are still running, longest expected wait first; then the
+  // First the contexts whose tools are still running, longest expected wait first (moved to
+  // the host whole where the policy swaps and the host has room, else discarded); then the
   // resumable ones in the queue and those swapping in, lowest priority first.
   Request* victim = nullptr;
   double longest_s = -1;
@@ -404,8 +405,10 @@ bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
     if (remaining_s > longest_s) longest_s = remaining_s, victim = r;
   }
   if (victim) {
-    victim->transition(RequestState::kDiscarded);
-    discard(*victim, &plan);
+    if (!swap_out_whole(*victim, plan)) {
+      victim->transition(RequestState::kDiscarded);
+      discard(*victim, &plan);
+    }
     return true;
   }
   for (auto it = queue_.rbegin(); it != queue_.rend(); ++it) {
@@ -427,22 +430,26 @@ bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
   return false;
 }
 
+bool Scheduler::swap_out_whole(Request& victim, StepPlan& plan) {
+  int32_t num_device_blocks = static_cast<int32_t>(victim.kv->device_blocks.size());
+  bool can_swap = (config_.policy == Policy::kSwap || config_.policy == Policy::kInfercept) &&
+                  num_device_blocks > 0 && kv_.pool(Tier::kHost).can_allocate(num_device_blocks);
+  if (!can_swap) return false;
+  // The whole context at once: memory pressure is an emergency and cannot wait for a budget.
+  if (victim.state != RequestState::kSwappingOut) victim.transition(RequestState::kSwappingOut);
+  std::vector<BlockCopy> copies = kv_.swap_out(victim.id, num_device_blocks);
+  moved_.emplace_back(victim.id, num_device_blocks);
+  plan.swap_out.insert(plan.swap_out.end(), copies.begin(), copies.end());
+  victim.last_action_step = step_id_;
+  return true;
+}
+
 void Scheduler::preempt(Request& victim, StepPlan& plan) {
   remove_running(victim);
   ++victim.num_preemptions;
   ++totals_.num_preemptions;
   plan.preempted.push_back(victim.id);
-  int32_t num_device_blocks = static_cast<int32_t>(victim.kv->device_blocks.size());
-  bool can_swap = (config_.policy == Policy::kSwap || config_.policy == Policy::kInfercept) &&
-                  num_device_blocks > 0 && kv_.pool(Tier::kHost).can_allocate(num_device_blocks);
-  if (can_swap) {
-    // The whole context at once: preemption is an emergency and cannot wait for a budget.
-    victim.transition(RequestState::kSwappingOut);
-    std::vector<BlockCopy> copies = kv_.swap_out(victim.id, num_device_blocks);
-    moved_.emplace_back(victim.id, num_device_blocks);
-    plan.swap_out.insert(plan.swap_out.end(), copies.begin(), copies.end());
-    victim.last_action_step = step_id_;
-  } else {
+  if (!swap_out_whole(victim, plan)) {
     victim.transition(RequestState::kDiscarded);
     discard(victim, &plan);
   }

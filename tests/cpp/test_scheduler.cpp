@@ -357,6 +357,27 @@ TEST(MemoryPressure, IdlePreservedContextGivesWayToANewRequest) {
   EXPECT_EQ(sim.s.stats().num_recomputed_tokens, 6 * kBlockSize);
 }
 
+TEST(MemoryPressure, MinWasteMovesAPreservedContextToTheHostRatherThanDiscardingIt) {
+  // A short tool call is preserved; when a new request then needs the memory and the host has
+  // room, the context goes to the host whole and comes back without recompute.
+  constexpr int32_t kNumDeviceBlocks = 8;
+  Sim sim{make_config(Policy::kInfercept, kNumDeviceBlocks)};
+  RequestId paused = sim.s.add_request(6 * kBlockSize, 0);
+  sim.run_until_sampled(paused);
+  sim.s.intercept(paused, sim.now_s, 1e-4);
+  ASSERT_EQ(sim.request(paused).state, RequestState::kPreserved);
+  RequestId next = sim.s.add_request(4 * kBlockSize, sim.now_s, /*generated_token_limit=*/2);
+  Sim::Step st = sim.step();
+  EXPECT_FALSE(contains(st.plan.discarded, paused));
+  EXPECT_EQ(st.plan.swap_out.size(), 6u);  // the computed prompt; its sampled token is not computed yet
+  sim.run_until([&] { return sim.request(next).state == RequestState::kFinished; });
+  EXPECT_EQ(sim.request(paused).state, RequestState::kSwapped);
+  sim.s.resume(paused, 3, sim.now_s);
+  sim.run_until_sampled(paused, 2);
+  EXPECT_EQ(sim.s.stats().num_recomputed_tokens, 0);
+  EXPECT_EQ(sim.request(paused).num_preemptions, 0);
+}
+
 // ---- (d) policy semantics -----------------------------------------------------------------
 
 struct ResumeOrderCase {

@@ -133,6 +133,9 @@ class Scheduler {
   // Discards one paused context holding device blocks (never `keep`); false when none is left.
   bool reclaim_intercepted(StepPlan& plan, const Request* keep);
   void preempt(Request& victim, StepPlan& plan);
+  // swap and infercept: moves all of `victim`'s device blocks to the host in this step if the
+  // host pool has room; false (nothing done) otherwise.
+  bool swap_out_whole(Request& victim, StepPlan& plan);
   // N_i in blocks for the batch planned so far (at least one block, so swaps always progress).
   int64_t swap_budget_blocks(const StepPlan& plan) const;
   int32_t num_blocks(int64_t num_tokens) const;

@@ -272,7 +272,8 @@ def add_parsers(sub: argparse._SubParsersAction, floats, policies) -> None:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--max-time", type=float, default=None,
-                       help="real mode: cut a run after this many seconds (unfinished count as such)")
+                       help="cut a run after this many (real or virtual) seconds; unfinished "
+                            "requests count as such")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared CPU)")
     bench.add_argument("--threshold", type=float, default=None,
                        help="normalized latency (s/token) for the sustained-rate comparison "

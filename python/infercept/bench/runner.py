@@ -39,8 +39,9 @@ class BenchSetup:
         model: Real mode: the model (None: the embedded SmolLM2).
         device: Real mode: 'cpu', 'cuda', 'auto', ...
         dtype: Real mode: weights and KV dtype.
-        max_time_s: Real mode: stop a run here even if requests are unfinished (they count as
-            unfinished); bounds a run whose scheduler stalls.
+        max_time_s: Stop a run here even if requests are unfinished (they count as
+            unfinished): bounds a run whose scheduler stalls in real mode, and cuts a simulated
+            run at the same (virtual) time so the two stay comparable.
     """
 
     cost: CostModel
@@ -129,7 +130,7 @@ def run_sim(requests: Sequence[WorkloadRequest], policy: str, rate: float, setup
             timeline.append(_sample(now_s, engine.scheduler.stats(), config.num_device_blocks,
                                     config.num_host_blocks))
     try:
-        result = engine.run(requests, setup.duration_s, on_step=on_step)
+        result = engine.run(requests, setup.duration_s, max_time_s=setup.max_time_s, on_step=on_step)
     except RuntimeError as error:  # the core's scheduler stalled: report it, keep the grid going
         return _stalled_row(policy, rate, setup, str(error))
     return _row(policy, rate, setup, result.records, result.waste, result.end_s, {
