@@ -105,7 +105,7 @@ class ReplayEngine:
                     raise RuntimeError(
                         f"replay stalled at t={now_s:.3f}s with {core.num_live_requests} live requests "
                         "and nothing schedulable; this is a scheduler bug")
-                now_s = max(now_s, events[0][0])
+                now_s = min(max(now_s, events[0][0]), limit_s)  # idle until the next event or the cut
                 continue
             result = self._executor.execute(plan)
             now_s += result.duration_s
