@@ -149,14 +149,6 @@ void CudaSwapEngine::synchronize_quietly() {
   is_step_in_flight_ = false;
 }
 
-void CudaSwapEngine::check_layer(const char* what, int32_t layer) const {
-  if (layer < 0 || layer >= config_.num_layers) {
-    throw InvalidArgumentError(std::string(what) + ": layer=" + std::to_string(layer) +
-                               " is out of range: the engine has layers 0.." +
-                               std::to_string(config_.num_layers - 1));
-  }
-}
-
 std::byte* CudaSwapEngine::host_layer(int32_t layer, bool is_value, bool is_mapped) const {
   const size_t index = (static_cast<size_t>(layer) * 2 + (is_value ? 1 : 0)) * config_.num_host_blocks;
   return (is_mapped ? host_pool_device_ : host_pool_) + index * static_cast<size_t>(config_.block_bytes);
@@ -170,7 +162,7 @@ void CudaSwapEngine::set_compute_stream(std::uintptr_t stream) {
 }
 
 void CudaSwapEngine::register_device_layer(int32_t layer, void* key_ptr, void* value_ptr) {
-  check_layer("register_device_layer", layer);
+  check_layer(config_, "register_device_layer", layer);
   if (key_ptr == nullptr || value_ptr == nullptr) {
     throw InvalidArgumentError("register_device_layer: layer " + std::to_string(layer) +
                                " got a null " + (key_ptr == nullptr ? "key" : "value") + " pointer");
@@ -304,7 +296,7 @@ void CudaSwapEngine::begin_step(const std::vector<BlockCopy>& swap_out,
 }
 
 void CudaSwapEngine::wait_layer(int32_t layer) {
-  check_layer("wait_layer", layer);
+  check_layer(config_, "wait_layer", layer);
   if (!is_step_in_flight_ || !has_swap_in_ || has_waited_[layer]) return;
   INFERCEPT_CUDA_CHECK(cudaEventRecord(compute_at_wait_[layer], compute_stream_));
   INFERCEPT_CUDA_CHECK(cudaStreamWaitEvent(compute_stream_, swap_in_done_[layer], 0));
@@ -354,7 +346,7 @@ SwapStepStats CudaSwapEngine::finish_step() {
 }
 
 const std::byte* CudaSwapEngine::host_block_ptr(int32_t layer, bool is_value, BlockId block) const {
-  check_layer("host_block_ptr", layer);
+  check_layer(config_, "host_block_ptr", layer);
   if (block < 0 || block >= config_.num_host_blocks) {
     throw InvalidArgumentError("host_block_ptr: block=" + std::to_string(block) +
                                " is not a host block: the host pool holds blocks 0.." +

@@ -71,7 +71,6 @@ class CudaSwapEngine : public SwapEngine {
   // Base of a layer's K or V host blocks: the host address, or the mapped device address.
   std::byte* host_layer(int32_t layer, bool is_value, bool is_mapped) const;
   void release();
-  void check_layer(const char* what, int32_t layer) const;
   void launch_copies(cudaStream_t stream, const int32_t* pairs, int32_t num_pairs, bool to_host);
   void synchronize_quietly();
 

@@ -46,14 +46,6 @@ CpuSwapEngine::~CpuSwapEngine() {
   worker_.join();  // the worker finishes a job it holds before it sees is_stopping_
 }
 
-void CpuSwapEngine::check_layer(const char* what, int32_t layer) const {
-  if (layer < 0 || layer >= config_.num_layers) {
-    throw InvalidArgumentError(std::string(what) + ": layer=" + std::to_string(layer) +
-                               " is out of range: the engine has layers 0.." +
-                               std::to_string(config_.num_layers - 1));
-  }
-}
-
 std::byte* CpuSwapEngine::host_block(int32_t layer, bool is_value, BlockId block) const {
   const size_t index = (static_cast<size_t>(layer) * 2 + (is_value ? 1 : 0)) * config_.num_host_blocks + block;
   return host_pool_.get() + index * static_cast<size_t>(config_.block_bytes);
@@ -65,7 +57,7 @@ std::byte* CpuSwapEngine::device_block(int32_t layer, bool is_value, BlockId blo
 }
 
 void CpuSwapEngine::register_device_layer(int32_t layer, void* key_ptr, void* value_ptr) {
-  check_layer("register_device_layer", layer);
+  check_layer(config_, "register_device_layer", layer);
   if (key_ptr == nullptr || value_ptr == nullptr) {
     throw InvalidArgumentError("register_device_layer: layer " + std::to_string(layer) +
                                " got a null " + (key_ptr == nullptr ? "key" : "value") + " pointer");
@@ -118,7 +110,7 @@ void CpuSwapEngine::begin_step(const std::vector<BlockCopy>& swap_out,
 }
 
 void CpuSwapEngine::wait_layer(int32_t layer) {
-  check_layer("wait_layer", layer);
+  check_layer(config_, "wait_layer", layer);
   std::unique_lock<std::mutex> lock(mutex_);
   if (!is_step_in_flight_) return;
   auto is_ready = [&] { return num_layers_done_ > layer || error_ != nullptr; };
@@ -166,7 +158,7 @@ SwapCounters CpuSwapEngine::counters() const {
 }
 
 const std::byte* CpuSwapEngine::host_block_ptr(int32_t layer, bool is_value, BlockId block) const {
-  check_layer("host_block_ptr", layer);
+  check_layer(config_, "host_block_ptr", layer);
   if (block < 0 || block >= config_.num_host_blocks) {
     throw InvalidArgumentError("host_block_ptr: block=" + std::to_string(block) +
                                " is not a host block: the host pool holds blocks 0.." +

@@ -95,6 +95,13 @@ std::vector<CopyRun> coalesce_copies(const std::vector<BlockCopy>& copies) {
   return runs;
 }
 
+void check_layer(const SwapEngineConfig& config, const char* what, int32_t layer) {
+  if (layer < 0 || layer >= config.num_layers) {
+    throw InvalidArgumentError(std::string(what) + ": layer=" + std::to_string(layer) +
+                               " is out of range: the engine has layers 0.." + std::to_string(config.num_layers - 1));
+  }
+}
+
 void check_swap_step(const SwapEngineConfig& config, const std::vector<BlockCopy>& swap_out,
                      const std::vector<BlockCopy>& swap_in) {
   for (size_t i = 0; i < swap_out.size(); ++i) {

@@ -50,7 +50,6 @@ class CpuSwapEngine : public SwapEngine {
 
   std::byte* host_block(int32_t layer, bool is_value, BlockId block) const;
   std::byte* device_block(int32_t layer, bool is_value, BlockId block) const;
-  void check_layer(const char* what, int32_t layer) const;
   void run_worker();
 
   std::unique_ptr<std::byte[], AlignedFree> host_pool_;

@@ -85,6 +85,10 @@ std::vector<CopyRun> coalesce_copies(const std::vector<BlockCopy>& copies);
 void check_swap_step(const SwapEngineConfig& config, const std::vector<BlockCopy>& swap_out,
                      const std::vector<BlockCopy>& swap_in);
 
+/// Throws InvalidArgumentError naming `what`, the layer and the range unless
+/// 0 <= layer < config.num_layers.
+void check_layer(const SwapEngineConfig& config, const char* what, int32_t layer);
+
 /// Moves KV blocks between the device cache and the engine's host pool, one layer at a time.
 /// Not thread-safe across callers: one thread (the model runner) drives a step; counters() may
 /// be read from any thread.
