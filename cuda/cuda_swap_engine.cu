@@ -346,12 +346,7 @@ SwapStepStats CudaSwapEngine::finish_step() {
 }
 
 const std::byte* CudaSwapEngine::host_block_ptr(int32_t layer, bool is_value, BlockId block) const {
-  check_layer(config_, "host_block_ptr", layer);
-  if (block < 0 || block >= config_.num_host_blocks) {
-    throw InvalidArgumentError("host_block_ptr: block=" + std::to_string(block) +
-                               " is not a host block: the host pool holds blocks 0.." +
-                               std::to_string(config_.num_host_blocks - 1));
-  }
+  check_host_block(config_, "host_block_ptr", layer, block);
   return host_layer(layer, is_value, false) + static_cast<size_t>(block) * static_cast<size_t>(config_.block_bytes);
 }
 

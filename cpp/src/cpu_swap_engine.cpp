@@ -158,12 +158,7 @@ SwapCounters CpuSwapEngine::counters() const {
 }
 
 const std::byte* CpuSwapEngine::host_block_ptr(int32_t layer, bool is_value, BlockId block) const {
-  check_layer(config_, "host_block_ptr", layer);
-  if (block < 0 || block >= config_.num_host_blocks) {
-    throw InvalidArgumentError("host_block_ptr: block=" + std::to_string(block) +
-                               " is not a host block: the host pool holds blocks 0.." +
-                               std::to_string(config_.num_host_blocks - 1));
-  }
+  check_host_block(config_, "host_block_ptr", layer, block);
   return host_block(layer, is_value, block);
 }
 

@@ -102,6 +102,15 @@ void check_layer(const SwapEngineConfig& config, const char* what, int32_t layer
   }
 }
 
+void check_host_block(const SwapEngineConfig& config, const char* what, int32_t layer, BlockId block) {
+  check_layer(config, what, layer);
+  if (block < 0 || block >= config.num_host_blocks) {
+    throw InvalidArgumentError(std::string(what) + ": block=" + std::to_string(block) +
+                               " is not a host block: the host pool holds blocks 0.." +
+                               std::to_string(config.num_host_blocks - 1));
+  }
+}
+
 void check_swap_step(const SwapEngineConfig& config, const std::vector<BlockCopy>& swap_out,
                      const std::vector<BlockCopy>& swap_in) {
   for (size_t i = 0; i < swap_out.size(); ++i) {

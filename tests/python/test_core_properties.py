@@ -456,6 +456,14 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     # ---- the end of an example: drain --------------------------------------------------------
 
+    def live_summary(self) -> str:
+        """The live requests (state, computed, tokens) and the free device blocks, for failures."""
+        s = self.scheduler
+        live = {i: (s.request(i).state.label, s.request(i).num_computed_tokens, s.request(i).num_tokens)
+                for i in self.live_ids()}
+        return (f"live requests (state, computed, tokens): {live}, "
+                f"free device blocks {s.num_free_device_blocks}/{self.config.num_device_blocks}")
+
     def drain_limit(self) -> int:
         """Steps within which some live request must end while draining.
 
@@ -491,23 +499,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             steps_since_an_end = 0 if len(live) < num_live else steps_since_an_end + 1
             num_live = len(live)
             if steps_since_an_end > limit:
-                states = {
-                    i: (s.request(i).state.label, s.request(i).num_computed_tokens, s.request(i).num_tokens)
-                    for i in live
-                }
-                raise AssertionError(
-                    f"no request ended in {limit} drain steps; live (state, computed, tokens): {states}, "
-                    f"free device blocks {s.num_free_device_blocks}/{self.config.num_device_blocks}"
-                )
+                raise AssertionError(f"no request ended in {limit} drain steps; {self.live_summary()}")
             plan, _ = self.step()
             if self.num_steps % 16 == 0:
                 self.core_invariants_hold()
             idle = idle + 1 if plan.is_empty() else 0
             if idle >= MAX_IDLE_STEPS:
-                states = {i: s.request(i).state.label for i in self.live_ids()}
                 raise AssertionError(
-                    f"no progress for {idle} steps with nothing paused on a tool; live requests: {states}, "
-                    f"free device blocks {s.num_free_device_blocks}/{self.config.num_device_blocks}, "
+                    f"no progress for {idle} steps with nothing paused on a tool; {self.live_summary()}, "
                     f"free host blocks {s.num_free_host_blocks}/{self.config.num_host_blocks}"
                 )
         assert s.num_live_requests == 0

@@ -130,7 +130,8 @@ class Scheduler {
   // Frees device blocks for `needed` (discarding idle paused contexts, then preempting running
   // requests below `r` in priority). Returns false when `r` must wait.
   bool make_room(Request& r, int32_t needed, StepPlan& plan);
-  // Discards one paused context holding device blocks (never `keep`); false when none is left.
+  // Frees one paused context's device blocks (never `keep`'s): swapped out whole where the
+  // policy swaps and the host has room, else discarded; false when none is left.
   bool reclaim_intercepted(StepPlan& plan, const Request* keep);
   void preempt(Request& victim, StepPlan& plan);
   // swap and infercept: moves all of `victim`'s device blocks to the host in this step if the

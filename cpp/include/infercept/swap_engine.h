@@ -89,6 +89,10 @@ void check_swap_step(const SwapEngineConfig& config, const std::vector<BlockCopy
 /// 0 <= layer < config.num_layers.
 void check_layer(const SwapEngineConfig& config, const char* what, int32_t layer);
 
+/// check_layer, then throws InvalidArgumentError naming `what`, the block and the host pool's
+/// range unless 0 <= block < config.num_host_blocks.
+void check_host_block(const SwapEngineConfig& config, const char* what, int32_t layer, BlockId block);
+
 /// Moves KV blocks between the device cache and the engine's host pool, one layer at a time.
 /// Not thread-safe across callers: one thread (the model runner) drives a step; counters() may
 /// be read from any thread.
