@@ -102,3 +102,18 @@ def test_bench_sim_end_to_end_writes_json_and_plots(tmp_path, capsys) -> None:
     for name in ("t_latency.png", "t_waste.png", "t_timeline.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "highest rate" in capsys.readouterr().out
+
+
+def test_max_time_cuts_a_simulated_run_at_the_same_virtual_time() -> None:
+    """--max-time applies to simulated runs too, so they compare with cut real runs."""
+    from infercept.bench.runner import BenchSetup, run_one
+
+    templates = generate_workload(30, seed=0)
+    setup = BenchSetup(cost=CostModel.builtin("gptj-6b-a100"), duration_s=20, num_device_blocks=400,
+                       max_batched_tokens=256)
+    full = run_one(templates, "preserve", 1.0, setup)
+    assert full["num_finished"] == full["num_requests"] > 0
+    cut_s = full["end_s"] / 2
+    cut = run_one(templates, "preserve", 1.0, BenchSetup(**{**setup.__dict__, "max_time_s": cut_s}))
+    assert cut["end_s"] <= cut_s + 1.0  # the step that crosses the cut still completes
+    assert cut["num_finished"] < full["num_finished"]
