@@ -60,8 +60,9 @@ bool can_transition(RequestState from, RequestState to) {
     case S::kDiscarded:
       return to == S::kRecomputing || to == S::kRunning || to == S::kWaiting;
     case S::kSwappingIn:
-      // Back to recomputing when it was preempted halfway through a recompute.
-      return to == S::kRunning || to == S::kRecomputing || to == S::kDiscarded;
+      // Back to recomputing when it was preempted halfway through a recompute; back out to the
+      // host when memory pressure evicts it before it has fully arrived.
+      return to == S::kRunning || to == S::kRecomputing || to == S::kDiscarded || to == S::kSwappingOut;
     default:
       return false;
   }

@@ -394,9 +394,9 @@ bool Scheduler::make_room(Request& r, int32_t needed, StepPlan& plan) {
 }
 
 bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
-  // First the contexts whose tools are still running, longest expected wait first (moved to
-  // the host whole where the policy swaps and the host has room, else discarded); then the
-  // resumable ones in the queue and those swapping in, lowest priority first.
+  // First the contexts whose tools are still running, longest expected wait first; then the
+  // resumable ones in the queue and those swapping in, lowest priority first. Each is evicted:
+  // moved to the host whole where the policy swaps and the host has room, else discarded.
   Request* victim = nullptr;
   double longest_s = -1;
   for (Request* r : intercepted_) {
@@ -405,29 +405,30 @@ bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
     if (remaining_s > longest_s) longest_s = remaining_s, victim = r;
   }
   if (victim) {
-    if (!swap_out_whole(*victim, plan)) {
-      victim->transition(RequestState::kDiscarded);
-      discard(*victim, &plan);
-    }
+    evict(*victim, plan);
     return true;
   }
   for (auto it = queue_.rbegin(); it != queue_.rend(); ++it) {
     Request& r = get(it->second);
     if (&r == keep || r.kv->device_blocks.empty() || r.last_action_step == step_id_) continue;
-    r.transition(RequestState::kDiscarded);
-    discard(r, &plan);
+    evict(r, plan);  // stays queued, by its original arrival
     return true;
   }
   for (auto it = swapping_in_.rbegin(); it != swapping_in_.rend(); ++it) {
     Request& r = **it;
     if (&r == keep || r.kv->device_blocks.empty() || r.last_action_step == step_id_) continue;
     erase_from(swapping_in_, &r);
-    r.transition(RequestState::kDiscarded);
-    discard(r, &plan);
+    evict(r, plan);
     enqueue(r);
     return true;
   }
   return false;
+}
+
+void Scheduler::evict(Request& victim, StepPlan& plan) {
+  if (swap_out_whole(victim, plan)) return;
+  victim.transition(RequestState::kDiscarded);
+  discard(victim, &plan);
 }
 
 bool Scheduler::swap_out_whole(Request& victim, StepPlan& plan) {
@@ -449,10 +450,7 @@ void Scheduler::preempt(Request& victim, StepPlan& plan) {
   ++victim.num_preemptions;
   ++totals_.num_preemptions;
   plan.preempted.push_back(victim.id);
-  if (!swap_out_whole(victim, plan)) {
-    victim.transition(RequestState::kDiscarded);
-    discard(victim, &plan);
-  }
+  evict(victim, plan);
   enqueue(victim);
 }
 

@@ -54,6 +54,7 @@ const std::set<std::pair<S, S>> kLegal = {
     {S::kSwappingIn, S::kRunning},
     {S::kSwappingIn, S::kRecomputing},
     {S::kSwappingIn, S::kDiscarded},
+    {S::kSwappingIn, S::kSwappingOut},
 };
 
 bool is_live(S state) { return state != S::kFinished && state != S::kAborted; }

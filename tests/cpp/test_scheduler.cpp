@@ -378,6 +378,35 @@ TEST(MemoryPressure, MinWasteMovesAPreservedContextToTheHostRatherThanDiscarding
   EXPECT_EQ(sim.request(paused).num_preemptions, 0);
 }
 
+TEST(MemoryPressure, AResumableContextThatGivesWayGoesToTheHostRatherThanBeingDiscarded) {
+  // Two paused requests return from their tools at once. The earlier arrival heads the queue
+  // and needs memory that the later one's preserved context holds; with host room, that
+  // context is moved to the host and comes back later without recompute.
+  constexpr int32_t kNumDeviceBlocks = 8;
+  Sim sim{make_config(Policy::kInfercept, kNumDeviceBlocks)};
+  RequestId early = sim.s.add_request(3 * kBlockSize, 0, /*generated_token_limit=*/4);
+  RequestId late = sim.s.add_request(5 * kBlockSize, 0.001, /*generated_token_limit=*/4);
+  sim.run_until([&] {
+    return sim.request(early).num_generated_tokens >= 1 && sim.request(late).num_generated_tokens >= 1;
+  });
+  sim.s.intercept(early, sim.now_s, 30);   // long enough to leave the device
+  sim.s.intercept(late, sim.now_s, 1e-4);  // short: preserved
+  sim.step();
+  ASSERT_TRUE(sim.request(early).kv->device_blocks.empty()) << to_string(sim.request(early).state);
+  ASSERT_EQ(sim.request(late).state, RequestState::kPreserved);
+  const int64_t recomputed_before = sim.s.stats().num_recomputed_tokens;
+  // Both return; the early one wants its context plus 20 tool tokens back: more than is free.
+  sim.s.resume(early, 20, sim.now_s);
+  sim.s.resume(late, 3, sim.now_s);
+  sim.run_until([&] { return sim.s.num_live_requests() == 0; });
+  EXPECT_EQ(sim.request(early).state, RequestState::kFinished);
+  EXPECT_EQ(sim.request(late).state, RequestState::kFinished);
+  EXPECT_GT(sim.s.stats().num_swap_out_blocks, 0) << "late was meant to give way";
+  // Both contexts came back from the host; discarding the late one would recompute 80 tokens.
+  EXPECT_EQ(sim.s.stats().num_recomputed_tokens - recomputed_before, 0);
+  EXPECT_EQ(sim.num_free(Tier::kDevice), kNumDeviceBlocks);
+}
+
 // ---- (d) policy semantics -----------------------------------------------------------------
 
 struct ResumeOrderCase {

@@ -127,7 +127,7 @@ class Scheduler {
   void decide_intercepted(StepPlan& plan);  // intercept_policy.cpp: the policies' choices
 
   void add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan);
-  // Frees device blocks for `needed` (discarding idle paused contexts, then preempting running
+  // Frees device blocks for `needed` (evicting idle paused contexts, then preempting running
   // requests below `r` in priority). Returns false when `r` must wait.
   bool make_room(Request& r, int32_t needed, StepPlan& plan);
   // Frees one paused context's device blocks (never `keep`'s): swapped out whole where the
@@ -137,6 +137,8 @@ class Scheduler {
   // swap and infercept: moves all of `victim`'s device blocks to the host in this step if the
   // host pool has room; false (nothing done) otherwise.
   bool swap_out_whole(Request& victim, StepPlan& plan);
+  // Frees `victim`'s device blocks: swap_out_whole() if it can, else discards the context.
+  void evict(Request& victim, StepPlan& plan);
   // N_i in blocks for the batch planned so far (at least one block, so swaps always progress).
   int64_t swap_budget_blocks(const StepPlan& plan) const;
   int32_t num_blocks(int64_t num_tokens) const;
