@@ -17,13 +17,24 @@ void Scheduler::account_time(double now_s) {
   const double bytes_per_token = static_cast<double>(cost_.kv_bytes_per_token);
   ledger_.capacity_byte_s +=
       static_cast<double>(config_.num_device_blocks) * config_.block_size * bytes_per_token * elapsed_s;
-  // Paused contexts whose tools are still running hold device memory that serves no one.
+  // Paused contexts whose tools are still running hold device memory that serves no one ...
+  auto charge = [&](Request& r, int32_t num_tokens) {
+    double waste = num_tokens * bytes_per_token * elapsed_s;
+    r.waste.preserved_idle_byte_s += waste;
+    ledger_.waste.preserved_idle_byte_s += waste;
+  };
   for (Request* r : intercepted_) {
     int32_t device_tokens = r->kv->num_device_tokens(config_.block_size);
-    if (device_tokens == 0) continue;
-    double waste = device_tokens * bytes_per_token * elapsed_s;
-    r->waste.preserved_idle_byte_s += waste;
-    ledger_.waste.preserved_idle_byte_s += waste;
+    if (device_tokens > 0) charge(*r, device_tokens);
+  }
+  // ... and so do the blocks this step copies out for them: they are freed when the step ends.
+  // (A paused context only ever moves out, once per step; the moved blocks lead its host part,
+  // and only the context's last block can be partial.)
+  for (const auto& [id, num_blocks] : moved_) {
+    auto it = requests_.find(id);
+    if (it == requests_.end() || !it->second.tool_pending) continue;
+    const BlockTable& t = *it->second.kv;
+    charge(it->second, std::min(num_blocks * config_.block_size, t.num_tokens - t.num_device_tokens(config_.block_size)));
   }
 }
 

@@ -128,6 +128,24 @@ TEST(WasteAccounting, PreservedContextIsChargedItsMemoryForTheIdleTime) {
   expect_near_relative(s.ledger().waste_fraction(), 32000.0 / 1034240);
 }
 
+TEST(WasteAccounting, BlocksBeingCopiedOutAreChargedUntilTheStepThatMovesThemEnds) {
+  // Swapping does not free memory at once: the blocks stay occupied while the step copies
+  // them, so a swap-out costs one step of the context, like preserving it for that step.
+  Scheduler s(config_for(Policy::kSwap), round_model());
+  RequestId r = s.add_request(kPromptTokens + 3, 0);  // two full blocks and a partial one
+  StepPlan prefill = s.schedule(0);
+  s.update(prefill, {0.01}, 0.01);
+  s.intercept(r, 0.01);
+  StepPlan step = s.schedule(0.01);
+  ASSERT_EQ(step.swap_out.size(), 3u);
+  s.update(step, {/*duration_s=*/0.5}, 0.51);
+  // 35 tokens * 1000 B * 0.5 s = 17,500 B*s; once on the host, nothing more.
+  expect_near_relative(s.request(r).waste.preserved_idle_byte_s, 17500);
+  StepPlan idle = s.schedule(1.51);
+  s.update(idle, {0}, 1.51);
+  expect_near_relative(s.ledger().waste.preserved_idle_byte_s, 17500);
+}
+
 TEST(WasteAccounting, RecomputeIsChargedItsRebuiltMemoryAndTheDelayItCauses) {
   Scheduler s(config_for(Policy::kDiscard), round_model());
   RequestId r = s.add_request(kPromptTokens, 0);
