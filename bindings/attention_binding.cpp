@@ -11,11 +11,6 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* address(std::uintptr_t ptr) {
-  return reinterpret_cast<T*>(ptr);
-}
-
 void paged_decode_attention(std::uintptr_t out_ptr, std::uintptr_t query_ptr,
                             std::uintptr_t key_cache_ptr, std::uintptr_t value_cache_ptr,
                             std::uintptr_t block_tables_ptr, std::uintptr_t context_lens_ptr,

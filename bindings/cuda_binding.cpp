@@ -31,11 +31,6 @@ DType parse_dtype(const std::string& name) {
 
 cudaStream_t to_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
-template <typename T>
-T* address(std::uintptr_t ptr) {
-  return reinterpret_cast<T*>(ptr);
-}
-
 void write_kv_cache(std::uintptr_t key_ptr, std::uintptr_t value_ptr, std::uintptr_t key_cache_ptr,
                     std::uintptr_t value_cache_ptr, std::uintptr_t slot_mapping_ptr, int64_t num_tokens,
                     int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,

@@ -1,13 +1,13 @@
 #pragma once
 // Waste accounting: device memory-time (byte-seconds) per category, added every step, so the
-// engine can say how much of its memory went to idle preserved contexts, recomputation and
+// engine can say how much of its memory went to paused contexts, recomputation and
 // swap stalls, against the total capacity over the same time.
 
 namespace infercept {
 
 /// Byte-seconds of device memory wasted, by cause.
 struct WasteCounters {
-  double preserved_idle_byte_s = 0;  // KV of paused requests held on the device
+  double preserved_idle_byte_s = 0;  // KV of paused requests held on the device (or copying out)
   double recompute_byte_s = 0;       // rebuilding discarded KV: its memory and the batch it delays
   double swap_stall_byte_s = 0;      // the batch's memory while the forward waits on a copy
 

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-WASTE_PARTS = (("preserve_waste_fraction", "preserved idle"),
+WASTE_PARTS = (("preserve_waste_fraction", "paused on device"),
                ("recompute_waste_fraction", "recompute"),
                ("swap_waste_fraction", "swap stall"))
 
