@@ -101,6 +101,14 @@ void bind_cost(py::module_& m) {
       .def_readwrite("name", &CostModel::name)
       .def_readwrite("source", &CostModel::source)
       .def_readwrite("forward", &CostModel::forward)
+      .def_property(
+          "forward_points", [](const CostModel& c) { return c.forward_points; },
+          [](CostModel& c, const std::vector<std::pair<double, double>>& points) {
+            CostModel::check_forward_points(points);
+            c.forward_points = points;
+          },
+          "Measured T_fwd (num_batched_tokens, seconds), attention removed, ascending; with two or more, "
+          "forward_time_s interpolates them instead of using the affine fit.")
       .def_readwrite("swap", &CostModel::swap)
       .def_readwrite("kv_bytes_per_token", &CostModel::kv_bytes_per_token)
       .def_readwrite("saturation_tokens", &CostModel::saturation_tokens)

@@ -43,6 +43,23 @@ AffineFit fit_from_json(const json& j, const char* field) {
   return fit;
 }
 
+// forward_points: [[num_tokens, seconds], ...], checked by CostModel::check_forward_points.
+std::vector<std::pair<double, double>> points_from_json(const json& j) {
+  std::vector<std::pair<double, double>> points;
+  bool pairs = j.is_array();
+  for (size_t i = 0; pairs && i < j.size(); ++i) {
+    const json& p = j[i];
+    pairs = p.is_array() && p.size() == 2 && p[0].is_number() && p[1].is_number();
+    if (pairs) points.emplace_back(p[0].get<double>(), p[1].get<double>());
+  }
+  if (!pairs) {
+    throw InvalidArgumentError("cost profile field 'forward_points' must be a list of [num_tokens, seconds] pairs, got " +
+                               j.dump());
+  }
+  CostModel::check_forward_points(points);
+  return points;
+}
+
 // K and V, every layer, every hidden unit.
 int64_t kv_bytes_for_shape(int64_t num_layers, int64_t hidden_size, int64_t bytes_per_value) {
   return 2 * num_layers * hidden_size * bytes_per_value;
@@ -70,6 +87,29 @@ AffineFit AffineFit::fit(const std::vector<std::pair<double, double>>& samples) 
   return fit;
 }
 
+void CostModel::check_forward_points(const std::vector<std::pair<double, double>>& points) {
+  for (size_t i = 0; i < points.size(); ++i) {
+    const auto& [num_tokens, seconds] = points[i];
+    bool ascends = i == 0 || (num_tokens > points[i - 1].first && seconds >= points[i - 1].second);
+    if (num_tokens <= 0 || seconds < 0 || !ascends) {
+      throw InvalidArgumentError("forward_points must ascend (more tokens, no less time) with num_tokens > 0 and "
+                                 "seconds >= 0; point " + std::to_string(i) + " is (" + std::to_string(num_tokens) +
+                                 ", " + std::to_string(seconds) + ")");
+    }
+  }
+}
+
+double CostModel::forward_time_s(double num_tokens) const {
+  if (forward_points.size() < 2) return forward(num_tokens);
+  if (num_tokens <= forward_points.front().first) return forward_points.front().second;
+  // The segment that holds num_tokens, or the last one to extrapolate from.
+  size_t hi = 1;
+  while (hi + 1 < forward_points.size() && forward_points[hi].first < num_tokens) ++hi;
+  const auto& [n0, t0] = forward_points[hi - 1];
+  const auto& [n1, t1] = forward_points[hi];
+  return t0 + (t1 - t0) * (num_tokens - n0) / (n1 - n0);
+}
+
 int64_t CostModel::swap_budget_tokens(int64_t num_batched_tokens, int64_t num_context_tokens) const {
   double hide_s = step_time_s(static_cast<double>(num_batched_tokens), static_cast<double>(num_context_tokens)) -
                   swap.intercept_s;
@@ -82,6 +122,7 @@ std::string CostModel::to_json() const {
   json j = {{"name", name},
             {"source", source},
             {"forward", fit_to_json(forward)},
+            {"forward_points", json(forward_points)},
             {"attention_s_per_context_token", attention_s_per_context_token},
             {"swap", fit_to_json(swap)},
             {"kv_bytes_per_token", kv_bytes_per_token},
@@ -102,6 +143,7 @@ CostModel CostModel::from_json(const std::string& text) {
   model.name = j.value("name", "");
   model.source = j.value("source", "");
   model.forward = fit_from_json(j, "forward");
+  if (j.contains("forward_points")) model.forward_points = points_from_json(j["forward_points"]);
   if (j.contains("attention_s_per_context_token")) {
     const json& value = j["attention_s_per_context_token"];
     if (!value.is_number() || value.get<double>() < 0) {

@@ -272,6 +272,7 @@ class AffineFit:
         ...
 class CostModel:
     forward: AffineFit
+    forward_points: list[tuple[float, float]]
     name: str
     source: str
     swap: AffineFit

@@ -1,5 +1,5 @@
-// CostModel: affine T_fwd and T_swap fitted from samples, persisted as JSON, and the swap
-// budget N_i with T_swap(N_i) = T_fwd(B_i) (DESIGN.md §2).
+// CostModel: T_fwd (affine, or interpolating measured points) and affine T_swap fitted from
+// samples, persisted as JSON, and the swap budget N_i with T_swap(N_i) = T_fwd(B_i) (DESIGN.md §2).
 #include "infercept/cost_model.h"
 
 #include <gtest/gtest.h>
@@ -87,12 +87,14 @@ TEST(CostModelJson, RoundTripsEveryField) {
   CostModel model = round_model();
   model.forward = AffineFit::fit({{1, 0.0101}, {512, 0.0612}});
   model.attention_s_per_context_token = 3e-9;
+  model.forward_points = {{1, 0.045}, {4, 0.07}, {64, 0.14}};
   CostModel back = CostModel::from_json(model.to_json());
   EXPECT_EQ(back.name, model.name);
   EXPECT_EQ(back.source, model.source);
   EXPECT_DOUBLE_EQ(back.forward.intercept_s, model.forward.intercept_s);
   EXPECT_DOUBLE_EQ(back.forward.slope_s_per_token, model.forward.slope_s_per_token);
   EXPECT_EQ(back.forward.samples, model.forward.samples);
+  EXPECT_EQ(back.forward_points, model.forward_points);
   EXPECT_DOUBLE_EQ(back.attention_s_per_context_token, model.attention_s_per_context_token);
   EXPECT_DOUBLE_EQ(back.swap.intercept_s, model.swap.intercept_s);
   EXPECT_DOUBLE_EQ(back.swap.slope_s_per_token, model.swap.slope_s_per_token);
@@ -166,6 +168,43 @@ TEST(CostModelJson, AttentionTermIsOptional) {
   nlohmann::json j = nlohmann::json::parse(round_model().to_json());
   j.erase("attention_s_per_context_token");
   EXPECT_EQ(CostModel::from_json(j.dump()).attention_s_per_context_token, 0);
+}
+
+TEST(CostModelJson, ForwardPointsAreOptional) {
+  // Profiles without points (older ones, the paper's) keep the affine T_fwd.
+  nlohmann::json j = nlohmann::json::parse(round_model().to_json());
+  j.erase("forward_points");
+  CostModel model = CostModel::from_json(j.dump());
+  EXPECT_TRUE(model.forward_points.empty());
+  EXPECT_DOUBLE_EQ(model.forward_time_s(100), 0.02);
+}
+
+TEST(CostModelJson, ForwardPointsThatDoNotAscendNameThePoint) {
+  nlohmann::json j = nlohmann::json::parse(round_model().to_json());
+  j["forward_points"] = {{1, 0.05}, {4, 0.04}};  // more tokens in less time: a broken profile
+  expect_invalid_argument_naming([&] { CostModel::from_json(j.dump()); }, {"forward_points", "point 1"});
+  j["forward_points"] = {{0, 0.05}, {4, 0.06}};
+  expect_invalid_argument_naming([&] { CostModel::from_json(j.dump()); }, {"forward_points", "point 0"});
+  j["forward_points"] = {{1, 0.05, 3}};
+  expect_invalid_argument_naming([&] { CostModel::from_json(j.dump()); }, {"forward_points", "pairs"});
+}
+
+// ---- T_fwd from measured points -----------------------------------------------------------
+
+TEST(ForwardPoints, InterpolateBetweenFlatBelowAndExtrapolatePast) {
+  // A CPU forward: the fixed cost, then steep up to a few tokens, then shallower.
+  CostModel model = round_model();
+  model.forward_points = {{1, 0.045}, {4, 0.075}, {64, 0.135}};
+  EXPECT_DOUBLE_EQ(model.forward_time_s(1), 0.045);
+  EXPECT_DOUBLE_EQ(model.forward_time_s(2), 0.055);   // a third of the way to 4
+  EXPECT_DOUBLE_EQ(model.forward_time_s(34), 0.105);  // half way from 4 to 64
+  EXPECT_DOUBLE_EQ(model.forward_time_s(64), 0.135);
+  EXPECT_DOUBLE_EQ(model.forward_time_s(124), 0.195);  // the last segment's 1 ms/token goes on
+  EXPECT_DOUBLE_EQ(model.forward_time_s(0), 0.045);    // no cheaper than the smallest measured step
+  // The attention term adds on top, and the swap budget follows the points.
+  model.attention_s_per_context_token = 1e-5;
+  EXPECT_DOUBLE_EQ(model.step_time_s(4, 1000), 0.085);
+  EXPECT_EQ(model.swap_budget_tokens(4, 1000), static_cast<int64_t>((0.085 - 2e-3) / 7e-6));
 }
 
 // ---- built-in profiles --------------------------------------------------------------------

@@ -58,10 +58,34 @@ def test_forward_fit_separates_the_attention_term() -> None:
     samples = [(float(b), float(b * c), 0.020 + 0.0005 * b + 2e-6 * b * c)
                for c in (32, 128, 384) for b in (1, 4, 16)]
     samples += [(float(n), float(n), 0.020 + 0.0005 * n + 2e-6 * n) for n in (8, 64, 256)]
-    forward, attention_s = fit_forward(samples)
-    assert attention_s == pytest.approx(2e-6, rel=1e-6)
-    assert forward.intercept_s == pytest.approx(0.020, rel=1e-6)
-    assert forward.slope_s_per_token == pytest.approx(0.0005, rel=1e-6)
+    fit = fit_forward(samples)
+    assert fit.attention_s_per_context_token == pytest.approx(2e-6, rel=1e-6)
+    assert fit.affine.intercept_s == pytest.approx(0.020, rel=1e-6)
+    assert fit.affine.slope_s_per_token == pytest.approx(0.0005, rel=1e-6)
+    assert [n for n, _ in fit.points] == [1, 4, 8, 16, 64, 256]
+    for n, seconds in fit.points:
+        assert seconds == pytest.approx(0.020 + 0.0005 * n, rel=1e-6)
+
+
+def test_forward_fit_follows_a_curved_forward_without_inflating_attention() -> None:
+    # A CPU-like forward: steep over the first tokens, shallow after (f(1) = 45 ms, f(4) = 75,
+    # f(16) = 100, f(64) = 140), plus 10 us per context token. A joint affine fit would push
+    # the attention term up to absorb the curve; the points keep it where it is.
+    f = {1: 0.045, 4: 0.075, 16: 0.100, 64: 0.140}
+    samples = [(float(b), float(b * c), f[b] + 1e-5 * b * c) for c in (32, 128, 384) for b in (1, 4, 16)]
+    samples += [(64.0, 64.0, f[64] + 1e-5 * 64)]
+    samples += [(8.0, 8.0, 0.060 + 1e-5 * 8)]  # a noisy dip below f(4)
+    fit = fit_forward(samples)
+    assert fit.attention_s_per_context_token == pytest.approx(1e-5, rel=0.02)
+    points = dict(fit.points)
+    assert points[16] == pytest.approx(f[16], rel=0.01)
+    assert points[64] == pytest.approx(f[64], rel=0.01)
+    assert points[8] == pytest.approx(points[4]), "never less time for more tokens"
+    cost = CostModel.builtin("gptj-6b-a100")
+    cost.forward_points = fit.points
+    assert cost.forward_time_s(40) == pytest.approx((points[16] + points[64]) / 2, rel=1e-9)
+    with pytest.raises(ValueError, match="forward_points"):
+        cost.forward_points = [(4.0, 0.1), (2.0, 0.2)]
 
 
 def test_calibration_errors() -> None:
@@ -78,6 +102,9 @@ def test_calibration_errors() -> None:
     assert step_overhead_s(real) == pytest.approx(0.02)
     cost = with_step_overhead(CostModel.builtin("gptj-6b-a100"), 0.02)
     assert cost.forward.intercept_s == pytest.approx(CostModel.builtin("gptj-6b-a100").forward.intercept_s + 0.02)
+    measured = CostModel.builtin("gptj-6b-a100")
+    measured.forward_points = [(1.0, 0.045), (64.0, 0.14)]
+    assert with_step_overhead(measured, 0.02).forward_time_s(64) == pytest.approx(0.16)
     with pytest.raises(ValueError, match="no simulated row"):
         calibration_errors(real, sim[:1])
 

@@ -1,7 +1,8 @@
 #pragma once
-// Iteration and transfer times as affine functions of token counts, fitted from measured
-// samples. The scheduler sizes its swap budget and the waste equations from this model; the
-// simulator advances its clock by it.
+// Iteration and transfer times as functions of token counts, fitted from measured samples:
+// T_fwd interpolates measured points where the profile has them (a real forward is far from
+// affine at small batches), else is affine like T_swap. The scheduler sizes its swap budget
+// and the waste equations from this model; the simulator advances its clock by it.
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -25,7 +26,11 @@ struct AffineFit {
 struct CostModel {
   std::string name;
   std::string source;               // where the numbers come from: "measured ..." or "paper ..."
-  AffineFit forward;                // T_fwd(num_batched_tokens)
+  AffineFit forward;                // T_fwd(num_batched_tokens), where no points are given
+  /// Measured T_fwd (num_batched_tokens, seconds), attention term removed, ascending in both.
+  /// With two or more, T_fwd interpolates them linearly: flat below the first, continuing the
+  /// last segment's slope past the last.
+  std::vector<std::pair<double, double>> forward_points;
   /// Seconds per context token the batch attends to (reading its KV); 0 in the paper's model,
   /// where T_fwd depends on the batched tokens alone.
   double attention_s_per_context_token = 0;
@@ -34,10 +39,12 @@ struct CostModel {
   int32_t saturation_tokens = 0;    // S: past it T_fwd grows linearly; the token budget
   int64_t kv_capacity_tokens = 0;   // device KV capacity of the setup the profile describes
 
-  double forward_time_s(double num_tokens) const { return forward(num_tokens); }
+  double forward_time_s(double num_tokens) const;
+  /// Throws InvalidArgumentError naming the first point that is not positive or not ascending.
+  static void check_forward_points(const std::vector<std::pair<double, double>>& points);
   /// T_fwd of a step that computes `num_tokens` and attends over `num_context_tokens` in all.
   double step_time_s(double num_tokens, double num_context_tokens) const {
-    return forward(num_tokens) + attention_s_per_context_token * num_context_tokens;
+    return forward_time_s(num_tokens) + attention_s_per_context_token * num_context_tokens;
   }
   double swap_time_s(double num_tokens) const { return num_tokens <= 0 ? 0 : swap(num_tokens); }
 

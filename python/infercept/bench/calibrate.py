@@ -73,8 +73,9 @@ def forward_model_error(real_rows: Sequence[Mapping[str, Any]], cost: CostModel)
 
 
 def with_step_overhead(cost: CostModel, overhead_s: float) -> CostModel:
-    """A copy of ``cost`` whose forward intercept includes the engine loop's per-step time."""
+    """A copy of ``cost`` whose T_fwd includes the engine loop's per-step time."""
     calibrated = CostModel.from_json(cost.to_json())
     calibrated.forward.intercept_s = cost.forward.intercept_s + overhead_s
+    calibrated.forward_points = [(n, seconds + overhead_s) for n, seconds in cost.forward_points]
     calibrated.source = f"{cost.source}; + {1e3 * overhead_s:.2f} ms per-step engine overhead"
     return calibrated

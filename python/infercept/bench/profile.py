@@ -70,6 +70,9 @@ def describe(cost: CostModel) -> str:
         f"profile {cost.name}: {cost.source}",
         f"  T_fwd(n, ctx) = {1e3 * fwd.intercept_s:.3f} ms + {1e6 * fwd.slope_s_per_token:.2f} us * n"
         f" + {1e9 * cost.attention_s_per_context_token:.2f} ns * ctx   ({len(fwd.samples)} samples)",
+        *([f"  T_fwd used: the measured f(n) [ms], interpolated: "
+           + ", ".join(f"{n:g}: {1e3 * t:.1f}" for n, t in cost.forward_points)]
+          if len(cost.forward_points) >= 2 else []),
         f"  T_swap(n)     = {1e3 * swap.intercept_s:.3f} ms + {1e9 * swap.slope_s_per_token:.2f} ns * n"
         f"   ({len(swap.samples)} samples)",
         f"  saturation point S = {cost.saturation_tokens} batched tokens; "

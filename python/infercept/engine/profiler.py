@@ -5,8 +5,11 @@ context sizes and prefill chunks of several sizes through the real model, and bl
 trips through the real swap engine; then fits the models the scheduler's waste equations read
 (DESIGN.md §2):
 
-    T_fwd(n, ctx) = intercept + slope * n + attention_s_per_context_token * ctx
+    T_fwd(n, ctx) = f(n) + attention_s_per_context_token * ctx
     T_swap(n)     = intercept + slope * n
+
+where f interpolates the measured token counts (an affine f, as in the paper, misses a CPU's
+steep first few tokens by 20-30%) and the affine fit of f is kept beside it.
 
 and finds the saturation point S on the prefill series: the batched-token count past which
 the marginal cost of a token has reached ~90% of the asymptotic slope. The result is cached
@@ -23,6 +26,7 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +45,7 @@ SWAP_BLOCKS = (4, 16, 64)
 REPEATS = 3
 # S is where the marginal cost per batched token reaches this fraction of the asymptotic one.
 SATURATION_FRACTION = 0.9
-PROFILE_VERSION = 3  # bump when the measurement changes: cached profiles are then re-measured
+PROFILE_VERSION = 4  # bump when the measurement changes: cached profiles are then re-measured
 
 
 def cache_dir() -> Path:
@@ -111,25 +115,49 @@ def _forward_samples(model: LlamaForCausalLM,
     return decode, prefill
 
 
-def fit_forward(samples: list[ForwardSample]) -> tuple[AffineFit, float]:
-    """Least squares of T = a + b * tokens + c * context; returns (AffineFit(a, b), c).
+class ForwardFit(NamedTuple):
+    """T_fwd as the profile stores it (see :func:`fit_forward`)."""
 
-    ``c`` is clamped at 0 (noise around a negligible attention term); the affine part is then
-    refitted on the times less ``c * context``, so it keeps its samples and its own clamps.
+    affine: AffineFit                    # a + b * tokens, attention removed
+    attention_s_per_context_token: float
+    points: list[tuple[float, float]]   # (tokens, seconds) per measured count, attention removed
+
+
+def fit_forward(samples: list[ForwardSample]) -> ForwardFit:
+    """Fits T = f(tokens) + c * context: the attention term, f's points and an affine f.
+
+    ``c`` comes from the spread of times among samples with the same token count (decode
+    batches over several contexts), so it does not soak up the curvature of f: on a CPU f is
+    steep over the first few tokens and shallower after. Without such samples (or where that
+    spread says nothing) ``c`` is the joint least-squares fit of T = a + b * tokens + c * ctx.
+    ``c`` is clamped at 0. f's points are the mean time per token count less ``c * ctx``, made
+    non-decreasing (more tokens never take less time; a dip is noise); the affine fit goes
+    through the same corrected samples, for profiles that want a line.
 
     Raises:
         ValueError: fewer than two distinct token counts.
     """
     if len({n for n, _, _ in samples}) < 2:
         raise ValueError(f"a forward fit needs two or more distinct token counts, got {samples}")
+    counts = sorted({n for n, _, _ in samples})
+    repeated = [n for n in counts if len({ctx for m, ctx, _ in samples if m == n}) >= 2]
+    design = []
+    if repeated:
+        # One intercept per token count, one shared attention slope.
+        design = [[1.0 if n == m else 0.0 for m in counts] + [ctx] for n, ctx, _ in samples]
+    elif len({ctx / n for n, ctx, _ in samples}) >= 2 and len(samples) >= 3:
+        design = [[1.0, n, ctx] for n, ctx, _ in samples]
     attention_s = 0.0
-    if len({ctx / n for n, ctx, _ in samples}) >= 2 and len(samples) >= 3:
-        design = np.array([[1.0, n, ctx] for n, ctx, _ in samples])
-        seconds = np.array([t for _, _, t in samples])
-        coefficients, *_ = np.linalg.lstsq(design, seconds, rcond=None)
-        attention_s = max(0.0, float(coefficients[2]))
-    forward = AffineFit.fit([(n, t - attention_s * ctx) for n, ctx, t in samples])
-    return forward, attention_s
+    if design:
+        coefficients, *_ = np.linalg.lstsq(np.array(design), np.array([t for _, _, t in samples]), rcond=None)
+        attention_s = max(0.0, float(coefficients[-1]))
+    corrected = [(n, t - attention_s * ctx) for n, ctx, t in samples]
+    points, floor_s = [], 0.0
+    for n in counts:
+        times = [t for m, t in corrected if m == n]
+        floor_s = max(floor_s, sum(times) / len(times))
+        points.append((n, floor_s))
+    return ForwardFit(AffineFit.fit(corrected), attention_s, points)
 
 
 def find_saturation_tokens(samples: list[tuple[float, float]],
@@ -200,8 +228,9 @@ def measure_cost_model(model: LlamaForCausalLM, kv_cache: KVCache, swap: SwapEng
                    f"({platform.machine()}, {os.cpu_count()} cores, {kv_cache.key_caches[0].device}, "
                    f"torch {torch.__version__})")
     decode, prefill = _forward_samples(model, kv_cache)
-    cost.forward, cost.attention_s_per_context_token = fit_forward(decode + prefill)
-    attention_s = cost.attention_s_per_context_token
+    fit = fit_forward(decode + prefill)
+    cost.forward, cost.forward_points = fit.affine, fit.points
+    cost.attention_s_per_context_token = attention_s = fit.attention_s_per_context_token
     measured_s = find_saturation_tokens([(n, t - attention_s * ctx) for n, ctx, t in prefill or decode])
     swap_samples = _swap_samples(swap, kv_cache, kv_cache.block_size)
     if len(swap_samples) >= 2:
