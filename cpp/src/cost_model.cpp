@@ -53,8 +53,8 @@ std::vector<std::pair<double, double>> points_from_json(const json& j) {
     if (pairs) points.emplace_back(p[0].get<double>(), p[1].get<double>());
   }
   if (!pairs) {
-    throw InvalidArgumentError("cost profile field 'forward_points' must be a list of [num_tokens, seconds] pairs, got " +
-                               j.dump());
+    throw InvalidArgumentError(
+        "cost profile field 'forward_points' must be a list of [num_tokens, seconds] pairs, got " + j.dump());
   }
   CostModel::check_forward_points(points);
   return points;

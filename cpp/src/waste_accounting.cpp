@@ -33,8 +33,7 @@ void Scheduler::account_time(double now_s) {
   for (const auto& [id, num_blocks] : moved_) {
     auto it = requests_.find(id);
     if (it == requests_.end() || !it->second.tool_pending) continue;
-    const BlockTable& t = *it->second.kv;
-    charge(it->second, std::min(num_blocks * config_.block_size, t.num_tokens - t.num_device_tokens(config_.block_size)));
+    charge(it->second, std::min(num_blocks * config_.block_size, it->second.kv->num_host_tokens(config_.block_size)));
   }
 }
 

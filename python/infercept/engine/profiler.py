@@ -128,8 +128,8 @@ def fit_forward(samples: list[ForwardSample]) -> ForwardFit:
 
     ``c`` comes from the spread of times among samples with the same token count (decode
     batches over several contexts), so it does not soak up the curvature of f: on a CPU f is
-    steep over the first few tokens and shallower after. Without such samples (or where that
-    spread says nothing) ``c`` is the joint least-squares fit of T = a + b * tokens + c * ctx.
+    steep over the first few tokens and shallower after. Without such samples ``c`` is the
+    joint least-squares fit of T = a + b * tokens + c * ctx (when the context varies at all).
     ``c`` is clamped at 0. f's points are the mean time per token count less ``c * ctx``, made
     non-decreasing (more tokens never take less time; a dip is noise); the affine fit goes
     through the same corrected samples, for profiles that want a line.
@@ -140,9 +140,8 @@ def fit_forward(samples: list[ForwardSample]) -> ForwardFit:
     if len({n for n, _, _ in samples}) < 2:
         raise ValueError(f"a forward fit needs two or more distinct token counts, got {samples}")
     counts = sorted({n for n, _, _ in samples})
-    repeated = [n for n in counts if len({ctx for m, ctx, _ in samples if m == n}) >= 2]
     design = []
-    if repeated:
+    if any(len({ctx for m, ctx, _ in samples if m == n}) >= 2 for n in counts):
         # One intercept per token count, one shared attention slope.
         design = [[1.0 if n == m else 0.0 for m in counts] + [ctx] for n, ctx, _ in samples]
     elif len({ctx / n for n, ctx, _ in samples}) >= 2 and len(samples) >= 3:
