@@ -59,11 +59,16 @@ void bind_enums(py::module_& m) {
 
 void bind_memory(py::module_& m) {
   py::class_<BlockPool>(m, "BlockPool")
-      .def(py::init<Tier, int32_t>(), py::arg("tier"), py::arg("num_blocks"))
+      .def(py::init<Tier, int32_t, int32_t>(), py::arg("tier"), py::arg("num_blocks"), py::arg("block_size") = 16)
       .def("allocate", py::overload_cast<>(&BlockPool::allocate))
       .def("allocate_many", py::overload_cast<int32_t>(&BlockPool::allocate), py::arg("num_blocks"))
       .def("retain", &BlockPool::retain, py::arg("block"))
-      .def("free", &BlockPool::free, py::arg("block"))
+      .def("free", py::overload_cast<BlockId>(&BlockPool::free), py::arg("block"))
+      .def("is_cached", &BlockPool::is_cached, py::arg("block"))
+      .def("is_evictable", &BlockPool::is_evictable, py::arg("block"))
+      .def_property_readonly("num_evictable", &BlockPool::num_evictable)
+      .def_property_readonly("num_cached", &BlockPool::num_cached)
+      .def_property_readonly("num_evictions", &BlockPool::num_evictions)
       .def("can_allocate", &BlockPool::can_allocate, py::arg("num_blocks"))
       .def("ref_count", &BlockPool::ref_count, py::arg("block"))
       .def_property_readonly("num_blocks", &BlockPool::num_blocks)
@@ -85,6 +90,14 @@ void bind_memory(py::module_& m) {
       .def_readonly("host_blocks", &BlockTable::host_blocks)
       .def_readonly("num_tokens", &BlockTable::num_tokens)
       .def_readonly("num_tokens_to_recompute", &BlockTable::num_tokens_to_recompute);
+
+  m.def("hash_salt", &hash_salt, py::arg("salt"), "The root key of a prefix-cache hash chain for `salt`.");
+  m.def(
+      "hash_block",
+      [](BlockHash parent, const std::vector<TokenId>& tokens) {
+        return hash_block(parent, tokens.data(), static_cast<int32_t>(tokens.size()));
+      },
+      py::arg("parent"), py::arg("token_ids"), "The key of a full block chained from `parent`.");
 }
 
 void bind_cost(py::module_& m) {
@@ -170,13 +183,17 @@ void bind_step(py::module_& m) {
       .def("is_empty", &StepPlan::is_empty);
 
   py::class_<StepResult>(m, "StepResult")
-      .def(py::init([](double duration_s, double swap_stall_s, std::vector<RequestId> finished) {
-             return StepResult{duration_s, swap_stall_s, std::move(finished)};
+      .def(py::init([](double duration_s, double swap_stall_s, std::vector<RequestId> finished,
+                       std::vector<int32_t> sampled_token_ids) {
+             return StepResult{duration_s, swap_stall_s, std::move(finished), std::move(sampled_token_ids)};
            }),
-           py::arg("duration_s"), py::arg("swap_stall_s") = 0.0, py::arg("finished") = std::vector<RequestId>{})
+           py::arg("duration_s"), py::arg("swap_stall_s") = 0.0, py::arg("finished") = std::vector<RequestId>{},
+           py::arg("sampled_token_ids") = std::vector<int32_t>{})
       .def_readwrite("duration_s", &StepResult::duration_s)
       .def_readwrite("swap_stall_s", &StepResult::swap_stall_s)
-      .def_readwrite("finished", &StepResult::finished);
+      .def_readwrite("finished", &StepResult::finished)
+      .def_readwrite("sampled_token_ids", &StepResult::sampled_token_ids,
+                     "[plan.num_sampling_requests] the token each sampling request drew, in plan order");
 
   py::class_<StepOutput>(m, "StepOutput")
       .def_readonly("sampled", &StepOutput::sampled)
@@ -200,6 +217,10 @@ void bind_scheduler(py::module_& m) {
       .def_readonly("num_intercepts", &Request::num_intercepts)
       .def_readonly("num_preemptions", &Request::num_preemptions)
       .def_readonly("waste", &Request::waste)
+      .def_readonly("num_cached_tokens", &Request::num_cached_tokens)
+      .def_readonly("cacheable", &Request::cacheable)
+      .def_property_readonly("token_ids", [](const Request& r) { return r.tokens.tokens(); })
+      .def_property_readonly("block_hashes", [](const Request& r) { return r.tokens.block_hashes(); })
       .def_property_readonly("num_tokens", &Request::num_tokens)
       .def_property_readonly("num_computed_tokens", &Request::num_computed_tokens)
       .def_property_readonly("num_tokens_to_recompute", [](const Request& r) { return r.kv->num_tokens_to_recompute; })
@@ -215,6 +236,8 @@ void bind_scheduler(py::module_& m) {
       .def_readwrite("max_batched_tokens", &SchedulerConfig::max_batched_tokens)
       .def_readwrite("max_running_requests", &SchedulerConfig::max_running_requests)
       .def_readwrite("max_context_tokens", &SchedulerConfig::max_context_tokens)
+      .def_readwrite("enable_prefix_caching", &SchedulerConfig::enable_prefix_caching)
+      .def_readwrite("vocab_size", &SchedulerConfig::vocab_size)
       .def("validate", &SchedulerConfig::validate);
 
 #define STAT(name) .def_readonly(#name, &SchedulerStats::name)
@@ -222,16 +245,26 @@ void bind_scheduler(py::module_& m) {
       STAT(num_waiting) STAT(num_running) STAT(num_swapping_in) STAT(num_intercepted)
       STAT(num_preserved) STAT(num_swapped) STAT(num_discarded) STAT(num_finished) STAT(num_aborted)
       STAT(num_free_device_blocks) STAT(num_free_host_blocks) STAT(num_swap_out_blocks)
-      STAT(num_swap_in_blocks) STAT(num_recomputed_tokens) STAT(num_preemptions);
+      STAT(num_swap_in_blocks) STAT(num_recomputed_tokens) STAT(num_preemptions)
+      STAT(prefix_cache_queries) STAT(prefix_cache_hits) STAT(prefix_cache_host_hits)
+      STAT(num_cached_device_blocks) STAT(num_cached_host_blocks) STAT(num_device_evictions)
+      STAT(num_host_evictions);
 #undef STAT
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init<const SchedulerConfig&, const CostModel&>(), py::arg("config"), py::arg("cost"))
-      .def("add_request", &Scheduler::add_request, py::arg("num_prompt_tokens"), py::arg("arrival_s"),
-           py::arg("generated_token_limit") = 0)
+      .def("add_request",
+           py::overload_cast<const std::vector<TokenId>&, double, int32_t, const std::string&>(&Scheduler::add_request),
+           py::arg("prompt_token_ids"), py::arg("arrival_s"), py::arg("generated_token_limit") = 0,
+           py::arg("cache_salt") = "")
+      .def("add_request", py::overload_cast<int32_t, double, int32_t>(&Scheduler::add_request),
+           py::arg("num_prompt_tokens"), py::arg("arrival_s"), py::arg("generated_token_limit") = 0)
       .def("intercept", &Scheduler::intercept, py::arg("request_id"), py::arg("now_s"),
            py::arg("expected_duration_s") = -1.0)
-      .def("resume", &Scheduler::resume, py::arg("request_id"), py::arg("num_tool_tokens"), py::arg("now_s"))
+      .def("resume", py::overload_cast<RequestId, const std::vector<TokenId>&, double, int32_t>(&Scheduler::resume),
+           py::arg("request_id"), py::arg("tool_token_ids"), py::arg("now_s"), py::arg("num_replaced_tokens") = 0)
+      .def("resume", py::overload_cast<RequestId, int32_t, double>(&Scheduler::resume), py::arg("request_id"),
+           py::arg("num_tool_tokens"), py::arg("now_s"))
       .def("set_expected_duration", &Scheduler::set_expected_duration, py::arg("request_id"),
            py::arg("expected_duration_s"))
       .def("set_generated_token_limit", &Scheduler::set_generated_token_limit, py::arg("request_id"),

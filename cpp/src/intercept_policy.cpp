@@ -15,12 +15,36 @@ double Scheduler::remaining_intercept_s(const Request& r, double now_s) const {
   return elapsed_s;
 }
 
+int64_t Scheduler::num_exclusive_device_tokens(const Request& r) const {
+  int32_t num_shared = static_cast<int32_t>(r.kv->device_blocks.size()) - kv_.num_exclusive_blocks(r.id, Tier::kDevice);
+  return std::max<int64_t>(0, r.kv->num_device_tokens(config_.block_size) -
+                                  static_cast<int64_t>(num_shared) * config_.block_size);
+}
+
+int64_t Scheduler::expected_recompute_tokens(const Request& r, double remaining_s) const {
+  int64_t context_tokens = r.kv->num_tokens;
+  if (!r.cacheable) return context_tokens;  // no cache: a discard loses everything
+  // Discarding only drops references: the full blocks stay cached until allocations evict
+  // them, so what comes back as recompute is what the demand over the intercept takes beyond
+  // the free capacity, plus the private partial last block, which is never cached.
+  const int32_t block_size = config_.block_size;
+  int64_t exclusive_blocks = kv_.num_exclusive_blocks(r.id, Tier::kDevice);
+  double demand_blocks = allocation_rate_blocks_per_s_ * remaining_s;
+  double spare_blocks = kv_.pool(Tier::kDevice).num_free();
+  int64_t evicted_blocks =
+      std::min<int64_t>(exclusive_blocks, static_cast<int64_t>(std::ceil(std::max(0.0, demand_blocks - spare_blocks))));
+  int64_t partial_tokens = context_tokens % block_size;
+  return std::min(context_tokens, evicted_blocks * block_size + partial_tokens);
+}
+
 void Scheduler::decide_intercepted(StepPlan& plan) {
   if (config_.policy == Policy::kSwap) {
-    // The baseline moves each paused context out whole, ignoring the budget.
+    // The baseline moves each paused context out whole, ignoring the budget (its exclusive
+    // blocks: a prefix shared with running requests stays where they need it).
     for (Request* r : intercepted_) {
-      if (r->state != RequestState::kSwappingOut || r->kv->device_blocks.empty()) continue;
-      std::vector<BlockCopy> copies = kv_.swap_out(r->id, static_cast<int32_t>(r->kv->device_blocks.size()));
+      int32_t num_exclusive = kv_.num_exclusive_blocks(r->id, Tier::kDevice);
+      if (r->state != RequestState::kSwappingOut || num_exclusive == 0) continue;
+      std::vector<BlockCopy> copies = kv_.swap_out(r->id, num_exclusive, expected_next_use_s(*r, plan.now_s));
       if (copies.empty()) continue;  // host pool full: the context stays on the device for now
       moved_.emplace_back(r->id, static_cast<int32_t>(copies.size()));
       plan.swap_out.insert(plan.swap_out.end(), copies.begin(), copies.end());
@@ -41,19 +65,21 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
   int64_t other_tokens = num_running_tokens();
   // Recompute chunks ride along with the decodes: what the budget leaves after one token each.
   int64_t chunk_tokens = std::max<int64_t>(1, config_.max_batched_tokens - static_cast<int64_t>(running_.size()));
-  const int32_t block_size = config_.block_size;
 
   std::vector<Candidate> swappable;
   for (Request* r : intercepted_) {
     if (r->kv->device_blocks.empty() || r->last_action_step == step_id_) continue;
-    int64_t device_tokens = r->kv->num_device_tokens(block_size);
-    int64_t context_tokens = r->kv->num_tokens;
+    // Only what it holds alone is the request's to keep, move or give up: blocks it shares
+    // with others stay whatever it does (DESIGN.md §2 with a prefix cache, docs/prefix_cache.md).
+    int64_t device_tokens = num_exclusive_device_tokens(*r);
+    if (device_tokens == 0) continue;
     double remaining_s = remaining_intercept_s(*r, plan.now_s);
+    int64_t recompute_tokens = expected_recompute_tokens(*r, remaining_s);
     Candidate c;
     c.request = r;
     c.preserve = preserve_waste(cost_, device_tokens, remaining_s);
-    int64_t num_chunks = (context_tokens + chunk_tokens - 1) / chunk_tokens;
-    c.discard = chunked_discard_waste(cost_, context_tokens, other_tokens, num_chunks);
+    int64_t num_chunks = (recompute_tokens + chunk_tokens - 1) / chunk_tokens;
+    c.discard = recompute_tokens == 0 ? 0 : chunked_discard_waste(cost_, recompute_tokens, other_tokens, num_chunks);
     c.min_waste = std::min(c.preserve, c.discard);
     // A swap pays off only if the context stays out longer than the round trip takes;
     // otherwise the tool returns before the copy could free anything.
@@ -76,7 +102,8 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
     swappable.pop_back();
     Request* r = c.request;
     if (swap_budget > 0) {
-      std::vector<BlockCopy> copies = kv_.swap_out(r->id, static_cast<int32_t>(swap_budget));
+      std::vector<BlockCopy> copies =
+          kv_.swap_out(r->id, static_cast<int32_t>(swap_budget), expected_next_use_s(*r, plan.now_s));
       if (!copies.empty()) {
         if (r->state == RequestState::kPreserved) r->transition(RequestState::kSwappingOut);
         swap_budget -= static_cast<int64_t>(copies.size());

@@ -20,12 +20,8 @@ int32_t BlockTable::num_device_tokens(int32_t block_size) const {
 
 KvCacheManager::KvCacheManager(int32_t block_size, int32_t num_device_blocks, int32_t num_host_blocks)
     : block_size_(block_size),
-      device_pool_(Tier::kDevice, num_device_blocks),
-      host_pool_(Tier::kHost, num_host_blocks) {
-  if (block_size <= 0) {
-    throw InvalidArgumentError("block_size must be positive, got " + std::to_string(block_size));
-  }
-}
+      device_pool_(Tier::kDevice, num_device_blocks, block_size),
+      host_pool_(Tier::kHost, num_host_blocks, block_size) {}
 
 BlockTable& KvCacheManager::add(RequestId request) {
   auto [it, inserted] = tables_.try_emplace(request);
@@ -71,9 +67,9 @@ int32_t KvCacheManager::append_tokens(RequestId request, int32_t num_tokens) {
   return num_recomputed;
 }
 
-std::vector<BlockCopy> KvCacheManager::swap_out(RequestId request, int32_t max_blocks) {
+std::vector<BlockCopy> KvCacheManager::swap_out(RequestId request, int32_t max_blocks, double next_use_s) {
   BlockTable& t = mutable_table(request);
-  int32_t num_moves = std::min({max_blocks, static_cast<int32_t>(t.device_blocks.size()), host_pool_.num_free()});
+  int32_t num_moves = std::min({max_blocks, num_exclusive_blocks(request, Tier::kDevice), host_pool_.num_free()});
   if (num_moves <= 0) return {};
   std::vector<BlockCopy> copies(num_moves);
   // The last device block goes first and lands at the front of the host part.
@@ -83,45 +79,71 @@ std::vector<BlockCopy> KvCacheManager::swap_out(RequestId request, int32_t max_b
     BlockId dst = host_pool_.allocate();
     copies[i] = {src, dst};
     moved_host[i] = dst;
-    releasing_[static_cast<int>(Tier::kDevice)].push_back(src);
+    releasing_[static_cast<int>(Tier::kDevice)].push_back({src, next_use_s});
   }
   t.device_blocks.resize(t.device_blocks.size() - num_moves);
+  t.num_cached_blocks = std::min<int32_t>(t.num_cached_blocks, static_cast<int32_t>(t.device_blocks.size()));
   t.host_blocks.insert(t.host_blocks.begin(), moved_host.begin(), moved_host.end());
+  copied_[static_cast<int>(Tier::kHost)].insert(copied_[static_cast<int>(Tier::kHost)].end(), copies.begin(),
+                                                 copies.end());
   copying_.insert(request);
   return copies;
 }
 
 std::vector<BlockCopy> KvCacheManager::swap_in(RequestId request, int32_t max_blocks) {
   BlockTable& t = mutable_table(request);
-  int32_t num_moves = std::min({max_blocks, static_cast<int32_t>(t.host_blocks.size()), device_pool_.num_free()});
-  if (num_moves <= 0) return {};
-  std::vector<BlockCopy> copies(num_moves);
-  for (int32_t i = 0; i < num_moves; ++i) {
-    BlockId src = t.host_blocks[i];
-    BlockId dst = device_pool_.allocate();
-    copies[i] = {src, dst};
-    t.device_blocks.push_back(dst);
-    releasing_[static_cast<int>(Tier::kHost)].push_back(src);
+  std::vector<BlockCopy> copies;
+  size_t num_taken = 0;
+  for (; num_taken < t.host_blocks.size(); ++num_taken) {
+    BlockId src = t.host_blocks[num_taken];
+    // Still on the device from before the swap-out (or another request's): no copy needed.
+    BlockId cached = host_pool_.is_cached(src) ? device_pool_.find(host_pool_.hash_of(src), host_pool_.parent_of(src),
+                                                                  host_pool_.tokens_of(src))
+                                               : BlockPool::kNoBlock;
+    if (cached != BlockPool::kNoBlock) {
+      device_pool_.retain(cached);
+      t.device_blocks.push_back(cached);
+    } else {
+      if (static_cast<int32_t>(copies.size()) >= max_blocks || device_pool_.num_free() == 0) break;
+      BlockId dst = device_pool_.allocate();
+      copies.push_back({src, dst});
+      t.device_blocks.push_back(dst);
+    }
+    releasing_[static_cast<int>(Tier::kHost)].push_back({src, -1});
   }
-  t.host_blocks.erase(t.host_blocks.begin(), t.host_blocks.begin() + num_moves);
+  if (num_taken == 0) return {};
+  t.host_blocks.erase(t.host_blocks.begin(), t.host_blocks.begin() + static_cast<ptrdiff_t>(num_taken));
+  copied_[static_cast<int>(Tier::kDevice)].insert(copied_[static_cast<int>(Tier::kDevice)].end(), copies.begin(),
+                                                   copies.end());
   copying_.insert(request);
   return copies;
 }
 
-void KvCacheManager::release(RequestId request, Tier tier, BlockId block) {
+void KvCacheManager::free_block(Tier tier, BlockId block, double next_use_s) {
+  if (next_use_s >= 0) mutable_pool(tier).free(block, next_use_s);
+  else mutable_pool(tier).free(block);
+}
+
+void KvCacheManager::release(RequestId request, Tier tier, BlockId block, double next_use_s) {
   if (copying_.count(request)) {
-    releasing_[static_cast<int>(tier)].push_back(block);
+    releasing_[static_cast<int>(tier)].push_back({block, next_use_s});
   } else {
-    mutable_pool(tier).free(block);
+    free_block(tier, block, next_use_s);
   }
 }
 
-int32_t KvCacheManager::discard(RequestId request) {
+int32_t KvCacheManager::discard(RequestId request, double next_use_s) {
   BlockTable& t = mutable_table(request);
-  for (BlockId block : t.device_blocks) release(request, Tier::kDevice, block);
-  for (BlockId block : t.host_blocks) release(request, Tier::kHost, block);
+  // The leaf first: it becomes evictable last-in, so equal keys evict it before its parents.
+  for (auto it = t.device_blocks.rbegin(); it != t.device_blocks.rend(); ++it) {
+    release(request, Tier::kDevice, *it, next_use_s);
+  }
+  for (auto it = t.host_blocks.rbegin(); it != t.host_blocks.rend(); ++it) {
+    release(request, Tier::kHost, *it, next_use_s);
+  }
   t.device_blocks.clear();
   t.host_blocks.clear();
+  t.num_cached_blocks = 0;
   t.num_tokens_to_recompute += t.num_tokens;
   t.num_tokens = 0;
   return t.num_tokens_to_recompute;
@@ -133,11 +155,100 @@ void KvCacheManager::free(RequestId request) {
 }
 
 void KvCacheManager::commit() {
-  for (BlockId block : releasing_[0]) device_pool_.free(block);
-  for (BlockId block : releasing_[1]) host_pool_.free(block);
-  releasing_[0].clear();
-  releasing_[1].clear();
+  // The copies have landed: each destination now holds its source's content.
+  for (int dst_tier = 0; dst_tier < 2; ++dst_tier) {
+    BlockPool& dst_pool = mutable_pool(static_cast<Tier>(dst_tier));
+    const BlockPool& src_pool = pool(static_cast<Tier>(1 - dst_tier));
+    for (const BlockCopy& copy : copied_[dst_tier]) {
+      if (!src_pool.is_cached(copy.src) || dst_pool.ref_count(copy.dst) == 0 || dst_pool.is_cached(copy.dst)) continue;
+      dst_pool.cache(copy.dst, src_pool.hash_of(copy.src), src_pool.parent_of(copy.src), src_pool.tokens_of(copy.src),
+                     src_pool.depth_of(copy.src));
+    }
+    copied_[dst_tier].clear();
+  }
+  for (int tier = 0; tier < 2; ++tier) {
+    for (const Release& r : releasing_[tier]) free_block(static_cast<Tier>(tier), r.block, r.next_use_s);
+    releasing_[tier].clear();
+  }
   copying_.clear();
+}
+
+// ---- the prefix cache ---------------------------------------------------------------------
+
+void KvCacheManager::set_now(double now_s) {
+  device_pool_.set_now(now_s);
+  host_pool_.set_now(now_s);
+}
+
+CachedPrefix KvCacheManager::find_cached_prefix(const TokenBlocks& tokens, int32_t max_blocks) const {
+  CachedPrefix prefix;
+  int32_t limit = std::min(max_blocks, tokens.num_full_blocks());
+  int32_t index = 0;
+  for (const BlockPool* p : {&device_pool_, &host_pool_}) {
+    auto& blocks = p == &device_pool_ ? prefix.device_blocks : prefix.host_blocks;
+    for (; index < limit; ++index) {
+      BlockId block = p->find(tokens.block_hashes()[index], tokens.parent_hash(index), tokens.block_tokens(index));
+      if (block == BlockPool::kNoBlock) break;
+      blocks.push_back(block);
+      if (p == &device_pool_ && p->ref_count(block) == 0) ++prefix.num_evictable_device_blocks;
+    }
+  }
+  return prefix;
+}
+
+int32_t KvCacheManager::adopt_cached_prefix(RequestId request, const CachedPrefix& prefix) {
+  BlockTable& t = mutable_table(request);
+  if (t.num_tokens != 0 || !t.device_blocks.empty() || !t.host_blocks.empty()) {
+    throw StateError("request " + std::to_string(request) + " holds KV for " + std::to_string(t.num_tokens) +
+                     " tokens; only an empty table can adopt a cached prefix");
+  }
+  for (BlockId block : prefix.device_blocks) device_pool_.retain(block);
+  for (BlockId block : prefix.host_blocks) host_pool_.retain(block);
+  t.device_blocks = prefix.device_blocks;
+  t.host_blocks = prefix.host_blocks;
+  t.num_cached_blocks = static_cast<int32_t>(prefix.device_blocks.size());
+  t.num_tokens = prefix.num_blocks() * block_size_;
+  // What comes back from the cache needs no recompute.
+  t.num_tokens_to_recompute -= std::min(t.num_tokens_to_recompute, t.num_tokens);
+  return t.num_tokens;
+}
+
+void KvCacheManager::cache_full_blocks(RequestId request, const TokenBlocks& tokens) {
+  BlockTable& t = mutable_table(request);
+  int32_t num_full = std::min({t.num_device_tokens(block_size_) / block_size_, tokens.num_full_blocks(),
+                               static_cast<int32_t>(t.device_blocks.size())});
+  for (int32_t index = t.num_cached_blocks; index < num_full; ++index) {
+    BlockId& block = t.device_blocks[index];
+    if (device_pool_.is_cached(block)) continue;
+    BlockHash hash = tokens.block_hashes()[index];
+    BlockHash parent = tokens.parent_hash(index);
+    const TokenId* block_tokens = tokens.block_tokens(index);
+    if (device_pool_.cache(block, hash, parent, block_tokens, index)) continue;
+    BlockId existing = device_pool_.find(hash, parent, block_tokens);
+    if (existing == BlockPool::kNoBlock || device_pool_.ref_count(block) != 1) continue;  // a collision: stays private
+    // Two requests computed the same block: keep one copy, so sharing stays a prefix of tables.
+    device_pool_.retain(existing);
+    device_pool_.free(block);
+    block = existing;
+  }
+  t.num_cached_blocks = std::max(t.num_cached_blocks, num_full);
+}
+
+void KvCacheManager::touch_cached(const TokenBlocks& tokens, double next_use_s) {
+  for (int32_t index = 0; index < tokens.num_full_blocks(); ++index) {
+    BlockId block = device_pool_.find(tokens.block_hashes()[index], tokens.parent_hash(index), tokens.block_tokens(index));
+    if (block == BlockPool::kNoBlock) return;
+    device_pool_.touch(block, next_use_s);
+  }
+}
+
+int32_t KvCacheManager::num_exclusive_blocks(RequestId request, Tier tier) const {
+  const BlockTable& t = table(request);
+  const auto& blocks = tier == Tier::kDevice ? t.device_blocks : t.host_blocks;
+  const BlockPool& p = pool(tier);
+  int32_t n = 0;
+  for (auto it = blocks.rbegin(); it != blocks.rend() && p.ref_count(*it) == 1; ++it) ++n;
+  return n;
 }
 
 void KvCacheManager::check_invariants() const {
@@ -157,7 +268,7 @@ void KvCacheManager::check_invariants() const {
       const auto& blocks = tier == 0 ? t.device_blocks : t.host_blocks;
       for (BlockId block : blocks) own(block, "request " + std::to_string(request));
     }
-    for (BlockId block : releasing_[tier]) own(block, "the pending release list");
+    for (const Release& r : releasing_[tier]) own(r.block, "the pending release list");
     for (BlockId block = 0; block < p.num_blocks(); ++block) {
       if (owners[block] != p.ref_count(block)) {
         throw BlockError(std::string(to_string(p.tier())) + " block " + std::to_string(block) +

@@ -41,7 +41,8 @@ bool can_transition(RequestState from, RequestState to) {
   if (to == S::kAborted) return true;
   switch (from) {
     case S::kWaiting:
-      return to == S::kRunning || to == S::kRecomputing;
+      // Swapping in: admitted with a prefix cached on the host.
+      return to == S::kRunning || to == S::kRecomputing || to == S::kSwappingIn;
     case S::kRunning:
     case S::kRecomputing:
       // Recomputing requests can be preempted but never intercepted or finished: they have not
@@ -58,7 +59,7 @@ bool can_transition(RequestState from, RequestState to) {
     case S::kSwapped:
       return to == S::kSwappingIn || to == S::kDiscarded;
     case S::kDiscarded:
-      return to == S::kRecomputing || to == S::kRunning || to == S::kWaiting;
+      return to == S::kRecomputing || to == S::kRunning || to == S::kWaiting || to == S::kSwappingIn;
     case S::kSwappingIn:
       // Back to recomputing when it was preempted halfway through a recompute; back out to the
       // host when memory pressure evicts it before it has fully arrived.

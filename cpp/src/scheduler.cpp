@@ -1,6 +1,7 @@
 #include "infercept/scheduler.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <string>
 
@@ -41,6 +42,7 @@ void SchedulerConfig::validate() const {
   require(max_running_requests > 0,
           "max_running_requests must be positive, got " + std::to_string(max_running_requests));
   require(max_context_tokens >= 0, "max_context_tokens must be >= 0, got " + std::to_string(max_context_tokens));
+  require(vocab_size >= 0, "vocab_size must be >= 0, got " + std::to_string(vocab_size));
 }
 
 Scheduler::Scheduler(const SchedulerConfig& config, const CostModel& cost)
@@ -90,6 +92,31 @@ RequestId Scheduler::add_request(int32_t num_prompt_tokens, double arrival_s, in
   return id;
 }
 
+RequestId Scheduler::add_request(const std::vector<TokenId>& prompt_token_ids, double arrival_s,
+                                 int32_t generated_token_limit, const std::string& cache_salt) {
+  check_token_ids(prompt_token_ids, "prompt");
+  if (prompt_token_ids.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max() / 2)) {
+    throw InvalidArgumentError("prompt of " + std::to_string(prompt_token_ids.size()) + " tokens is too long");
+  }
+  RequestId id = add_request(static_cast<int32_t>(prompt_token_ids.size()), arrival_s, generated_token_limit);
+  Request& r = requests_[id];
+  r.tokens = TokenBlocks(config_.block_size, hash_salt(cache_salt));
+  r.tokens.append(prompt_token_ids);
+  r.cacheable = caching();
+  return id;
+}
+
+void Scheduler::check_token_ids(const std::vector<TokenId>& token_ids, const char* what) const {
+  for (size_t i = 0; i < token_ids.size(); ++i) {
+    TokenId t = token_ids[i];
+    if (t < 0 || (config_.vocab_size > 0 && t >= config_.vocab_size)) {
+      throw InvalidArgumentError(std::string(what) + " token id " + std::to_string(t) + " at position " +
+                                 std::to_string(i) + " is outside the vocabulary [0, " +
+                                 (config_.vocab_size > 0 ? std::to_string(config_.vocab_size) : "2^31") + ")");
+    }
+  }
+}
+
 Request& Scheduler::get(RequestId request) {
   auto it = requests_.find(request);
   if (it == requests_.end()) throw UnknownRequestError("unknown request id " + std::to_string(request));
@@ -129,6 +156,29 @@ void Scheduler::intercept(RequestId request, double now_s, double expected_durat
   add_intercepted(r);
 }
 
+void Scheduler::resume(RequestId request, const std::vector<TokenId>& tool_token_ids, double now_s,
+                       int32_t num_replaced_tokens) {
+  Request& r = get(request);
+  if (r.tokens.num_tokens() != r.num_tokens()) {
+    throw StateError("request " + std::to_string(request) + " was added by counts only; resume it with a token count");
+  }
+  check_token_ids(tool_token_ids, "tool");
+  if (num_replaced_tokens < 0 || (r.tool_pending && num_replaced_tokens > r.num_uncomputed_tokens())) {
+    throw InvalidArgumentError("resume can replace only the " + std::to_string(r.num_uncomputed_tokens()) +
+                               " tokens of request " + std::to_string(request) + " whose KV is not computed, not " +
+                               std::to_string(num_replaced_tokens));
+  }
+  if (!r.tool_pending) {
+    throw StateError("request " + std::to_string(request) + " is " + to_string(r.state) +
+                     ", not waiting on a tool; only an intercepted request can be resumed");
+  }
+  requeue_after_tool(r, static_cast<int32_t>(tool_token_ids.size()) - num_replaced_tokens, now_s);
+  r.tokens.truncate_back(num_replaced_tokens);
+  r.tokens.append(tool_token_ids);
+  // A context that gave its blocks up wants back what is still cached: soon.
+  if (r.cacheable && r.kv->num_tokens == 0) kv_.touch_cached(r.tokens, now_s);
+}
+
 void Scheduler::resume(RequestId request, int32_t num_tool_tokens, double now_s) {
   Request& r = get(request);
   if (!r.tool_pending) {
@@ -138,6 +188,14 @@ void Scheduler::resume(RequestId request, int32_t num_tool_tokens, double now_s)
   if (num_tool_tokens < 0) {
     throw InvalidArgumentError("num_tool_tokens must be >= 0, got " + std::to_string(num_tool_tokens));
   }
+  if (r.tokens.num_tokens() == r.num_tokens() && r.num_tokens() > 0) {
+    throw StateError("request " + std::to_string(request) + " carries token ids; resume it with the tool's token ids");
+  }
+  requeue_after_tool(r, num_tool_tokens, now_s);
+}
+
+void Scheduler::requeue_after_tool(Request& r, int32_t num_tool_tokens, double now_s) {
+  RequestId request = r.id;
   int64_t num_tokens = static_cast<int64_t>(r.num_tokens()) + num_tool_tokens;
   bool over_context = config_.max_context_tokens > 0 && num_tokens >= config_.max_context_tokens;
   if (over_context || num_blocks(num_tokens + 1) > config_.num_device_blocks) {
@@ -211,8 +269,14 @@ void Scheduler::release(Request& r, RequestState terminal) {
   ++(terminal == RequestState::kFinished ? totals_.num_finished : totals_.num_aborted);
 }
 
+double Scheduler::expected_next_use_s(const Request& r, double now_s) const {
+  if (!r.tool_pending) return now_s;  // queued or preempted: wanted back as soon as it can run
+  if (r.expected_duration_s >= 0) return std::max(now_s, r.intercept_start_s + r.expected_duration_s);
+  return -1;  // unknown: the time since it let go stands for the time to its return
+}
+
 void Scheduler::discard(Request& r, StepPlan* plan) {
-  kv_.discard(r.id);
+  kv_.discard(r.id, expected_next_use_s(r, plan ? plan->now_s : r.intercept_start_s));
   r.last_action_step = step_id_;
   if (plan) plan->discarded.push_back(r.id);
 }
@@ -242,6 +306,7 @@ void Scheduler::remove_intercepted(Request& r) {
 
 StepPlan Scheduler::schedule(double now_s) {
   account_time(now_s);
+  kv_.set_now(now_s);
   StepPlan plan;
   plan.step_id = ++step_id_;
   plan.now_s = now_s;
@@ -318,6 +383,7 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
     if (static_cast<int32_t>(running_.size() + swapping_in_.size()) >= config_.max_running_requests) return;
     Request& r = get(queue_.begin()->second);
     if (r.last_action_step == step_id_) return;  // preempted this step: its copies are in flight
+    if (r.cacheable && r.kv->num_tokens == 0) reuse_cached_prefix(r, token_budget, swap_in_budget_blocks);
 
     if (!r.kv->host_blocks.empty()) {
       // Swapped out (wholly or partly): bring it back within the swap budget.
@@ -331,6 +397,7 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
         return;
       }
       dequeue(r);
+      count_lookup(r);
       r.transition(RequestState::kSwappingIn);
       insert_by_priority(swapping_in_, &r);
       std::vector<BlockCopy> copies = kv_.swap_in(r.id, num_moves);
@@ -362,11 +429,47 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
       return;
     }
     dequeue(r);
+    count_lookup(r);
     r.transition(r.kv->num_tokens_to_recompute > 0 ? RequestState::kRecomputing : RequestState::kRunning);
     add_running(r);
     add_chunk(r, num_new_tokens, plan);
     token_budget -= num_new_tokens;
   }
+}
+
+// ---- the prefix cache at admission -------------------------------------------------------
+
+void Scheduler::reuse_cached_prefix(Request& r, int32_t token_budget, int64_t swap_in_budget_blocks) {
+  const int32_t block_size = config_.block_size;
+  r.last_lookup_step = step_id_;
+  r.num_lookup_hit_tokens = r.num_lookup_host_hit_tokens = 0;
+  // The last token is always computed: its logits are what the request samples from.
+  CachedPrefix prefix = kv_.find_cached_prefix(r.tokens, (r.num_tokens() - 1) / block_size);
+  const BlockPool& device = kv_.pool(Tier::kDevice);
+  int32_t room = device.num_free() - prefix.num_evictable_device_blocks;
+  // Host hits come back through the swap engine, within the budget and as device room allows;
+  // when neither is there this step, they are recomputed like a miss.
+  if (!prefix.host_blocks.empty() && (swap_in_budget_blocks <= 0 || room <= 0)) prefix.host_blocks.clear();
+  if (prefix.num_blocks() == 0) return;
+  if (prefix.host_blocks.empty()) {
+    // Adopt only when the first chunk after the hit can start now; else look again next step.
+    int32_t num_hit_tokens = prefix.num_blocks() * block_size;
+    int32_t num_new_tokens = std::min(r.num_tokens() - num_hit_tokens, token_budget);
+    int32_t needed = num_blocks(num_hit_tokens + num_new_tokens) - prefix.num_blocks();
+    if (token_budget <= 0 || needed > room) return;
+  }
+  r.num_lookup_host_hit_tokens = static_cast<int32_t>(prefix.host_blocks.size()) * block_size;
+  r.num_lookup_hit_tokens = kv_.adopt_cached_prefix(r.id, prefix);
+}
+
+void Scheduler::count_lookup(Request& r) {
+  // At the step the request leaves the queue, if it was looked up then: once per admission.
+  if (!r.cacheable || r.last_lookup_step != step_id_) return;
+  totals_.prefix_cache_queries += r.num_tokens();
+  totals_.prefix_cache_hits += r.num_lookup_hit_tokens;
+  totals_.prefix_cache_host_hits += r.num_lookup_host_hit_tokens;
+  if (!r.admitted_once) r.num_cached_tokens = std::min(r.num_lookup_hit_tokens, r.num_prompt_tokens);
+  r.admitted_once = true;
 }
 
 // ---- memory pressure ----------------------------------------------------------------------
@@ -397,30 +500,38 @@ bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
   // First the contexts whose tools are still running, longest expected wait first; then the
   // resumable ones in the queue and those swapping in, lowest priority first. Each is evicted:
   // moved to the host whole where the policy swaps and the host has room, else discarded.
-  Request* victim = nullptr;
-  double longest_s = -1;
-  for (Request* r : intercepted_) {
-    if (r->kv->device_blocks.empty() || r->last_action_step == step_id_) continue;
-    double remaining_s = remaining_intercept_s(*r, plan.now_s);
-    if (remaining_s > longest_s) longest_s = remaining_s, victim = r;
-  }
-  if (victim) {
-    evict(*victim, plan);
-    return true;
-  }
-  for (auto it = queue_.rbegin(); it != queue_.rend(); ++it) {
-    Request& r = get(it->second);
-    if (&r == keep || r.kv->device_blocks.empty() || r.last_action_step == step_id_) continue;
-    evict(r, plan);  // stays queued, by its original arrival
-    return true;
-  }
-  for (auto it = swapping_in_.rbegin(); it != swapping_in_.rend(); ++it) {
-    Request& r = **it;
-    if (&r == keep || r.kv->device_blocks.empty() || r.last_action_step == step_id_) continue;
-    erase_from(swapping_in_, &r);
-    evict(r, plan);
-    enqueue(r);
-    return true;
+  // A context whose device blocks are all shared frees nothing by going, so it goes only when
+  // no other can (the last of several paused sharers then frees the shared blocks).
+  for (bool need_exclusive : {true, false}) {
+    auto gives_way = [&](const Request& r) {
+      if (&r == keep || r.kv->device_blocks.empty() || r.last_action_step == step_id_) return false;
+      return !need_exclusive || kv_.num_exclusive_blocks(r.id, Tier::kDevice) > 0;
+    };
+    Request* victim = nullptr;
+    double longest_s = -1;
+    for (Request* r : intercepted_) {
+      if (!gives_way(*r)) continue;
+      double remaining_s = remaining_intercept_s(*r, plan.now_s);
+      if (remaining_s > longest_s) longest_s = remaining_s, victim = r;
+    }
+    if (victim) {
+      evict(*victim, plan);
+      return true;
+    }
+    for (auto it = queue_.rbegin(); it != queue_.rend(); ++it) {
+      Request& r = get(it->second);
+      if (!gives_way(r)) continue;
+      evict(r, plan);  // stays queued, by its original arrival
+      return true;
+    }
+    for (auto it = swapping_in_.rbegin(); it != swapping_in_.rend(); ++it) {
+      Request& r = **it;
+      if (!gives_way(r)) continue;
+      erase_from(swapping_in_, &r);
+      evict(r, plan);
+      enqueue(r);
+      return true;
+    }
   }
   return false;
 }
@@ -432,13 +543,13 @@ void Scheduler::evict(Request& victim, StepPlan& plan) {
 }
 
 bool Scheduler::swap_out_whole(Request& victim, StepPlan& plan) {
-  int32_t num_device_blocks = static_cast<int32_t>(victim.kv->device_blocks.size());
+  int32_t num_device_blocks = kv_.num_exclusive_blocks(victim.id, Tier::kDevice);
   bool can_swap = (config_.policy == Policy::kSwap || config_.policy == Policy::kInfercept) &&
                   num_device_blocks > 0 && kv_.pool(Tier::kHost).can_allocate(num_device_blocks);
   if (!can_swap) return false;
   // The whole context at once: memory pressure is an emergency and cannot wait for a budget.
   if (victim.state != RequestState::kSwappingOut) victim.transition(RequestState::kSwappingOut);
-  std::vector<BlockCopy> copies = kv_.swap_out(victim.id, num_device_blocks);
+  std::vector<BlockCopy> copies = kv_.swap_out(victim.id, num_device_blocks, expected_next_use_s(victim, plan.now_s));
   moved_.emplace_back(victim.id, num_device_blocks);
   plan.swap_out.insert(plan.swap_out.end(), copies.begin(), copies.end());
   victim.last_action_step = step_id_;
@@ -472,18 +583,40 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
                                std::to_string(result.swap_stall_s) + " duration_s=" +
                                std::to_string(result.duration_s));
   }
+  const std::vector<TokenId>& sampled_ids = result.sampled_token_ids;
+  if (!sampled_ids.empty() && static_cast<int32_t>(sampled_ids.size()) != plan.num_sampling_requests) {
+    throw InvalidArgumentError("step result carries " + std::to_string(sampled_ids.size()) +
+                               " sampled token ids but the plan samples " +
+                               std::to_string(plan.num_sampling_requests) + " requests");
+  }
+  check_token_ids(sampled_ids, "sampled");
+  if (sampled_ids.empty()) {
+    for (const ScheduledRequest& s : plan.scheduled) {
+      auto it = requests_.find(s.request_id);
+      if (s.samples && it != requests_.end() && it->second.cacheable && is_computing(it->second.state)) {
+        throw InvalidArgumentError("step result carries no sampled token ids but request " +
+                                   std::to_string(s.request_id) + " has token identity and sampled this step");
+      }
+    }
+  }
   account_time(now_s);
   account_step(plan, result);
+  kv_.set_now(now_s);
   kv_.commit();
+  update_allocation_rate(now_s);
 
   StepOutput out;
+  size_t sample_index = 0;
   for (const ScheduledRequest& s : plan.scheduled) {
+    size_t row = s.samples ? sample_index++ : 0;
     auto it = requests_.find(s.request_id);
     if (it == requests_.end() || !is_computing(it->second.state)) continue;  // aborted meanwhile
     Request& r = it->second;
     if (r.state == RequestState::kRecomputing && r.kv->num_tokens_to_recompute == 0) {
       r.transition(RequestState::kRunning);
     }
+    if (r.tokens.num_tokens() > 0 && s.samples && !sampled_ids.empty()) r.tokens.append(&sampled_ids[row], 1);
+    if (r.cacheable) kv_.cache_full_blocks(r.id, r.tokens);
     if (!s.samples) continue;
     ++r.num_generated_tokens;
     out.sampled.push_back(r.id);
@@ -500,7 +633,8 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
     auto it = requests_.find(id);
     if (it == requests_.end()) continue;
     Request& r = it->second;
-    if (r.state == RequestState::kSwappingOut && r.kv->device_blocks.empty()) {
+    if (r.cacheable) kv_.cache_full_blocks(r.id, r.tokens);  // swapped-in blocks
+    if (r.state == RequestState::kSwappingOut && kv_.num_exclusive_blocks(r.id, Tier::kDevice) == 0) {
       r.transition(RequestState::kSwapped);
     } else if (r.state == RequestState::kSwappingIn && r.kv->host_blocks.empty()) {
       erase_from(swapping_in_, &r);
@@ -517,6 +651,24 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
   }
   pending_aborts_.clear();
   return out;
+}
+
+void Scheduler::update_allocation_rate(double now_s) {
+  int64_t allocations = kv_.pool(Tier::kDevice).num_allocations();
+  if (rate_updated_s_ < 0) {
+    rate_updated_s_ = now_s;
+    allocations_seen_ = allocations;
+    return;
+  }
+  double elapsed_s = now_s - rate_updated_s_;
+  if (elapsed_s <= 0) return;
+  // An exponential average over about ten seconds of steps.
+  constexpr double kWindowS = 10.0;
+  double weight = 1 - std::exp(-elapsed_s / kWindowS);
+  double rate = static_cast<double>(allocations - allocations_seen_) / elapsed_s;
+  allocation_rate_blocks_per_s_ += weight * (rate - allocation_rate_blocks_per_s_);
+  allocations_seen_ = allocations;
+  rate_updated_s_ = now_s;
 }
 
 // ---- queries ------------------------------------------------------------------------------
@@ -538,8 +690,14 @@ SchedulerStats Scheduler::stats() const {
     else if (!r->kv->device_blocks.empty()) ++s.num_preserved;
     else ++s.num_discarded;
   }
-  s.num_free_device_blocks = kv_.pool(Tier::kDevice).num_free();
-  s.num_free_host_blocks = kv_.pool(Tier::kHost).num_free();
+  const BlockPool& device = kv_.pool(Tier::kDevice);
+  const BlockPool& host = kv_.pool(Tier::kHost);
+  s.num_free_device_blocks = device.num_free();
+  s.num_free_host_blocks = host.num_free();
+  s.num_cached_device_blocks = device.num_evictable();
+  s.num_cached_host_blocks = host.num_evictable();
+  s.num_device_evictions = device.num_evictions();
+  s.num_host_evictions = host.num_evictions();
   return s;
 }
 
@@ -566,7 +724,19 @@ void Scheduler::check_invariants() const {
         t.num_tokens != 0) {
       fail("holds KV it should have freed");
     }
-    if (r.state == RequestState::kSwapped && !t.device_blocks.empty()) fail("swapped but holds device blocks");
+    // Swapped: its exclusive blocks went out; a prefix shared with others may stay.
+    if (r.state == RequestState::kSwapped && t.host_blocks.empty()) fail("swapped but holds nothing on the host");
+    if (r.tokens.num_tokens() > 0) {
+      if (r.tokens.num_tokens() != r.num_tokens()) fail("token ids disagree with the token counts");
+      // The blocks it offered the cache hold its own content.
+      const BlockPool& device = kv_.pool(Tier::kDevice);
+      for (int32_t i = 0; i < t.num_cached_blocks && i < static_cast<int32_t>(t.device_blocks.size()); ++i) {
+        BlockId block = t.device_blocks[i];
+        if (device.is_cached(block) && device.hash_of(block) != r.tokens.block_hashes()[i]) {
+          fail("device block " + std::to_string(block) + " is cached under another content");
+        }
+      }
+    }
     if (t.num_tokens > r.num_tokens()) fail("holds KV for more tokens than it has");
     num_computing += is_computing(r.state);
     num_swapping_in += r.state == RequestState::kSwappingIn;

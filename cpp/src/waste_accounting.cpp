@@ -18,14 +18,24 @@ void Scheduler::account_time(double now_s) {
   ledger_.capacity_byte_s +=
       static_cast<double>(config_.num_device_blocks) * config_.block_size * bytes_per_token * elapsed_s;
   // Paused contexts whose tools are still running hold device memory that serves no one ...
-  auto charge = [&](Request& r, int32_t num_tokens) {
+  auto charge = [&](Request& r, double num_tokens) {
     double waste = num_tokens * bytes_per_token * elapsed_s;
     r.waste.preserved_idle_byte_s += waste;
     ledger_.waste.preserved_idle_byte_s += waste;
   };
+  // A block shared by k owners is charged 1/k to each paused one: it counts once when all its
+  // owners are paused, and only in part while a running request also uses it. Blocks nobody
+  // references are cached free capacity and cost nothing.
+  const BlockPool& device = kv_.pool(Tier::kDevice);
   for (Request* r : intercepted_) {
-    int32_t device_tokens = r->kv->num_device_tokens(config_.block_size);
-    if (device_tokens > 0) charge(*r, device_tokens);
+    const std::vector<BlockId>& blocks = r->kv->device_blocks;
+    if (blocks.empty()) continue;
+    int32_t num_exclusive = kv_.num_exclusive_blocks(r->id, Tier::kDevice);
+    double tokens = static_cast<double>(num_exclusive_device_tokens(*r));
+    for (size_t i = 0; i + num_exclusive < blocks.size(); ++i) {
+      tokens += static_cast<double>(config_.block_size) / device.ref_count(blocks[i]);
+    }
+    if (tokens > 0) charge(*r, tokens);
   }
   // ... and so do the blocks this step copies out for them: they are freed when the step ends.
   // (A paused context only ever moves out, once per step; the moved blocks lead its host part,

@@ -48,7 +48,12 @@ class Sim {
     st.plan = s.schedule(now_s);
     s.check_invariants();
     now_s += s.cost().step_time_s(st.plan.num_batched_tokens, static_cast<double>(st.plan.num_context_tokens));
-    st.out = s.update(st.plan, StepResult{now_s - st.plan.now_s}, now_s);
+    StepResult result{now_s - st.plan.now_s};
+    // Requests with token identity need the sampled ids: a deterministic stand-in per request.
+    for (const ScheduledRequest& sr : st.plan.scheduled) {
+      if (sr.samples) result.sampled_token_ids.push_back(sampled_token(sr.request_id));
+    }
+    st.out = s.update(st.plan, result, now_s);
     s.check_invariants();
     for (RequestId id : st.out.reached_limit) s.finish(id);
     s.check_invariants();
@@ -64,6 +69,11 @@ class Sim {
 
   void run_until_sampled(RequestId id, int32_t num_generated_tokens = 1) {
     run_until([&] { return s.request(id).num_generated_tokens >= num_generated_tokens; });
+  }
+
+  // The token a request "samples" next: distinct per request and position.
+  TokenId sampled_token(RequestId id) const {
+    return static_cast<TokenId>(1000 + (id * 7919 + s.request(id).num_generated_tokens * 31) % 50000);
   }
 
   const Request& request(RequestId id) const { return s.request(id); }

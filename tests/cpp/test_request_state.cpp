@@ -23,6 +23,7 @@ const std::set<std::pair<S, S>> kLegal = {
     // A new request starts computing; a vllm-resumed one (KV discarded) starts by recomputing.
     {S::kWaiting, S::kRunning},
     {S::kWaiting, S::kRecomputing},
+    {S::kWaiting, S::kSwappingIn},  // admitted with a prefix cached on the host
     // Running: a tool call pauses it (preserve, swap or discard), memory pressure preempts it,
     // or it ends.
     {S::kRunning, S::kPreserved},
@@ -49,6 +50,7 @@ const std::set<std::pair<S, S>> kLegal = {
     {S::kDiscarded, S::kRecomputing},
     {S::kDiscarded, S::kRunning},
     {S::kDiscarded, S::kWaiting},
+    {S::kDiscarded, S::kSwappingIn},  // what it let go is cached on the host
     // Swapping in: back on the device (then recomputing if it still owes discarded KV), or
     // reclaimed for memory.
     {S::kSwappingIn, S::kRunning},

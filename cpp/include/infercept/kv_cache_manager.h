@@ -1,16 +1,21 @@
 #pragma once
-// Per-request block tables over two pools (device, host). Bookkeeping only: the executor moves
-// the bytes that the copies returned here describe.
+// Per-request block tables over two pools (device, host), each pool also the tier's prefix
+// cache. Bookkeeping only: the executor moves the bytes that the copies returned here describe.
 //
 // A request's KV is a sequence of logical blocks. The device part is always a prefix and the
 // host part the suffix: swap-out moves blocks from the back of the device part to the front of
 // the host part, swap-in moves them back in order. So a swap can stop after any number of
 // blocks and continue in a later iteration.
+//
+// Blocks are shared: a request admitted with a cached prefix references the blocks of earlier
+// requests (on the device, then continuing on the host). Sharing is always a prefix of a table
+// (keys chain), so a request's *exclusive* blocks are a suffix: those are what swap-out moves.
 #include <cstdint>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
+#include "infercept/block_hash.h"
 #include "infercept/block_pool.h"
 #include "infercept/types.h"
 
@@ -29,10 +34,20 @@ struct BlockTable {
   std::vector<BlockId> host_blocks;    // logical blocks that follow the device part
   int32_t num_tokens = 0;              // tokens whose KV is held, on either tier
   int32_t num_tokens_to_recompute = 0; // tokens whose KV was discarded and must be rebuilt
+  int32_t num_cached_blocks = 0;       // leading device blocks already offered to the cache
 
   int32_t num_device_tokens(int32_t block_size) const;
   int32_t num_host_tokens(int32_t block_size) const { return num_tokens - num_device_tokens(block_size); }
   bool is_on_device() const { return host_blocks.empty(); }
+};
+
+/// The longest cached prefix of a token sequence: full blocks on the device, then on the host.
+struct CachedPrefix {
+  std::vector<BlockId> device_blocks;
+  std::vector<BlockId> host_blocks;
+  int32_t num_evictable_device_blocks = 0;  // of device_blocks, those nobody references now
+
+  int32_t num_blocks() const { return static_cast<int32_t>(device_blocks.size() + host_blocks.size()); }
 };
 
 /// Owns both pools and every request's block table.
@@ -57,18 +72,40 @@ class KvCacheManager {
   /// must be wholly on the device. Returns how many of them rebuild discarded KV (recompute).
   int32_t append_tokens(RequestId request, int32_t num_tokens);
 
-  /// Plans moving up to `max_blocks` blocks from the back of the device part to the host.
-  /// Returns the copies (device src -> host dst); fewer when the device part or the host pool
-  /// runs out. The device sources are released at commit().
-  std::vector<BlockCopy> swap_out(RequestId request, int32_t max_blocks);
+  /// Plans moving up to `max_blocks` of the request's exclusive blocks from the back of the
+  /// device part to the host (a block another request shares is never moved for one owner).
+  /// Returns the copies (device src -> host dst); fewer when the exclusive part or the host
+  /// pool runs out. The device sources are released at commit(), cached ones as evictable
+  /// with an expected next use at `next_use_s` (< 0: unknown).
+  std::vector<BlockCopy> swap_out(RequestId request, int32_t max_blocks, double next_use_s = -1);
 
   /// Plans moving up to `max_blocks` blocks from the front of the host part to the device.
-  /// Returns the copies (host src -> device dst); the host sources are released at commit().
+  /// A block whose content is still cached on the device is taken from there without a copy
+  /// (not counted against `max_blocks`). Returns the copies (host src -> device dst); the host
+  /// sources are released at commit().
   std::vector<BlockCopy> swap_in(RequestId request, int32_t max_blocks);
 
-  /// Frees the request's blocks on both tiers and records its tokens as to be recomputed.
-  /// Returns the number of tokens to recompute.
-  int32_t discard(RequestId request);
+  /// Drops the request's references on both tiers and records its tokens as to be recomputed
+  /// (a cache hit at re-admission takes back what was not evicted meanwhile). Cached blocks
+  /// stay findable, evictable, expected back at `next_use_s` (< 0: unknown). Returns the
+  /// number of tokens to recompute.
+  int32_t discard(RequestId request, double next_use_s = -1);
+
+  // ---- the prefix cache ----
+
+  /// The longest prefix of `tokens`, at most `max_blocks` full blocks, cached on the device and
+  /// continuing on the host.
+  CachedPrefix find_cached_prefix(const TokenBlocks& tokens, int32_t max_blocks) const;
+  /// Gives an empty table the prefix's blocks (one more reference each). Returns its tokens.
+  int32_t adopt_cached_prefix(RequestId request, const CachedPrefix& prefix);
+  /// Registers the request's full device blocks with the cache once their KV is written; a
+  /// block whose content another block already holds is swapped for that one (one copy kept).
+  void cache_full_blocks(RequestId request, const TokenBlocks& tokens);
+  /// Re-estimates the next use of the evictable blocks still cached for `tokens`.
+  void touch_cached(const TokenBlocks& tokens, double next_use_s);
+  /// The request's blocks on `tier` that no other owner references (a suffix of that part).
+  int32_t num_exclusive_blocks(RequestId request, Tier tier) const;
+  void set_now(double now_s);
 
   /// Frees the request's blocks and forgets it.
   void free(RequestId request);
@@ -90,13 +127,19 @@ class KvCacheManager {
   BlockTable& mutable_table(RequestId request);
   BlockPool& mutable_pool(Tier tier) { return tier == Tier::kDevice ? device_pool_ : host_pool_; }
   // Frees now, or at commit() when a copy planned this iteration still touches the request.
-  void release(RequestId request, Tier tier, BlockId block);
+  void release(RequestId request, Tier tier, BlockId block, double next_use_s);
+  void free_block(Tier tier, BlockId block, double next_use_s);
 
   int32_t block_size_;
   BlockPool device_pool_;
   BlockPool host_pool_;
   std::unordered_map<RequestId, BlockTable> tables_;
-  std::vector<BlockId> releasing_[2];           // [tier] blocks released at commit()
+  struct Release {
+    BlockId block;
+    double next_use_s;  // < 0: unknown
+  };
+  std::vector<Release> releasing_[2];           // [tier] blocks released at commit()
+  std::vector<BlockCopy> copied_[2];            // [destination tier] copies planned this iteration
   std::unordered_set<RequestId> copying_;       // requests with copies planned this iteration
 };
 

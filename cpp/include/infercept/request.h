@@ -3,6 +3,7 @@
 // record says what the request is doing and how many tokens of each kind it has.
 #include <cstdint>
 
+#include "infercept/block_hash.h"
 #include "infercept/kv_cache_manager.h"
 #include "infercept/types.h"
 #include "infercept/waste_ledger.h"
@@ -12,6 +13,7 @@ namespace infercept {
 /// Where a request is in its life.
 ///
 ///   waiting -> running -> finished
+///   waiting -> swapping_in (a prefix cached on the host) -> running
 ///   running -> intercepted {preserved, swapping_out, swapped, discarded} (tool call, or
 ///              preemption when memory runs out)
 ///   intercepted -> resuming {swapping_in, recomputing} -> running
@@ -58,6 +60,16 @@ struct Request {
   int32_t num_intercepts = 0;
   int32_t num_preemptions = 0;
   int64_t last_action_step = -1;      // the step that last moved or freed its blocks
+
+  /// Token identity (prompt, sampled, tool) and block keys; empty for a counts-only request
+  /// (the simulator's), which never reads or feeds the prefix cache.
+  TokenBlocks tokens;
+  bool cacheable = false;
+  bool admitted_once = false;         // num_cached_tokens is set at the first admission
+  int32_t num_cached_tokens = 0;      // prompt tokens whose KV came from the cache at that admission
+  int64_t last_lookup_step = -1;      // the step of the last admission lookup, and what it found:
+  int32_t num_lookup_hit_tokens = 0;
+  int32_t num_lookup_host_hit_tokens = 0;
 
   BlockTable* kv = nullptr;           // owned by the KvCacheManager
   WasteCounters waste;                // device memory-time this request caused to be wasted

@@ -29,6 +29,11 @@ struct SchedulerConfig {
   int32_t max_running_requests = 256;
   /// Largest context a request may reach (the model's window); 0 means only the pool limits it.
   int32_t max_context_tokens = 0;
+  /// Keep full blocks' KV findable by content after their owners let go (the prefix cache).
+  /// Off under the vllm (0.2) policy whatever this says: that release had no prefix cache.
+  bool enable_prefix_caching = true;
+  /// Token ids must lie in [0, vocab_size); 0 leaves them unchecked.
+  int32_t vocab_size = 0;
 
   /// Throws InvalidArgumentError naming the first bad field.
   void validate() const;
@@ -51,6 +56,14 @@ struct SchedulerStats {
   int64_t num_swap_in_blocks = 0;   // cumulative
   int64_t num_recomputed_tokens = 0;  // cumulative
   int64_t num_preemptions = 0;        // cumulative
+  // The prefix cache (cumulative, in tokens, counted at admission) and what it holds now.
+  int64_t prefix_cache_queries = 0;     // tokens of admitted requests' contexts looked up
+  int64_t prefix_cache_hits = 0;        // of them, tokens whose KV was found
+  int64_t prefix_cache_host_hits = 0;   // of the hits, tokens found on the host (swapped in)
+  int32_t num_cached_device_blocks = 0; // unreferenced but cached: free capacity, evictable
+  int32_t num_cached_host_blocks = 0;
+  int64_t num_device_evictions = 0;     // cumulative
+  int64_t num_host_evictions = 0;
 };
 
 class Scheduler {
@@ -58,7 +71,11 @@ class Scheduler {
   Scheduler(const SchedulerConfig& config, const CostModel& cost);
 
   /// Queues a new request and returns its id. `generated_token_limit` > 0 makes update()
-  /// report the request when it has generated that many tokens.
+  /// report the request when it has generated that many tokens. Its blocks are found by, and
+  /// reuse, the prefix cache of the same `cache_salt` ("" is shared by every unsalted request).
+  RequestId add_request(const std::vector<TokenId>& prompt_token_ids, double arrival_s,
+                        int32_t generated_token_limit = 0, const std::string& cache_salt = "");
+  /// Counts only, no token ids (the simulator): the request never touches the prefix cache.
   RequestId add_request(int32_t num_prompt_tokens, double arrival_s, int32_t generated_token_limit = 0);
 
   /// Pauses a running request that has just sampled (it called a tool). The policy decides what
@@ -66,7 +83,12 @@ class Scheduler {
   /// the intercept from the time already elapsed.
   void intercept(RequestId request, double now_s, double expected_duration_s = -1);
 
-  /// The tool returned `num_tool_tokens` tokens: queue the request to resume.
+  /// The tool returned `tool_token_ids`: queue the request to resume. The last
+  /// `num_replaced_tokens` tokens (not yet computed: the one just sampled, re-tokenized by the
+  /// caller) are dropped first and their replacement leads `tool_token_ids`.
+  void resume(RequestId request, const std::vector<TokenId>& tool_token_ids, double now_s,
+              int32_t num_replaced_tokens = 0);
+  /// Counts only, for a counts-only request.
   void resume(RequestId request, int32_t num_tool_tokens, double now_s);
 
   /// Updates the caller's estimate of an ongoing intercept (e.g. a learned tool duration).
@@ -119,6 +141,19 @@ class Scheduler {
   void remove_intercepted(Request& r);
   void release(Request& r, RequestState terminal);
   void discard(Request& r, StepPlan* plan);
+  // resume()'s common part: the context grew by `num_tool_tokens` (net of replaced ones).
+  void requeue_after_tool(Request& r, int32_t num_tool_tokens, double now_s);
+  bool caching() const { return config_.enable_prefix_caching && config_.policy != Policy::kVllm; }
+  void check_token_ids(const std::vector<TokenId>& token_ids, const char* what) const;
+  // When a context that lets its blocks go expects them back (< 0: unknown).
+  double expected_next_use_s(const Request& r, double now_s) const;
+  // Admission: takes the longest cached prefix when the request can then start this step.
+  void reuse_cached_prefix(Request& r, int32_t token_budget, int64_t swap_in_budget_blocks);
+  void count_lookup(Request& r);
+  // Exclusive device tokens of a paused context: what preserving it holds back from others.
+  int64_t num_exclusive_device_tokens(const Request& r) const;
+  // Of a context's tokens, those a discard is expected to make us recompute (eq. 1/4's C).
+  int64_t expected_recompute_tokens(const Request& r, double remaining_s) const;
 
   // schedule() phases, in order.
   void schedule_running(StepPlan& plan, int32_t& token_budget);
@@ -144,6 +179,7 @@ class Scheduler {
   int32_t num_blocks(int64_t num_tokens) const;
   // waste accounting (waste_accounting.cpp)
   void account_time(double now_s);
+  void update_allocation_rate(double now_s);
   void account_step(const StepPlan& plan, const StepResult& result);
 
   SchedulerConfig config_;
@@ -161,6 +197,10 @@ class Scheduler {
   std::vector<std::pair<RequestId, int32_t>> moved_;  // blocks each request copies this step
   std::vector<std::pair<RequestId, std::string>> pending_aborts_;  // reported by update()
   SchedulerStats totals_;                // cumulative counters only
+  // Device blocks allocated per second (EMA): the demand that evicts discarded contexts.
+  double allocation_rate_blocks_per_s_ = 0;
+  int64_t allocations_seen_ = 0;
+  double rate_updated_s_ = -1;
   WasteLedger ledger_;
 };
 

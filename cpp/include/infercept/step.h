@@ -46,6 +46,9 @@ struct StepResult {
   double duration_s = 0;          // wall (or simulated) time of the step
   double swap_stall_s = 0;        // part of it the forward spent waiting on copies
   std::vector<RequestId> finished;  // requests that stopped (EOS, stop string, max tokens)
+  /// [plan.num_sampling_requests]: the token each sampling request drew, in plan order. May be
+  /// empty only when every sampling request is counts-only (the simulator's token-free path).
+  std::vector<int32_t> sampled_token_ids;
 };
 
 /// What update() tells the caller.
