@@ -280,6 +280,10 @@ void bind_scheduler(py::module_& m) {
       .def("ledger", &Scheduler::ledger, py::return_value_policy::copy)
       .def("remaining_intercept_s", &Scheduler::remaining_intercept_s, py::arg("request"), py::arg("now_s"))
       .def("block_table", [](const Scheduler& s, RequestId id) { return s.kv().table(id); }, py::arg("request_id"))
+      .def(
+          "pool", [](const Scheduler& s, Tier tier) -> const BlockPool& { return s.kv().pool(tier); },
+          py::arg("tier"), py::return_value_policy::reference_internal,
+          "The tier's block pool (reference counts, the prefix cache), read-only.")
       .def_property_readonly("config", &Scheduler::config)
       .def_property_readonly("cost", &Scheduler::cost)
       .def_property_readonly("num_live_requests", &Scheduler::num_live_requests)

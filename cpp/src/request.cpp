@@ -57,7 +57,8 @@ bool can_transition(RequestState from, RequestState to) {
       // Back to preserved when the tool returns before any block has moved.
       return to == S::kSwapped || to == S::kSwappingIn || to == S::kDiscarded || to == S::kPreserved;
     case S::kSwapped:
-      return to == S::kSwappingIn || to == S::kDiscarded;
+      // Back to swapping out: device blocks it shared became its own when the others let go.
+      return to == S::kSwappingIn || to == S::kDiscarded || to == S::kSwappingOut;
     case S::kDiscarded:
       return to == S::kRecomputing || to == S::kRunning || to == S::kWaiting || to == S::kSwappingIn;
     case S::kSwappingIn:

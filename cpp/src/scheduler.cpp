@@ -367,10 +367,13 @@ void Scheduler::schedule_swapping_in(StepPlan& plan, int64_t& swap_in_budget_blo
     while (device.num_free() == 0 && running_.empty() && kv_.num_device_blocks_releasing() == 0 &&
            reclaim_intercepted(plan, r)) {
     }
+    size_t num_host_blocks = r->kv->host_blocks.size();
     std::vector<BlockCopy> copies = kv_.swap_in(r->id, static_cast<int32_t>(swap_in_budget_blocks));
-    if (copies.empty()) continue;
+    // Blocks still cached on the device come back without a copy: they count as moved.
+    int32_t num_moved = static_cast<int32_t>(num_host_blocks - r->kv->host_blocks.size());
+    if (num_moved == 0) continue;
     swap_in_budget_blocks -= static_cast<int64_t>(copies.size());
-    moved_.emplace_back(r->id, static_cast<int32_t>(copies.size()));
+    moved_.emplace_back(r->id, num_moved);
     plan.swap_in.insert(plan.swap_in.end(), copies.begin(), copies.end());
     r->last_action_step = step_id_;
   }
@@ -400,9 +403,10 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
       count_lookup(r);
       r.transition(RequestState::kSwappingIn);
       insert_by_priority(swapping_in_, &r);
+      size_t num_host_blocks = r.kv->host_blocks.size();
       std::vector<BlockCopy> copies = kv_.swap_in(r.id, num_moves);
-      swap_in_budget_blocks -= num_moves;
-      moved_.emplace_back(r.id, num_moves);
+      swap_in_budget_blocks -= static_cast<int64_t>(copies.size());
+      moved_.emplace_back(r.id, static_cast<int32_t>(num_host_blocks - r.kv->host_blocks.size()));
       plan.swap_in.insert(plan.swap_in.end(), copies.begin(), copies.end());
       r.last_action_step = step_id_;
       continue;

@@ -59,7 +59,8 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  prompt_token_ids: Sequence[Sequence[int]] | None = None,
                  tools: Iterable[Tool] = (), use_tools: bool = True,
-                 client_tools: Iterable[str] = ()) -> list[RequestOutput]:
+                 client_tools: Iterable[str] = (),
+                 cache_salt: str | None = None) -> list[RequestOutput]:
         """Generates a completion for each prompt, running tool calls as they appear.
 
         Args:
@@ -70,6 +71,7 @@ class LLM:
             use_tools: Whether calls to registered tools run inside the engine.
             client_tools: Tool names the caller runs: such a call returns the request paused
                 (``output.paused``); continue it with ``resume``.
+            cache_salt: Keeps these requests' cached prefixes apart from other tenants'.
 
         Returns:
             One output per prompt, in order (finished, or paused on a client tool).
@@ -86,14 +88,16 @@ class LLM:
             items = [{"prompt": p} for p in ([prompts] if isinstance(prompts, str) else prompts)]
         params = self._per_prompt(sampling_params, len(items))
         client = tuple(client_tools)
-        ids = [self.engine.add_request(params=p, use_tools=use_tools, client_tools=client, **item)
+        ids = [self.engine.add_request(params=p, use_tools=use_tools, client_tools=client,
+                                       cache_salt=cache_salt, **item)
                for item, p in zip(items, params)]
         return self.engine.run_until_done(ids)
 
     def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              tools: Iterable[Tool] = (), use_tools: bool = True,
-             client_tools: Iterable[str] = ()) -> list[RequestOutput]:
+             client_tools: Iterable[str] = (),
+             cache_salt: str | None = None) -> list[RequestOutput]:
         """Like ``generate`` for conversations rendered with the model's chat template.
 
         Args:
@@ -108,7 +112,8 @@ class LLM:
         token_ids = [self.engine.tokenizer.apply_chat_template(c, tools=schemas)
                      for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompt_token_ids=token_ids, sampling_params=sampling_params,
-                             tools=tools, use_tools=use_tools, client_tools=client_tools)
+                             tools=tools, use_tools=use_tools, client_tools=client_tools,
+                             cache_salt=cache_salt)
 
     def resume(self, request_id: int, tool_output: str, *, raw: bool = False) -> RequestOutput:
         """Continues a request paused on a client tool and runs it to its next stop."""

@@ -46,6 +46,7 @@ const std::set<std::pair<S, S>> kLegal = {
     {S::kSwappingOut, S::kPreserved},
     {S::kSwapped, S::kSwappingIn},
     {S::kSwapped, S::kDiscarded},
+    {S::kSwapped, S::kSwappingOut},  // shared device blocks became its own
     // Discarded: resumed with recompute, or re-queued as new under vllm.
     {S::kDiscarded, S::kRecomputing},
     {S::kDiscarded, S::kRunning},

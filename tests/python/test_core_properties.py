@@ -26,6 +26,7 @@ from hypothesis.stateful import (
 from infercept._core import (
     AffineFit,
     CostModel,
+    Tier,
     InvalidArgumentError,
     Policy,
     RequestState,
@@ -138,21 +139,37 @@ class SchedulerMachine(RuleBasedStateMachine):
             out[i] = (list(r.device_blocks), list(r.host_blocks))
         return out
 
-    def check_blocks(self, num_device_copying: int = 0, num_host_copying: int = 0):
-        """No block in two tables; free + held (+ copy sources not yet released) == pool size."""
+    sharing = False  # requests carry token ids, so blocks may be shared through the cache
+
+    def check_blocks(self, copy_sources=((), ()), in_flight: bool = False):
+        """Every block's reference count is its table entries (plus a pending copy's read);
+        free (evictable included) + referenced == pool size; evictable iff unreferenced and
+        cached. Without token ids no block is in two tables."""
         tables = self.tables()
-        for tier, total, free, copying in (
-            (0, self.config.num_device_blocks, self.scheduler.num_free_device_blocks, num_device_copying),
-            (1, self.config.num_host_blocks, self.scheduler.num_free_host_blocks, num_host_copying),
+        for tier_index, tier, total, free in (
+            (0, Tier.DEVICE, self.config.num_device_blocks, self.scheduler.num_free_device_blocks),
+            (1, Tier.HOST, self.config.num_host_blocks, self.scheduler.num_free_host_blocks),
         ):
-            owner: dict[int, int] = {}
+            pool = self.scheduler.pool(tier)
+            holders: dict[int, list[int]] = {}
             for i, blocks in tables.items():
-                for b in blocks[tier]:
-                    assert 0 <= b < total, f"request {i} holds tier-{tier} block {b} outside [0, {total})"
-                    assert b not in owner, f"tier-{tier} block {b} held by requests {owner[b]} and {i}"
-                    owner[b] = i
-            assert free + len(owner) + copying == total, (
-                f"tier {tier}: {free} free + {len(owner)} held + {copying} copying != {total} blocks"
+                for b in blocks[tier_index]:
+                    assert 0 <= b < total, f"request {i} holds tier-{tier_index} block {b} outside [0, {total})"
+                    holders.setdefault(b, []).append(i)
+            sources = set(copy_sources[tier_index])
+            for b, who in holders.items():
+                assert self.sharing or len(who) == 1, f"tier-{tier_index} block {b} held by requests {who}"
+                assert len(set(who)) == len(who), f"request {who[0]} holds tier-{tier_index} block {b} twice"
+            if not in_flight:  # pending releases also hold a reference while a plan is out
+                for b in range(total):
+                    expected = len(holders.get(b, ()))
+                    assert pool.ref_count(b) == expected, (
+                        f"tier-{tier_index} block {b}: {pool.ref_count(b)} references, {expected} table entries")
+                    assert pool.is_evictable(b) == (expected == 0 and pool.is_cached(b))
+            referenced = set(holders) | sources
+            assert free + len(referenced) <= total and (
+                (in_flight and self.sharing) or free + len(referenced) == total), (
+                f"tier {tier_index}: {free} free + {len(referenced)} referenced != {total} blocks"
             )
         return tables
 
@@ -183,7 +200,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 if s.request(i).state in COMPUTING and s.request(i).num_generated_tokens >= 1
             ][:1]
         self.now_s += duration_s
-        out = s.update(plan, StepResult(duration_s, stall_s, finished), self.now_s)
+        sampled_ids = self.sample(sampling)
+        out = s.update(plan, StepResult(duration_s, stall_s, finished, sampled_ids), self.now_s)
         self.num_steps += 1
         STEP_TOTALS["steps"] += 1
         self.record_aborts(out)
@@ -209,10 +227,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.check_blocks()
         return plan, out
 
+    def core_add(self, num_prompt_tokens: int, limit: int, pick: int) -> int:
+        return self.scheduler.add_request(num_prompt_tokens, self.now_s, limit)
+
+    def core_resume(self, i: int, num_tool_tokens: int) -> None:
+        self.scheduler.resume(i, num_tool_tokens, self.now_s)
+
+    def sample(self, sampling: list[int]) -> list[int]:
+        """The sampled token ids for the step (counts only: none)."""
+        return []
+
     def check_plan(self, plan) -> None:
         s = self.scheduler
         cfg = self.config
-        tables = self.check_blocks(len(plan.swap_out), len(plan.swap_in))
+        tables = self.check_blocks(([c.src for c in plan.swap_out], [c.src for c in plan.swap_in]), in_flight=True)
         assert plan.num_batched_tokens == sum(x.num_new_tokens for x in plan.scheduled)
         assert plan.num_batched_tokens <= cfg.max_batched_tokens
         assert plan.num_recompute_tokens == sum(x.num_recompute_tokens for x in plan.scheduled)
@@ -235,15 +263,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         device_owner = {b: i for i, (dev, _) in tables.items() for b in dev}
         host_owner = {b: i for i, (_, host) in tables.items() for b in host}
         for c in plan.swap_out:
-            assert c.src not in device_owner, f"swap-out source {c.src} is still held by {device_owner.get(c.src)}"
+            # With a cache, a swap-out source stays findable: a later admission may take it.
+            assert self.sharing or c.src not in device_owner, (
+                f"swap-out source {c.src} is still held by {device_owner.get(c.src)}")
             assert c.dst in host_owner, f"swap-out destination {c.dst} is held by no request"
             assert s.request(host_owner[c.dst]).state == RequestState.SWAPPING_OUT
         for c in plan.swap_in:
-            assert c.src not in host_owner, f"swap-in source {c.src} is still held by {host_owner.get(c.src)}"
+            # Host blocks may be shared (cache hits): another sharer can still hold the source.
+            assert self.sharing or c.src not in host_owner, (
+                f"swap-in source {c.src} is still held by {host_owner.get(c.src)}")
             assert c.dst in device_owner, f"swap-in destination {c.dst} is held by no request"
             assert s.request(device_owner[c.dst]).state == RequestState.SWAPPING_IN
         assert len({c.src for c in plan.swap_out}) == len(plan.swap_out)
-        assert len({c.src for c in plan.swap_in}) == len(plan.swap_in)
+        # Two sharers of a host block may each bring it in the same step (update() then keeps one).
+        assert self.sharing or len({c.src for c in plan.swap_in}) == len(plan.swap_in)
         for i in plan.preempted:
             r = s.request(i)
             assert r.state in (RequestState.SWAPPING_OUT, RequestState.DISCARDED), f"preempted {i} is {r.state}"
@@ -281,9 +314,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             prompt = max_prompt + 1 + pick % (2 * bs)
         if prompt > max_prompt:
             with pytest.raises(InvalidArgumentError):
-                self.scheduler.add_request(prompt, self.now_s, limit)
+                self.core_add(prompt, limit, pick)
             return
-        i = self.scheduler.add_request(prompt, self.now_s, limit)
+        i = self.core_add(prompt, limit, pick)
         assert i not in self.model and i not in self.removed
         self.model[i] = {"prompt": prompt, "generated": 0, "tool": 0}
         r = self.scheduler.request(i)
@@ -308,13 +341,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         too_big = self.num_blocks(new_total + 1) > self.config.num_device_blocks
         if too_big:
             with pytest.raises(InvalidArgumentError):
-                s.resume(i, num_tool_tokens, self.now_s)
+                self.core_resume(i, num_tool_tokens)
             r = s.request(i)
             assert r.state == RequestState.ABORTED
             assert not r.device_blocks and not r.host_blocks and r.num_computed_tokens == 0
             self.allowed_aborts.add(i)
         else:
-            s.resume(i, num_tool_tokens, self.now_s)
+            self.core_resume(i, num_tool_tokens)
             self.model[i]["tool"] += num_tool_tokens
             r = s.request(i)
             assert not r.tool_pending and r.state not in TERMINAL
@@ -515,8 +548,49 @@ class SchedulerMachine(RuleBasedStateMachine):
         s.check_invariants()
 
 
-def _machine_for(policy: Policy):
-    machine = type(f"SchedulerMachine{policy.label.title()}", (SchedulerMachine,), {"policy": policy})
+class SharedPrefixMachine(SchedulerMachine):
+    """The same, with token ids: prompts cut from two long shared sequences (some with a
+    private tail, some under another salt), sampled and tool tokens from a tiny alphabet, so
+    requests share cached blocks on both tiers all the time."""
+
+    sharing = True
+    SHARED = [[(j * 7 + k) % 50 + 1 for j in range(4096)] for k in range(2)]
+
+    def core_add(self, num_prompt_tokens: int, limit: int, pick: int) -> int:
+        tokens = list(self.SHARED[pick % 2][:num_prompt_tokens])
+        if pick % 3 == 0:  # a private tail
+            for j in range(max(0, num_prompt_tokens - 1 - pick % 5), num_prompt_tokens):
+                tokens[j] = 100 + (pick * 13 + j) % 900
+        salt = "tenant-b" if pick % 7 == 0 else ""
+        i = self.scheduler.add_request(tokens, self.now_s, limit, salt)
+        self.prompts[i] = tokens
+        return i
+
+    def core_resume(self, i: int, num_tool_tokens: int) -> None:
+        self.scheduler.resume(i, [1 + j % 3 for j in range(num_tool_tokens)], self.now_s)
+
+    def sample(self, sampling: list[int]) -> list[int]:
+        # A function of the context length: requests on one prefix continue alike and share.
+        return [1 + self.scheduler.request(i).num_tokens % 3 for i in sampling]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: dict[int, list[int]] = {}
+
+    @invariant()
+    def token_ids_match(self):
+        if self.scheduler is None:
+            return
+        for i, prompt in self.prompts.items():
+            if i in self.model and i not in self.settled:
+                r = self.scheduler.request(i)
+                assert list(r.token_ids[:len(prompt)]) == prompt
+                assert len(r.token_ids) == r.num_tokens
+
+
+def _machine_for(policy: Policy, base: type = SchedulerMachine):
+    name = f"{base.__name__}{policy.label.title()}"
+    machine = type(name, (base,), {"policy": policy})
     machine.TestCase.settings = settings(
         max_examples=MAX_EXAMPLES_PER_POLICY,
         stateful_step_count=STEP_COUNT,
@@ -532,3 +606,7 @@ TestDiscard = _machine_for(Policy.DISCARD).TestCase
 TestPreserve = _machine_for(Policy.PRESERVE).TestCase
 TestSwap = _machine_for(Policy.SWAP).TestCase
 TestInfercept = _machine_for(Policy.INFERCEPT).TestCase
+TestSharedPrefixDiscard = _machine_for(Policy.DISCARD, SharedPrefixMachine).TestCase
+TestSharedPrefixPreserve = _machine_for(Policy.PRESERVE, SharedPrefixMachine).TestCase
+TestSharedPrefixSwap = _machine_for(Policy.SWAP, SharedPrefixMachine).TestCase
+TestSharedPrefixInfercept = _machine_for(Policy.INFERCEPT, SharedPrefixMachine).TestCase

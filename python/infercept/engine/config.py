@@ -33,6 +33,10 @@ class EngineConfig:
             on this machine at start-up (cached per model, dtype and machine), else a JSON
             profile path or a built-in profile name.
         check_invariants: Check block conservation after every step (tests; slower).
+        enable_prefix_caching: Keep full KV blocks findable by content after their requests
+            let go, so a later request with the same prefix (system prompt, earlier turns)
+            reuses them instead of prefilling again. Ignored (off) under the 'vllm' policy,
+            which stands for vLLM 0.2.
         device: Where the model and the KV cache live: 'auto' (CUDA when compiled and a
             device is present, else CPU with a logged message), 'cpu', 'cuda' or 'cuda:N' (an
             error when CUDA cannot run); see :func:`infercept.backend.select_device`.
@@ -52,6 +56,7 @@ class EngineConfig:
     cost_profile: str | None = None
     check_invariants: bool = False
     device: str = "auto"
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         Policy.parse(self.policy)  # raises ValueError naming the policy and the choices

@@ -103,6 +103,8 @@ class LLMEngine:
         scheduler_config.max_batched_tokens = config.max_batched_tokens
         scheduler_config.max_running_requests = config.max_running_requests
         scheduler_config.max_context_tokens = self.max_model_len
+        scheduler_config.enable_prefix_caching = config.enable_prefix_caching
+        scheduler_config.vocab_size = model_config.vocab_size
         self.scheduler = Scheduler(scheduler_config, self.cost_model)
 
         if isinstance(tools, ToolRegistry):
@@ -130,7 +132,7 @@ class LLMEngine:
 
     def add_request(self, prompt: str | None = None, params: SamplingParams | None = None, *,
                     prompt_token_ids: SequenceT[int] | None = None, use_tools: bool = True,
-                    client_tools: Iterable[str] = ()) -> int:
+                    client_tools: Iterable[str] = (), cache_salt: str | None = None) -> int:
         """Queues a request and returns its id.
 
         Args:
@@ -140,13 +142,17 @@ class LLMEngine:
             use_tools: Run calls to the engine's registered tools inside the engine.
             client_tools: Tool names the caller runs: a call to one pauses the request
                 (``RequestOutput.paused``) until ``resume``.
+            cache_salt: Tenant isolation for the prefix cache: the request's blocks are found
+                only by requests with the same salt (None: the shared, unsalted cache).
 
         Raises:
             ValueError: No prompt, an empty prompt, a token id outside the vocabulary, a
-                prompt that leaves no room within ``max_model_len``, or one larger than the KV
-                pool.
+                prompt that leaves no room within ``max_model_len``, one larger than the KV
+                pool, or a cache_salt that is not a string.
         """
         params = params or SamplingParams()
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt={cache_salt!r} must be a string or None")
         if (prompt is None) == (prompt_token_ids is None):
             raise ValueError("give exactly one of prompt and prompt_token_ids")
         token_ids = (self.tokenizer.encode(prompt) if prompt is not None
@@ -161,7 +167,7 @@ class LLMEngine:
             raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
         now = self.now()
-        request_id = self.scheduler.add_request(len(token_ids), now)
+        request_id = self.scheduler.add_request(token_ids, now, 0, cache_salt or "")
         output = RequestOutput(request_id=request_id, prompt=prompt,
                                prompt_token_ids=list(token_ids), arrival_s=now)
         self._seqs[request_id] = Sequence(
@@ -266,17 +272,23 @@ class LLMEngine:
         out = self.runner.execute(plan, contexts)
         now = self.now()
         finished: list[int] = []
+        sampled_token_ids: list[int] = []
         if out.sampling_request_ids:
             seqs = [self._seqs[i] for i in out.sampling_request_ids]
             tokens = self.sampler.sample(out.logits, out.sampling_request_ids,
                                          [s.params for s in seqs]).tolist()
+            sampled_token_ids = tokens
             for seq, token in zip(seqs, tokens):
+                if seq.output.first_token_s is None:  # first token: how much the cache served
+                    seq.output.num_cached_tokens = self.scheduler.request(
+                        seq.request_id).num_cached_tokens
                 decision = seq.append_sampled(token, self.tokenizer, now, self.max_model_len)
                 touched[seq.request_id] = seq
                 if decision.should_stop:
                     finished.append(seq.request_id)
                     seq.finish(decision.reason or "stop", now)
-        result = StepResult(out.duration_s, min(out.swap_stall_s, out.duration_s), finished)
+        result = StepResult(out.duration_s, min(out.swap_stall_s, out.duration_s), finished,
+                            sampled_token_ids)
         step_output = self.scheduler.update(plan, result, now)
         self.num_steps += 1
         for request_id in finished:
@@ -314,10 +326,12 @@ class LLMEngine:
         for seq in self._seqs.values():
             if seq.output.finished:
                 continue
-            core_tokens = self.scheduler.request(seq.request_id).num_tokens
-            if core_tokens != len(seq.token_ids) - seq.pending_tokens:
-                raise AssertionError(f"request {seq.request_id}: the core counts {core_tokens} "
-                                     f"tokens but the engine holds {len(seq.token_ids)}")
+            core_tokens = self.scheduler.request(seq.request_id).token_ids
+            expected = seq.token_ids if seq.rewrite_from is None else seq.token_ids[:seq.rewrite_from]
+            if core_tokens[:len(expected)] != expected or len(core_tokens) != len(expected) + (
+                    seq.rewrite_from is not None):
+                raise AssertionError(f"request {seq.request_id}: the core holds {len(core_tokens)} "
+                                     f"tokens that disagree with the engine's {len(seq.token_ids)}")
 
     def shutdown(self) -> None:
         """Aborts what is live and stops the tool runtime."""
@@ -408,8 +422,8 @@ class LLMEngine:
         if len(seq.token_ids) + len(tokens) >= self.max_model_len:
             self._terminate(seq, "length", now)
             return
-        num_new = seq.append_tool_tokens(tokens, self.tokenizer)
-        self.scheduler.resume(seq.request_id, num_new, now)
+        tail, num_replaced = seq.append_tool_tokens(tokens, self.tokenizer)
+        self.scheduler.resume(seq.request_id, tail, now, num_replaced)
 
     def _collect_pauses(self, touched: dict[int, Sequence]) -> None:
         """Resumes requests whose tool finished or whose scripted pause ran out."""
@@ -521,6 +535,15 @@ class LLMEngine:
             "num_free_host_blocks": s.num_free_host_blocks,
             "num_swap_out_blocks": s.num_swap_out_blocks, "num_swap_in_blocks": s.num_swap_in_blocks,
             "num_recomputed_tokens": s.num_recomputed_tokens, "num_preemptions": s.num_preemptions,
+            "prefix_cache_queries": s.prefix_cache_queries,
+            "prefix_cache_hits": s.prefix_cache_hits,
+            "prefix_cache_host_hits": s.prefix_cache_host_hits,
+            "prefix_cache_hit_rate": (s.prefix_cache_hits / s.prefix_cache_queries
+                                      if s.prefix_cache_queries else 0.0),
+            "num_cached_device_blocks": s.num_cached_device_blocks,
+            "num_cached_host_blocks": s.num_cached_host_blocks,
+            "num_device_evictions": s.num_device_evictions,
+            "num_host_evictions": s.num_host_evictions,
             "waste_fraction": fraction(waste.total_byte_s),
             "preserve_waste_fraction": fraction(waste.preserved_idle_byte_s),
             "recompute_waste_fraction": fraction(waste.recompute_byte_s),

@@ -56,6 +56,7 @@ class RequestOutput:
         error: What went wrong when ``finish_reason`` is 'error'.
         arrival_s, first_token_s, finish_s: Engine-clock timestamps (seconds).
         tool_time_s: Seconds spent paused.
+        num_cached_tokens: Prompt tokens whose KV came from the prefix cache (not prefilled).
     """
 
     request_id: int
@@ -73,6 +74,7 @@ class RequestOutput:
     first_token_s: float | None = None
     finish_s: float | None = None
     tool_time_s: float = 0.0
+    num_cached_tokens: int = 0
 
     @property
     def tool_calls(self) -> list[InterceptRecord]:

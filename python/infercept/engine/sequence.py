@@ -30,8 +30,9 @@ class Sequence:
         parse_from: Offset in ``output.text`` where the search for the next tool call starts.
         checked_chars: Text length already searched for stop strings.
         paused_at_s: When the open intercept began.
-        pending_tokens: Tokens in ``token_ids`` the scheduler has not counted yet (a re-tokenized
-            last token); they are reported with the next resume.
+        rewrite_from: Where ``token_ids`` stops agreeing with the core's copy: the last
+            sampled token was re-tokenized (``trim_after``), and the core learns the new tail
+            with the next resume. None when they agree.
     """
 
     output: RequestOutput
@@ -44,7 +45,7 @@ class Sequence:
     parse_from: int = 0
     checked_chars: int = 0
     paused_at_s: float = 0.0
-    pending_tokens: int = 0
+    rewrite_from: int | None = None
 
     @property
     def request_id(self) -> int:
@@ -100,21 +101,25 @@ class Sequence:
         replacement = tokenizer.encode(piece[:len(piece) - excess], add_special_tokens=False)
         if not replacement:
             return
-        self.pending_tokens += len(replacement) - 1
+        if self.rewrite_from is None:
+            self.rewrite_from = len(self.token_ids) - 1
         self.token_ids[-1:] = replacement
         self.refresh_text(tokenizer)
 
-    def append_tool_tokens(self, token_ids: list[int], tokenizer: Tokenizer) -> int:
+    def append_tool_tokens(self, token_ids: list[int], tokenizer: Tokenizer) -> tuple[list[int], int]:
         """Splices a tool's output into the context; searches for stops and calls resume after it.
 
         Returns:
-            How many tokens the context gained since the scheduler last counted it.
+            The tokens the core must append and how many of its last tokens they replace (a
+            re-tokenized last sampled token), for ``Scheduler.resume``.
         """
+        start = len(self.token_ids) if self.rewrite_from is None else self.rewrite_from
+        num_replaced = 0 if self.rewrite_from is None else 1
         self.token_ids.extend(token_ids)
         self.refresh_text(tokenizer)
         self.parse_from = self.checked_chars = len(self.output.text)
-        num_new, self.pending_tokens = len(token_ids) + self.pending_tokens, 0
-        return num_new
+        self.rewrite_from = None
+        return self.token_ids[start:], num_replaced
 
     def finish(self, reason: str, now_s: float, error: str | None = None) -> None:
         self.output.finished = True
