@@ -16,7 +16,7 @@ T* address(std::uintptr_t ptr) {
 void bind_swap_engine(pybind11::module_& m);
 
 /// paged_decode_attention (and cpu_attention_has_openmp): the native CPU decode kernel over
-/// raw tensor addresses.
+/// tensors taken through DLPack.
 void bind_cpu_attention(pybind11::module_& m);
 
 #ifdef INFERCEPT_WITH_CUDA
