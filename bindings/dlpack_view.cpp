@@ -27,11 +27,16 @@ struct KnownType {
 };
 
 constexpr KnownType kKnownTypes[] = {
-    {dlpack_abi::kDLFloat, 32, ScalarType::kFloat32}, {dlpack_abi::kDLFloat, 16, ScalarType::kFloat16},
-    {dlpack_abi::kDLBfloat, 16, ScalarType::kBFloat16}, {dlpack_abi::kDLFloat, 64, ScalarType::kFloat64},
-    {dlpack_abi::kDLInt, 64, ScalarType::kInt64}, {dlpack_abi::kDLInt, 32, ScalarType::kInt32},
-    {dlpack_abi::kDLInt, 16, ScalarType::kInt16}, {dlpack_abi::kDLInt, 8, ScalarType::kInt8},
-    {dlpack_abi::kDLUInt, 8, ScalarType::kUInt8}, {dlpack_abi::kDLBool, 8, ScalarType::kBool},
+    {dlpack_abi::kDLFloat, 32, ScalarType::kFloat32},
+    {dlpack_abi::kDLFloat, 16, ScalarType::kFloat16},
+    {dlpack_abi::kDLBfloat, 16, ScalarType::kBFloat16},
+    {dlpack_abi::kDLFloat, 64, ScalarType::kFloat64},
+    {dlpack_abi::kDLInt, 64, ScalarType::kInt64},
+    {dlpack_abi::kDLInt, 32, ScalarType::kInt32},
+    {dlpack_abi::kDLInt, 16, ScalarType::kInt16},
+    {dlpack_abi::kDLInt, 8, ScalarType::kInt8},
+    {dlpack_abi::kDLUInt, 8, ScalarType::kUInt8},
+    {dlpack_abi::kDLBool, 8, ScalarType::kBool},
 };
 
 ScalarType scalar_type(const char* name, DLDataType dtype) {

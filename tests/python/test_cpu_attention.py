@@ -157,6 +157,8 @@ def test_adapter_rejects_bad_tensors_naming_them():
     prefix = "paged_decode_attention: "
     with pytest.raises(ValueError, match=prefix + "query is float64, expected float32"):
         call(query=query.double())
+    with pytest.raises(ValueError, match=prefix + "key_cache is bfloat16, expected float32"):
+        call(key_cache=key_cache.bfloat16())
     with pytest.raises(ValueError, match=prefix + "block_tables is int64, expected int32"):
         call(block_tables=tables.long())
     with pytest.raises(ValueError, match=prefix + r"query with shape \[2, 9, 64\] has strides "

@@ -81,11 +81,12 @@ def test_cuda_kernel_wrappers_refuse_cpu_tensors() -> None:
 def _cuda_args(**bad: object) -> tuple[object, ...]:
     """(out, query, key_cache, value_cache, block_tables, context_lens, query_start) over fake
     cuda:0 tensors, float16, 4 decode rows, with `bad` replacing some."""
-    args = dict(out=FakeTensor((4, 8, 64), torch.float16), query=FakeTensor((4, 8, 64), torch.float16),
+    args = dict(out=FakeTensor((4, 8, 64), torch.float16),
+                query=FakeTensor((4, 8, 64), torch.float16),
                 key_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.float16),
                 value_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.float16),
-                block_tables=FakeTensor((4, 3), torch.int32), context_lens=FakeTensor((4,), torch.int32),
-                query_start=None)
+                block_tables=FakeTensor((4, 3), torch.int32),
+                context_lens=FakeTensor((4,), torch.int32), query_start=None)
     return tuple({**args, **bad}.values())
 
 
@@ -102,7 +103,8 @@ def test_cuda_adapters_reject_bad_tensors_naming_them() -> None:
          "value_cache is float32, expected float16"),
         (dict(value_cache=FakeTensor((8, BLOCK_SIZE, 2, 64), torch.float16)),
          r"value_cache has shape \[8, 16, 2, 64\], expected \[9, 16, 2, 64\]"),
-        (dict(block_tables=FakeTensor((4, 3), torch.int64)), "block_tables is int64, expected int32"),
+        (dict(block_tables=FakeTensor((4, 3), torch.int64)),
+         "block_tables is int64, expected int32"),
         (dict(context_lens=FakeTensor((4, 1), torch.int32)),
          r"context_lens has shape \[4, 1\], expected \[4\]"),
         (dict(query_start=FakeTensor((4,), torch.int32)),
@@ -112,7 +114,8 @@ def test_cuda_adapters_reject_bad_tensors_naming_them() -> None:
         (dict(out=FakeTensor((4, 8, 64), torch.float16, device=(CPU, 0))),
          "out is on cpu, expected cuda:0"),
         (dict(out=torch.empty(4, 8, 64, dtype=torch.float16)), "out is on cpu, expected cuda:0"),
-        (dict(query=FakeTensor((4, 512), torch.float16)), "query has shape \\[4, 512\\], expected 3"),
+        (dict(query=FakeTensor((4, 512), torch.float16)),
+         r"query has shape \[4, 512\], expected 3"),
     ]
     for bad, message in bad_attention:
         with pytest.raises(ValueError, match="paged_attention: " + message):
@@ -122,7 +125,8 @@ def test_cuda_adapters_reject_bad_tensors_naming_them() -> None:
         _core.cuda_paged_attention(*_cuda_args(query=query, out=query), 0.125, 0)
 
     def kv_write_args(**bad: object) -> tuple[object, ...]:
-        args = dict(key=FakeTensor((5, 2, 64), torch.bfloat16), value=FakeTensor((5, 2, 64), torch.bfloat16),
+        args = dict(key=FakeTensor((5, 2, 64), torch.bfloat16),
+                    value=FakeTensor((5, 2, 64), torch.bfloat16),
                     key_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.bfloat16),
                     value_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.bfloat16),
                     slot_mapping=FakeTensor((5,), torch.int64))

@@ -33,8 +33,8 @@ struct AttentionSizes {
 
 /// Throws InvalidArgumentError "op: name ..." unless, all on `device` and contiguous: query
 /// [num_rows, num_heads, head_dim] and out of its shape, both of `dtype`, out sharing no memory
-/// with query or the caches; the caches as check_paged_caches with head_dim the query's; block_tables
-/// [num_seqs, max_blocks] and context_lens [num_seqs] int32. Returns the sizes.
+/// with query or the caches; the caches as check_paged_caches, with the query's head_dim;
+/// block_tables [num_seqs, max_blocks] and context_lens [num_seqs] int32. Returns the sizes.
 AttentionSizes check_attention_args(const char* op, const TensorView& out, const TensorView& query,
                                     const TensorView& key_cache, const TensorView& value_cache,
                                     const TensorView& block_tables, const TensorView& context_lens,
