@@ -4,14 +4,6 @@
 // type they use are registered.
 #include <pybind11/pybind11.h>
 
-#include <cstdint>
-
-/// A tensor's data_ptr(), as Python passes it, seen as a typed pointer.
-template <typename T>
-T* address(std::uintptr_t ptr) {
-  return reinterpret_cast<T*>(ptr);
-}
-
 /// SwapEngine (the interface), CpuSwapEngine, SwapStepStats and SwapCounters.
 void bind_swap_engine(pybind11::module_& m);
 
