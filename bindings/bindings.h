@@ -4,19 +4,11 @@
 // type they use are registered.
 #include <pybind11/pybind11.h>
 
-#include <cstdint>
-
-/// A tensor's data_ptr(), as Python passes it, seen as a typed pointer.
-template <typename T>
-T* address(std::uintptr_t ptr) {
-  return reinterpret_cast<T*>(ptr);
-}
-
 /// SwapEngine (the interface), CpuSwapEngine, SwapStepStats and SwapCounters.
 void bind_swap_engine(pybind11::module_& m);
 
 /// paged_decode_attention (and cpu_attention_has_openmp): the native CPU decode kernel over
-/// raw tensor addresses.
+/// tensors taken through DLPack.
 void bind_cpu_attention(pybind11::module_& m);
 
 #ifdef INFERCEPT_WITH_CUDA

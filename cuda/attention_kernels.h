@@ -4,13 +4,19 @@
 // and alignment (throws InvalidArgumentError naming the value and limit), dispatches over
 // dtype and head_dim, and launches the __global__ kernel of cuda/kernels/ on `stream`
 // (throws CudaError when the launch fails). Nothing is synchronised: results are ready in
-// stream order. C++ tests, benchmarks and the pybind11 binding call these directly.
+// stream order. C++ tests and benchmarks call these directly.
+//
+// Above them sit the tensor adapters (attention_adapter.cpp), what the pybind11 binding calls:
+// they check each TensorView's device, dtype, shape and strides, make the tensors' device the
+// current one for the call, fill the problem and call its launcher.
 //
 // Cache layout (the model's KVCache tensors):
 //   key_cache, value_cache  [num_blocks, block_size, num_kv_heads, head_dim]
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "infercept/tensor_view.h"
 
 namespace infercept::cuda {
 
@@ -85,5 +91,26 @@ struct PagedAttentionProblem {
 /// and out / query / caches are 16-byte aligned, and (decode) num_rows == num_seqs.
 void check_paged_attention_problem(const PagedAttentionProblem& problem);
 void paged_attention(const PagedAttentionProblem& problem, cudaStream_t stream);
+
+/// The adapter of write_kv_cache: `key_cache` [num_blocks, block_size, num_kv_heads, head_dim]
+/// on a CUDA device, float32, float16 or bfloat16, sets device and dtype; `value_cache` like it,
+/// `key` and `value` [num_tokens, num_kv_heads, head_dim] of that dtype, `slot_mapping`
+/// [num_tokens] int64, all on that device and contiguous. Throws InvalidArgumentError naming the
+/// tensor, what it is and what was expected.
+void write_kv_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                    const TensorView& value_cache, const TensorView& slot_mapping,
+                    cudaStream_t stream);
+
+/// The adapter of paged_attention: `query` [num_rows, num_heads, head_dim] on a CUDA device,
+/// float32, float16 or bfloat16, sets device and dtype; `out` like it and sharing no memory with
+/// it; caches [num_blocks, block_size, num_kv_heads, head_dim] of that dtype; `block_tables`
+/// [num_seqs, max_blocks] and `context_lens` [num_seqs] int32; `query_start` [num_seqs + 1]
+/// int32, or null for decode. All on that device and contiguous. Throws InvalidArgumentError
+/// naming the tensor, what it is and what was expected, or (from the launcher) a size, head_dim
+/// or alignment it does not take.
+void paged_attention(const TensorView& out, const TensorView& query, const TensorView& key_cache,
+                     const TensorView& value_cache, const TensorView& block_tables,
+                     const TensorView& context_lens, const TensorView* query_start, float scale,
+                     cudaStream_t stream);
 
 }  // namespace infercept::cuda

@@ -12,6 +12,7 @@
 #include <omp.h>
 #endif
 
+#include "infercept/attention_args.h"
 #include "infercept/errors.h"
 
 // The wheel must run on any x86-64, so it is compiled for baseline SSE2. On GCC/Linux the hot
@@ -221,6 +222,30 @@ void paged_decode_attention(const PagedDecodeProblem& p) {
 #endif
     attend_one(p, task / p.num_kv_heads, task % p.num_kv_heads, scratch);
   }
+}
+
+void paged_decode_attention(const TensorView& out, const TensorView& query,
+                            const TensorView& key_cache, const TensorView& value_cache,
+                            const TensorView& block_tables, const TensorView& context_lens,
+                            float scale) {
+  const AttentionSizes s =
+      check_attention_args("paged_decode_attention", out, query, key_cache, value_cache,
+                           block_tables, context_lens, ScalarType::kFloat32,
+                           Device{DeviceType::kCpu, 0});
+  if (s.num_rows != s.num_seqs) {
+    fail("query has " + std::to_string(s.num_rows) + " rows, expected one per sequence of " +
+         "block_tables (" + std::to_string(s.num_seqs) + ")");
+  }
+  PagedDecodeProblem p;
+  p.out = out.data_as<float>();
+  p.query = query.data_as<const float>();
+  p.key_cache = key_cache.data_as<const float>();
+  p.value_cache = value_cache.data_as<const float>();
+  p.block_tables = block_tables.data_as<const int32_t>();
+  p.context_lens = context_lens.data_as<const int32_t>();
+  copy_sizes(s, p);
+  p.scale = scale;
+  paged_decode_attention(p);
 }
 
 bool cpu_attention_has_openmp() {

@@ -19,9 +19,10 @@ struct Case {
   std::vector<int32_t> context_lens;
 };
 
-// Builds random caches, shuffled (non-contiguous) block tables and queries; runs the kernel and
-// a double-precision reference; returns the largest absolute difference.
-double max_error(const Case& c, uint32_t seed) {
+// Builds random caches, shuffled (non-contiguous) block tables and queries; runs the kernel (the
+// raw-pointer layer, or the tensor adapter over views of the same buffers) and a
+// double-precision reference; returns the largest absolute difference.
+double max_error(const Case& c, uint32_t seed, bool through_views = false) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
   const int64_t num_seqs = static_cast<int64_t>(c.context_lens.size());
@@ -67,7 +68,21 @@ double max_error(const Case& c, uint32_t seed) {
   p.max_blocks = max_blocks;
   p.num_blocks = num_blocks;
   p.scale = scale;
-  paged_decode_attention(p);
+  if (through_views) {
+    const Device cpu;
+    const auto f32 = ScalarType::kFloat32, i32 = ScalarType::kInt32;
+    const auto cache = {num_blocks, c.block_size, c.num_kv_heads, c.head_dim};
+    paged_decode_attention(
+        contiguous_view(out.data(), f32, cpu, {num_seqs, c.num_heads, c.head_dim}),
+        contiguous_view(query.data(), f32, cpu, {num_seqs, c.num_heads, c.head_dim}),
+        contiguous_view(keys.data(), f32, cpu, cache),
+        contiguous_view(values.data(), f32, cpu, cache),
+        contiguous_view(tables.data(), i32, cpu, {num_seqs, max_blocks}),
+        contiguous_view(const_cast<int32_t*>(c.context_lens.data()), i32, cpu, {num_seqs}),
+        scale);
+  } else {
+    paged_decode_attention(p);
+  }
 
   double worst = 0.0;
   const int64_t group = c.num_heads / c.num_kv_heads;
@@ -111,6 +126,13 @@ TEST(CpuAttention, MatchesReferenceOverAwkwardShapes) {
             << " block_size=" << block_size;
       }
     }
+  }
+}
+
+TEST(CpuAttention, TensorAdapterMatchesReference) {
+  for (auto [heads, kv_heads] : {std::pair{9, 3}, {8, 2}}) {
+    Case c{heads, kv_heads, 64, 16, {1, 17, 100, 33}};
+    EXPECT_LT(max_error(c, 3, /*through_views=*/true), 1e-5) << "heads=" << heads;
   }
 }
 

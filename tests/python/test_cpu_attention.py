@@ -1,10 +1,13 @@
-"""The native CPU paged decode-attention kernel against plain softmax attention in torch."""
+"""The native CPU paged decode-attention kernel against plain softmax attention in torch, and
+its adapter's checks of the tensors it is given."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from fake_dlpack import CUDA, FakeTensor
 from infercept import InvalidArgumentError, _core
 from infercept.model import PagedAttentionMetadata
 from infercept.model.attention import BACKEND_ENV, paged_attention, plan_attention, write_kv
@@ -34,6 +37,13 @@ def _problem(batch: int, context_lens: list[int], num_heads: int, num_kv_heads: 
     return query, key_cache, value_cache, tables, torch.tensor(context_lens, dtype=torch.int32)
 
 
+def _decode(query, key_cache, value_cache, tables, context_lens, scale):
+    """The kernel's output, written into a NaN-poisoned buffer."""
+    out = torch.full_like(query, float("nan"))
+    paged_decode_attention(out, query, key_cache, value_cache, tables, context_lens, scale)
+    return out
+
+
 def _reference(query, key_cache, value_cache, tables, context_lens, scale):
     """Per sequence: gather its context, repeat KV heads for GQA, softmax(q K^T * scale) V."""
     num_heads = query.shape[1]
@@ -57,14 +67,14 @@ def test_matches_reference_on_awkward_shapes(batch, num_heads, num_kv_heads, hea
     context_lens = [lengths[(seq * 5 + batch) % len(lengths)] for seq in range(batch)]
     problem = _problem(batch, context_lens, num_heads, num_kv_heads, head_dim, seed=batch)
     scale = head_dim ** -0.5
-    got = paged_decode_attention(*problem, scale)
+    got = _decode(*problem, scale)
     torch.testing.assert_close(got, _reference(*problem, scale), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("context_len", [1, 15, 16, 17, 100, 1000])
 def test_each_context_length_alone(context_len):
     problem = _problem(1, [context_len], 9, 3, 64, seed=context_len)
-    got = paged_decode_attention(*problem, 0.125)
+    got = _decode(*problem, 0.125)
     torch.testing.assert_close(got, _reference(*problem, 0.125), rtol=1e-5, atol=1e-5)
 
 
@@ -72,7 +82,7 @@ def test_large_scores_stay_finite():
     """The streaming softmax subtracts the running max, so scores near 1e3 do not overflow."""
     query, key_cache, value_cache, tables, context_lens = _problem(3, [17, 100, 1000], 9, 3, 64)
     query = query * 30.0
-    got = paged_decode_attention(query, key_cache, value_cache, tables, context_lens, 1.0)
+    got = _decode(query, key_cache, value_cache, tables, context_lens, 1.0)
     assert torch.isfinite(got).all()
     want = _reference(query, key_cache, value_cache, tables, context_lens, 1.0)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -80,9 +90,8 @@ def test_large_scores_stay_finite():
 
 def test_empty_batch_is_a_no_op():
     _, key_cache, value_cache, _, _ = _problem(1, [5], 9, 3, 64)
-    got = paged_decode_attention(torch.empty(0, 9, 64), key_cache, value_cache,
-                                 torch.zeros(0, 1, dtype=torch.int32),
-                                 torch.zeros(0, dtype=torch.int32), 0.125)
+    got = _decode(torch.empty(0, 9, 64), key_cache, value_cache,
+                  torch.zeros(0, 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), 0.125)
     assert got.shape == (0, 9, 64)
 
 
@@ -120,23 +129,64 @@ def test_unknown_backend_is_an_error(monkeypatch):
         plan_attention(metadata)
 
 
-def test_wrapper_rejects_bad_tensors():
+def test_any_dlpack_producer_is_taken():
+    """Tensors, numpy arrays and capsules all cross; a capsule is consumed once."""
+    problem = _problem(3, [5, 20, 1], 9, 3, 64)
+    want = _reference(*problem, 0.125)
+    out = torch.empty_like(problem[0])
+    _core.paged_decode_attention(out, *problem, 0.125)  # Tensor.__dlpack__
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out_np = np.full(tuple(out.shape), np.nan, dtype=np.float32)
+    _core.paged_decode_attention(out_np, *(t.numpy() for t in problem), 0.125)
+    np.testing.assert_allclose(out_np, want.numpy(), rtol=1e-5, atol=1e-5)
+    capsule = torch.utils.dlpack.to_dlpack(problem[0])
+    _core.paged_decode_attention(out, capsule, *problem[1:], 0.125)
+    with pytest.raises(ValueError, match='query is not an unused DLPack capsule named "dltensor"'):
+        _core.paged_decode_attention(out, capsule, *problem[1:], 0.125)
+
+
+def test_adapter_rejects_bad_tensors_naming_them():
     query, key_cache, value_cache, tables, context_lens = _problem(2, [5, 20], 9, 3, 64)
-    with pytest.raises(ValueError, match="query is torch.float64"):
-        paged_decode_attention(query.double(), key_cache, value_cache, tables, context_lens, 1.0)
-    with pytest.raises(ValueError, match="block_tables is torch.int64"):
-        paged_decode_attention(query, key_cache, value_cache, tables.long(), context_lens, 1.0)
-    with pytest.raises(ValueError, match="not contiguous"):
-        paged_decode_attention(query.transpose(0, 1).contiguous().transpose(0, 1), key_cache,
-                               value_cache, tables, context_lens, 1.0)
-    with pytest.raises(ValueError, match="value_cache has shape"):
-        paged_decode_attention(query, key_cache, value_cache[:-1], tables, context_lens, 1.0)
-    with pytest.raises(ValueError, match="key_cache has shape"):
-        paged_decode_attention(query[:, :, :32].contiguous(), key_cache, value_cache, tables,
-                               context_lens, 1.0)
-    with pytest.raises(ValueError, match="shares storage with query"):
-        paged_decode_attention(query, key_cache, value_cache, tables, context_lens, 1.0,
-                               out=query)
+    out = torch.empty_like(query)
+
+    def call(**bad):
+        args = dict(out=out, query=query, key_cache=key_cache, value_cache=value_cache,
+                    block_tables=tables, context_lens=context_lens)
+        _core.paged_decode_attention(**{**args, **bad}, scale=1.0)
+
+    prefix = "paged_decode_attention: "
+    with pytest.raises(ValueError, match=prefix + "query is float64, expected float32"):
+        call(query=query.double())
+    with pytest.raises(ValueError, match=prefix + "key_cache is bfloat16, expected float32"):
+        call(key_cache=key_cache.bfloat16())
+    with pytest.raises(ValueError, match=prefix + "block_tables is int64, expected int32"):
+        call(block_tables=tables.long())
+    with pytest.raises(ValueError, match=prefix + r"query with shape \[2, 9, 64\] has strides "
+                                         r"\[64, 128, 1\], expected contiguous strides "
+                                         r"\[576, 64, 1\]"):
+        call(query=query.transpose(0, 1).contiguous().transpose(0, 1))
+    with pytest.raises(ValueError, match=prefix + r"value_cache has shape \[7, 16, 3, 64\], "
+                                         r"expected \[8, 16, 3, 64\]"):
+        call(value_cache=value_cache[:-1])
+    with pytest.raises(ValueError, match=prefix + r"key_cache has shape .*, expected "
+                                         r"\[8, 16, 3, 32\]"):
+        call(query=query[:, :, :32].contiguous(), out=out[:, :, :32].contiguous())
+    with pytest.raises(ValueError, match=prefix + r"out has shape \[2, 9, 63\]"):
+        call(out=torch.empty(2, 9, 63))
+    with pytest.raises(ValueError, match=prefix + r"query has shape \[2, 576\], expected 3 "
+                                         r"dimensions \[num_rows, num_heads, head_dim\]"):
+        call(query=query.view(2, -1))
+    with pytest.raises(ValueError, match=prefix + r"query has 1 rows, expected one per sequence "
+                                         r"of block_tables \(2\)"):
+        call(query=query[:1], out=out[:1])
+    with pytest.raises(ValueError, match=prefix + "context_lens is on cuda:0, expected cpu"):
+        call(context_lens=FakeTensor((2,), torch.int32, device=(CUDA, 0)))
+    with pytest.raises(ValueError, match=prefix + "out overlaps query in memory"):
+        call(out=query)
+    with pytest.raises(ValueError, match="context_lens is a list, expected a tensor"):
+        call(context_lens=[5, 20])
+    with pytest.raises(ValueError, match="query cannot be exported through DLPack: BufferError"):
+        call(query=query.clone().requires_grad_())
 
 
 def test_kernel_rejects_out_of_range_lengths_and_blocks():
@@ -144,34 +194,24 @@ def test_kernel_rejects_out_of_range_lengths_and_blocks():
     max_context = tables.shape[1] * BLOCK_SIZE
     for bad_len, limit in [(0, "1.."), (max_context + 1, f"1..max_blocks \\* block_size={max_context}")]:
         with pytest.raises(InvalidArgumentError, match=rf"context_lens\[1\]={bad_len} must be in {limit}"):
-            paged_decode_attention(query, key_cache, value_cache, tables,
-                                   torch.tensor([5, bad_len], dtype=torch.int32), 1.0)
+            _decode(query, key_cache, value_cache, tables,
+                    torch.tensor([5, bad_len], dtype=torch.int32), 1.0)
     bad_tables = tables.clone()
     bad_tables[1, 1] = key_cache.shape[0]
     with pytest.raises(ValueError, match=rf"block_tables\[1, 1\]={key_cache.shape[0]} must be in "
                                          rf"\[0, num_blocks={key_cache.shape[0]}\)"):
-        paged_decode_attention(query, key_cache, value_cache, bad_tables,
-                               torch.tensor([5, 20], dtype=torch.int32), 1.0)
+        _decode(query, key_cache, value_cache, bad_tables,
+                torch.tensor([5, 20], dtype=torch.int32), 1.0)
 
 
-def test_binding_checks_sizes_before_reading_memory():
-    """Raw-pointer calls with bad sizes fail with the value and its limit, not a crash."""
-    def call(**overrides):
-        args = dict(out_ptr=0, query_ptr=0, key_cache_ptr=0, value_cache_ptr=0,
-                    block_tables_ptr=0, context_lens_ptr=0, num_seqs=1, num_heads=9,
-                    num_kv_heads=3, head_dim=64, block_size=16, max_blocks=4, num_blocks=8,
-                    scale=0.125)
-        args.update(overrides)
-        _core.paged_decode_attention(**args)
-
+def test_kernel_checks_sizes_the_tensors_carry():
+    """Sizes consistent across tensors but outside what the kernel takes fail with the value
+    and its limit, before any memory is read."""
+    query, key_cache, value_cache, tables, context_lens = _problem(2, [5, 20], 9, 3, 64)
     with pytest.raises(ValueError, match="num_heads=8 must be a multiple of num_kv_heads=3"):
-        call(num_heads=8)
+        _decode(query[:, :8].contiguous(), key_cache, value_cache, tables, context_lens, 1.0)
     with pytest.raises(ValueError, match="head_dim=0 must be > 0"):
-        call(head_dim=0)
-    with pytest.raises(ValueError, match="num_seqs=-1 must be >= 0"):
-        call(num_seqs=-1)
-    with pytest.raises(ValueError, match="must be non-null"):
-        call()
+        _decode(torch.empty(2, 9, 0), torch.empty(8, 16, 3, 0), torch.empty(8, 16, 3, 0),
+                tables, context_lens, 1.0)
     with pytest.raises(ValueError, match="scale=inf must be finite"):
-        call(scale=float("inf"))
-    call(num_seqs=0)  # nothing to read or write
+        _decode(query, key_cache, value_cache, tables, context_lens, float("inf"))

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from fake_dlpack import CPU, CUDA, FakeTensor
 from infercept import _core
 from infercept.backend import BackendUnavailableError, report, select_device
 from infercept.engine.config import EngineConfig
@@ -66,15 +67,82 @@ def test_engine_config_validates_device() -> None:
 def test_cuda_kernel_wrappers_refuse_cpu_tensors() -> None:
     q = torch.zeros(1, 2, 64)
     cache = torch.zeros(1, BLOCK_SIZE, 1, 64)
+    args = (torch.empty_like(q), q, cache, cache, torch.zeros(1, 1, dtype=torch.int32),
+            torch.ones(1, dtype=torch.int32), 0.125)
     assert not cuda_kernels.can_run_cuda_attention(q, cache, cache)
     if cuda_kernels.has_cuda_kernels():
-        with pytest.raises(ValueError, match="CUDA"):
-            cuda_kernels.paged_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.int32),
-                                         torch.ones(1, dtype=torch.int32), 0.125)
+        with pytest.raises(ValueError, match="query is on cpu, expected a CUDA device"):
+            cuda_kernels.paged_attention(*args)
     else:
         with pytest.raises(RuntimeError, match="INFERCEPT_CUDA=ON"):
-            cuda_kernels.paged_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.int32),
-                                         torch.ones(1, dtype=torch.int32), 0.125)
+            cuda_kernels.paged_attention(*args)
+
+
+def _cuda_args(**bad: object) -> tuple[object, ...]:
+    """(out, query, key_cache, value_cache, block_tables, context_lens, query_start) over fake
+    cuda:0 tensors, float16, 4 decode rows, with `bad` replacing some."""
+    args = dict(out=FakeTensor((4, 8, 64), torch.float16),
+                query=FakeTensor((4, 8, 64), torch.float16),
+                key_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.float16),
+                value_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.float16),
+                block_tables=FakeTensor((4, 3), torch.int32),
+                context_lens=FakeTensor((4,), torch.int32), query_start=None)
+    return tuple({**args, **bad}.values())
+
+
+def test_cuda_adapters_reject_bad_tensors_naming_them() -> None:
+    """The adapters' checks run before any CUDA call, so they are tested without a device."""
+    if not cuda_kernels.has_cuda_kernels():
+        pytest.skip("infercept._core was built without CUDA")
+    bad_attention = [
+        (dict(query=FakeTensor((4, 8, 64), torch.float64)),
+         "query is float64, expected float32, float16 or bfloat16"),
+        (dict(key_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.float16, device=(CUDA, 1))),
+         "key_cache is on cuda:1, expected cuda:0"),
+        (dict(value_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.float32)),
+         "value_cache is float32, expected float16"),
+        (dict(value_cache=FakeTensor((8, BLOCK_SIZE, 2, 64), torch.float16)),
+         r"value_cache has shape \[8, 16, 2, 64\], expected \[9, 16, 2, 64\]"),
+        (dict(block_tables=FakeTensor((4, 3), torch.int64)),
+         "block_tables is int64, expected int32"),
+        (dict(context_lens=FakeTensor((4, 1), torch.int32)),
+         r"context_lens has shape \[4, 1\], expected \[4\]"),
+        (dict(query_start=FakeTensor((4,), torch.int32)),
+         r"query_start has shape \[4\], expected \[5\]"),
+        (dict(out=FakeTensor((4, 8, 64), torch.float16, strides=(1, 4, 32))),
+         r"out with shape \[4, 8, 64\] has strides \[1, 4, 32\], expected contiguous"),
+        (dict(out=FakeTensor((4, 8, 64), torch.float16, device=(CPU, 0))),
+         "out is on cpu, expected cuda:0"),
+        (dict(out=torch.empty(4, 8, 64, dtype=torch.float16)), "out is on cpu, expected cuda:0"),
+        (dict(query=FakeTensor((4, 512), torch.float16)),
+         r"query has shape \[4, 512\], expected 3"),
+    ]
+    for bad, message in bad_attention:
+        with pytest.raises(ValueError, match="paged_attention: " + message):
+            _core.cuda_paged_attention(*_cuda_args(**bad), 0.125, 0)
+    query = FakeTensor((4, 8, 64), torch.float16)
+    with pytest.raises(ValueError, match="paged_attention: out overlaps query in memory"):
+        _core.cuda_paged_attention(*_cuda_args(query=query, out=query), 0.125, 0)
+
+    def kv_write_args(**bad: object) -> tuple[object, ...]:
+        args = dict(key=FakeTensor((5, 2, 64), torch.bfloat16),
+                    value=FakeTensor((5, 2, 64), torch.bfloat16),
+                    key_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.bfloat16),
+                    value_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.bfloat16),
+                    slot_mapping=FakeTensor((5,), torch.int64))
+        return tuple({**args, **bad}.values())
+
+    bad_kv_write = [
+        (dict(slot_mapping=FakeTensor((5,), torch.int32)), "slot_mapping is int32, expected int64"),
+        (dict(value=FakeTensor((4, 2, 64), torch.bfloat16)),
+         r"value has shape \[4, 2, 64\], expected \[5, 2, 64\]"),
+        (dict(key=torch.zeros(5, 2, 64, dtype=torch.bfloat16)), "key is on cpu, expected cuda:0"),
+        (dict(key_cache=FakeTensor((9, BLOCK_SIZE, 2, 64), torch.int32)),
+         "key_cache is int32, expected float32, float16 or bfloat16"),
+    ]
+    for bad, message in bad_kv_write:
+        with pytest.raises(ValueError, match="write_kv_cache: " + message):
+            _core.cuda_write_kv_cache(*kv_write_args(**bad), 0)
 
 
 # --- kernels on the device ---------------------------------------------------------------------
@@ -137,10 +205,9 @@ def test_decode_attention_matches_reference(batch: int, dtype: torch.dtype, head
                                                             seed=batch)
     scale = head_dim ** -0.5
     out = torch.full_like(query, math.nan)
-    cuda_kernels.paged_attention(query, key_cache, value_cache,
+    cuda_kernels.paged_attention(out, query, key_cache, value_cache,
                                  torch.tensor(tables, dtype=torch.int32, device="cuda"),
-                                 torch.tensor(contexts, dtype=torch.int32, device="cuda"), scale,
-                                 out=out)
+                                 torch.tensor(contexts, dtype=torch.int32, device="cuda"), scale)
     _check_close(out, _reference(query, key_cache, value_cache, tables, [1] * batch, contexts,
                                  scale), dtype)
 
@@ -157,10 +224,10 @@ def test_prefill_chunks_are_causal_over_cached_context(dtype: torch.dtype, head_
                           device="cuda")
     scale = head_dim ** -0.5
     out = torch.full_like(query, math.nan)
-    cuda_kernels.paged_attention(query, key_cache, value_cache,
+    cuda_kernels.paged_attention(out, query, key_cache, value_cache,
                                  torch.tensor(tables, dtype=torch.int32, device="cuda"),
                                  torch.tensor(contexts, dtype=torch.int32, device="cuda"), scale,
-                                 query_start=starts, out=out)
+                                 query_start=starts)
     _check_close(out, _reference(query, key_cache, value_cache, tables, query_lens, contexts,
                                  scale), dtype)
 

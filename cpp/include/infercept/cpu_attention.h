@@ -3,7 +3,14 @@
 // sizes, no torch. Each decode sequence's single query token attends to its whole cached
 // context, read block by block through its block table, so no per-step gather of the context
 // into a contiguous buffer is needed.
+//
+// Two layers (STYLE.md §3): PagedDecodeProblem and the paged_decode_attention taking it are the
+// bottom one, raw pointers and sizes, what C++ tests and microbenchmarks call; the overload
+// over TensorViews is the adapter that the binding calls, which checks every tensor's device,
+// dtype, shape and strides and then fills a PagedDecodeProblem.
 #include <cstdint>
+
+#include "infercept/tensor_view.h"
 
 namespace infercept {
 
@@ -46,6 +53,18 @@ void check_paged_decode_problem(const PagedDecodeProblem& problem);
 /// when the library was built with it. Throws InvalidArgumentError; on a throw `out` is
 /// unchanged.
 void paged_decode_attention(const PagedDecodeProblem& problem);
+
+/// The adapter: checks the tensors, then runs the kernel above. Shapes as in
+/// PagedDecodeProblem, read off `query` [num_seqs, num_heads, head_dim], `key_cache`
+/// [num_blocks, block_size, num_kv_heads, head_dim] and `block_tables` [num_seqs, max_blocks];
+/// every tensor CPU and contiguous, float32 but for the int32 block_tables and context_lens;
+/// `out` shares no memory with query or the caches. Throws InvalidArgumentError naming the
+/// tensor, what it is and what was expected, or (from the kernel) a size, context length or
+/// block id out of range.
+void paged_decode_attention(const TensorView& out, const TensorView& query,
+                            const TensorView& key_cache, const TensorView& value_cache,
+                            const TensorView& block_tables, const TensorView& context_lens,
+                            float scale);
 
 /// Whether the kernel was built with OpenMP (and so runs its (sequence, KV head) pairs on
 /// several threads).

@@ -256,7 +256,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
     """
     if key_cache.is_cuda and use_cuda_kernels(key_cache.device) and key_cache.is_contiguous() \
             and value_cache.is_contiguous():
-        cuda_kernels.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        cuda_kernels.write_kv_cache(key.contiguous(), value.contiguous(), key_cache, value_cache,
+                                    slot_mapping)
         return
     num_kv_heads, head_dim = key_cache.shape[2:]
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
@@ -292,30 +293,28 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       and cuda_kernels.can_run_cuda_attention(query, key_cache, value_cache))
     if is_cuda_native and plan.native_query_start is not None:
         # Every row of the step, decode and chunks, in one launch; causal per row.
-        return cuda_kernels.paged_attention(query, key_cache, value_cache, plan.native_block_tables,
-                                            plan.native_context_lens, scale,
-                                            query_start=plan.native_query_start, out=out)
-    if num_decode and is_cuda_native:
+        cuda_kernels.paged_attention(out, query.contiguous(), key_cache, value_cache,
+                                     plan.native_block_tables, plan.native_context_lens, scale,
+                                     query_start=plan.native_query_start)
+        return out
+    # Both native decode kernels take (out, query, key_cache, value_cache, block_tables,
+    # context_lens, scale) and walk each block table themselves: no per-step context copy.
+    native_decode = None
+    if is_cuda_native:
+        native_decode = cuda_kernels.paged_attention
+    elif plan.native_block_tables is not None and can_run_native_decode(query, key_cache,
+                                                                        value_cache):
+        native_decode = paged_decode_attention
+    if num_decode and native_decode is not None:
         if plan.decode_only:
-            cuda_kernels.paged_attention(query, key_cache, value_cache, plan.native_block_tables,
-                                         plan.native_context_lens, scale, out=out)
+            native_decode(out, query.contiguous(), key_cache, value_cache,
+                          plan.native_block_tables, plan.native_context_lens, scale)
         else:
-            o = cuda_kernels.paged_attention(query.index_select(0, plan.decode_rows), key_cache,
-                                             value_cache, plan.native_block_tables,
-                                             plan.native_context_lens, scale)
-            out.index_copy_(0, plan.decode_rows, o)
-    elif num_decode and plan.native_block_tables is not None and can_run_native_decode(
-            query, key_cache, value_cache):
-        # The kernel walks each block table itself: no per-step copy of every context.
-        if plan.decode_only:
-            paged_decode_attention(query.contiguous(), key_cache, value_cache,
-                                   plan.native_block_tables, plan.native_context_lens, scale,
-                                   out=out)
-        else:
-            o = paged_decode_attention(query.index_select(0, plan.decode_rows), key_cache,
-                                       value_cache, plan.native_block_tables,
-                                       plan.native_context_lens, scale)
-            out.index_copy_(0, plan.decode_rows, o)
+            decode_query = query.index_select(0, plan.decode_rows)
+            decode_out = torch.empty_like(decode_query)
+            native_decode(decode_out, decode_query, key_cache, value_cache,
+                          plan.native_block_tables, plan.native_context_lens, scale)
+            out.index_copy_(0, plan.decode_rows, decode_out)
     elif num_decode:
         # Pad every decode sequence to the longest one's blocks and mask the tail: one batched
         # gather + one SDPA instead of a python loop over sequences.
