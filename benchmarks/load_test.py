@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from infercept.server.few_shot import CALCULATOR, FEW_SHOT
+from infercept.server.metrics import parse_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +48,7 @@ def _free_port() -> int:
 
 
 def _metrics(url: str) -> dict[str, float]:
-    samples = {}
-    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
+    return parse_metrics(httpx.get(f"{url}/metrics", timeout=60).text)
 
 
 async def _run(args: argparse.Namespace, url: str, model: str) -> dict:

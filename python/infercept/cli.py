@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -98,6 +99,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config["kv_cache_bytes"] = args.kv_cache_bytes
     if args.cost_profile is not None:
         config["cost_profile"] = args.cost_profile
+    if args.enable_prefix_caching is not None:
+        from infercept.engine import EngineConfig
+
+        if "enable_prefix_caching" not in {f.name for f in dataclasses.fields(EngineConfig)}:
+            raise ValueError("--[no-]enable-prefix-caching: this engine build has no prefix cache")
+        config["enable_prefix_caching"] = args.enable_prefix_caching
     engine = build_engine(args.model, args.policy, args.tools,
                           entry_point_tools=not args.no_entry_point_tools, dtype=args.dtype,
                           **config)
@@ -158,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-cache-bytes", type=int, default=None)
     srv.add_argument("--cost-profile", default=None,
                      help="cost profile name or JSON (default: measured at start-up, cached)")
+    srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                     default=None, help="reuse the KV of shared prompt prefixes (the engine's "
+                                        "default: on)")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
 
