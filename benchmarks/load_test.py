@@ -91,7 +91,8 @@ async def _run(args: argparse.Namespace, url: str, model: str) -> dict:
     before = _metrics(url)
     start = time.perf_counter()
     limits = httpx.Limits(max_connections=args.concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
         await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
     elapsed_s = time.perf_counter() - start
     after = _metrics(url)
@@ -140,6 +141,8 @@ def _markdown(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=None, help="a running server (default: start one)")
+    parser.add_argument("--api-key", default=os.environ.get("INFERCEPT_API_KEY"),
+                        help="the server's API key (default: INFERCEPT_API_KEY)")
     parser.add_argument("--model", default="default", help="model name the server serves")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -111,8 +112,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or ("default" if args.model in (None, "default")
                                       else Path(args.model).name)
     tool_prompt = {"auto": None, "always": True, "never": False}[args.tool_prompt]
+    api_key = args.api_key or os.environ.get("INFERCEPT_API_KEY") or None
     server_config = ServerConfig(served_model_name=name, paused_ttl_s=args.paused_ttl_s,
-                                 tool_prompt=tool_prompt)
+                                 tool_prompt=tool_prompt, api_key=api_key)
     print(f"serving {engine.model_name} as {name!r} ({args.policy} policy; server tools: "
           f"{', '.join(engine.tools.names) or 'none'}) on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, server_config, log_level=args.log_level)
@@ -165,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-cache-bytes", type=int, default=None)
     srv.add_argument("--cost-profile", default=None,
                      help="cost profile name or JSON (default: measured at start-up, cached)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every /v1 route (default: the "
+                          "INFERCEPT_API_KEY environment variable; /health and /metrics stay open)")
     srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                      default=None, help="reuse the KV of shared prompt prefixes (the engine's "
                                         "default: on)")

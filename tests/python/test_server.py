@@ -116,9 +116,9 @@ def test_serve_cli_parses():
     args = build_parser().parse_args(["serve", "--model", "default", "--policy", "infercept",
                                       "--port", "9", "--tools", "a:b"])
     assert (args.model, args.policy, args.port, args.tools) == ("default", "infercept", 9, ["a:b"])
-    assert args.enable_prefix_caching is None
-    args = build_parser().parse_args(["serve", "--no-enable-prefix-caching"])
-    assert args.enable_prefix_caching is False
+    assert (args.api_key, args.enable_prefix_caching) == (None, None)
+    args = build_parser().parse_args(["serve", "--api-key", "k", "--no-enable-prefix-caching"])
+    assert (args.api_key, args.enable_prefix_caching) == ("k", False)
 
 
 def test_store_matches_only_contexts_of_the_same_cache_salt():

@@ -1,7 +1,9 @@
 """FastAPI routes of the OpenAI-compatible server.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
-streaming over SSE or not), ``GET /health`` and ``GET /metrics`` (Prometheus text).
+streaming over SSE or not), ``GET /health`` and ``GET /metrics`` (Prometheus text). With an
+API key configured, every ``/v1`` route needs ``Authorization: Bearer <key>``; ``/health`` and
+``/metrics`` stay open (probes and scrapers).
 
 A chat completion that ends on a call to one of the request's ``tools`` returns
 ``finish_reason="tool_calls"`` and leaves its engine request paused in the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import uuid
@@ -52,12 +55,14 @@ class ServerConfig:
         max_paused_contexts: Paused contexts held at most (the oldest is dropped beyond).
         tool_prompt: Describe ``tools`` in the system message when the chat template does
             not render them (None: decide from the template).
+        api_key: The bearer token every ``/v1`` route requires (None: no authentication).
     """
 
     served_model_name: str = "default"
     paused_ttl_s: float = 120.0
     max_paused_contexts: int = 256
     tool_prompt: bool | None = None
+    api_key: str | None = None
 
 
 class BadRequestError(Exception):
@@ -450,6 +455,33 @@ class _StatusCounter:
         await self.app(scope, receive, counting_send)
 
 
+class _BearerAuth:
+    """ASGI middleware: every ``/v1`` route needs ``Authorization: Bearer <api_key>``.
+
+    The key is compared in constant time; a missing or wrong one gets OpenAI's 401 body.
+    """
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self._api_key = api_key.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._api_key):
+            await self.app(scope, receive, send)
+            return
+        message = ("Missing API key: send it as 'Authorization: Bearer <key>'" if not header
+                   else "Incorrect API key provided")
+        response = JSONResponse(p.error_body(message, code="invalid_api_key"), status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -523,5 +555,7 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI
     async def completions(req: p.CompletionRequest, request: Request) -> Any:
         return await server.complete(req, request)
 
-    app.add_middleware(_StatusCounter, metrics=server.metrics)
+    if server.config.api_key:
+        app.add_middleware(_BearerAuth, api_key=server.config.api_key)
+    app.add_middleware(_StatusCounter, metrics=server.metrics)  # outermost: counts the 401s too
     return app
