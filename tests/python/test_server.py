@@ -24,8 +24,6 @@ from infercept.engine import EngineConfig, LLMEngine  # noqa: E402
 from infercept.server import ServerConfig, create_app  # noqa: E402
 from infercept.server.chat_format import ContentStreamer  # noqa: E402
 from infercept.server.few_shot import CALCULATOR, FEW_SHOT  # noqa: E402
-from infercept.sampling import SamplingParams  # noqa: E402
-from infercept.server.engine_loop import EngineLoop  # noqa: E402
 from infercept.server.metrics import parse_metrics  # noqa: E402
 from infercept.server.sessions import PausedContextStore  # noqa: E402
 from infercept.server.tool_plugins import load_tool_path  # noqa: E402
@@ -130,52 +128,6 @@ def test_store_matches_only_contexts_of_the_same_cache_salt():
         assert other.context is None and not other.stale and len(store) == 1
     hit = store.take_match([5, 6, 7], tool_call_ids=["call_a"], cache_salt="tenant-a")
     assert hit.context.request_id == 1 and hit.resume_token_ids == (7,)
-
-
-class _FakeEngine:
-    """Just enough of LLMEngine for EngineLoop.add: records what add_request was given."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict] = []
-
-    def has_unfinished(self) -> bool:
-        return False
-
-    def shutdown(self) -> None:
-        pass
-
-
-class _EngineWithoutSalt(_FakeEngine):
-    def add_request(self, prompt=None, params=None, *, prompt_token_ids=None, use_tools=True,
-                    client_tools=()):
-        self.calls.append({"prompt_token_ids": prompt_token_ids})
-        return len(self.calls)
-
-
-class _EngineWithSalt(_FakeEngine):
-    def add_request(self, prompt=None, params=None, *, prompt_token_ids=None, use_tools=True,
-                    client_tools=(), cache_salt=None):
-        self.calls.append({"prompt_token_ids": prompt_token_ids, "cache_salt": cache_salt})
-        return len(self.calls)
-
-
-@pytest.mark.parametrize("engine_type", [_EngineWithSalt, _EngineWithoutSalt])
-def test_engine_loop_passes_cache_salt_to_engines_that_take_it(engine_type):
-    engine = engine_type()
-    loop = EngineLoop(engine)
-    loop.start()
-    try:
-        async def add() -> None:
-            await loop.add([1, 2], SamplingParams(max_tokens=1), cache_salt="t")
-            await loop.add([3], SamplingParams(max_tokens=1))
-
-        asyncio.run(add())
-    finally:
-        loop.stop()
-    if engine_type is _EngineWithSalt:
-        assert [c["cache_salt"] for c in engine.calls] == ["t", None]
-    else:
-        assert [c["prompt_token_ids"] for c in engine.calls] == [[1, 2], [3]]
 
 
 # ---- endpoints ---------------------------------------------------------------------------
