@@ -8,6 +8,7 @@ and small ``max_tokens`` keep it fast; the tool prompts are few-shot, which is w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -31,6 +32,12 @@ from infercept.tools import calculator_tool  # noqa: E402
 from server_harness import ThreadServer  # noqa: E402
 
 MODEL = "smollm2-test"
+# These tests count cached_tokens exactly: a resumed paused context, else nothing. An engine
+# with a prefix cache would add its own hits on repeated conversations, so it is off here
+# (test_server_prefix_cache.py serves with it on).
+NO_PREFIX_CACHE = ({"enable_prefix_caching": False}
+                   if "enable_prefix_caching" in {f.name for f in dataclasses.fields(EngineConfig)}
+                   else {})
 
 
 def _question(a: int, b: int) -> list[dict]:
@@ -39,7 +46,7 @@ def _question(a: int, b: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server():
-    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=2048),
+    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=2048, **NO_PREFIX_CACHE),
                        tools=[calculator_tool()], tool_errors="return")
     app = create_app(engine, ServerConfig(served_model_name=MODEL, paused_ttl_s=300.0))
     with ThreadServer(app) as running:
@@ -299,7 +306,7 @@ def test_cache_salt_that_is_not_a_string_gets_400(client):
                                   extra_body={"cache_salt": ""})
     ok = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0,
                                    extra_body={"cache_salt": "tenant-a"})
-    assert ok.usage.prompt_tokens_details.cached_tokens == 0  # no prefix cache in this build
+    assert ok.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_metrics_parse_as_prometheus_text_with_latency_histograms(server, client):
