@@ -128,8 +128,8 @@ class _SamplingFields(BaseModel):
     @classmethod
     def _salt_is_text(cls, value: Any) -> Any:
         if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError(f"cache_salt must be a non-empty string, got "
-                             f"{type(value).__name__} {value!r}")
+            # The 400 handler shows the value after this (except for an object).
+            raise ValueError(f"cache_salt must be a non-empty string, not {type(value).__name__}")
         return value
 
     @property
