@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from infercept.server.few_shot import CALCULATOR, FEW_SHOT
+from infercept.server.metrics import parse_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +48,7 @@ def _free_port() -> int:
 
 
 def _metrics(url: str) -> dict[str, float]:
-    samples = {}
-    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
+    return parse_metrics(httpx.get(f"{url}/metrics", timeout=60).text)
 
 
 async def _run(args: argparse.Namespace, url: str, model: str) -> dict:
@@ -95,7 +91,8 @@ async def _run(args: argparse.Namespace, url: str, model: str) -> dict:
     before = _metrics(url)
     start = time.perf_counter()
     limits = httpx.Limits(max_connections=args.concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
         await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
     elapsed_s = time.perf_counter() - start
     after = _metrics(url)
@@ -144,6 +141,8 @@ def _markdown(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=None, help="a running server (default: start one)")
+    parser.add_argument("--api-key", default=os.environ.get("INFERCEPT_API_KEY"),
+                        help="the server's API key (default: INFERCEPT_API_KEY)")
     parser.add_argument("--model", default="default", help="model name the server serves")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -98,14 +100,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config["kv_cache_bytes"] = args.kv_cache_bytes
     if args.cost_profile is not None:
         config["cost_profile"] = args.cost_profile
+    if args.enable_prefix_caching is not None:
+        from infercept.engine import EngineConfig
+
+        if "enable_prefix_caching" not in {f.name for f in dataclasses.fields(EngineConfig)}:
+            raise ValueError("--[no-]enable-prefix-caching: this engine build has no prefix cache")
+        config["enable_prefix_caching"] = args.enable_prefix_caching
     engine = build_engine(args.model, args.policy, args.tools,
                           entry_point_tools=not args.no_entry_point_tools, dtype=args.dtype,
                           **config)
     name = args.served_model_name or ("default" if args.model in (None, "default")
                                       else Path(args.model).name)
     tool_prompt = {"auto": None, "always": True, "never": False}[args.tool_prompt]
+    api_key = args.api_key or os.environ.get("INFERCEPT_API_KEY") or None
     server_config = ServerConfig(served_model_name=name, paused_ttl_s=args.paused_ttl_s,
-                                 tool_prompt=tool_prompt)
+                                 tool_prompt=tool_prompt, api_key=api_key)
     print(f"serving {engine.model_name} as {name!r} ({args.policy} policy; server tools: "
           f"{', '.join(engine.tools.names) or 'none'}) on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, server_config, log_level=args.log_level)
@@ -158,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-cache-bytes", type=int, default=None)
     srv.add_argument("--cost-profile", default=None,
                      help="cost profile name or JSON (default: measured at start-up, cached)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every /v1 route (default: the "
+                          "INFERCEPT_API_KEY environment variable; /health and /metrics stay open)")
+    srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                     default=None, help="reuse the KV of shared prompt prefixes (the engine's "
+                                        "default: on)")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
 

@@ -8,76 +8,48 @@ and small ``max_tokens`` keep it fast; the tool prompts are few-shot, which is w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import socket
-import threading
 import time
 
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
-
-import uvicorn  # noqa: E402
 
 from infercept.cli import build_parser  # noqa: E402
 from infercept.engine import EngineConfig, LLMEngine  # noqa: E402
 from infercept.server import ServerConfig, create_app  # noqa: E402
 from infercept.server.chat_format import ContentStreamer  # noqa: E402
+from infercept.server.few_shot import CALCULATOR, FEW_SHOT  # noqa: E402
 from infercept.server.metrics import parse_metrics  # noqa: E402
 from infercept.server.sessions import PausedContextStore  # noqa: E402
 from infercept.server.tool_plugins import load_tool_path  # noqa: E402
 from infercept.tools import calculator_tool  # noqa: E402
+from server_harness import ThreadServer  # noqa: E402
 
 MODEL = "smollm2-test"
-
-from infercept.server.few_shot import CALCULATOR, FEW_SHOT  # noqa: E402
-
+# These tests count cached_tokens exactly: a resumed paused context, else nothing. An engine
+# with a prefix cache would add its own hits on repeated conversations, so it is off here
+# (test_server_prefix_cache.py serves with it on).
+NO_PREFIX_CACHE = ({"enable_prefix_caching": False}
+                   if "enable_prefix_caching" in {f.name for f in dataclasses.fields(EngineConfig)}
+                   else {})
 
 
 def _question(a: int, b: int) -> list[dict]:
     return [*FEW_SHOT, {"role": "user", "content": f"What is {a} + {b}?"}]
 
 
-class _ThreadServer:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.app = create_app(engine, ServerConfig(served_model_name=MODEL, paused_ttl_s=300.0))
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> _ThreadServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def server():
-    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=2048),
+    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=2048, **NO_PREFIX_CACHE),
                        tools=[calculator_tool()], tool_errors="return")
-    with _ThreadServer(engine) as running:
+    app = create_app(engine, ServerConfig(served_model_name=MODEL, paused_ttl_s=300.0))
+    with ThreadServer(app) as running:
         yield running
 
 
@@ -100,7 +72,7 @@ def _wait_idle(server, timeout_s: float = 30.0) -> dict[str, float]:
         idle = (m['infercept_requests{state="running"}'] == 0
                 and m['infercept_requests{state="waiting"}'] == 0
                 and m['infercept_requests{state="intercepted"}'] == 0
-                and m['infercept_kv_blocks{tier="device",state="used"}'] == 0)
+                and m['infercept_kv_blocks{state="used",tier="device"}'] == 0)
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.1)
@@ -149,6 +121,20 @@ def test_serve_cli_parses():
     args = build_parser().parse_args(["serve", "--model", "default", "--policy", "infercept",
                                       "--port", "9", "--tools", "a:b"])
     assert (args.model, args.policy, args.port, args.tools) == ("default", "infercept", 9, ["a:b"])
+    assert (args.api_key, args.enable_prefix_caching) == (None, None)
+    args = build_parser().parse_args(["serve", "--api-key", "k", "--no-enable-prefix-caching"])
+    assert (args.api_key, args.enable_prefix_caching) == ("k", False)
+
+
+def test_store_matches_only_contexts_of_the_same_cache_salt():
+    store = PausedContextStore(ttl_s=10.0)
+    store.add(1, [5, 6], ["call_a"], cache_salt="tenant-a")
+    # Another tenant (or no salt) neither resumes it nor, by naming its call, makes it stale.
+    for salt in ("tenant-b", None):
+        other = store.take_match([5, 6, 7], tool_call_ids=["call_a"], cache_salt=salt)
+        assert other.context is None and not other.stale and len(store) == 1
+    hit = store.take_match([5, 6, 7], tool_call_ids=["call_a"], cache_salt="tenant-a")
+    assert hit.context.request_id == 1 and hit.resume_token_ids == (7,)
 
 
 # ---- endpoints ---------------------------------------------------------------------------
@@ -278,6 +264,81 @@ def test_expired_paused_context_is_freed_and_the_follow_up_still_answers(server,
     assert "42" in late.choices[0].message.content
 
 
+def test_cache_salt_keeps_paused_contexts_apart(server, client):
+    messages = _question(9, 4)
+    first = client.chat.completions.create(model=MODEL, messages=messages, tools=[CALCULATOR],
+                                           temperature=0, max_tokens=40,
+                                           extra_body={"cache_salt": "tenant-a"})
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    follow_up = [*messages, choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
+                  "content": "13"}]
+    reused = 'infercept_paused_context_total{outcome="reused"}'
+    fallback = 'infercept_paused_context_total{outcome="fallback"}'
+    before = _metrics(server)
+
+    # The same tokens and call id from another tenant: prefilled, and the context stays held.
+    other = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
+                                           temperature=0, max_tokens=4,
+                                           extra_body={"cache_salt": "tenant-b"})
+    middle = _metrics(server)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    assert (middle[reused], middle[fallback]) == (before[reused], before[fallback] + 1)
+    assert middle["infercept_paused_contexts"] == before["infercept_paused_contexts"]
+
+    own = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
+                                         temperature=0, max_tokens=4,
+                                         extra_body={"cache_salt": "tenant-a"})
+    assert _metrics(server)[reused] == middle[reused] + 1
+    assert own.usage.prompt_tokens_details.cached_tokens == (
+        first.usage.prompt_tokens + first.usage.completion_tokens)
+    _wait_idle(server)
+
+
+def test_cache_salt_that_is_not_a_string_gets_400(client):
+    with pytest.raises(openai.BadRequestError, match="cache_salt") as bad:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, extra_body={"cache_salt": 12345})
+    assert bad.value.param == "cache_salt" and "12345" in str(bad.value)
+    with pytest.raises(openai.BadRequestError, match="non-empty string"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
+                                  extra_body={"cache_salt": ""})
+    ok = client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0,
+                                   extra_body={"cache_salt": "tenant-a"})
+    assert ok.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_metrics_parse_as_prometheus_text_with_latency_histograms(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.chat.completions.create(model=MODEL, messages=_question(20, 22), temperature=0,
+                                   max_tokens=48)  # runs the server-side calculator
+    client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6,
+                              temperature=0)
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def count(name: str, **labels: str) -> float:
+        return sum(s.value for s in families[name].samples if s.name == f"{name}_count"
+                   and labels.items() <= s.labels.items())
+
+    for name in ("infercept_time_to_first_token_seconds", "infercept_inter_token_latency_seconds",
+                 "infercept_e2e_request_latency_seconds", "infercept_request_queue_time_seconds",
+                 "infercept_tool_time_seconds"):
+        assert families[name].type == "histogram"
+        assert count(name) > 0, name
+    assert count("infercept_tool_time_seconds", kind="server") > 0
+    for name in ("infercept_prefix_cache_queries", "infercept_prefix_cache_hits",
+                 "infercept_prefix_cache_evicted_blocks", "infercept_prompt_tokens",
+                 "infercept_generation_tokens", "infercept_paused_context"):
+        assert families[name].type == "counter", name
+    for name in ("infercept_prefix_cache_blocks", "infercept_num_requests_running",
+                 "infercept_num_requests_waiting", "infercept_kv_cache_usage_perc"):
+        assert families[name].type == "gauge", name
+    assert families["infercept_generation_tokens"].samples[0].value > 0
+
+
 def test_server_side_tool_runs_inside_one_completion(client):
     out = client.chat.completions.create(model=MODEL, messages=_question(20, 22), temperature=0,
                                          max_tokens=48)
@@ -333,7 +394,7 @@ def test_concurrent_clients_with_mixed_tool_calls(server):
     assert len(reasons) == num_clients
     assert all(r in ("stop", "length") for r in reasons), reasons
     after = _wait_idle(server)
-    assert after['infercept_kv_blocks{tier="device",state="used"}'] == 0
+    assert after['infercept_kv_blocks{state="used",tier="device"}'] == 0
     reused = 'infercept_paused_context_total{outcome="reused"}'
     assert after[reused] > before[reused]
 
@@ -387,10 +448,10 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(server):
                     received += 1
                 if received >= 3:
                     break
-            used = _metrics(server)['infercept_kv_blocks{tier="device",state="used"}']
+            used = _metrics(server)['infercept_kv_blocks{state="used",tier="device"}']
             assert used > 0  # the request holds blocks while it streams
     after = _wait_idle(server)
     assert after["infercept_client_disconnects_total"] == (
         before["infercept_client_disconnects_total"] + 1)
-    assert after['infercept_kv_blocks{tier="device",state="used"}'] == 0
+    assert after['infercept_kv_blocks{state="used",tier="device"}'] == 0
     assert after['infercept_requests{state="running"}'] == 0

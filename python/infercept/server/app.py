@@ -1,7 +1,9 @@
 """FastAPI routes of the OpenAI-compatible server.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
-streaming over SSE or not), ``GET /health`` and ``GET /metrics`` (Prometheus text).
+streaming over SSE or not), ``GET /health`` and ``GET /metrics`` (Prometheus text). With an
+API key configured, every ``/v1`` route needs ``Authorization: Bearer <key>``; ``/health`` and
+``/metrics`` stay open (probes and scrapers).
 
 A chat completion that ends on a call to one of the request's ``tools`` returns
 ``finish_reason="tool_calls"`` and leaves its engine request paused in the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import uuid
@@ -22,7 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -32,7 +35,7 @@ from infercept.sampling import SamplingParams
 from infercept.server import protocol as p
 from infercept.server.chat_format import ChatRenderer, ContentStreamer, split_tool_call
 from infercept.server.engine_loop import EngineLoop, RequestHandle, Update
-from infercept.server.metrics import ServerCounters, render_metrics
+from infercept.server.metrics import CONTENT_TYPE, EngineSnapshot, ServerMetrics
 from infercept.server.sessions import PausedContext, PausedContextStore
 
 log = logging.getLogger("infercept.server")
@@ -52,12 +55,14 @@ class ServerConfig:
         max_paused_contexts: Paused contexts held at most (the oldest is dropped beyond).
         tool_prompt: Describe ``tools`` in the system message when the chat template does
             not render them (None: decide from the template).
+        api_key: The bearer token every ``/v1`` route requires (None: no authentication).
     """
 
     served_model_name: str = "default"
     paused_ttl_s: float = 120.0
     max_paused_contexts: int = 256
     tool_prompt: bool | None = None
+    api_key: str | None = None
 
 
 class BadRequestError(Exception):
@@ -85,23 +90,22 @@ class _EngineStreamingResponse(StreamingResponse):
 
 
 class OpenAIServer:
-    """The server's state: engine thread, paused contexts, counters. Routes call into it."""
+    """The server's state: engine thread, paused contexts, metrics. Routes call into it."""
 
     def __init__(self, engine: LLMEngine, config: ServerConfig | None = None) -> None:
         self.engine = engine
         self.config = config = config or ServerConfig()
-        self.engine_loop = EngineLoop(engine)
+        stats = engine.stats
+        block_bytes = (engine.model.config.kv_bytes_per_token(engine.config.torch_dtype)
+                       * engine.config.block_size)
+        self.metrics = ServerMetrics(num_device_blocks=int(stats["num_free_device_blocks"]),
+                                     num_host_blocks=int(stats["num_free_host_blocks"]),
+                                     block_bytes=block_bytes)
+        self.engine_loop = EngineLoop(engine, self.metrics)
         self.store = PausedContextStore(config.paused_ttl_s, config.max_paused_contexts)
-        self.counters = ServerCounters()
         self.renderer = ChatRenderer(engine.tokenizer, self.store.call_text, config.tool_prompt)
         self.model_names = {config.served_model_name, engine.model_name}
         self.server_tool_schemas = engine.tools.to_openai()
-        stats = engine.stats
-        self.num_device_blocks = int(stats["num_free_device_blocks"])
-        self.num_host_blocks = int(stats["num_free_host_blocks"])
-        model_config = engine.model.config
-        self.block_bytes = (model_config.kv_bytes_per_token(engine.config.torch_dtype)
-                            * engine.config.block_size)
         self._expiry_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -121,13 +125,14 @@ class OpenAIServer:
         period_s = min(1.0, self.config.paused_ttl_s / 4)
         while True:
             await asyncio.sleep(period_s)
-            self._drop(self.store.expire(), expired=True)
+            self._drop(self.store.expire(), outcome="expired")
 
-    def _drop(self, contexts: Sequence[PausedContext], expired: bool = False) -> None:
+    def _drop(self, contexts: Sequence[PausedContext], outcome: str | None = None) -> None:
+        """Aborts paused contexts, counting them under ``outcome`` when one is given."""
         for context in contexts:
             self.engine_loop.abort(context.request_id)
-            if expired:
-                self.counters.paused_context_expired += 1
+        if outcome is not None:
+            self.metrics.count_paused_context(outcome, len(contexts))
 
     # ---- shared pieces -------------------------------------------------------------------
 
@@ -187,7 +192,7 @@ class OpenAIServer:
                                          error_type="server_error"), status_code=500)
 
     def abort_for_disconnect(self, handle: RequestHandle) -> None:
-        self.counters.client_disconnects += 1
+        self.metrics.client_disconnects.inc()
         self.engine_loop.abort(handle.request_id)
 
     # ---- chat ----------------------------------------------------------------------------
@@ -212,32 +217,39 @@ class OpenAIServer:
             raise BadRequestError(str(exc), param="messages") from None
         params = self.sampling_params(req, len(prompt_ids), req.completion_limit)
         result_ids = [m.tool_call_id for m in req.messages if m.role == "tool" and m.tool_call_id]
-        handle, num_cached = await self._start(prompt_ids, params, client_tools, req.session_id,
+        conversation = _Conversation(req.session_id, req.cache_salt)
+        handle, num_reused = await self._start(prompt_ids, params, client_tools, conversation,
                                                result_ids, req.messages[-1].role == "tool")
         response_id = p.new_id("chatcmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _EngineStreamingResponse(
                 self._stream_chat(handle, request, response_id, req.model, len(prompt_ids),
-                                  num_cached, req.session_id, include_usage),
+                                  num_reused, conversation, include_usage),
                 media_type="text/event-stream")
         update = await self.next_final(handle, request)
         if (failed := self.generation_failed(update)) is not None:
             return failed
         answer = update.text[handle.text_offset:]
         usage = p.usage(len(prompt_ids), update.num_generated_tokens - handle.generated_offset,
-                        num_cached)
-        content, tool_calls, finish = self._chat_ending(update, answer, req.session_id)
+                        _num_cached_tokens(update, num_reused))
+        content, tool_calls, finish = self._chat_ending(update, answer, conversation)
         return p.chat_completion(response_id, req.model, content, tool_calls, finish, usage)
 
     async def _start(self, prompt_ids: list[int], params: SamplingParams,
-                     client_tools: list[str], session_id: str | None,
+                     client_tools: list[str], conversation: _Conversation,
                      result_ids: list[str], is_followup: bool) -> tuple[RequestHandle, int]:
-        """Resumes the paused context the request continues, or adds a new request."""
-        self._drop(self.store.expire(), expired=True)
+        """Resumes the paused context the request continues, or adds a new request.
+
+        Returns:
+            The handle, and the tokens of the paused context it resumed (0 for a new request).
+        """
+        self._drop(self.store.expire(), outcome="expired")
+        salt = conversation.cache_salt
         if not is_followup:  # only a tool result continues a paused context
-            return await self._add(prompt_ids, params, client_tools), 0
-        match = self.store.take_match(prompt_ids, session_id, result_ids)
+            return await self._add(prompt_ids, params, client_tools, salt), 0
+        match = self.store.take_match(prompt_ids, conversation.session_id, result_ids,
+                                      cache_salt=salt)
         self._drop(match.stale)
         if match.context is not None:
             try:
@@ -249,21 +261,22 @@ class OpenAIServer:
                             match.context.request_id, exc)
                 self.engine_loop.abort(match.context.request_id)
             else:
-                num_cached = len(match.context.context_token_ids)
-                self.counters.paused_context_reused += 1
-                self.counters.reused_prompt_tokens += num_cached
-                return handle, num_cached
-        self.counters.paused_context_fallback += 1
-        return await self._add(prompt_ids, params, client_tools), 0
+                num_reused = len(match.context.context_token_ids)
+                self.metrics.count_paused_context("reused")
+                self.metrics.reused_prompt_tokens.inc(num_reused)
+                return handle, num_reused
+        self.metrics.count_paused_context("fallback")
+        return await self._add(prompt_ids, params, client_tools, salt), 0
 
     async def _add(self, prompt_ids: list[int], params: SamplingParams,
-                   client_tools: list[str]) -> RequestHandle:
+                   client_tools: list[str], cache_salt: str | None) -> RequestHandle:
         try:
-            return await self.engine_loop.add(prompt_ids, params, client_tools=client_tools)
+            return await self.engine_loop.add(prompt_ids, params, client_tools=client_tools,
+                                              cache_salt=cache_salt)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
 
-    def _chat_ending(self, update: Update, answer: str, session_id: str | None
+    def _chat_ending(self, update: Update, answer: str, conversation: _Conversation
                      ) -> tuple[str | None, list[dict[str, Any]] | None, str]:
         """(content, tool_calls, finish_reason); holds the context of a client tool call."""
         if not update.paused:
@@ -274,15 +287,17 @@ class OpenAIServer:
             self.store.remember_call_text(call_id, call.raw)
         assert update.context_token_ids is not None
         self._drop(self.store.add(update.request_id, update.context_token_ids, [call_id],
-                                  session_id), expired=True)
-        self.counters.paused_context_held += 1
+                                  conversation.session_id, conversation.cache_salt),
+                   outcome="evicted")
+        self.metrics.count_paused_context("held")
         arguments = json.dumps(update.tool_arguments or {})
         return (content or None, [p.tool_call_json(call_id, update.tool_name or "", arguments)],
                 "tool_calls")
 
     async def _stream_chat(self, handle: RequestHandle, request: Request, response_id: str,
-                           model: str, num_prompt_tokens: int, num_cached: int,
-                           session_id: str | None, include_usage: bool) -> AsyncIterator[str]:
+                           model: str, num_prompt_tokens: int, num_reused: int,
+                           conversation: _Conversation, include_usage: bool
+                           ) -> AsyncIterator[str]:
         settled = False  # the engine request finished or paused: nothing to abort
         try:
             yield _sse(p.chat_chunk(response_id, model, {"role": "assistant", "content": ""}))
@@ -302,7 +317,8 @@ class OpenAIServer:
                     break
                 if update.finished or update.paused:
                     settled = True
-                    content, tool_calls, finish = self._chat_ending(update, answer, session_id)
+                    content, tool_calls, finish = self._chat_ending(update, answer,
+                                                                    conversation)
                     piece = (content or "")[streamer.num_emitted:]
                     if piece:
                         yield _sse(p.chat_chunk(response_id, model, {"content": piece}))
@@ -313,7 +329,7 @@ class OpenAIServer:
                     if include_usage:
                         usage = p.usage(num_prompt_tokens,
                                         update.num_generated_tokens - handle.generated_offset,
-                                        num_cached)
+                                        _num_cached_tokens(update, num_reused))
                         yield _sse(p.chat_chunk(response_id, model, None, usage_json=usage))
                     break
                 piece = streamer.delta(answer)
@@ -338,7 +354,8 @@ class OpenAIServer:
             raise BadRequestError("prompt is empty: it must hold at least one token",
                                   param="prompt")
         params = self.sampling_params(req, len(prompt_ids), req.max_tokens)
-        handle, _ = await self._start(prompt_ids, params, [], None, [], False)
+        handle, _ = await self._start(prompt_ids, params, [], _Conversation(None, req.cache_salt),
+                                      [], False)
         response_id = p.new_id("cmpl")
         echo = (self.engine.tokenizer.decode(prompt_ids) if isinstance(prompt, list)
                 else prompt) if req.echo else ""
@@ -351,7 +368,7 @@ class OpenAIServer:
         update = await self.next_final(handle, request)
         if (failed := self.generation_failed(update)) is not None:
             return failed
-        usage = p.usage(len(prompt_ids), update.num_generated_tokens)
+        usage = p.usage(len(prompt_ids), update.num_generated_tokens, update.num_cached_tokens)
         return p.completion(response_id, req.model, echo + update.text,
                             p.FINISH_REASONS.get(update.finish_reason or "stop", "stop"), usage)
 
@@ -381,7 +398,8 @@ class OpenAIServer:
                     finish = p.FINISH_REASONS.get(update.finish_reason or "stop", "stop")
                     yield _sse(p.completion(response_id, model, piece, finish))
                     if include_usage:
-                        usage = p.usage(num_prompt_tokens, update.num_generated_tokens)
+                        usage = p.usage(num_prompt_tokens, update.num_generated_tokens,
+                                        update.num_cached_tokens)
                         yield _sse(p.completion(response_id, model, None, None, usage))
                     break
                 if piece:
@@ -393,23 +411,35 @@ class OpenAIServer:
 
     # ---- observability -------------------------------------------------------------------
 
-    async def metrics_text(self) -> str:
+    async def metrics_text(self) -> bytes:
         stats = await self.engine_loop.call(lambda engine: engine.stats)
         loop = self.engine_loop
-        return render_metrics(
-            stats, self.counters, num_device_blocks=self.num_device_blocks,
-            num_host_blocks=self.num_host_blocks, block_bytes=self.block_bytes,
-            num_paused_contexts=len(self.store),
+        return self.metrics.render(EngineSnapshot(
+            stats, num_paused_contexts=len(self.store),
             generation_tokens_total=loop.num_generated_tokens_total,
             prompt_tokens_total=loop.num_prompt_tokens_total,
-            generation_tokens_per_s=loop.generation_tokens_per_s())
+            generation_tokens_per_s=loop.generation_tokens_per_s()))
+
+
+@dataclass(frozen=True)
+class _Conversation:
+    """What ties a request to paused contexts: its session id and its tenant's cache salt."""
+
+    session_id: str | None
+    cache_salt: str | None
+
+
+def _num_cached_tokens(update: Update, num_reused: int) -> int:
+    """``usage.prompt_tokens_details.cached_tokens``: the resumed paused context, or else the
+    prompt tokens the engine's prefix cache held."""
+    return num_reused if num_reused else update.num_cached_tokens
 
 
 class _StatusCounter:
     """ASGI middleware counting responses by endpoint and status (streaming-safe)."""
 
-    def __init__(self, app: Any, counters: ServerCounters) -> None:
-        self.app, self.counters = app, counters
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -419,10 +449,37 @@ class _StatusCounter:
 
         async def counting_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                self.counters.requests[(path, int(message["status"]))] += 1
+                self.metrics.http_requests.labels(path, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class _BearerAuth:
+    """ASGI middleware: every ``/v1`` route needs ``Authorization: Bearer <api_key>``.
+
+    The key is compared in constant time; a missing or wrong one gets OpenAI's 401 body.
+    """
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self._api_key = api_key.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._api_key):
+            await self.app(scope, receive, send)
+            return
+        message = ("Missing API key: send it as 'Authorization: Bearer <key>'" if not header
+                   else "Incorrect API key provided")
+        response = JSONResponse(p.error_body(message, code="invalid_api_key"), status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -480,9 +537,8 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI
                             status_code=200 if alive else 503)
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(await server.metrics_text(),
-                                 media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        return Response(await server.metrics_text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -499,5 +555,7 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI
     async def completions(req: p.CompletionRequest, request: Request) -> Any:
         return await server.complete(req, request)
 
-    app.add_middleware(_StatusCounter, counters=server.counters)
+    if server.config.api_key:
+        app.add_middleware(_BearerAuth, api_key=server.config.api_key)
+    app.add_middleware(_StatusCounter, metrics=server.metrics)  # outermost: counts the 401s too
     return app

@@ -120,6 +120,17 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0)
     ignore_eos: bool = False
+    # OpenAI/vLLM extension: requests share prefix-cache entries (and paused contexts) only
+    # with requests of the same salt, so tenants cannot probe each other's prompts by timing.
+    cache_salt: str | None = None
+
+    @field_validator("cache_salt", mode="before")
+    @classmethod
+    def _salt_is_text(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, str) or not value):
+            # The 400 handler shows the value after this (except for an object).
+            raise ValueError(f"cache_salt must be a non-empty string, not {type(value).__name__}")
+        return value
 
     @property
     def stop_list(self) -> list[str]:

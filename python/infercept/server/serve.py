@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 from infercept.engine import EngineConfig, LLMEngine
 from infercept.server.app import ServerConfig, create_app
 from infercept.server.tool_plugins import load_entry_point_tools, load_tool_path
 from infercept.tools import Tool
+
+log = logging.getLogger("infercept.server")
 
 
 def build_engine(model: str | None, policy: str, tool_paths: list[str] = (),
@@ -32,10 +35,24 @@ def build_engine(model: str | None, policy: str, tool_paths: list[str] = (),
     return LLMEngine(engine_config, tools=tools, tool_errors="return")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (``localhost``, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond loopback
+
+
 def serve(engine: LLMEngine, host: str, port: int, config: ServerConfig | None = None,
           log_level: str = "info") -> None:
     """Runs the server until interrupted."""
     import uvicorn
 
     logging.basicConfig(level=log_level.upper())
+    if not is_loopback(host) and not (config and config.api_key):
+        log.warning("!!! serving on %s:%d, beyond loopback, WITHOUT an API key: anyone who can "
+                    "reach this address can run the model. Pass --api-key or set "
+                    "INFERCEPT_API_KEY. !!!", host, port)
     uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level)

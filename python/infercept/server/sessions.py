@@ -6,6 +6,9 @@ request matches it when its rendered prompt tokens start with the paused request
 context (prompt + output): the engine then resumes with exactly the remaining tokens (the end
 of the assistant turn, the tool result, the next assistant header), so the context the model
 sees is token for token the one a fresh prefill would build. Anything else is a fallback.
+
+A follow-up only ever matches a context paused under the same ``cache_salt`` (tenant
+isolation: another tenant's request neither resumes nor, by claiming it, aborts the context).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class PausedContext:
         tool_call_ids: The ids of the tool calls the paused response returned.
         session_id: The client's session id (``session_id`` extra field), if any.
         expires_at_s: Monotonic time after which the context is dropped.
+        cache_salt: The request's ``cache_salt``; only a follow-up with the same one matches.
     """
 
     request_id: int
@@ -33,6 +37,7 @@ class PausedContext:
     tool_call_ids: tuple[str, ...]
     session_id: str | None
     expires_at_s: float
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,11 +86,12 @@ class PausedContextStore:
         return len(self._contexts)
 
     def add(self, request_id: int, context_token_ids: Sequence[int],
-            tool_call_ids: Sequence[str], session_id: str | None = None) -> list[PausedContext]:
+            tool_call_ids: Sequence[str], session_id: str | None = None,
+            cache_salt: str | None = None) -> list[PausedContext]:
         """Holds a paused request; returns contexts evicted to stay within ``max_contexts``."""
         self._contexts[request_id] = PausedContext(
             request_id, tuple(context_token_ids), tuple(tool_call_ids), session_id,
-            self._clock() + self.ttl_s)
+            self._clock() + self.ttl_s, cache_salt)
         evicted = []
         while len(self._contexts) > self.max_contexts:
             evicted.append(self._contexts.popitem(last=False)[1])
@@ -105,21 +111,22 @@ class PausedContextStore:
         return contexts
 
     def take_match(self, token_ids: Sequence[int], session_id: str | None = None,
-                   tool_call_ids: Sequence[str] = ()) -> Match:
+                   tool_call_ids: Sequence[str] = (), cache_salt: str | None = None) -> Match:
         """Finds and removes the paused context a request continues.
 
-        A context matches when ``token_ids`` is longer than its context and starts with it.
-        With a session id (or tool result ids naming one of the context's calls), only that
-        context is considered, and a mismatch makes it stale: the conversation moved on
-        without it. Without either, any held context whose tokens prefix the request matches
-        (the longest wins).
+        Only contexts paused under ``cache_salt`` are considered. A context matches when
+        ``token_ids`` is longer than its context and starts with it. With a session id (or
+        tool result ids naming one of the context's calls), only that context is considered,
+        and a mismatch makes it stale: the conversation moved on without it. Without either,
+        any held context whose tokens prefix the request matches (the longest wins).
         """
         stale = self.expire()
         tokens = tuple(token_ids)
-        claimed = [c for c in self._contexts.values()
+        same_salt = [c for c in self._contexts.values() if c.cache_salt == cache_salt]
+        claimed = [c for c in same_salt
                    if (session_id is not None and c.session_id == session_id)
                    or set(c.tool_call_ids) & set(tool_call_ids)]
-        candidates = claimed or ([] if session_id is not None else list(self._contexts.values()))
+        candidates = claimed or ([] if session_id is not None else same_salt)
         best: PausedContext | None = None
         for context in candidates:
             n = len(context.context_token_ids)
