@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from infercept.engine.outputs import InterceptRecord, RequestOutput
 from infercept.model import Tokenizer
-from infercept.sampling import SamplingParams, ScriptedIntercept, StopDecision, check_stop
+from infercept.engine.stop import StopDecision, check_stop
+from infercept.sampling import SamplingParams, ScriptedIntercept
 
 
 @dataclass
