@@ -350,10 +350,9 @@ class LLMEngine:
             return
         if not (seq.server_tools or seq.client_tools):
             return
-        found = self.parser.find(seq.output.text, seq.parse_from)
+        found = seq.find_tool_call(self.parser)
         if found is None:
             return
-        seq.parse_from = found.span[1]
         if isinstance(found, ToolCallError):
             self._tool_failed(seq, f"malformed tool call {found.raw!r}: {found.message}")
             return
