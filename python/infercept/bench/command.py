@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,19 +117,46 @@ def _shown(row: dict, columns: list[str] = TABLE_COLUMNS) -> dict:
 
 
 def _run(templates: list, args: argparse.Namespace, setup: BenchSetup, label: str,
-         timeline: list[dict] | None) -> list[dict]:
+         timeline: list[dict] | None,
+         on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """The grid with a progress bar; ``on_row`` gets the rows so far after each one finishes."""
     from tqdm import tqdm
     total = len(args.rates) * len(args.policies)
     rows: list[dict] = []
     with tqdm(total=total, desc=label, unit="run", disable=args.no_progress, file=sys.stderr) as bar:
-        def on_row(row: dict) -> None:
+        def finished(row: dict) -> None:
+            rows.append(row)
             bar.set_postfix_str(f"{row['policy']} @ {row['rate']:g}: "
                                 f"{row['normalized_latency']:.3g} s/tok")
             bar.update(1)
+            if on_row is not None:
+                on_row(rows)
         timeline_of = (args.timeline_policy, max(args.rates))
-        rows.extend(run_grid(templates, args.policies, args.rates, setup, timeline_of, timeline,
-                             on_row))
+        for _ in run_grid(templates, args.policies, args.rates, setup, timeline_of, timeline,
+                          finished):
+            pass
     return rows
+
+
+def missing_plot_dependency() -> str | None:
+    """Why plots cannot be drawn here (the bench extra is missing), or None if they can."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        return (f"plots need matplotlib, from the bench extra: pip install 'infercept[bench]' "
+                f"(or pass --no-plots to write only the JSON and the table): {error}")
+    return None
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Writes ``payload`` (NaN as null) atomically: a run cut mid-write keeps the previous file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(_clean(payload), indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def _json_rows(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "busy_steps"} for r in rows]
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -170,6 +199,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs the grid, saving the JSON after every (policy, rate) row, then the report and plots.
+
+    Optional dependencies are checked before the first run, so a long run never dies at the
+    end for want of matplotlib. Until the run completes, ``<name>.json`` holds the rows
+    finished so far with ``"complete": false``.
+    """
+    if not args.no_plots:
+        missing = missing_plot_dependency()
+        if missing is not None:
+            print(f"infercept bench: error: {missing}", file=sys.stderr)
+            return 2
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
@@ -188,7 +228,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"pool {setup.num_device_blocks} blocks of {setup.block_size}, host {setup.num_host_blocks}; "
           f"token budget {setup.max_batched_tokens}; profile {cost.name}: {cost.source}")
     timeline: list[dict] = []
-    rows = _run(templates, args, setup, executor, timeline)
+    json_path = out_dir / f"{args.name}.json"
+    payload: dict[str, Any] = {
+        "command": " ".join(["infercept"] + sys.argv[1:]) if args.argv is None else args.argv,
+        "machine": machine_description(), "workload": workload,
+        "profile": json.loads(cost.to_json()),
+        "setup": {k: getattr(setup, k) for k in ("executor", "duration_s", "num_device_blocks",
+                                                  "num_host_blocks", "max_batched_tokens", "seed",
+                                                  "block_size", "max_running_requests", "device",
+                                                  "dtype")},
+        "complete": False,
+        "rows": [],
+        "timeline": {"policy": args.timeline_policy, "rate": max(args.rates), "samples": timeline},
+    }
+
+    def save_rows(rows_so_far: list[dict]) -> None:
+        payload["rows"] = _json_rows(rows_so_far)
+        write_json(json_path, payload)
+
+    try:
+        rows = _run(templates, args, setup, executor, timeline, save_rows)
+    except BaseException:
+        if json_path.exists():
+            print(f"infercept bench: the run was cut; {json_path} holds the "
+                  f"{len(payload['rows'])} rows that finished", file=sys.stderr)
+        raise
     print(format_table([_shown(r) for r in rows], TABLE_COLUMNS))
     print("normalized_latency: s per output token, tool time excluded; completed_rps: finished / "
           "drained run; throughput_rps: finished within the window / window; waste: % of device "
@@ -206,22 +270,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{p} {v:.2f}" for p, v in w["infercept_waste_over"].items())
             + f"  (infercept lowest: {w['infercept_lowest']})")
 
-    payload: dict[str, Any] = {
-        "command": " ".join(["infercept"] + sys.argv[1:]) if args.argv is None else args.argv,
-        "machine": machine_description(), "workload": workload,
-        "profile": json.loads(cost.to_json()),
-        "setup": {k: getattr(setup, k) for k in ("executor", "duration_s", "num_device_blocks",
-                                                  "num_host_blocks", "max_batched_tokens", "seed",
-                                                  "block_size", "max_running_requests", "device",
-                                                  "dtype")},
-        "rows": [{k: v for k, v in r.items() if k != "busy_steps"} for r in rows],
-        "comparison": ratios,
-        "timeline": {"policy": args.timeline_policy, "rate": max(args.rates), "samples": timeline},
-    }
+    payload["comparison"] = ratios
+    write_json(json_path, payload)
     if args.calibrate:
         payload["calibration"] = calibrate(templates, args, setup, rows)
-    files = write_outputs(payload, rows, timeline, args, setup, out_dir, threshold)
-    for path in files:
+    payload["complete"] = True
+    write_json(json_path, payload)
+    print(f"wrote {json_path}")
+    if args.no_plots:
+        print("plots skipped (--no-plots)", file=sys.stderr)
+        return 0
+    for path in write_plots(rows, timeline, args, setup, out_dir, threshold):
         print(f"wrote {path}")
     return 0
 
@@ -253,14 +312,12 @@ def calibrate(templates: list, args: argparse.Namespace, setup: BenchSetup,
     return report
 
 
-def write_outputs(payload: dict, rows: list[dict], timeline: list[dict], args: argparse.Namespace,
-                  setup: BenchSetup, out_dir: Path, threshold: float) -> list[Path]:
+def write_plots(rows: list[dict], timeline: list[dict], args: argparse.Namespace,
+                setup: BenchSetup, out_dir: Path, threshold: float) -> list[Path]:
+    """The latency, waste and (when sampled) timeline PNGs; returns their paths."""
     from infercept.bench.plots import plot_latency, plot_timeline, plot_waste
     stem = args.name
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(_clean(payload), indent=1) + "\n")
-    files = [json_path,
-             plot_latency(rows, out_dir / f"{stem}_latency.png",
+    files = [plot_latency(rows, out_dir / f"{stem}_latency.png",
                           f"normalized latency vs rate ({setup.executor})",
                           None if math.isnan(threshold) else threshold),
              plot_waste(rows, out_dir / f"{stem}_waste.png")]
@@ -343,6 +400,8 @@ def add_parsers(sub: argparse._SubParsersAction, floats, policies) -> None:
     bench.add_argument("--out-dir", default="bench_out")
     bench.add_argument("--name", default="bench", help="file stem of the outputs")
     bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--no-plots", action="store_true",
+                       help="write the JSON and the table only (no matplotlib needed)")
     bench.set_defaults(func=cmd_bench, argv=None)
 
     prof = sub.add_parser("profile", help="measure T_fwd, T_swap and S on this machine; write the profile")
