@@ -246,12 +246,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         payload["rows"] = _json_rows(rows_so_far)
         write_json(json_path, payload)
 
+    save_rows([])  # replaces an older run's file at once, and fails early if it cannot write
     try:
         rows = _run(templates, args, setup, executor, timeline, save_rows)
     except BaseException:
-        if json_path.exists():
-            print(f"infercept bench: the run was cut; {json_path} holds the "
-                  f"{len(payload['rows'])} rows that finished", file=sys.stderr)
+        print(f"infercept bench: the run was cut; {json_path} holds the "
+              f"{len(payload['rows'])} rows that finished", file=sys.stderr)
         raise
     print(format_table([_shown(r) for r in rows], TABLE_COLUMNS))
     print("normalized_latency: s per output token, tool time excluded; completed_rps: finished / "
