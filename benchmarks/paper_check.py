@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from infercept.metrics import highest_sustained_rate
-from infercept.profiles import load_profile
-from infercept.simulate import SimulationSetup, simulate_grid
-from infercept.workload import load_trace
+from infercept.bench.metrics import highest_sustained_rate
+from infercept.bench.runner import BenchSetup, run_grid
+from infercept.bench.workload import load_trace
+from infercept.engine.profiles import load_profile
 
 POLICIES = ["vllm", "discard", "preserve", "swap", "infercept"]
 PAPER = {"rate_ratio_infercept_over_vllm": 1.6, "vllm_waste_fraction": 0.25, "infercept_waste_fraction": 0.0069}
@@ -28,9 +28,9 @@ PAPER = {"rate_ratio_infercept_over_vllm": 1.6, "vllm_waste_fraction": 0.25, "in
 def check_profile(templates, profile: str, rates: list[float], threshold: float, duration_s: float,
                   seed: int) -> dict:
     cost = load_profile(profile)
-    setup = SimulationSetup(cost=cost, duration_s=duration_s, seed=seed)
+    setup = BenchSetup.from_profile(cost, duration_s, seed=seed)
     rows = []
-    for row in simulate_grid(templates, POLICIES, rates, setup):
+    for row in run_grid(templates, POLICIES, rates, setup):
         rows.append(row)
         print(f"  {profile}: {row['policy']:>9} @ {row['rate']:4g} req/s -> "
               f"{row['normalized_latency']:.4f} s/token, waste {100 * row['waste_fraction']:.2f}%", file=sys.stderr)

@@ -3,6 +3,10 @@
 Requests that pause mid-generation to call a tool keep their KV cache by discard (recompute
 later, in chunks), preserve (keep on the device) or swap (to pinned host memory), chosen per
 request and per iteration to minimise wasted device memory-time.
+
+Packages: ``engine`` (step loop, model runner, sampler, swap, profiler), ``model`` and
+``weights`` (Llama over paged KV, loaders), ``tools``, ``server`` (OpenAI API), ``bench`` (the
+simulator and the benchmark). This module re-exports what a user imports.
 """
 
 from infercept._core import (
@@ -23,11 +27,11 @@ from infercept._core import (
     UnknownRequestError,
 )
 from infercept._core import __version__
+from infercept.bench.executor import Executor, SimulatedExecutor
+from infercept.bench.replay import ReplayEngine, ReplayResult, simulated_config
 from infercept.engine import EngineConfig, InterceptRecord, LLMEngine, RequestOutput
-from infercept.executor import Executor, SimulatedExecutor
+from infercept.engine.profiles import load_profile
 from infercept.llm import LLM
-from infercept.profiles import load_profile
-from infercept.replay import ReplayEngine, ReplayResult, simulated_config
 from infercept.sampling import SamplingParams, ScriptedIntercept
 from infercept.tools import Tool, ToolRegistry
 

@@ -1,24 +1,15 @@
-"""Command line: `infercept simulate`, `bench`, `profile` and `serve`."""
+"""Command line: `infercept serve` and `demo` here; `simulate`, `bench` and `profile` in
+``infercept.bench.command``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 from infercept._core import Policy
-from infercept.metrics import format_table, highest_sustained_rate
-from infercept.profiles import load_profile
-from infercept.simulate import SimulationSetup, simulate_grid
-from infercept.workload import load_trace
-
-TABLE_COLUMNS = ["policy", "rate", "normalized_latency", "throughput_rps", "mean_latency_s", "p50_latency_s",
-                 "p99_latency_s", "waste_fraction", "preserve_waste_fraction", "recompute_waste_fraction",
-                 "swap_waste_fraction"]
 
 
 def _floats(text: str) -> list[float]:
@@ -41,49 +32,6 @@ def _policies(text: str) -> list[str]:
 def _policy(text: str) -> str:
     Policy.parse(text)  # raises ValueError naming the accepted policies
     return text
-
-
-def _percent_row(row: dict) -> dict:
-    shown = dict(row)
-    for key in TABLE_COLUMNS:
-        if key.endswith("waste_fraction"):
-            shown[key] = f"{100 * row[key]:.2f}%"
-    return shown
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    cost = load_profile(args.profile)
-    if args.kv_capacity_tokens is not None:
-        cost.kv_capacity_tokens = args.kv_capacity_tokens
-    templates = load_trace(args.trace)
-    setup = SimulationSetup(cost=cost, duration_s=args.duration, seed=args.seed, block_size=args.block_size,
-                            host_to_device_ratio=args.host_to_device_ratio)
-    print(f"profile {cost.name}: {cost.source}")
-    print(f"device KV capacity {cost.kv_capacity_tokens} tokens, host {args.host_to_device_ratio:g}x that, "
-          f"token budget S={cost.saturation_tokens}")
-    print(f"trace {args.trace}: {len(templates)} request templates; window {args.duration:g} s; seed {args.seed}")
-    rows = []
-    for row in simulate_grid(templates, args.policies, args.rates, setup):
-        rows.append(row)
-        print(f"  done: {row['policy']:>9} @ {row['rate']:g} req/s  ({row['num_steps']} steps)", file=sys.stderr)
-    print(format_table([_percent_row(r) for r in rows], TABLE_COLUMNS))
-    print("normalized_latency: s per output token, tool time excluded; waste: % of device KV memory-time")
-    if args.threshold is not None:
-        sustained = highest_sustained_rate(rows, args.threshold)
-        print(f"highest rate with normalized latency <= {args.threshold:g} s/token:")
-        for policy, rate in sustained.items():
-            print(f"  {policy:>9}: {rate:.2f} req/s")
-    if args.json:
-        payload = {
-            "command": " ".join(sys.argv),
-            "machine": platform.platform(),
-            "profile": {"name": cost.name, "source": cost.source},
-            "rows": rows,
-        }
-        # Rows first-class as a list, as the issue asks; context beside it in a sidecar key.
-        Path(args.json).write_text(json.dumps(rows if args.rows_only else payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -124,23 +72,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infercept", description="InferCept: serving augmented LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="compare intercept policies on a trace with the simulated executor")
-    sim.add_argument("--trace", required=True, help="workload trace (JSON, format of shared/workloads)")
-    sim.add_argument("--profile", default="gptj-6b-a100", help="built-in profile name or profile JSON path")
-    sim.add_argument("--rates", type=_floats, default=[1.0, 2.0, 3.0, 4.0], help="request rates, req/s")
-    sim.add_argument("--policies", type=_policies, default=["vllm", "discard", "preserve", "swap", "infercept"])
-    sim.add_argument("--duration", type=float, default=1800.0, help="arrival window, seconds")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--block-size", type=int, default=16)
-    sim.add_argument("--kv-capacity-tokens", type=int, default=None,
-                     help="override the profile's device KV capacity (tokens)")
-    sim.add_argument("--host-to-device-ratio", type=float, default=2.0)
-    sim.add_argument("--threshold", type=float, default=None,
-                     help="also print the highest rate each policy sustains under this normalized latency")
-    sim.add_argument("--json", default=None, help="write the rows as JSON here")
-    sim.add_argument("--rows-only", action="store_true", help="write only the list of rows to --json")
-    sim.set_defaults(func=cmd_simulate)
-
     from infercept.bench.command import add_parsers
     add_parsers(sub, _floats, _policies)
 

@@ -124,7 +124,7 @@ def test_bench_sim_end_to_end_writes_json_and_plots(tmp_path, capsys) -> None:
         assert row["num_finished"] == row["num_requests"] > 0
         assert row["normalized_latency"] > 0
         assert 0 <= row["waste_fraction"] <= 1
-    assert payload["timeline"]["samples"]
+    assert payload["complete"] is True and payload["timeline"]["samples"]
     assert set(payload["comparison"]["sustained_rps"]) == {"vllm", "discard", "preserve"}
     for name in ("t_latency.png", "t_waste.png", "t_timeline.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
@@ -144,3 +144,56 @@ def test_max_time_cuts_a_simulated_run_at_the_same_virtual_time() -> None:
     cut = run_one(templates, "preserve", 1.0, BenchSetup(**{**setup.__dict__, "max_time_s": cut_s}))
     assert cut["end_s"] <= cut_s + 1.0  # the step that crosses the cut still completes
     assert cut["num_finished"] < full["num_finished"]
+
+
+def _tiny_bench(tmp_path, *extra: str) -> list[str]:
+    return ["bench", "--generate", "8", "--executor", "sim", "--profile", "gptj-6b-a100",
+            "--rates", "0.5,1", "--duration", "5", "--context", "256", "--time-scale", "0.2",
+            "--num-device-blocks", "200", "--max-batched-tokens", "256",
+            "--policies", "vllm,preserve", "--out-dir", str(tmp_path), "--name", "t",
+            "--no-progress", *extra]
+
+
+def test_bench_keeps_finished_rows_when_a_later_row_raises(tmp_path, monkeypatch, capsys) -> None:
+    # Long runs never lose their results: the JSON is rewritten after every (policy, rate).
+    from infercept.bench import runner
+
+    run_one = runner.run_one
+
+    def failing_at_rate_1(templates, policy, rate, setup, timeline=None):
+        if rate == 1.0 and policy == "preserve":
+            raise RuntimeError("the machine went away")
+        return run_one(templates, policy, rate, setup, timeline)
+
+    monkeypatch.setattr(runner, "run_one", failing_at_rate_1)
+    with pytest.raises(RuntimeError, match="went away"):
+        main(_tiny_bench(tmp_path, "--no-plots"))
+    payload = json.loads((tmp_path / "t.json").read_text())
+    assert payload["complete"] is False
+    assert [(r["policy"], r["rate"]) for r in payload["rows"]] == [
+        ("vllm", 0.5), ("preserve", 0.5), ("vllm", 1.0)]
+    assert all(r["num_finished"] == r["num_requests"] > 0 for r in payload["rows"])
+    assert "holds the 3 rows that finished" in capsys.readouterr().err
+
+
+def test_bench_without_matplotlib_fails_before_running_or_skips_plots(tmp_path, monkeypatch,
+                                                                     capsys) -> None:
+    import sys
+
+    from infercept.bench import runner
+
+    calls = []
+    run_one = runner.run_one
+    monkeypatch.setattr(runner, "run_one", lambda *a, **k: calls.append(a[1]) or run_one(*a, **k))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises
+    assert main(_tiny_bench(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "infercept[bench]" in err and "--no-plots" in err
+    assert calls == [] and not (tmp_path / "t.json").exists()
+
+    assert main(_tiny_bench(tmp_path, "--no-plots")) == 0
+    payload = json.loads((tmp_path / "t.json").read_text())
+    assert payload["complete"] is True and len(payload["rows"]) == 4
+    assert "comparison" in payload
+    assert not list(tmp_path.glob("*.png"))
+    assert "plots skipped" in capsys.readouterr().err

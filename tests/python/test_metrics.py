@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from infercept.metrics import RequestRecord, format_table, highest_sustained_rate, summarize
+from infercept.bench.metrics import RequestRecord, format_table, highest_sustained_rate, summarize
 
 RECORDS = [
     # latency 10 - 0 - 2 = 8 over 4 tokens: 2 s/token; ttft 1

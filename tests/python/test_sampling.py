@@ -1,4 +1,4 @@
-"""Tests for infercept.sampling: parameter validation, the sampler and the stop check."""
+"""Tests for infercept.sampling (parameter validation), infercept.engine.sampler and the stop check."""
 
 import math
 import re
@@ -8,13 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infercept.sampling import (
-    Sampler,
-    SamplingParams,
-    ScriptedIntercept,
-    check_stop,
-    filter_probs,
-)
+from infercept.engine.sampler import Sampler, filter_probs
+from infercept.engine.stop import check_stop
+from infercept.sampling import SamplingParams, ScriptedIntercept
 
 VOCAB_SIZE = 50
 

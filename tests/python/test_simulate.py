@@ -15,9 +15,9 @@ from infercept import (
     StepResult,
     simulated_config,
 )
+from infercept.bench.runner import BenchSetup, run_one
+from infercept.bench.workload import Segment, WorkloadRequest, load_trace, poisson_arrivals, scale_to_context
 from infercept.cli import main
-from infercept.simulate import SimulationSetup, simulate_one
-from infercept.workload import Segment, WorkloadRequest, load_trace, poisson_arrivals, scale_to_context
 
 POLICIES = ["vllm", "discard", "preserve", "swap", "infercept"]
 
@@ -80,8 +80,8 @@ def test_policies_leave_their_own_waste_signature() -> None:
 
 def test_trace_replay_infercept_wastes_least(trace_file) -> None:
     templates = load_trace(trace_file)
-    setup = SimulationSetup(cost=CostModel.builtin("gptj-6b-a100"), duration_s=240.0, seed=3)
-    rows = {policy: simulate_one(templates, policy, 3.0, setup) for policy in POLICIES}
+    setup = BenchSetup.from_profile(CostModel.builtin("gptj-6b-a100"), 240.0, seed=3)
+    rows = {policy: run_one(templates, policy, 3.0, setup) for policy in POLICIES}
     for policy in POLICIES:
         assert rows[policy]["num_aborted"] == 0
         assert rows[policy]["num_finished"] == rows[policy]["num_requests"]
@@ -140,7 +140,7 @@ def test_swapped_contexts_come_back_when_the_device_pool_is_full(policy):
     # lower-priority contexts when nothing else can free memory.
     from infercept import CostModel, ReplayEngine, SimulatedExecutor, simulated_config
     from infercept.bench.generator import generate_workload
-    from infercept.workload import poisson_arrivals, scale_to_context
+    from infercept.bench.workload import poisson_arrivals, scale_to_context
 
     cost = CostModel.builtin("gptj-6b-a100")
     cost.kv_capacity_tokens = 64 * 16

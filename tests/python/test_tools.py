@@ -59,6 +59,39 @@ def test_tag_parser_streaming_completes_at_close_tag():
     assert parser.find(full).name == "search"
 
 
+@pytest.mark.parametrize("num_chars_per_step", [1, 3, 7])
+def test_tag_parser_fed_only_new_text_finds_what_a_full_search_finds(num_chars_per_step):
+    # The engine passes new_from (the text length at the previous search); a close tag split
+    # across steps must still be found on the step that completes it, with the same result.
+    full = ('a</tool_ca <tool_call>{"name": "x"}</tool_call> mid '
+            '<tool_call>{"name": "y", "arguments": {"q": 1}}</tool_call>')
+    parser = TagParser()
+    start, searched, found = 0, 0, []
+    for end in range(num_chars_per_step, len(full) + num_chars_per_step, num_chars_per_step):
+        text = full[:end]
+        result = parser.find(text, start, new_from=searched)
+        assert result == parser.find(text, start)
+        searched = len(text)
+        if result is not None:
+            found.append(result.name)
+            start = searched = result.span[1]
+    assert found == ["x", "y"]
+
+
+def test_find_new_call_passes_new_from_only_to_parsers_that_take_it():
+    from infercept.tools.parser import find_new_call
+
+    seen = []
+
+    class OldParser:
+        def find(self, text, start=0):
+            seen.append((text, start))
+            return None
+
+    assert find_new_call(OldParser(), "abc", 1, 2) is None and seen == [("abc", 1)]
+    assert find_new_call(TagParser(), '<tool_call>{"name": "z"}</tool_call>', 0, 30).name == "z"
+
+
 def test_tag_parser_accepts_json_string_arguments_and_missing_arguments():
     encoded = json.dumps({"name": "f", "arguments": json.dumps({"x": 1})})
     assert TagParser().find(f"<tool_call>{encoded}</tool_call>").arguments == {"x": 1}

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infercept.workload import (
+from infercept.bench.workload import (
     TEXT_KINDS,
     TOKEN_COUNT_KINDS,
     Segment,

@@ -1,4 +1,5 @@
-"""The paper's experiment as a benchmark: workloads, real and simulated runs, calibration, plots."""
+"""The simulator and the benchmark: workloads, the replay loop (virtual or wall clock), metrics,
+the policy-by-rate grid runner, calibration, plots and the `simulate`/`bench`/`profile` commands."""
 
 from infercept.bench.calibrate import calibration_errors
 from infercept.bench.generator import AUGMENTATION_TYPES, AugmentationType, generate_workload

@@ -1,22 +1,27 @@
-"""`infercept bench` and `infercept profile`: argument handling, output files, the report."""
+"""`infercept simulate`, `bench` and `profile`: argument handling, output files, the report."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from infercept.bench.calibrate import (calibration_errors, forward_model_error, step_overhead_s,
                                        with_step_overhead)
 from infercept.bench.generator import generate_workload, scale_tool_time
+from infercept.bench.metrics import format_table, highest_sustained_rate
 from infercept.bench.runner import EXECUTORS, BenchSetup, run_grid
-from infercept.metrics import format_table, highest_sustained_rate
 
+SIMULATE_COLUMNS = ["policy", "rate", "normalized_latency", "throughput_rps", "mean_latency_s",
+                    "p50_latency_s", "p99_latency_s", "waste_fraction", "preserve_waste_fraction",
+                    "recompute_waste_fraction", "swap_waste_fraction"]
 TABLE_COLUMNS = ["policy", "rate", "normalized_latency", "completed_rps", "throughput_rps",
                  "tokens_per_s", "mean_ttft_s", "p50_latency_s", "p90_latency_s", "p99_latency_s",
                  "waste_fraction", "preserve_waste_fraction", "recompute_waste_fraction",
@@ -35,7 +40,7 @@ def machine_description() -> dict[str, str]:
 
 def load_templates(args: argparse.Namespace) -> tuple[list, str]:
     """The workload's templates (scaled to ``--context`` and ``--time-scale``) and a description."""
-    from infercept.workload import load_trace, scale_to_context
+    from infercept.bench.workload import load_trace, scale_to_context
     if args.trace is not None:
         templates, what = load_trace(args.trace), f"trace {args.trace}"
     else:
@@ -52,7 +57,7 @@ def load_templates(args: argparse.Namespace) -> tuple[list, str]:
 
 def resolve_cost(args: argparse.Namespace):
     """The profile named by ``--profile``, else this machine's (cached, or measured now)."""
-    from infercept.profiles import load_profile
+    from infercept.engine.profiles import load_profile
     if args.profile is not None:
         return load_profile(args.profile)
     from infercept.bench.profile import ProfileRequest, cached_or_measured
@@ -102,31 +107,109 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _shown(row: dict) -> dict:
+def _shown(row: dict, columns: list[str] = TABLE_COLUMNS) -> dict:
+    """The row with its waste fractions as percentages, for the table."""
     shown = dict(row)
-    for key in TABLE_COLUMNS:
+    for key in columns:
         if key.endswith("waste_fraction"):
             shown[key] = f"{100 * row[key]:.2f}%"
     return shown
 
 
 def _run(templates: list, args: argparse.Namespace, setup: BenchSetup, label: str,
-         timeline: list[dict] | None) -> list[dict]:
+         timeline: list[dict] | None,
+         on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """The grid with a progress bar; ``on_row`` gets the rows so far after each one finishes."""
     from tqdm import tqdm
     total = len(args.rates) * len(args.policies)
     rows: list[dict] = []
     with tqdm(total=total, desc=label, unit="run", disable=args.no_progress, file=sys.stderr) as bar:
-        def on_row(row: dict) -> None:
+        def finished(row: dict) -> None:
+            rows.append(row)
             bar.set_postfix_str(f"{row['policy']} @ {row['rate']:g}: "
                                 f"{row['normalized_latency']:.3g} s/tok")
             bar.update(1)
+            if on_row is not None:
+                on_row(rows)
         timeline_of = (args.timeline_policy, max(args.rates))
-        rows.extend(run_grid(templates, args.policies, args.rates, setup, timeline_of, timeline,
-                             on_row))
+        for _ in run_grid(templates, args.policies, args.rates, setup, timeline_of, timeline,
+                          finished):
+            pass
     return rows
 
 
+def missing_plot_dependency() -> str | None:
+    """Why plots cannot be drawn here (the bench extra is missing), or None if they can."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        return (f"plots need matplotlib, from the bench extra: pip install 'infercept[bench]' "
+                f"(or pass --no-plots to write only the JSON and the table): {error}")
+    return None
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Writes ``payload`` (NaN as null) atomically: a run cut mid-write keeps the previous file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(_clean(payload), indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def _json_rows(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "busy_steps"} for r in rows]
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """The paper's comparison: every policy at every rate on the simulator, sized by the profile."""
+    from infercept.bench.workload import load_trace
+    from infercept.engine.profiles import load_profile
+    cost = load_profile(args.profile)
+    if args.kv_capacity_tokens is not None:
+        cost.kv_capacity_tokens = args.kv_capacity_tokens
+    templates = load_trace(args.trace)
+    setup = BenchSetup.from_profile(cost, args.duration, seed=args.seed, block_size=args.block_size,
+                                    host_to_device_ratio=args.host_to_device_ratio)
+    print(f"profile {cost.name}: {cost.source}")
+    print(f"device KV capacity {cost.kv_capacity_tokens} tokens, host {args.host_to_device_ratio:g}x that, "
+          f"token budget S={cost.saturation_tokens}")
+    print(f"trace {args.trace}: {len(templates)} request templates; window {args.duration:g} s; seed {args.seed}")
+    rows = []
+    for row in run_grid(templates, args.policies, args.rates, setup):
+        rows.append(row)
+        done = row["stalled"] if "stalled" in row else f"{row['num_steps']} steps"
+        print(f"  done: {row['policy']:>9} @ {row['rate']:g} req/s  ({done})", file=sys.stderr)
+    print(format_table([_shown(r, SIMULATE_COLUMNS) for r in rows], SIMULATE_COLUMNS))
+    print("normalized_latency: s per output token, tool time excluded; waste: % of device KV memory-time")
+    if args.threshold is not None:
+        sustained = highest_sustained_rate(rows, args.threshold)
+        print(f"highest rate with normalized latency <= {args.threshold:g} s/token:")
+        for policy, rate in sustained.items():
+            print(f"  {policy:>9}: {rate:.2f} req/s")
+    if args.json:
+        payload = {
+            "command": " ".join(sys.argv),
+            "machine": platform.platform(),
+            "profile": {"name": cost.name, "source": cost.source},
+            "rows": rows,
+        }
+        # Rows first-class as a list, as the issue asks; context beside it in a sidecar key.
+        Path(args.json).write_text(json.dumps(rows if args.rows_only else payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs the grid, saving the JSON after every (policy, rate) row, then the report and plots.
+
+    Optional dependencies are checked before the first run, so a long run never dies at the
+    end for want of matplotlib. Until the run completes, ``<name>.json`` holds the rows
+    finished so far with ``"complete": false``.
+    """
+    if not args.no_plots:
+        missing = missing_plot_dependency()
+        if missing is not None:
+            print(f"infercept bench: error: {missing}", file=sys.stderr)
+            return 2
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
@@ -145,7 +228,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"pool {setup.num_device_blocks} blocks of {setup.block_size}, host {setup.num_host_blocks}; "
           f"token budget {setup.max_batched_tokens}; profile {cost.name}: {cost.source}")
     timeline: list[dict] = []
-    rows = _run(templates, args, setup, executor, timeline)
+    json_path = out_dir / f"{args.name}.json"
+    payload: dict[str, Any] = {
+        "command": " ".join(["infercept"] + sys.argv[1:]) if args.argv is None else args.argv,
+        "machine": machine_description(), "workload": workload,
+        "profile": json.loads(cost.to_json()),
+        "setup": {k: getattr(setup, k) for k in ("executor", "duration_s", "num_device_blocks",
+                                                  "num_host_blocks", "max_batched_tokens", "seed",
+                                                  "block_size", "max_running_requests", "device",
+                                                  "dtype")},
+        "complete": False,
+        "rows": [],
+        "timeline": {"policy": args.timeline_policy, "rate": max(args.rates), "samples": timeline},
+    }
+
+    def save_rows(rows_so_far: list[dict]) -> None:
+        payload["rows"] = _json_rows(rows_so_far)
+        write_json(json_path, payload)
+
+    save_rows([])  # replaces an older run's file at once, and fails early if it cannot write
+    try:
+        rows = _run(templates, args, setup, executor, timeline, save_rows)
+    except BaseException:
+        print(f"infercept bench: the run was cut; {json_path} holds the "
+              f"{len(payload['rows'])} rows that finished", file=sys.stderr)
+        raise
     print(format_table([_shown(r) for r in rows], TABLE_COLUMNS))
     print("normalized_latency: s per output token, tool time excluded; completed_rps: finished / "
           "drained run; throughput_rps: finished within the window / window; waste: % of device "
@@ -163,22 +270,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{p} {v:.2f}" for p, v in w["infercept_waste_over"].items())
             + f"  (infercept lowest: {w['infercept_lowest']})")
 
-    payload: dict[str, Any] = {
-        "command": " ".join(["infercept"] + sys.argv[1:]) if args.argv is None else args.argv,
-        "machine": machine_description(), "workload": workload,
-        "profile": json.loads(cost.to_json()),
-        "setup": {k: getattr(setup, k) for k in ("executor", "duration_s", "num_device_blocks",
-                                                  "num_host_blocks", "max_batched_tokens", "seed",
-                                                  "block_size", "max_running_requests", "device",
-                                                  "dtype")},
-        "rows": [{k: v for k, v in r.items() if k != "busy_steps"} for r in rows],
-        "comparison": ratios,
-        "timeline": {"policy": args.timeline_policy, "rate": max(args.rates), "samples": timeline},
-    }
+    payload["comparison"] = ratios
+    write_json(json_path, payload)
     if args.calibrate:
         payload["calibration"] = calibrate(templates, args, setup, rows)
-    files = write_outputs(payload, rows, timeline, args, setup, out_dir, threshold)
-    for path in files:
+    payload["complete"] = True
+    write_json(json_path, payload)
+    print(f"wrote {json_path}")
+    if args.no_plots:
+        print("plots skipped (--no-plots)", file=sys.stderr)
+        return 0
+    for path in write_plots(rows, timeline, args, setup, out_dir, threshold):
         print(f"wrote {path}")
     return 0
 
@@ -210,14 +312,12 @@ def calibrate(templates: list, args: argparse.Namespace, setup: BenchSetup,
     return report
 
 
-def write_outputs(payload: dict, rows: list[dict], timeline: list[dict], args: argparse.Namespace,
-                  setup: BenchSetup, out_dir: Path, threshold: float) -> list[Path]:
+def write_plots(rows: list[dict], timeline: list[dict], args: argparse.Namespace,
+                setup: BenchSetup, out_dir: Path, threshold: float) -> list[Path]:
+    """The latency, waste and (when sampled) timeline PNGs; returns their paths."""
     from infercept.bench.plots import plot_latency, plot_timeline, plot_waste
     stem = args.name
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(_clean(payload), indent=1) + "\n")
-    files = [json_path,
-             plot_latency(rows, out_dir / f"{stem}_latency.png",
+    files = [plot_latency(rows, out_dir / f"{stem}_latency.png",
                           f"normalized latency vs rate ({setup.executor})",
                           None if math.isnan(threshold) else threshold),
              plot_waste(rows, out_dir / f"{stem}_waste.png")]
@@ -245,7 +345,24 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction, floats, policies) -> None:
-    """Registers `bench` and `profile` on the CLI's subparsers."""
+    """Registers `simulate`, `bench` and `profile` on the CLI's subparsers."""
+    sim = sub.add_parser("simulate", help="compare intercept policies on a trace with the simulated executor")
+    sim.add_argument("--trace", required=True, help="workload trace (JSON, format of shared/workloads)")
+    sim.add_argument("--profile", default="gptj-6b-a100", help="built-in profile name or profile JSON path")
+    sim.add_argument("--rates", type=floats, default=[1.0, 2.0, 3.0, 4.0], help="request rates, req/s")
+    sim.add_argument("--policies", type=policies, default=["vllm", "discard", "preserve", "swap", "infercept"])
+    sim.add_argument("--duration", type=float, default=1800.0, help="arrival window, seconds")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--block-size", type=int, default=16)
+    sim.add_argument("--kv-capacity-tokens", type=int, default=None,
+                     help="override the profile's device KV capacity (tokens)")
+    sim.add_argument("--host-to-device-ratio", type=float, default=2.0)
+    sim.add_argument("--threshold", type=float, default=None,
+                     help="also print the highest rate each policy sustains under this normalized latency")
+    sim.add_argument("--json", default=None, help="write the rows as JSON here")
+    sim.add_argument("--rows-only", action="store_true", help="write only the list of rows to --json")
+    sim.set_defaults(func=cmd_simulate)
+
     bench = sub.add_parser("bench", help="the policies side by side on a workload, real or simulated")
     source = bench.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", help="workload trace (JSON, format of shared/workloads)")
@@ -283,6 +400,8 @@ def add_parsers(sub: argparse._SubParsersAction, floats, policies) -> None:
     bench.add_argument("--out-dir", default="bench_out")
     bench.add_argument("--name", default="bench", help="file stem of the outputs")
     bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--no-plots", action="store_true",
+                       help="write the JSON and the table only (no matplotlib needed)")
     bench.set_defaults(func=cmd_bench, argv=None)
 
     prof = sub.add_parser("profile", help="measure T_fwd, T_swap and S on this machine; write the profile")

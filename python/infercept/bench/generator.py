@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from infercept.workload import Segment, WorkloadRequest
+from infercept.bench.workload import Segment, WorkloadRequest
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def generate_workload(num_requests: int, seed: int,
 
     Returns:
         Templates with ``arrival_s`` 0, ids ``"{kind}-{i}"``; give them to
-        :func:`infercept.workload.poisson_arrivals` (and ``scale_to_context``).
+        :func:`infercept.bench.workload.poisson_arrivals` (and ``scale_to_context``).
 
     Raises:
         ValueError: ``num_requests`` < 1, or a mix naming an unknown kind or weighing nothing.

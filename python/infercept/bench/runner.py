@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infercept._core import CostModel
-from infercept.executor import SimulatedExecutor
-from infercept.metrics import RequestRecord, summarize
-from infercept.replay import ReplayEngine, simulated_config
-from infercept.workload import WorkloadRequest, poisson_arrivals
+from infercept.bench.executor import SimulatedExecutor
+from infercept.bench.metrics import RequestRecord, summarize
+from infercept.bench.replay import ReplayEngine, simulated_config
+from infercept.bench.workload import WorkloadRequest, poisson_arrivals
 
 EXECUTORS = ("real", "sim")
 
@@ -65,6 +65,24 @@ class BenchSetup:
         for name in ("duration_s", "num_device_blocks", "max_batched_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+
+    @classmethod
+    def from_profile(cls, cost: CostModel, duration_s: float, **kwargs: Any) -> BenchSetup:
+        """A simulated setup sized by the profile itself: its KV capacity and its S.
+
+        This is the paper-scale comparison (``infercept simulate``): the pool is what the
+        profiled GPU holds and the token budget is the profile's saturation point.
+
+        Args:
+            cost: The profile.
+            duration_s: The arrival window.
+            **kwargs: Any other field; ``max_running_requests`` defaults to 256 here.
+        """
+        kwargs.setdefault("max_running_requests", 256)
+        block_size = kwargs.get("block_size", cls.block_size)
+        return cls(cost=cost, duration_s=duration_s,
+                   num_device_blocks=int(cost.kv_capacity_tokens // block_size),
+                   max_batched_tokens=cost.saturation_tokens, **kwargs)
 
     @property
     def num_host_blocks(self) -> int:
@@ -181,7 +199,7 @@ def run_real(requests: Sequence[WorkloadRequest], policy: str, rate: float, setu
     calibration needs: mean runner (forward + copies) and whole-step seconds of busy steps.
     """
     from infercept.engine import EngineConfig, LLMEngine
-    from infercept.real_replay import replay
+    from infercept.bench.real_replay import replay
 
     model, tokenizer = _load(setup)
     config = EngineConfig(model=setup.model, policy=policy, dtype=setup.dtype,

@@ -1,4 +1,5 @@
-"""The engine over a real model: the step loop, the model runner, the swap engine, profiling."""
+"""The engine over a real model: the step loop, per-request sequences, the model runner, the
+sampler and stop check, the swap engine, and the cost profile (measured or loaded by name)."""
 
 from infercept.engine.config import EngineConfig
 from infercept.engine.llm_engine import LLMEngine

@@ -34,8 +34,9 @@ from infercept.backend import select_device
 from infercept.engine.swap import SwapEngine
 from infercept.model import KVCache, LlamaForCausalLM, Tokenizer, load_model
 from infercept.model.loader import resolve_model_path
-from infercept.profiles import load_profile
-from infercept.sampling import Sampler, SamplingParams
+from infercept.engine.profiles import load_profile
+from infercept.engine.sampler import Sampler
+from infercept.sampling import SamplingParams
 from infercept.tools import (DurationEstimator, TagParser, Tool, ToolCall, ToolCallError,
                              ToolCallParser, ToolRegistry, ToolRuntime)
 
@@ -363,10 +364,9 @@ class LLMEngine:
             return
         if not (seq.server_tools or seq.client_tools):
             return
-        found = self.parser.find(seq.output.text, seq.parse_from)
+        found = seq.find_tool_call(self.parser)
         if found is None:
             return
-        seq.parse_from = found.span[1]
         if isinstance(found, ToolCallError):
             self._tool_failed(seq, f"malformed tool call {found.raw!r}: {found.message}")
             return

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from infercept.engine.detokenizer import IncrementalDetokenizer
 from infercept.engine.outputs import InterceptRecord, RequestOutput
+from infercept.engine.stop import StopDecision, check_stop
 from infercept.model import Tokenizer
-from infercept.sampling import SamplingParams, ScriptedIntercept, StopDecision, check_stop
+from infercept.sampling import SamplingParams, ScriptedIntercept
+from infercept.tools.parser import ParseResult, ToolCallParser, find_new_call
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Sequence:
         client_tools: Tool names the caller runs itself (the request pauses for them).
         scripted: The scripted intercepts still ahead, by ``after_tokens``.
         parse_from: Offset in ``output.text`` where the search for the next tool call starts.
+        parsed_chars: Text length the tool-call parser has already searched.
         checked_chars: Text length already searched for stop strings.
         paused_at_s: When the open intercept began.
         rewrite_from: Where ``token_ids`` stops agreeing with the core's copy: the last
@@ -43,9 +47,13 @@ class Sequence:
     client_tools: frozenset[str] = frozenset()
     scripted: deque[ScriptedIntercept] = field(default_factory=deque)
     parse_from: int = 0
+    parsed_chars: int = 0
     checked_chars: int = 0
     paused_at_s: float = 0.0
     rewrite_from: int | None = None
+    # Owns output.token_ids and output.text's growth; built on the first output token.
+    _detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)
+    _cut_at_stop_string: bool = False
 
     @property
     def request_id(self) -> int:
@@ -62,10 +70,15 @@ class Sequence:
             return self.output.intercepts[-1]
         return None
 
-    def refresh_text(self, tokenizer: Tokenizer) -> None:
-        """Decodes everything after the prompt into ``output.text``."""
-        self.output.token_ids = self.token_ids[self.num_prompt_tokens:]
-        self.output.text = tokenizer.decode(self.output.token_ids, skip_special_tokens=True)
+    def _append_output(self, token_ids: list[int], tokenizer: Tokenizer) -> None:
+        """Feeds the tokens just added to the context to the detokenizer, which decodes only a
+        window of the last few and owns ``output.token_ids``."""
+        if self._detokenizer is None:
+            self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+            self.output.token_ids = self._detokenizer.token_ids
+            token_ids = self.token_ids[self.num_prompt_tokens:]
+        self._detokenizer.append(token_ids)
+        self.output.text = self._detokenizer.text
 
     def append_sampled(self, token_id: int, tokenizer: Tokenizer, now_s: float,
                        max_model_len: int) -> StopDecision:
@@ -75,14 +88,34 @@ class Sequence:
         self.output.num_generated_tokens = len(self.generated)
         if self.output.first_token_s is None:
             self.output.first_token_s = now_s
-        self.refresh_text(tokenizer)
+        self._append_output([token_id], tokenizer)
         decision = check_stop(self.generated, self.output.text, self.params,
                               tokenizer.eos_token_id, self.checked_chars)
         self.checked_chars = len(self.output.text)
         if not decision.should_stop and len(self.token_ids) >= max_model_len:
             decision = StopDecision(True, "length", self.output.text)
-        self.output.text = decision.text
+        if decision.stop_string is not None:
+            self._cut_at_stop_string = True
+            self.output.text = decision.text
+        elif decision.should_stop:
+            decision = StopDecision(True, decision.reason, self._final_text())
         return decision
+
+    def find_tool_call(self, parser: ToolCallParser) -> ParseResult | None:
+        """Returns the first complete tool call past ``parse_from``, or None.
+
+        The parser is fed only the text that arrived since its last search; a call found moves
+        ``parse_from`` past it.
+        """
+        text = self.output.text
+        if len(text) == self.parsed_chars:
+            return None
+        found = find_new_call(parser, text, self.parse_from, self.parsed_chars)
+        self.parsed_chars = len(text)
+        if found is not None:
+            # Text past the call was not searched for a second one yet.
+            self.parse_from = self.parsed_chars = found.span[1]
+        return found
 
     def trim_after(self, end: int, tokenizer: Tokenizer) -> None:
         """Drops text the last sampled token carried past offset ``end`` of ``output.text``.
@@ -104,7 +137,10 @@ class Sequence:
         if self.rewrite_from is None:
             self.rewrite_from = len(self.token_ids) - 1
         self.token_ids[-1:] = replacement
-        self.refresh_text(tokenizer)
+        assert self._detokenizer is not None  # the last sampled token went through it
+        self._detokenizer.replace_last(replacement)
+        self.output.text = self._detokenizer.text
+        self.parsed_chars = min(self.parsed_chars, len(self.output.text))
 
     def append_tool_tokens(self, token_ids: list[int], tokenizer: Tokenizer) -> tuple[list[int], int]:
         """Splices a tool's output into the context; searches for stops and calls resume after it.
@@ -116,12 +152,20 @@ class Sequence:
         start = len(self.token_ids) if self.rewrite_from is None else self.rewrite_from
         num_replaced = 0 if self.rewrite_from is None else 1
         self.token_ids.extend(token_ids)
-        self.refresh_text(tokenizer)
-        self.parse_from = self.checked_chars = len(self.output.text)
+        self._append_output(token_ids, tokenizer)
+        self.parse_from = self.parsed_chars = self.checked_chars = len(self.output.text)
         self.rewrite_from = None
         return self.token_ids[start:], num_replaced
 
+    def _final_text(self) -> str:
+        """The output text once no token follows: held-back bytes show as a full decode does."""
+        if self._detokenizer is not None and not self._cut_at_stop_string:
+            self._detokenizer.flush()
+            self.output.text = self._detokenizer.text
+        return self.output.text
+
     def finish(self, reason: str, now_s: float, error: str | None = None) -> None:
+        self._final_text()
         self.output.finished = True
         self.output.paused = False
         self.output.finish_reason = reason  # type: ignore[assignment]

@@ -9,10 +9,12 @@ on the very token that closes it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol
 
 
@@ -55,7 +57,36 @@ class ToolCallParser(Protocol):
     """What the engine needs from a parser."""
 
     def find(self, text: str, start: int = 0) -> ParseResult | None:
-        """Returns the first complete call in ``text[start:]``, or None if there is none."""
+        """Returns the first complete call in ``text[start:]``, or None if there is none.
+
+        A parser whose ``find`` also takes ``new_from`` (text before it was searched by an
+        earlier call that returned None) is fed only the new text; see ``find_new_call``.
+        """
+
+
+@lru_cache(maxsize=None)
+def _takes_new_from(parser_type: type) -> bool:
+    try:
+        return "new_from" in inspect.signature(parser_type.find).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def find_new_call(parser: ToolCallParser, text: str, start: int, new_from: int) -> ParseResult | None:
+    """Calls ``parser.find`` on a text that grew past ``new_from`` since the last search.
+
+    Args:
+        parser: The parser; it gets ``new_from`` when its ``find`` accepts it.
+        text: The text so far.
+        start: Where calls may start (the end of the previous call).
+        new_from: Length of the text at the previous search, which found no complete call.
+
+    Returns:
+        What ``parser.find`` returns.
+    """
+    if _takes_new_from(type(parser)):
+        return parser.find(text, start, new_from=new_from)  # type: ignore[call-arg]
+    return parser.find(text, start)
 
 
 def call_from_json(body: str, span: tuple[int, int], raw: str) -> ParseResult:
@@ -114,17 +145,20 @@ class TagParser:
         self.open_tag = open_tag
         self.close_tag = close_tag
 
-    def find(self, text: str, start: int = 0) -> ParseResult | None:
+    def find(self, text: str, start: int = 0, new_from: int = 0) -> ParseResult | None:
         """Returns the first complete call in ``text[start:]``.
 
         Args:
             text: The generated text so far.
             start: Where to search from, e.g. the end of the previous call.
+            new_from: Text before this offset was searched (from ``start``) and held no close
+                tag; only a close tag ending past it is looked for, so a growing text costs
+                its new characters per call, not its length.
 
         Returns:
             The call or its error record; None while no call is complete.
         """
-        close_at = text.find(self.close_tag, start)
+        close_at = text.find(self.close_tag, max(start, new_from - len(self.close_tag) + 1))
         if close_at < 0:
             return None
         end = close_at + len(self.close_tag)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from infercept._core import CostModel, Policy, Scheduler, SchedulerConfig
-from infercept.executor import Executor
-from infercept.metrics import RequestRecord
-from infercept.workload import WorkloadRequest
+from infercept.bench.executor import Executor
+from infercept.bench.metrics import RequestRecord
+from infercept.bench.workload import WorkloadRequest
 
 
 @dataclass

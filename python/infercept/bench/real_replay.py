@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from infercept.engine import LLMEngine
-from infercept.metrics import RequestRecord
+from infercept.bench.metrics import RequestRecord
 from infercept.sampling import SamplingParams, ScriptedIntercept
-from infercept.workload import WorkloadRequest
+from infercept.bench.workload import WorkloadRequest
 
 
 @dataclass
