@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "infercept/scheduler.h"
@@ -97,10 +98,15 @@ void run(const char* mix, double expected_duration_s, double step_s, bool with_t
 
 }  // namespace
 
-int main() {
+// Optional argument: run only mix N (0-3, in the order printed).
+int main(int argc, char** argv) {
+  int only = argc > 1 ? std::atoi(argv[1]) : -1;
+  int index = 0;
   for (bool with_tokens : {false, true}) {
-    run("settled (long tools)", /*expected_duration_s=*/1e6, /*step_s=*/0.02, with_tokens);
-    run("all preserved (short tools)", /*expected_duration_s=*/1e-4, /*step_s=*/1e-7, with_tokens);
+    if (only < 0 || only == index++) run("settled (long tools)", /*expected_duration_s=*/1e6, /*step_s=*/0.02, with_tokens);
+    if (only < 0 || only == index++) {
+      run("all preserved (short tools)", /*expected_duration_s=*/1e-4, /*step_s=*/1e-7, with_tokens);
+    }
   }
   return 0;
 }

@@ -163,18 +163,9 @@ const TokenId* BlockPool::tokens_of(BlockId block) const {
   return tokens_.data() + static_cast<size_t>(check_id(block, "query")) * block_size_;
 }
 
-int32_t BlockPool::ref_count(BlockId block) const {
-  check_id(block, "query");
-  return ref_counts_[block];
-}
-
-BlockId BlockPool::check_id(BlockId block, const char* action) const {
-  if (block < 0 || block >= num_blocks()) {
-    throw BlockError(std::string("cannot ") + action + " " + to_string(tier_) + " block " +
-                     std::to_string(block) + ": ids are in [0, " + std::to_string(num_blocks()) +
-                     ")");
-  }
-  return block;
+void BlockPool::throw_bad_id(BlockId block, const char* action) const {
+  throw BlockError(std::string("cannot ") + action + " " + to_string(tier_) + " block " + std::to_string(block) +
+                   ": ids are in [0, " + std::to_string(num_blocks()) + ")");
 }
 
 void BlockPool::check_invariants() const {

@@ -15,20 +15,20 @@ double Scheduler::remaining_intercept_s(const Request& r, double now_s) const {
   return elapsed_s;
 }
 
-int64_t Scheduler::num_exclusive_device_tokens(const Request& r) const {
-  int32_t num_shared = static_cast<int32_t>(r.kv->device_blocks.size()) - kv_.num_exclusive_blocks(r.id, Tier::kDevice);
+int64_t Scheduler::num_exclusive_device_tokens(const Request& r, int32_t num_exclusive) const {
+  int32_t num_shared = static_cast<int32_t>(r.kv->device_blocks.size()) - num_exclusive;
   return std::max<int64_t>(0, r.kv->num_device_tokens(config_.block_size) -
                                   static_cast<int64_t>(num_shared) * config_.block_size);
 }
 
-int64_t Scheduler::expected_recompute_tokens(const Request& r, double remaining_s) const {
+int64_t Scheduler::expected_recompute_tokens(const Request& r, int32_t num_exclusive, double remaining_s) const {
   int64_t context_tokens = r.kv->num_tokens;
   if (!r.cacheable) return context_tokens;  // no cache: a discard loses everything
   // Discarding only drops references: the full blocks stay cached until allocations evict
   // them, so what comes back as recompute is what the demand over the intercept takes beyond
   // the free capacity, plus the private partial last block, which is never cached.
   const int32_t block_size = config_.block_size;
-  int64_t exclusive_blocks = kv_.num_exclusive_blocks(r.id, Tier::kDevice);
+  int64_t exclusive_blocks = num_exclusive;
   double demand_blocks = allocation_rate_blocks_per_s_ * remaining_s;
   double spare_blocks = kv_.pool(Tier::kDevice).num_free();
   int64_t evicted_blocks =
@@ -42,7 +42,7 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
     // The baseline moves each paused context out whole, ignoring the budget (its exclusive
     // blocks: a prefix shared with running requests stays where they need it).
     for (Request* r : intercepted_) {
-      int32_t num_exclusive = kv_.num_exclusive_blocks(r->id, Tier::kDevice);
+      int32_t num_exclusive = kv_.num_exclusive_blocks(*r->kv, Tier::kDevice);
       if (r->state != RequestState::kSwappingOut || num_exclusive == 0) continue;
       std::vector<BlockCopy> copies = kv_.swap_out(r->id, num_exclusive, expected_next_use_s(*r, plan.now_s));
       if (copies.empty()) continue;  // host pool full: the context stays on the device for now
@@ -71,10 +71,11 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
     if (r->kv->device_blocks.empty() || r->last_action_step == step_id_) continue;
     // Only what it holds alone is the request's to keep, move or give up: blocks it shares
     // with others stay whatever it does (DESIGN.md §2 with a prefix cache, docs/prefix_cache.md).
-    int64_t device_tokens = num_exclusive_device_tokens(*r);
+    int32_t num_exclusive = kv_.num_exclusive_blocks(*r->kv, Tier::kDevice);
+    int64_t device_tokens = num_exclusive_device_tokens(*r, num_exclusive);
     if (device_tokens == 0) continue;
     double remaining_s = remaining_intercept_s(*r, plan.now_s);
-    int64_t recompute_tokens = expected_recompute_tokens(*r, remaining_s);
+    int64_t recompute_tokens = expected_recompute_tokens(*r, num_exclusive, remaining_s);
     Candidate c;
     c.request = r;
     c.preserve = preserve_waste(cost_, device_tokens, remaining_s);

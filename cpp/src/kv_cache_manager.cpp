@@ -76,6 +76,10 @@ std::vector<BlockCopy> KvCacheManager::swap_out(RequestId request, int32_t max_b
   std::vector<BlockId> moved_host(num_moves);
   for (int32_t i = 0; i < num_moves; ++i) {
     BlockId src = t.device_blocks[t.device_blocks.size() - num_moves + i];
+    if (device_pool_.ref_count(src) != 1) {
+      throw BlockError("request " + std::to_string(request) + " would swap out device block " + std::to_string(src) +
+                       " that " + std::to_string(device_pool_.ref_count(src)) + " owners share");
+    }
     BlockId dst = host_pool_.allocate();
     copies[i] = {src, dst};
     moved_host[i] = dst;
@@ -242,13 +246,32 @@ void KvCacheManager::touch_cached(const TokenBlocks& tokens, double next_use_s) 
   }
 }
 
-int32_t KvCacheManager::num_exclusive_blocks(RequestId request, Tier tier) const {
-  const BlockTable& t = table(request);
+int32_t KvCacheManager::num_exclusive_blocks(const BlockTable& t, Tier tier) const {
   const auto& blocks = tier == Tier::kDevice ? t.device_blocks : t.host_blocks;
   const BlockPool& p = pool(tier);
-  int32_t n = 0;
-  for (auto it = blocks.rbegin(); it != blocks.rend() && p.ref_count(*it) == 1; ++it) ++n;
-  return n;
+  // Sharing is a prefix of the table (keys chain, and cache_full_blocks keeps one copy of
+  // each content), so reference counts never rise along it: binary search for the first
+  // block held once. O(log n) on the scheduler's hot path.
+  if (blocks.empty() || p.ref_count(blocks.front()) == 1) return static_cast<int32_t>(blocks.size());  // nothing shared
+  if (p.ref_count(blocks.back()) > 1) return 0;  // all shared
+  auto first_exclusive = std::partition_point(blocks.begin(), blocks.end(),
+                                              [&](BlockId block) { return p.ref_count(block) > 1; });
+  return static_cast<int32_t>(blocks.end() - first_exclusive);
+}
+
+double KvCacheManager::shared_block_share(const BlockTable& t, int32_t num_exclusive) const {
+  const auto& blocks = t.device_blocks;
+  int32_t num_shared = static_cast<int32_t>(blocks.size()) - num_exclusive;
+  // Reference counts form a few runs of equal values: one binary search per run.
+  double share = 0;
+  auto it = blocks.begin(), end = blocks.begin() + num_shared;
+  while (it != end) {
+    int32_t count = device_pool_.ref_count(*it);
+    auto run_end = std::partition_point(it, end, [&](BlockId block) { return device_pool_.ref_count(block) >= count; });
+    share += static_cast<double>(run_end - it) / count;
+    it = run_end;
+  }
+  return share;
 }
 
 void KvCacheManager::check_invariants() const {

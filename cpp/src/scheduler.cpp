@@ -509,7 +509,7 @@ bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
   for (bool need_exclusive : {true, false}) {
     auto gives_way = [&](const Request& r) {
       if (&r == keep || r.kv->device_blocks.empty() || r.last_action_step == step_id_) return false;
-      return !need_exclusive || kv_.num_exclusive_blocks(r.id, Tier::kDevice) > 0;
+      return !need_exclusive || kv_.num_exclusive_blocks(*r.kv, Tier::kDevice) > 0;
     };
     Request* victim = nullptr;
     double longest_s = -1;
@@ -547,7 +547,7 @@ void Scheduler::evict(Request& victim, StepPlan& plan) {
 }
 
 bool Scheduler::swap_out_whole(Request& victim, StepPlan& plan) {
-  int32_t num_device_blocks = kv_.num_exclusive_blocks(victim.id, Tier::kDevice);
+  int32_t num_device_blocks = kv_.num_exclusive_blocks(*victim.kv, Tier::kDevice);
   bool can_swap = (config_.policy == Policy::kSwap || config_.policy == Policy::kInfercept) &&
                   num_device_blocks > 0 && kv_.pool(Tier::kHost).can_allocate(num_device_blocks);
   if (!can_swap) return false;
@@ -638,7 +638,7 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
     if (it == requests_.end()) continue;
     Request& r = it->second;
     if (r.cacheable) kv_.cache_full_blocks(r.id, r.tokens);  // swapped-in blocks
-    if (r.state == RequestState::kSwappingOut && kv_.num_exclusive_blocks(r.id, Tier::kDevice) == 0) {
+    if (r.state == RequestState::kSwappingOut && kv_.num_exclusive_blocks(*r.kv, Tier::kDevice) == 0) {
       r.transition(RequestState::kSwapped);
     } else if (r.state == RequestState::kSwappingIn && r.kv->host_blocks.empty()) {
       erase_from(swapping_in_, &r);

@@ -26,15 +26,11 @@ void Scheduler::account_time(double now_s) {
   // A block shared by k owners is charged 1/k to each paused one: it counts once when all its
   // owners are paused, and only in part while a running request also uses it. Blocks nobody
   // references are cached free capacity and cost nothing.
-  const BlockPool& device = kv_.pool(Tier::kDevice);
   for (Request* r : intercepted_) {
-    const std::vector<BlockId>& blocks = r->kv->device_blocks;
-    if (blocks.empty()) continue;
-    int32_t num_exclusive = kv_.num_exclusive_blocks(r->id, Tier::kDevice);
-    double tokens = static_cast<double>(num_exclusive_device_tokens(*r));
-    for (size_t i = 0; i + num_exclusive < blocks.size(); ++i) {
-      tokens += static_cast<double>(config_.block_size) / device.ref_count(blocks[i]);
-    }
+    if (r->kv->device_blocks.empty()) continue;
+    int32_t num_exclusive = kv_.num_exclusive_blocks(*r->kv, Tier::kDevice);
+    double tokens = static_cast<double>(num_exclusive_device_tokens(*r, num_exclusive)) +
+                    kv_.shared_block_share(*r->kv, num_exclusive) * config_.block_size;
     if (tokens > 0) charge(*r, tokens);
   }
   // ... and so do the blocks this step copies out for them: they are freed when the step ends.

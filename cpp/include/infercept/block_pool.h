@@ -67,7 +67,7 @@ class BlockPool {
   const TokenId* tokens_of(BlockId block) const;
 
   bool can_allocate(int32_t num_blocks) const { return num_blocks <= num_free(); }
-  int32_t ref_count(BlockId block) const;
+  int32_t ref_count(BlockId block) const { return ref_counts_[check_id(block, "query")]; }
   int32_t num_blocks() const { return static_cast<int32_t>(ref_counts_.size()); }
   /// Free capacity: truly free blocks plus evictable cached ones.
   int32_t num_free() const { return static_cast<int32_t>(free_list_.size()) + num_evictable(); }
@@ -87,7 +87,11 @@ class BlockPool {
   // (key, -depth, block): lru_ keys by last use (oldest first), timed_ by -next use (farthest first).
   using EvictionKey = std::tuple<double, int32_t, BlockId>;
 
-  BlockId check_id(BlockId block, const char* action) const;
+  BlockId check_id(BlockId block, const char* action) const {
+    if (block < 0 || block >= num_blocks()) throw_bad_id(block, action);
+    return block;
+  }
+  [[noreturn]] void throw_bad_id(BlockId block, const char* action) const;
   void make_evictable(BlockId block, bool timed, double key_s);
   void leave_eviction_order(BlockId block);
   void uncache(BlockId block);

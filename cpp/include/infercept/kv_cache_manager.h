@@ -104,7 +104,11 @@ class KvCacheManager {
   /// Re-estimates the next use of the evictable blocks still cached for `tokens`.
   void touch_cached(const TokenBlocks& tokens, double next_use_s);
   /// The request's blocks on `tier` that no other owner references (a suffix of that part).
-  int32_t num_exclusive_blocks(RequestId request, Tier tier) const;
+  int32_t num_exclusive_blocks(RequestId request, Tier tier) const { return num_exclusive_blocks(table(request), tier); }
+  int32_t num_exclusive_blocks(const BlockTable& table, Tier tier) const;
+  /// Of the table's shared device blocks (all but the last `num_exclusive`), its share: each
+  /// block counts 1 / its owners.
+  double shared_block_share(const BlockTable& table, int32_t num_exclusive) const;
   void set_now(double now_s);
 
   /// Frees the request's blocks and forgets it.

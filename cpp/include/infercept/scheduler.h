@@ -151,9 +151,10 @@ class Scheduler {
   void reuse_cached_prefix(Request& r, int32_t token_budget, int64_t swap_in_budget_blocks);
   void count_lookup(Request& r);
   // Exclusive device tokens of a paused context: what preserving it holds back from others.
-  int64_t num_exclusive_device_tokens(const Request& r) const;
+  // `num_exclusive`: its exclusive device blocks (KvCacheManager::num_exclusive_blocks).
+  int64_t num_exclusive_device_tokens(const Request& r, int32_t num_exclusive) const;
   // Of a context's tokens, those a discard is expected to make us recompute (eq. 1/4's C).
-  int64_t expected_recompute_tokens(const Request& r, double remaining_s) const;
+  int64_t expected_recompute_tokens(const Request& r, int32_t num_exclusive, double remaining_s) const;
 
   // schedule() phases, in order.
   void schedule_running(StepPlan& plan, int32_t& token_budget);
