@@ -4,7 +4,7 @@ InferCept native core: block pools, KV cache manager, scheduler, cost and waste 
 from __future__ import annotations
 import collections.abc
 import typing
-__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
+__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
 class InferceptError(RuntimeError):
     pass
 class OutOfBlocksError(InferceptError):
@@ -195,7 +195,7 @@ class RequestState:
     def value(self) -> int:
         ...
 class BlockPool:
-    def __init__(self, tier: Tier, num_blocks: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def __init__(self, tier: Tier, num_blocks: typing.SupportsInt | typing.SupportsIndex, block_size: typing.SupportsInt | typing.SupportsIndex = 16) -> None:
         ...
     def allocate(self) -> int:
         ...
@@ -207,12 +207,25 @@ class BlockPool:
         ...
     def free(self, block: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+    def is_cached(self, block: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def is_evictable(self, block: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
     def ref_count(self, block: typing.SupportsInt | typing.SupportsIndex) -> int:
         ...
     def retain(self, block: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     @property
     def num_blocks(self) -> int:
+        ...
+    @property
+    def num_cached(self) -> int:
+        ...
+    @property
+    def num_evictable(self) -> int:
+        ...
+    @property
+    def num_evictions(self) -> int:
         ...
     @property
     def num_free(self) -> int:
@@ -272,7 +285,6 @@ class AffineFit:
         ...
 class CostModel:
     forward: AffineFit
-    forward_points: list[tuple[float, float]]
     name: str
     source: str
     swap: AffineFit
@@ -307,6 +319,14 @@ class CostModel:
         ...
     @attention_s_per_context_token.setter
     def attention_s_per_context_token(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def forward_points(self) -> list[tuple[float, float]]:
+        """
+        Measured T_fwd (num_batched_tokens, seconds), attention removed, ascending; with two or more, forward_time_s interpolates them instead of using the affine fit.
+        """
+    @forward_points.setter
+    def forward_points(self, arg1: collections.abc.Sequence[tuple[typing.SupportsFloat | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex]]) -> None:
         ...
     @property
     def kv_bytes_per_token(self) -> int:
@@ -414,7 +434,7 @@ class StepPlan:
     def swap_out(self) -> list[BlockCopy]:
         ...
 class StepResult:
-    def __init__(self, duration_s: typing.SupportsFloat | typing.SupportsIndex, swap_stall_s: typing.SupportsFloat | typing.SupportsIndex = 0.0, finished: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
+    def __init__(self, duration_s: typing.SupportsFloat | typing.SupportsIndex, swap_stall_s: typing.SupportsFloat | typing.SupportsIndex = 0.0, finished: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], sampled_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
         ...
     @property
     def duration_s(self) -> float:
@@ -427,6 +447,14 @@ class StepResult:
         ...
     @finished.setter
     def finished(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
+        ...
+    @property
+    def sampled_token_ids(self) -> list[int]:
+        """
+        [plan.num_sampling_requests] the token each sampling request drew, in plan order
+        """
+    @sampled_token_ids.setter
+    def sampled_token_ids(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
     @property
     def swap_stall_s(self) -> float:
@@ -452,6 +480,12 @@ class Request:
     def arrival_s(self) -> float:
         ...
     @property
+    def block_hashes(self) -> list[int]:
+        ...
+    @property
+    def cacheable(self) -> bool:
+        ...
+    @property
     def device_blocks(self) -> list[int]:
         ...
     @property
@@ -465,6 +499,9 @@ class Request:
         ...
     @property
     def id(self) -> int:
+        ...
+    @property
+    def num_cached_tokens(self) -> int:
         ...
     @property
     def num_computed_tokens(self) -> int:
@@ -497,12 +534,16 @@ class Request:
     def state(self) -> RequestState:
         ...
     @property
+    def token_ids(self) -> list[int]:
+        ...
+    @property
     def tool_pending(self) -> bool:
         ...
     @property
     def waste(self) -> WasteCounters:
         ...
 class SchedulerConfig:
+    enable_prefix_caching: bool
     policy: Policy
     def __init__(self) -> None:
         ...
@@ -544,9 +585,24 @@ class SchedulerConfig:
     @num_host_blocks.setter
     def num_host_blocks(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+    @property
+    def vocab_size(self) -> int:
+        ...
+    @vocab_size.setter
+    def vocab_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
 class SchedulerStats:
     @property
     def num_aborted(self) -> int:
+        ...
+    @property
+    def num_cached_device_blocks(self) -> int:
+        ...
+    @property
+    def num_cached_host_blocks(self) -> int:
+        ...
+    @property
+    def num_device_evictions(self) -> int:
         ...
     @property
     def num_discarded(self) -> int:
@@ -559,6 +615,9 @@ class SchedulerStats:
         ...
     @property
     def num_free_host_blocks(self) -> int:
+        ...
+    @property
+    def num_host_evictions(self) -> int:
         ...
     @property
     def num_intercepted(self) -> int:
@@ -590,11 +649,24 @@ class SchedulerStats:
     @property
     def num_waiting(self) -> int:
         ...
+    @property
+    def prefix_cache_hits(self) -> int:
+        ...
+    @property
+    def prefix_cache_host_hits(self) -> int:
+        ...
+    @property
+    def prefix_cache_queries(self) -> int:
+        ...
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cost: CostModel) -> None:
         ...
     def abort(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+    @typing.overload
+    def add_request(self, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], arrival_s: typing.SupportsFloat | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex = 0, cache_salt: str = '') -> int:
+        ...
+    @typing.overload
     def add_request(self, num_prompt_tokens: typing.SupportsInt | typing.SupportsIndex, arrival_s: typing.SupportsFloat | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex = 0) -> int:
         ...
     def block_table(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> BlockTable:
@@ -609,12 +681,20 @@ class Scheduler:
         ...
     def ledger(self) -> WasteLedger:
         ...
+    def pool(self, tier: Tier) -> BlockPool:
+        """
+        The tier's block pool (reference counts, the prefix cache), read-only.
+        """
     def remaining_intercept_s(self, request: Request, now_s: typing.SupportsFloat | typing.SupportsIndex) -> float:
         ...
     def remove(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> Request:
         ...
+    @typing.overload
+    def resume(self, request_id: typing.SupportsInt | typing.SupportsIndex, tool_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], now_s: typing.SupportsFloat | typing.SupportsIndex, num_replaced_tokens: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+        ...
+    @typing.overload
     def resume(self, request_id: typing.SupportsInt | typing.SupportsIndex, num_tool_tokens: typing.SupportsInt | typing.SupportsIndex, now_s: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
     def schedule(self, now_s: typing.SupportsFloat | typing.SupportsIndex) -> StepPlan:
@@ -709,9 +789,6 @@ class CpuSwapEngine(SwapEngine):
     def __init__(self, num_layers: typing.SupportsInt | typing.SupportsIndex, block_bytes: typing.SupportsInt | typing.SupportsIndex, num_device_blocks: typing.SupportsInt | typing.SupportsIndex, num_host_blocks: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
 class CudaSwapEngine(SwapEngine):
-    """
-    CUDA builds only: pinned host pool, swap-in / swap-out copy streams, one event per layer and direction.
-    """
     def __init__(self, num_layers: typing.SupportsInt | typing.SupportsIndex, block_bytes: typing.SupportsInt | typing.SupportsIndex, num_device_blocks: typing.SupportsInt | typing.SupportsIndex, num_host_blocks: typing.SupportsInt | typing.SupportsIndex, max_copy_ctas: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
     def set_compute_stream(self, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
@@ -737,16 +814,24 @@ def cuda_device_count() -> int:
     ...
 def cuda_paged_attention(out: typing.Any, query: typing.Any, key_cache: typing.Any, value_cache: typing.Any, block_tables: typing.Any, context_lens: typing.Any, query_start: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
-    CUDA builds only. Paged attention of query [num_rows, num_heads, head_dim] into out (same shape, 16-byte aligned, not overlapping query) over the paged caches, block_tables [num_seqs, max_blocks] and context_lens [num_seqs] int32: decode when query_start is None, else causal prefill/recompute chunks at query_start [num_seqs + 1] int32 row offsets. Enqueued on `stream`. Tensors as for cuda_write_kv_cache; raises InvalidArgumentError (a ValueError) naming the tensor, or an unsupported head_dim or head grouping.
-    """
-def cuda_write_kv_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, value_cache: typing.Any, slot_mapping: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
-    """
-    CUDA builds only. Writes new K/V [num_tokens, num_kv_heads, head_dim] into the paged caches [num_blocks, block_size, num_kv_heads, head_dim] at slot_mapping [num_tokens] int64 (negative: skipped), enqueued on `stream` (a cudaStream_t as int). Tensors (DLPack producers or capsules) on one CUDA device, contiguous, one of float32/float16/bfloat16. Raises InvalidArgumentError (a ValueError) naming the tensor that breaks this.
+    Paged attention of query [num_rows, num_heads, head_dim] into out (same shape, 16-byte aligned, not overlapping query) over the paged caches, block_tables [num_seqs, max_blocks] and context_lens [num_seqs] int32: decode when query_start is None, else causal prefill/recompute chunks at query_start [num_seqs + 1] int32 row offsets. Enqueued on `stream`. Tensors as for cuda_write_kv_cache; raises InvalidArgumentError (a ValueError) naming the tensor, or an unsupported head_dim or head grouping.
     """
 def cuda_smoke_test(value: typing.SupportsInt | typing.SupportsIndex = 42) -> bool:
     ...
+def cuda_write_kv_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, value_cache: typing.Any, slot_mapping: typing.Any, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    Writes new K/V [num_tokens, num_kv_heads, head_dim] into the paged caches [num_blocks, block_size, num_kv_heads, head_dim] at slot_mapping [num_tokens] int64 (negative: skipped), enqueued on `stream` (a cudaStream_t as int). Tensors (DLPack producers or capsules) on one CUDA device, contiguous, one of float32/float16/bfloat16. Raises InvalidArgumentError (a ValueError) naming the tensor that breaks this.
+    """
 def discard_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, other_tokens: typing.SupportsInt | typing.SupportsIndex) -> float:
     ...
+def hash_block(parent: typing.SupportsInt | typing.SupportsIndex, token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> int:
+    """
+    The key of a full block chained from `parent`.
+    """
+def hash_salt(salt: str) -> int:
+    """
+    The root key of a prefix-cache hash chain for `salt`.
+    """
 def paged_decode_attention(out: typing.Any, query: typing.Any, key_cache: typing.Any, value_cache: typing.Any, block_tables: typing.Any, context_lens: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex) -> None:
     """
     Decode attention of num_seqs single-token queries over a paged float32 KV cache.
@@ -758,4 +843,4 @@ def preserve_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.
 def swap_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, batch_tokens: typing.SupportsInt | typing.SupportsIndex) -> float:
     ...
 __version__: str = '0.1.0'
-cuda_compiled: bool
+cuda_compiled: bool = True

@@ -174,7 +174,7 @@ def test_sequence_text_stops_and_tool_tokens(tokenizer) -> None:
     for token in first:
         seq.append_sampled(token, tokenizer, 0.0, 10_000)
     tool = tokenizer.encode("<r>ö 42</r>", add_special_tokens=False)
-    assert seq.append_tool_tokens(tool, tokenizer) == len(tool)
+    assert seq.append_tool_tokens(tool, tokenizer) == (tool, 0)
     assert seq.output.text == "calling <r>ö 42</r>"
     assert seq.parse_from == seq.checked_chars == len(seq.output.text)
     seq.finish("length", 1.0)
