@@ -111,7 +111,9 @@ def test_cache_on_equals_cache_off_and_each_request_alone(model, tokenizer, work
             assert stats["prefix_cache_hits"] == 0, stats
         assert_all_memory_returned(engine)
         engine.shutdown()
-    assert results[True] == results[False]
+    # Aborted requests stop at a step boundary that differs between runs: compared as prefixes above.
+    kept = [i for i in range(len(prompts)) if i not in aborts]
+    assert [results[True][i] for i in kept] == [results[False][i] for i in kept]
 
 
 def test_a_shared_system_prompt_is_prefilled_once_and_reported(model, tokenizer):
