@@ -106,7 +106,10 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
       std::vector<BlockCopy> copies =
           kv_.swap_out(r->id, static_cast<int32_t>(swap_budget), expected_next_use_s(*r, plan.now_s));
       if (!copies.empty()) {
-        if (r->state == RequestState::kPreserved) r->transition(RequestState::kSwappingOut);
+        // Swapped too: blocks it shared became its own when the others let go.
+        if (r->state == RequestState::kPreserved || r->state == RequestState::kSwapped) {
+          r->transition(RequestState::kSwappingOut);
+        }
         swap_budget -= static_cast<int64_t>(copies.size());
         moved_.emplace_back(r->id, static_cast<int32_t>(copies.size()));
         plan.swap_out.insert(plan.swap_out.end(), copies.begin(), copies.end());

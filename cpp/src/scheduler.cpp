@@ -730,6 +730,15 @@ void Scheduler::check_invariants() const {
     }
     // Swapped: its exclusive blocks went out; a prefix shared with others may stay.
     if (r.state == RequestState::kSwapped && t.host_blocks.empty()) fail("swapped but holds nothing on the host");
+    // Sharing is a prefix of every table: reference counts never rise along it.
+    for (size_t i = 1; i < t.device_blocks.size(); ++i) {
+      const BlockPool& device = kv_.pool(Tier::kDevice);
+      if (device.ref_count(t.device_blocks[i]) > device.ref_count(t.device_blocks[i - 1])) {
+        fail("device block " + std::to_string(t.device_blocks[i]) + " at " + std::to_string(i) + " has more owners (" +
+             std::to_string(device.ref_count(t.device_blocks[i])) + ") than the block before it (" +
+             std::to_string(device.ref_count(t.device_blocks[i - 1])) + ")");
+      }
+    }
     if (r.tokens.num_tokens() > 0) {
       if (r.tokens.num_tokens() != r.num_tokens()) fail("token ids disagree with the token counts");
       // The blocks it offered the cache hold its own content.
