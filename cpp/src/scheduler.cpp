@@ -156,21 +156,26 @@ void Scheduler::intercept(RequestId request, double now_s, double expected_durat
   add_intercepted(r);
 }
 
-void Scheduler::resume(RequestId request, const std::vector<TokenId>& tool_token_ids, double now_s,
-                       int32_t num_replaced_tokens) {
+Request& Scheduler::paused_on_tool(RequestId request) {
   Request& r = get(request);
-  if (r.tokens.num_tokens() != r.num_tokens()) {
-    throw StateError("request " + std::to_string(request) + " was added by counts only; resume it with a token count");
-  }
-  check_token_ids(tool_token_ids, "tool");
-  if (num_replaced_tokens < 0 || (r.tool_pending && num_replaced_tokens > r.num_uncomputed_tokens())) {
-    throw InvalidArgumentError("resume can replace only the " + std::to_string(r.num_uncomputed_tokens()) +
-                               " tokens of request " + std::to_string(request) + " whose KV is not computed, not " +
-                               std::to_string(num_replaced_tokens));
-  }
   if (!r.tool_pending) {
     throw StateError("request " + std::to_string(request) + " is " + to_string(r.state) +
                      ", not waiting on a tool; only an intercepted request can be resumed");
+  }
+  return r;
+}
+
+void Scheduler::resume(RequestId request, const std::vector<TokenId>& tool_token_ids, double now_s,
+                       int32_t num_replaced_tokens) {
+  Request& r = paused_on_tool(request);
+  if (!r.has_token_ids()) {
+    throw StateError("request " + std::to_string(request) + " was added by counts only; resume it with a token count");
+  }
+  check_token_ids(tool_token_ids, "tool");
+  if (num_replaced_tokens < 0 || num_replaced_tokens > r.num_uncomputed_tokens()) {
+    throw InvalidArgumentError("resume can replace only the " + std::to_string(r.num_uncomputed_tokens()) +
+                               " tokens of request " + std::to_string(request) + " whose KV is not computed, not " +
+                               std::to_string(num_replaced_tokens));
   }
   requeue_after_tool(r, static_cast<int32_t>(tool_token_ids.size()) - num_replaced_tokens, now_s);
   r.tokens.truncate_back(num_replaced_tokens);
@@ -180,15 +185,11 @@ void Scheduler::resume(RequestId request, const std::vector<TokenId>& tool_token
 }
 
 void Scheduler::resume(RequestId request, int32_t num_tool_tokens, double now_s) {
-  Request& r = get(request);
-  if (!r.tool_pending) {
-    throw StateError("request " + std::to_string(request) + " is " + to_string(r.state) +
-                     ", not waiting on a tool; only an intercepted request can be resumed");
-  }
+  Request& r = paused_on_tool(request);
   if (num_tool_tokens < 0) {
     throw InvalidArgumentError("num_tool_tokens must be >= 0, got " + std::to_string(num_tool_tokens));
   }
-  if (r.tokens.num_tokens() == r.num_tokens() && r.num_tokens() > 0) {
+  if (r.has_token_ids()) {
     throw StateError("request " + std::to_string(request) + " carries token ids; resume it with the tool's token ids");
   }
   requeue_after_tool(r, num_tool_tokens, now_s);
@@ -619,7 +620,7 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
     if (r.state == RequestState::kRecomputing && r.kv->num_tokens_to_recompute == 0) {
       r.transition(RequestState::kRunning);
     }
-    if (r.tokens.num_tokens() > 0 && s.samples && !sampled_ids.empty()) r.tokens.append(&sampled_ids[row], 1);
+    if (r.has_token_ids() && s.samples && !sampled_ids.empty()) r.tokens.append(&sampled_ids[row], 1);
     if (r.cacheable) kv_.cache_full_blocks(r.id, r.tokens);
     if (!s.samples) continue;
     ++r.num_generated_tokens;
@@ -731,18 +732,17 @@ void Scheduler::check_invariants() const {
     // Swapped: its exclusive blocks went out; a prefix shared with others may stay.
     if (r.state == RequestState::kSwapped && t.host_blocks.empty()) fail("swapped but holds nothing on the host");
     // Sharing is a prefix of every table: reference counts never rise along it.
+    const BlockPool& device = kv_.pool(Tier::kDevice);
     for (size_t i = 1; i < t.device_blocks.size(); ++i) {
-      const BlockPool& device = kv_.pool(Tier::kDevice);
       if (device.ref_count(t.device_blocks[i]) > device.ref_count(t.device_blocks[i - 1])) {
         fail("device block " + std::to_string(t.device_blocks[i]) + " at " + std::to_string(i) + " has more owners (" +
              std::to_string(device.ref_count(t.device_blocks[i])) + ") than the block before it (" +
              std::to_string(device.ref_count(t.device_blocks[i - 1])) + ")");
       }
     }
-    if (r.tokens.num_tokens() > 0) {
+    if (r.has_token_ids()) {
       if (r.tokens.num_tokens() != r.num_tokens()) fail("token ids disagree with the token counts");
       // The blocks it offered the cache hold its own content.
-      const BlockPool& device = kv_.pool(Tier::kDevice);
       for (int32_t i = 0; i < t.num_cached_blocks && i < static_cast<int32_t>(t.device_blocks.size()); ++i) {
         BlockId block = t.device_blocks[i];
         if (device.is_cached(block) && device.hash_of(block) != r.tokens.block_hashes()[i]) {

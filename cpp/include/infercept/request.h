@@ -76,6 +76,8 @@ struct Request {
   int32_t intercepted_index = -1;     // position in the scheduler's intercepted list
 
   int32_t num_tokens() const { return num_prompt_tokens + num_generated_tokens + num_tool_tokens; }
+  /// Entered with token ids (not counts only); every prompt holds at least one token.
+  bool has_token_ids() const { return tokens.num_tokens() > 0; }
   int32_t num_computed_tokens() const { return kv->num_tokens; }
   int32_t num_uncomputed_tokens() const { return num_tokens() - kv->num_tokens; }
 

@@ -141,6 +141,8 @@ class Scheduler {
   void remove_intercepted(Request& r);
   void release(Request& r, RequestState terminal);
   void discard(Request& r, StepPlan* plan);
+  // The request, which must be paused on a tool (StateError otherwise).
+  Request& paused_on_tool(RequestId request);
   // resume()'s common part: the context grew by `num_tool_tokens` (net of replaced ones).
   void requeue_after_tool(Request& r, int32_t num_tool_tokens, double now_s);
   bool caching() const { return config_.enable_prefix_caching && config_.policy != Policy::kVllm; }
