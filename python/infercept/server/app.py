@@ -1,7 +1,8 @@
 """FastAPI routes of the OpenAI-compatible server.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
-streaming over SSE or not), ``GET /health`` and ``GET /metrics`` (Prometheus text). With an
+streaming over SSE or not), ``/v1/responses`` (``responses.py``), ``GET /health`` and
+``GET /metrics`` (Prometheus text). With an
 API key configured, every ``/v1`` route needs ``Authorization: Bearer <key>``; ``/health`` and
 ``/metrics`` stay open (probes and scrapers).
 
@@ -36,6 +37,9 @@ from infercept.server import protocol as p
 from infercept.server.chat_format import ChatRenderer, ContentStreamer, split_tool_call
 from infercept.server.engine_loop import EngineLoop, RequestHandle, Update
 from infercept.server.metrics import CONTENT_TYPE, EngineSnapshot, ServerMetrics
+from infercept.server.response_store import (DEFAULT_MAX_STORED_RESPONSE_BYTES,
+                                             DEFAULT_MAX_STORED_RESPONSES,
+                                             DEFAULT_STORED_RESPONSE_TTL_S)
 from infercept.server.sessions import PausedContext, PausedContextStore
 
 log = logging.getLogger("infercept.server")
@@ -56,6 +60,9 @@ class ServerConfig:
         tool_prompt: Describe ``tools`` in the system message when the chat template does
             not render them (None: decide from the template).
         api_key: The bearer token every ``/v1`` route requires (None: no authentication).
+        stored_response_ttl_s: How long ``/v1/responses`` keeps a stored response.
+        max_stored_responses: Stored responses kept at most (the oldest is dropped beyond).
+        max_stored_response_bytes: Their JSON adds up to at most this many bytes.
     """
 
     served_model_name: str = "default"
@@ -63,6 +70,9 @@ class ServerConfig:
     max_paused_contexts: int = 256
     tool_prompt: bool | None = None
     api_key: str | None = None
+    stored_response_ttl_s: float = DEFAULT_STORED_RESPONSE_TTL_S
+    max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES
+    max_stored_response_bytes: int = DEFAULT_MAX_STORED_RESPONSE_BYTES
 
 
 class BadRequestError(Exception):
@@ -554,6 +564,10 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI
     @app.post("/v1/completions")
     async def completions(req: p.CompletionRequest, request: Request) -> Any:
         return await server.complete(req, request)
+
+    # Imported here: responses.py builds on this module's OpenAIServer.
+    from infercept.server.responses import add_routes as add_responses_routes
+    app.state.responses = add_responses_routes(app, server)
 
     if server.config.api_key:
         app.add_middleware(_BearerAuth, api_key=server.config.api_key)

@@ -27,3 +27,33 @@ FEW_SHOT = [
     {"role": "tool", "content": "50"},
     {"role": "assistant", "content": "The answer is 50."},
 ]
+
+
+# ---- the same, for the Responses API ---------------------------------------------------------
+
+# The calculator in the Responses (flat) tool format.
+CALCULATOR_FUNCTION = {"type": "function", **CALCULATOR["function"]}
+# The few-shot system message, sent as ``instructions``.
+FEW_SHOT_INSTRUCTIONS = FEW_SHOT[0]["content"]
+
+
+def _few_shot_items() -> list[dict]:
+    """FEW_SHOT after its system message as Responses input items: each call a
+    ``function_call`` and its result a ``function_call_output`` (they render to the same
+    prompt tokens as the chat messages)."""
+    items: list[dict] = []
+    for message in FEW_SHOT[1:]:
+        if message["role"] == "assistant" and message["content"].startswith("<tool_call>"):
+            expression = message["content"].split('"expression": "')[1].split('"')[0]
+            call_id = f"call_fewshot{len(items)}"
+            items.append({"type": "function_call", "call_id": call_id, "name": "calculator",
+                          "arguments": '{"expression": "%s"}' % expression})
+        elif message["role"] == "tool":
+            items.append({"type": "function_call_output", "call_id": items[-1]["call_id"],
+                          "output": message["content"]})
+        else:
+            items.append({"role": message["role"], "content": message["content"]})
+    return items
+
+
+FEW_SHOT_INPUT = _few_shot_items()

@@ -9,6 +9,10 @@ sees is token for token the one a fresh prefill would build. Anything else is a 
 
 A follow-up only ever matches a context paused under the same ``cache_salt`` (tenant
 isolation: another tenant's request neither resumes nor, by claiming it, aborts the context).
+
+A context held for the Responses API names its response (``response_id``): only a follow-up
+naming that response by ``previous_response_id`` takes it (:meth:`take_response`), never a
+chat request by token prefix.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class PausedContext:
         session_id: The client's session id (``session_id`` extra field), if any.
         expires_at_s: Monotonic time after which the context is dropped.
         cache_salt: The request's ``cache_salt``; only a follow-up with the same one matches.
+        response_id: The Responses API response that handed the call out, or None (chat).
     """
 
     request_id: int
@@ -38,6 +43,7 @@ class PausedContext:
     session_id: str | None
     expires_at_s: float
     cache_salt: str | None = None
+    response_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,11 +93,12 @@ class PausedContextStore:
 
     def add(self, request_id: int, context_token_ids: Sequence[int],
             tool_call_ids: Sequence[str], session_id: str | None = None,
-            cache_salt: str | None = None) -> list[PausedContext]:
+            cache_salt: str | None = None, response_id: str | None = None
+            ) -> list[PausedContext]:
         """Holds a paused request; returns contexts evicted to stay within ``max_contexts``."""
         self._contexts[request_id] = PausedContext(
             request_id, tuple(context_token_ids), tuple(tool_call_ids), session_id,
-            self._clock() + self.ttl_s, cache_salt)
+            self._clock() + self.ttl_s, cache_salt, response_id)
         evicted = []
         while len(self._contexts) > self.max_contexts:
             evicted.append(self._contexts.popitem(last=False)[1])
@@ -104,6 +111,15 @@ class PausedContextStore:
         for context in expired:
             del self._contexts[context.request_id]
         return expired
+
+    def take_response(self, response_id: str) -> PausedContext | None:
+        """Removes and returns the context held for ``response_id``, if any (call
+        :meth:`expire` first to leave expired ones out)."""
+        for context in self._contexts.values():
+            if context.response_id == response_id:
+                del self._contexts[context.request_id]
+                return context
+        return None
 
     def take_all(self) -> list[PausedContext]:
         contexts = list(self._contexts.values())
@@ -122,7 +138,8 @@ class PausedContextStore:
         """
         stale = self.expire()
         tokens = tuple(token_ids)
-        same_salt = [c for c in self._contexts.values() if c.cache_salt == cache_salt]
+        same_salt = [c for c in self._contexts.values()
+                     if c.cache_salt == cache_salt and c.response_id is None]
         claimed = [c for c in same_salt
                    if (session_id is not None and c.session_id == session_id)
                    or set(c.tool_call_ids) & set(tool_call_ids)]
