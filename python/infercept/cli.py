@@ -61,8 +61,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                       else Path(args.model).name)
     tool_prompt = {"auto": None, "always": True, "never": False}[args.tool_prompt]
     api_key = args.api_key or os.environ.get("INFERCEPT_API_KEY") or None
+    storage = {key: getattr(args, key) for key in (
+        "stored_response_ttl_s", "max_stored_responses", "max_stored_response_bytes")
+        if getattr(args, key) is not None}
     server_config = ServerConfig(served_model_name=name, paused_ttl_s=args.paused_ttl_s,
-                                 tool_prompt=tool_prompt, api_key=api_key)
+                                 tool_prompt=tool_prompt, api_key=api_key, **storage)
     print(f"serving {engine.model_name} as {name!r} ({args.policy} policy; server tools: "
           f"{', '.join(engine.tools.names) or 'none'}) on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, server_config, log_level=args.log_level)
@@ -90,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the model name clients use (default: 'default' or the file name)")
     srv.add_argument("--paused-ttl-s", type=float, default=120.0,
                      help="how long a context paused on a client tool waits for its follow-up")
+    # /v1/responses storage; None: ServerConfig's defaults (3600 s, 1024, 64 MiB).
+    srv.add_argument("--stored-response-ttl-s", type=float, default=None,
+                     help="how long /v1/responses keeps a stored response (default: 3600)")
+    srv.add_argument("--max-stored-responses", type=int, default=None,
+                     help="stored responses kept at most, the oldest dropped beyond "
+                          "(default: 1024)")
+    srv.add_argument("--max-stored-response-bytes", type=int, default=None,
+                     help="bytes of stored response JSON kept at most (default: 64 MiB)")
     srv.add_argument("--tool-prompt", choices=["auto", "always", "never"], default="auto",
                      help="describe tools in the system message (auto: when the chat template "
                           "does not render them)")

@@ -7,6 +7,7 @@ test_server.py. The tool prompts are the few-shot calculator conversation as Res
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
@@ -334,3 +335,111 @@ def test_bad_requests_get_400(client):
                                 tool_choice={"type": "function", "name": "other"})
     with pytest.raises(openai.BadRequestError, match="no-such-model"):
         client.responses.create(model="no-such-model", input="hi")
+
+
+def test_the_whole_conversation_sent_back_resumes_by_call_id(server, client):
+    first = client.responses.create(input=_question(5, 6), max_output_tokens=40,
+                                    **_tool_kwargs())
+    call = _calculator_call(first)
+    before = _metrics(server)
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "11"}
+    conversation = [*_question(5, 6), call.model_dump(exclude_none=True), result]
+    resumed = client.responses.create(input=conversation, max_output_tokens=12,
+                                      **_tool_kwargs())
+    assert _metrics(server)[REUSED] == before[REUSED] + 1
+    assert resumed.usage.input_tokens_details.cached_tokens == (
+        first.usage.input_tokens + first.usage.output_tokens)
+    fresh = client.responses.create(input=conversation, max_output_tokens=12, store=False,
+                                    **_tool_kwargs())
+    assert fresh.usage.input_tokens_details.cached_tokens == 0
+    assert resumed.output_text == fresh.output_text
+    _wait_idle(server)
+
+
+def test_a_follow_up_that_changes_the_prompt_falls_back_and_frees_the_request(server, client):
+    first = client.responses.create(input=_question(3, 3), max_output_tokens=40,
+                                    **_tool_kwargs())
+    call = _calculator_call(first)
+    before = _metrics(server)
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "6"}
+    other = {**_tool_kwargs(), "instructions": "Answer briefly."}
+    out = client.responses.create(previous_response_id=first.id, input=[result],
+                                  max_output_tokens=6, **other)
+    after = _wait_idle(server) if out.output[-1].type != "function_call" else _metrics(server)
+    assert (after[FALLBACK], after[REUSED]) == (before[FALLBACK] + 1, before[REUSED])
+    assert out.usage.input_tokens_details.cached_tokens == 0
+
+
+def test_store_false_holds_nothing(server, client):
+    before = _wait_idle(server)
+    out = client.responses.create(input=_question(2, 2), max_output_tokens=40, store=False,
+                                  **_tool_kwargs())
+    _calculator_call(out)
+    after = _wait_idle(server)
+    assert after[HELD] == before[HELD] and after["infercept_paused_contexts"] == 0
+    assert after['infercept_kv_blocks{state="used",tier="device"}'] == 0
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        client.responses.create(model=MODEL, input="hi", previous_response_id=out.id)
+
+
+def test_serve_cli_takes_the_storage_bounds():
+    from infercept.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--stored-response-ttl-s", "60",
+                                      "--max-stored-responses", "5",
+                                      "--max-stored-response-bytes", "1000"])
+    assert (args.stored_response_ttl_s, args.max_stored_responses,
+            args.max_stored_response_bytes) == (60.0, 5, 1000)
+    # The defaults the CLI help and the README state.
+    config = ServerConfig()
+    assert (config.stored_response_ttl_s, config.max_stored_responses,
+            config.max_stored_response_bytes) == (3600.0, 1024, 64 * 1024 * 1024)
+
+
+def _evaluate(expression: str) -> str:
+    """+, -, * and / over numbers (what the agent's tool computes)."""
+    import ast
+    import operator
+
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv}
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(f"unsupported expression {expression!r}")
+
+    result = value(ast.parse(expression, mode="eval").body)
+    return str(int(result) if float(result).is_integer() else result)
+
+
+@pytest.mark.parametrize("chained", [True, False], ids=["previous_response_id", "resend"])
+def test_an_openai_agents_sdk_agent_completes_a_tool_task(server, chained):
+    agents = pytest.importorskip("agents")
+    calls: list[str] = []
+
+    @agents.function_tool
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression."""
+        calls.append(expression)
+        return _evaluate(expression)
+
+    async def run() -> object:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused",
+                                      max_retries=0, timeout=120) as c:
+            agent = agents.Agent(
+                name="calculator agent", instructions=FEW_SHOT_INSTRUCTIONS, tools=[calculator],
+                model=agents.OpenAIResponsesModel(model=MODEL, openai_client=c),
+                model_settings=agents.ModelSettings(temperature=0, max_tokens=40))
+            return await agents.Runner.run(
+                agent, _question(12, 30), max_turns=4, auto_previous_response_id=chained,
+                run_config=agents.RunConfig(tracing_disabled=True))
+
+    before = _metrics(server)
+    result = asyncio.run(run())
+    assert calls == ["12 + 30"]
+    assert "42" in result.final_output
+    assert _metrics(server)[REUSED] == before[REUSED] + 1  # resumed in place either way
+    _wait_idle(server)

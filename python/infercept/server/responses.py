@@ -6,7 +6,8 @@ runs it. A response that ends on a call to one of the request's function ``tools
 engine request paused (the policy preserves, swaps or discards its KV), held for that response
 id in the :class:`~infercept.server.sessions.PausedContextStore`. The follow-up that names the
 response by ``previous_response_id`` and carries the ``function_call_output`` resumes that
-request in place: the request is found by id, and the tokens appended are the follow-up's
+request in place. The request is found by id (the response's; or the call's, for a client that
+sends the whole conversation back instead), and the tokens appended are the follow-up's
 rendering past the paused context (the end of the assistant turn, the tool output, the next
 assistant header). When the paused request is gone (its time-to-live passed, it was evicted) or
 the rendering does not extend it (other ``instructions`` or ``tools``), the stored conversation
@@ -141,9 +142,12 @@ class ResponsesAPI:
         """Resumes the previous response's paused request, or adds a new one."""
         server = self.server
         server._drop(server.store.expire(), outcome="expired")
-        answers_call = previous is not None and previous.paused_call_id is not None and any(
-            m.role == "tool" and m.tool_call_id == previous.paused_call_id for m in new_messages)
-        context = server.store.take_response(previous.response_id) if previous else None
+        result_ids = [m.tool_call_id for m in new_messages if m.role == "tool" and m.tool_call_id]
+        answers_call = previous is not None and previous.paused_call_id in result_ids
+        if previous is not None:
+            context = server.store.take_response(previous.response_id)
+        else:  # the whole conversation sent back: the call's id names the paused request
+            context = server.store.take_response_call(result_ids, cache_salt)
         if context is not None:
             handle = await self._resume(context, turn, params, client_tools)
             if handle is not None:

@@ -11,8 +11,8 @@ A follow-up only ever matches a context paused under the same ``cache_salt`` (te
 isolation: another tenant's request neither resumes nor, by claiming it, aborts the context).
 
 A context held for the Responses API names its response (``response_id``): only a follow-up
-naming that response by ``previous_response_id`` takes it (:meth:`take_response`), never a
-chat request by token prefix.
+naming that response by ``previous_response_id`` (:meth:`take_response`) or sending back the
+output of its call (:meth:`take_response_call`) takes it, never a chat request by token prefix.
 """
 
 from __future__ import annotations
@@ -117,6 +117,19 @@ class PausedContextStore:
         :meth:`expire` first to leave expired ones out)."""
         for context in self._contexts.values():
             if context.response_id == response_id:
+                del self._contexts[context.request_id]
+                return context
+        return None
+
+    def take_response_call(self, tool_call_ids: Sequence[str], cache_salt: str | None = None
+                           ) -> PausedContext | None:
+        """Removes and returns the context a Responses API response held for one of
+        ``tool_call_ids`` under ``cache_salt``, if any (for clients that send the whole
+        conversation back instead of ``previous_response_id``)."""
+        wanted = set(tool_call_ids)
+        for context in self._contexts.values():
+            if (context.response_id is not None and context.cache_salt == cache_salt
+                    and wanted & set(context.tool_call_ids)):
                 del self._contexts[context.request_id]
                 return context
         return None
