@@ -29,13 +29,13 @@ from infercept.server.metrics import parse_metrics  # noqa: E402
 from infercept.server.protocol import ChatMessage  # noqa: E402
 from infercept.server.response_store import ResponseStore, StoredResponse  # noqa: E402
 from infercept.server.responses_protocol import input_messages  # noqa: E402
+from infercept.tools.calculator import calculate  # noqa: E402
 from server_harness import ThreadServer  # noqa: E402
 
 MODEL = "smollm2-responses"
 # cached_tokens is counted exactly below (a resumed context, else 0): prefix cache off.
-NO_PREFIX_CACHE = ({"enable_prefix_caching": False}
-                   if "enable_prefix_caching" in {f.name for f in dataclasses.fields(EngineConfig)}
-                   else {})
+HAS_PREFIX_CACHE = "enable_prefix_caching" in {f.name for f in dataclasses.fields(EngineConfig)}
+NO_PREFIX_CACHE = {"enable_prefix_caching": False} if HAS_PREFIX_CACHE else {}
 REUSED = 'infercept_paused_context_total{outcome="reused"}'
 FALLBACK = 'infercept_paused_context_total{outcome="fallback"}'
 HELD = 'infercept_paused_context_total{outcome="held"}'
@@ -396,25 +396,6 @@ def test_serve_cli_takes_the_storage_bounds():
             config.max_stored_response_bytes) == (3600.0, 1024, 64 * 1024 * 1024)
 
 
-def _evaluate(expression: str) -> str:
-    """+, -, * and / over numbers (what the agent's tool computes)."""
-    import ast
-    import operator
-
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv}
-
-    def value(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            return ops[type(node.op)](value(node.left), value(node.right))
-        raise ValueError(f"unsupported expression {expression!r}")
-
-    result = value(ast.parse(expression, mode="eval").body)
-    return str(int(result) if float(result).is_integer() else result)
-
-
 @pytest.mark.parametrize("chained", [True, False], ids=["previous_response_id", "resend"])
 def test_an_openai_agents_sdk_agent_completes_a_tool_task(server, chained):
     agents = pytest.importorskip("agents")
@@ -424,7 +405,7 @@ def test_an_openai_agents_sdk_agent_completes_a_tool_task(server, chained):
     def calculator(expression: str) -> str:
         """Evaluate an arithmetic expression."""
         calls.append(expression)
-        return _evaluate(expression)
+        return calculate(expression)
 
     async def run() -> object:
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused",
@@ -443,3 +424,28 @@ def test_an_openai_agents_sdk_agent_completes_a_tool_task(server, chained):
     assert "42" in result.final_output
     assert _metrics(server)[REUSED] == before[REUSED] + 1  # resumed in place either way
     _wait_idle(server)
+
+
+@pytest.mark.skipif(not HAS_PREFIX_CACHE, reason="this engine build has no prefix cache")
+def test_with_the_prefix_cache_a_late_follow_up_prefills_from_it():
+    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=2048,
+                                    enable_prefix_caching=True))
+    app = create_app(engine, ServerConfig(served_model_name=MODEL, paused_ttl_s=0.5))
+    with ThreadServer(app) as cached_server, openai.OpenAI(
+            base_url=f"{cached_server.url}/v1", api_key="unused", max_retries=0,
+            timeout=120) as c:
+        first = c.responses.create(input=_question(12, 30), max_output_tokens=40,
+                                   **_tool_kwargs())
+        call = _calculator_call(first)
+        idle = _wait_idle(cached_server)  # expired: the request is aborted, its blocks cached
+        assert idle[EXPIRED] == 1
+        result = {"type": "function_call_output", "call_id": call.call_id, "output": "42"}
+        late = c.responses.create(previous_response_id=first.id, input=[result],
+                                  max_output_tokens=12, **_tool_kwargs())
+        assert _metrics(cached_server)[FALLBACK] == 1
+        # Whole blocks of the paused context came from the cache; the rest was prefilled.
+        block_size = engine.config.block_size
+        cached = late.usage.input_tokens_details.cached_tokens
+        context = first.usage.input_tokens + first.usage.output_tokens
+        assert context - block_size <= cached <= context
+        assert "42" in late.output_text

@@ -210,9 +210,9 @@ class ResponsesAPI:
         return ending
 
     def _usage(self, turn: _Turn, update: Update, handle: RequestHandle) -> dict[str, Any]:
-        cached = turn.num_reused or update.num_cached_tokens
-        return rp.usage(turn.num_input_tokens, update.num_generated_tokens - handle.generated_offset,
-                        cached)
+        num_output_tokens = update.num_generated_tokens - handle.generated_offset
+        return rp.usage(turn.num_input_tokens, num_output_tokens,
+                        turn.num_reused or update.num_cached_tokens)
 
     def _store(self, turn: _Turn, req: rp.ResponsesRequest, ending: _Ending,
                body: dict[str, Any]) -> None:
