@@ -28,6 +28,7 @@ from infercept.server.few_shot import (CALCULATOR, CALCULATOR_FUNCTION, FEW_SHOT
 from infercept.server.metrics import parse_metrics  # noqa: E402
 from infercept.server.protocol import ChatMessage  # noqa: E402
 from infercept.server.response_store import ResponseStore, StoredResponse  # noqa: E402
+from infercept.server.sessions import PausedContextStore  # noqa: E402
 from infercept.server.responses_protocol import input_messages  # noqa: E402
 from infercept.tools.calculator import calculate  # noqa: E402
 from server_harness import ThreadServer  # noqa: E402
@@ -131,6 +132,19 @@ def test_response_store_bounds_count_bytes_and_time():
     assert [s.response_id for s in store.expire()] == ["resp_4"] and store.num_bytes == 0
     with pytest.raises(ValueError, match="max_stored_responses=0"):
         ResponseStore(max_responses=0)
+
+
+def test_contexts_held_for_a_response_are_taken_by_its_id_or_call_id_only():
+    store = PausedContextStore(ttl_s=10.0)
+    store.add(1, [5, 6], ["call_a"], response_id="resp_1")
+    store.add(2, [5, 6], ["call_b"], cache_salt="tenant", response_id="resp_2")
+    # A chat request with the same tokens and call id does not match them.
+    miss = store.take_match([5, 6, 7], tool_call_ids=["call_a"])
+    assert miss.context is None and not miss.stale and len(store) == 2
+    assert store.take_response_call(["call_b"]) is None  # another salt
+    assert store.take_response_call(["call_x", "call_b"], cache_salt="tenant").request_id == 2
+    assert store.take_response("resp_2") is None
+    assert store.take_response("resp_1").request_id == 1 and len(store) == 0
 
 
 # ---- endpoints ---------------------------------------------------------------------------
@@ -365,9 +379,11 @@ def test_a_follow_up_that_changes_the_prompt_falls_back_and_frees_the_request(se
     other = {**_tool_kwargs(), "instructions": "Answer briefly."}
     out = client.responses.create(previous_response_id=first.id, input=[result],
                                   max_output_tokens=6, **other)
-    after = _wait_idle(server) if out.output[-1].type != "function_call" else _metrics(server)
+    client.responses.delete(out.id)  # frees its request, should it have ended on a call
+    after = _wait_idle(server)
     assert (after[FALLBACK], after[REUSED]) == (before[FALLBACK] + 1, before[REUSED])
     assert out.usage.input_tokens_details.cached_tokens == 0
+    assert after["infercept_paused_contexts"] == 0  # the first's request was aborted
 
 
 def test_store_false_holds_nothing(server, client):
