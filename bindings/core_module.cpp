@@ -156,52 +156,6 @@ void bind_cost(py::module_& m) {
       .def_property_readonly("waste_fraction", &WasteLedger::waste_fraction);
 }
 
-void bind_step(py::module_& m) {
-  py::class_<ScheduledRequest>(m, "ScheduledRequest")
-      .def_readonly("request_id", &ScheduledRequest::request_id)
-      .def_readonly("num_computed_tokens", &ScheduledRequest::num_computed_tokens)
-      .def_readonly("num_new_tokens", &ScheduledRequest::num_new_tokens)
-      .def_readonly("num_recompute_tokens", &ScheduledRequest::num_recompute_tokens)
-      .def_readonly("samples", &ScheduledRequest::samples)
-      .def_readonly("block_table", &ScheduledRequest::block_table);
-
-  py::class_<StepPlan>(m, "StepPlan")
-      .def_readonly("step_id", &StepPlan::step_id)
-      .def_readonly("now_s", &StepPlan::now_s)
-      .def_readonly("scheduled", &StepPlan::scheduled)
-      .def_readonly("swap_out", &StepPlan::swap_out)
-      .def_readonly("swap_in", &StepPlan::swap_in)
-      .def_readonly("preempted", &StepPlan::preempted)
-      .def_readonly("discarded", &StepPlan::discarded)
-      .def_readonly("num_batched_tokens", &StepPlan::num_batched_tokens)
-      .def_readonly("num_context_tokens", &StepPlan::num_context_tokens)
-      .def_readonly("num_recompute_tokens", &StepPlan::num_recompute_tokens)
-      .def_readonly("num_sampling_requests", &StepPlan::num_sampling_requests)
-      .def_readonly("swap_budget_tokens", &StepPlan::swap_budget_tokens)
-      .def_property_readonly("num_swap_out_blocks", [](const StepPlan& p) { return p.swap_out.size(); })
-      .def_property_readonly("num_swap_in_blocks", [](const StepPlan& p) { return p.swap_in.size(); })
-      .def("is_empty", &StepPlan::is_empty);
-
-  py::class_<StepResult>(m, "StepResult")
-      .def(py::init([](double duration_s, double swap_stall_s, std::vector<RequestId> finished,
-                       std::vector<int32_t> sampled_token_ids) {
-             return StepResult{duration_s, swap_stall_s, std::move(finished), std::move(sampled_token_ids)};
-           }),
-           py::arg("duration_s"), py::arg("swap_stall_s") = 0.0, py::arg("finished") = std::vector<RequestId>{},
-           py::arg("sampled_token_ids") = std::vector<int32_t>{})
-      .def_readwrite("duration_s", &StepResult::duration_s)
-      .def_readwrite("swap_stall_s", &StepResult::swap_stall_s)
-      .def_readwrite("finished", &StepResult::finished)
-      .def_readwrite("sampled_token_ids", &StepResult::sampled_token_ids,
-                     "[plan.num_sampling_requests] the token each sampling request drew, in plan order");
-
-  py::class_<StepOutput>(m, "StepOutput")
-      .def_readonly("sampled", &StepOutput::sampled)
-      .def_readonly("reached_limit", &StepOutput::reached_limit)
-      .def_readonly("aborted", &StepOutput::aborted)
-      .def_readonly("abort_reasons", &StepOutput::abort_reasons);
-}
-
 void bind_scheduler(py::module_& m) {
   py::class_<Request>(m, "Request")
       .def_readonly("id", &Request::id)
@@ -238,6 +192,8 @@ void bind_scheduler(py::module_& m) {
       .def_readwrite("max_context_tokens", &SchedulerConfig::max_context_tokens)
       .def_readwrite("enable_prefix_caching", &SchedulerConfig::enable_prefix_caching)
       .def_readwrite("vocab_size", &SchedulerConfig::vocab_size)
+      .def_readwrite("build_batch", &SchedulerConfig::build_batch,
+                     "fill the plan's flat forward inputs (off for the simulator, which runs no forward)")
       .def("validate", &SchedulerConfig::validate);
 
 #define STAT(name) .def_readonly(#name, &SchedulerStats::name)
@@ -260,7 +216,8 @@ void bind_scheduler(py::module_& m) {
       .def("add_request", py::overload_cast<int32_t, double, int32_t>(&Scheduler::add_request),
            py::arg("num_prompt_tokens"), py::arg("arrival_s"), py::arg("generated_token_limit") = 0)
       .def("intercept", &Scheduler::intercept, py::arg("request_id"), py::arg("now_s"),
-           py::arg("expected_duration_s") = -1.0)
+           py::arg("expected_duration_s") = -1.0,
+           "Pauses a request that has just sampled; returns the state the policy put its KV in")
       .def("resume", py::overload_cast<RequestId, const std::vector<TokenId>&, double, int32_t>(&Scheduler::resume),
            py::arg("request_id"), py::arg("tool_token_ids"), py::arg("now_s"), py::arg("num_replaced_tokens") = 0)
       .def("resume", py::overload_cast<RequestId, int32_t, double>(&Scheduler::resume), py::arg("request_id"),

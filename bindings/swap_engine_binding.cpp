@@ -12,6 +12,7 @@
 #include "bindings.h"
 #include "infercept/cpu_swap_engine.h"
 #include "infercept/errors.h"
+#include "infercept/step.h"
 #include "infercept/swap_engine.h"
 
 namespace py = pybind11;
@@ -102,6 +103,13 @@ void bind_swap_engine(py::module_& m) {
             e.begin_step(out, in);
           },
           py::arg("swap_out"), py::arg("swap_in"))
+      .def(
+          "begin_plan",
+          [](SwapEngine& e, const StepPlan& plan) {
+            py::gil_scoped_release release;
+            e.begin_step(plan.swap_out, plan.swap_in);
+          },
+          py::arg("plan"), "begin_step(plan.swap_out, plan.swap_in) without converting the lists")
       .def("wait_layer", &SwapEngine::wait_layer, py::arg("layer"), py::call_guard<py::gil_scoped_release>())
       .def("finish_step", &SwapEngine::finish_step, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("is_step_in_flight", &SwapEngine::is_step_in_flight)

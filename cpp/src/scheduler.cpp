@@ -127,7 +127,7 @@ const Request& Scheduler::request(RequestId request) const {
   return const_cast<Scheduler*>(this)->get(request);
 }
 
-void Scheduler::intercept(RequestId request, double now_s, double expected_duration_s) {
+RequestState Scheduler::intercept(RequestId request, double now_s, double expected_duration_s) {
   Request& r = get(request);
   if (r.state != RequestState::kRunning || r.num_uncomputed_tokens() != 1) {
     throw StateError("request " + std::to_string(request) + " cannot be intercepted while " +
@@ -154,6 +154,8 @@ void Scheduler::intercept(RequestId request, double now_s, double expected_durat
       break;
   }
   add_intercepted(r);
+  r.reported_state = r.state;
+  return r.state;
 }
 
 Request& Scheduler::paused_on_tool(RequestId request) {
@@ -322,6 +324,7 @@ StepPlan Scheduler::schedule(double now_s) {
   admit_queued(plan, token_budget, swap_in_budget_blocks);
   plan.swap_budget_tokens = cost_.swap_budget_tokens(plan.num_batched_tokens, plan.num_context_tokens);
   decide_intercepted(plan);
+  if (config_.build_batch) build_batch(plan);
   return plan;
 }
 
@@ -332,7 +335,6 @@ void Scheduler::add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan) {
   s.num_new_tokens = num_new_tokens;
   s.num_recompute_tokens = kv_.append_tokens(r.id, num_new_tokens);
   s.samples = r.kv->num_tokens == r.num_tokens();
-  s.block_table = r.kv->device_blocks;
   plan.num_batched_tokens += num_new_tokens;
   plan.num_context_tokens += r.kv->num_tokens;
   plan.num_recompute_tokens += s.num_recompute_tokens;
@@ -648,6 +650,7 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
     }
   }
   moved_.clear();
+  report_kv_changes(out);
 
   for (RequestId id : result.finished) finish(id);
   for (auto& [id, reason] : pending_aborts_) {

@@ -27,7 +27,8 @@ from infercept._core import (
     UnknownRequestError,
 )
 from infercept._core import __version__
-from infercept.bench.executor import Executor, SimulatedExecutor
+from infercept.bench.executor import SimulatedExecutor
+from infercept.engine.executor import Executor
 from infercept.bench.replay import ReplayEngine, ReplayResult, simulated_config
 from infercept.engine import EngineConfig, InterceptRecord, LLMEngine, RequestOutput
 from infercept.engine.profiles import load_profile

@@ -1,8 +1,10 @@
-"""The binding's surface: the stub covers the module, errors map to typed exceptions."""
+"""The binding's surface: the stub is current and covers the module, errors map to typed
+exceptions, the step plan's arrays are views of the plan."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,60 @@ def test_stub_declares_every_public_name() -> None:
     declared = {node.name for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
     public = {name for name in dir(_core) if not name.startswith("_") and name != "cuda_compiled"}
     assert public <= declared, f"stub is missing {sorted(public - declared)}; run `make stubs`"
+
+
+def _gen_stub():
+    path = Path(__file__).resolve().parents[2] / "bindings" / "gen_stub.py"
+    spec = importlib.util.spec_from_file_location("gen_stub", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_stub_is_generated_from_this_build() -> None:
+    """The committed stub equals what pybind11-stubgen makes of the installed module."""
+    pytest.importorskip("pybind11_stubgen")
+    gen = _gen_stub()
+    committed = gen.STUB.read_text()
+    assert committed.startswith(gen.HEADER), "the stub must say it is generated; run `make stubs`"
+    stale = gen.stale_names(committed, gen.generate())
+    assert not stale, f"_core.pyi is stale for {stale}; run `make stubs`"
+
+
+def test_stub_check_sees_a_changed_signature() -> None:
+    gen = _gen_stub()
+    committed = "class A:\n    def f(self) -> int: ...\n"
+    assert gen.stale_names(committed, committed) == []
+    assert gen.stale_names(committed, "class A:\n    def f(self) -> str: ...\n") == ["A"]
+    assert gen.stale_names(committed, committed + "def g() -> None: ...\n") == ["g"]
+
+
+def test_plan_arrays_are_views_of_the_plan() -> None:
+    config = _core.SchedulerConfig()
+    config.num_device_blocks = 64
+    config.block_size = 4
+    core = _core.Scheduler(config, _core.CostModel.builtin("gptj-6b-a100"))
+    first = core.add_request(list(range(1, 11)), 0.0)
+    second = core.add_request([7, 8, 9], 0.0)
+    plan = core.schedule(0.0)
+    ids = plan.input_ids
+    assert ids.tolist() == list(range(1, 11)) + [7, 8, 9]
+    assert plan.positions.tolist() == list(range(10)) + [0, 1, 2]
+    assert plan.query_start.tolist() == [0, 10, 13]
+    assert plan.context_lens.tolist() == [10, 3]
+    assert plan.request_ids.tolist() == [first, second]
+    assert plan.sampling_request_ids.tolist() == [first, second]
+    assert plan.logit_rows.tolist() == [9, 12]
+    tables = plan.block_tables
+    assert tables.shape == (2, 3)
+    assert tables[0].tolist() == core.block_table(first).device_blocks
+    assert tables[1].tolist() == core.block_table(second).device_blocks + [0, 0]
+    slots = plan.slot_mapping.tolist()
+    assert slots[4] == core.block_table(first).device_blocks[1] * 4 + 0
+    # No copy: the array's memory is the plan's and keeps the plan alive.
+    assert ids.base is not None
+    del plan
+    assert ids.tolist()[0] == 1
 
 
 def test_errors_are_typed_and_name_the_limit() -> None:

@@ -68,7 +68,7 @@ class PagedDriver:
             [self.context_lens[seq_id] for seq_id, _ in chunks],
             [self.block_tables[seq_id] for seq_id, _ in chunks], self.block_size)
         input_ids = torch.tensor([t for _, tokens in chunks for t in tokens])
-        return self.model(input_ids, metadata.positions(), metadata, self.kv_cache)
+        return self.model(input_ids, metadata.positions, metadata, self.kv_cache)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_prompt_logits_match_transformers(model, reference, prompt_ids):
     ids = prompt_ids[0]
     driver = PagedDriver(model)
     metadata = PagedAttentionMetadata.build([len(ids)], [len(ids)], [list(range(5))], BLOCK_SIZE)
-    logits = model(torch.tensor(ids), metadata.positions(), metadata, driver.kv_cache,
+    logits = model(torch.tensor(ids), metadata.positions, metadata, driver.kv_cache,
                    logits_indices=torch.arange(len(ids)))  # [L, vocab]: every row
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0]

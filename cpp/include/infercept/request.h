@@ -74,6 +74,7 @@ struct Request {
   BlockTable* kv = nullptr;           // owned by the KvCacheManager
   WasteCounters waste;                // device memory-time this request caused to be wasted
   int32_t intercepted_index = -1;     // position in the scheduler's intercepted list
+  RequestState reported_state = RequestState::kWaiting;  // the paused state the caller last heard
 
   int32_t num_tokens() const { return num_prompt_tokens + num_generated_tokens + num_tool_tokens; }
   /// Entered with token ids (not counts only); every prompt holds at least one token.

@@ -34,6 +34,9 @@ struct SchedulerConfig {
   bool enable_prefix_caching = true;
   /// Token ids must lie in [0, vocab_size); 0 leaves them unchecked.
   int32_t vocab_size = 0;
+  /// Fill StepPlan::batch, the forward's flat inputs. The simulator, which runs no forward,
+  /// turns it off (that work grows with batch x context and would dominate its step).
+  bool build_batch = true;
 
   /// Throws InvalidArgumentError naming the first bad field.
   void validate() const;
@@ -80,8 +83,9 @@ class Scheduler {
 
   /// Pauses a running request that has just sampled (it called a tool). The policy decides what
   /// happens to its KV. `expected_duration_s` < 0 means unknown: the scheduler then estimates
-  /// the intercept from the time already elapsed.
-  void intercept(RequestId request, double now_s, double expected_duration_s = -1);
+  /// the intercept from the time already elapsed. Returns the state the policy put it in
+  /// (later moves come in StepOutput::kv_changes).
+  RequestState intercept(RequestId request, double now_s, double expected_duration_s = -1);
 
   /// The tool returned `tool_token_ids`: queue the request to resume. The last
   /// `num_replaced_tokens` tokens (not yet computed: the one just sampled, re-tokenized by the
@@ -165,6 +169,10 @@ class Scheduler {
   void decide_intercepted(StepPlan& plan);  // intercept_policy.cpp: the policies' choices
 
   void add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan);
+  // Fills plan.batch from plan.scheduled and the block tables (step_batch.cpp).
+  void build_batch(StepPlan& plan) const;
+  // Paused requests whose state differs from what the caller last heard (step_batch.cpp).
+  void report_kv_changes(StepOutput& out);
   // Frees device blocks for `needed` (evicting idle paused contexts, then preempting running
   // requests below `r` in priority). Returns false when `r` must wait.
   bool make_room(Request& r, int32_t needed, StepPlan& plan);

@@ -1,11 +1,14 @@
 #pragma once
 // The records that cross between the scheduler and the executor. One StepPlan per iteration:
-// what to compute, which blocks to copy; one StepResult back: how long it took.
+// what to compute, which blocks to copy, and the forward's inputs as flat arrays; one
+// StepResult back: the sampled tokens and how long it took; one StepOutput from update():
+// what changed for the caller.
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "infercept/kv_cache_manager.h"
+#include "infercept/request.h"
 #include "infercept/types.h"
 
 namespace infercept {
@@ -19,7 +22,24 @@ struct ScheduledRequest {
   int32_t num_new_tokens = 0;        // tokens whose KV this step writes
   int32_t num_recompute_tokens = 0;  // of them, tokens whose KV existed before (recompute)
   bool samples = false;              // the chunk reaches the end of the context: sample a token
-  std::vector<BlockId> block_table;  // device blocks covering the context after this step
+};
+
+/// The forward's inputs for one step, flat and in plan order, built once at the end of
+/// schedule() so the executor reads them without a per-request walk (Python sees numpy views
+/// of these vectors, no copy). B scheduled requests, T new tokens, S sampling requests.
+struct StepBatch {
+  std::vector<int64_t> request_ids;     // [B]
+  std::vector<int64_t> input_ids;       // [T] token ids of the new tokens; 0 for counts-only requests
+  std::vector<int64_t> positions;       // [T] context position of each new token
+  std::vector<int64_t> slot_mapping;    // [T] block_id * block_size + offset its K/V is written to
+  std::vector<int64_t> query_start;     // [B + 1] request i's new tokens are rows [query_start[i], query_start[i+1])
+  std::vector<int32_t> query_lens;      // [B] new tokens per request
+  std::vector<int32_t> context_lens;    // [B] tokens with KV after this step (cached + new)
+  std::vector<int32_t> block_tables;    // [B, max_blocks] row-major device block ids, padded with 0
+  int32_t max_blocks = 0;
+  std::vector<int64_t> logit_rows;            // [S] flat row of each sampling request's last new token
+  std::vector<int64_t> sampling_request_ids;  // [S]
+  std::vector<int32_t> num_cached_tokens;     // [S] prompt tokens the prefix cache served at admission
 };
 
 /// Everything the executor does in one iteration. Swaps run alongside the forward (pipelined
@@ -37,6 +57,7 @@ struct StepPlan {
   int32_t num_recompute_tokens = 0;
   int32_t num_sampling_requests = 0;
   int64_t swap_budget_tokens = 0;           // N_i per direction: what the forward can hide
+  StepBatch batch;
 
   bool is_empty() const { return scheduled.empty() && swap_out.empty() && swap_in.empty(); }
 };
@@ -51,12 +72,19 @@ struct StepResult {
   std::vector<int32_t> sampled_token_ids;
 };
 
-/// What update() tells the caller.
+/// A paused request whose KV moved since it was last reported (by intercept() or update()).
+struct KvStateChange {
+  RequestId request_id = 0;
+  RequestState state = RequestState::kPreserved;  // preserved, swapping_out, swapped or discarded
+};
+
+/// What update() tells the caller: everything it needs, so it never polls request states.
 struct StepOutput {
   std::vector<RequestId> sampled;          // requests that gained a generated token
   std::vector<RequestId> reached_limit;    // ... and reached their generated-token limit
   std::vector<RequestId> aborted;          // requests the scheduler had to give up on
   std::vector<std::string> abort_reasons;  // [aborted.size()]
+  std::vector<KvStateChange> kv_changes;   // paused requests' KV moves this step
 };
 
 }  // namespace infercept

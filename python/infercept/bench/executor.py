@@ -1,23 +1,13 @@
-"""The executor interface (DESIGN.md §3) and the simulated executor.
+"""The simulated executor: the Executor protocol (infercept.engine.executor) without a model.
 
-The executor is the only part of the engine that touches tensors: it takes one StepPlan,
-runs the forward pass and the planned block copies, and reports a StepResult. The simulated
-executor runs nothing: it says how long the step would take on the profiled machine.
+The real executor (the model runner) runs the forward and the block copies of a StepPlan and
+reports a StepResult; the simulated one runs nothing and says how long the step would take on
+the profiled machine.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from infercept._core import CostModel, StepPlan, StepResult
-
-
-class Executor(Protocol):
-    """Runs the plans of one scheduler."""
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Runs one iteration: the forward of plan.scheduled and the copies of plan.swap_*."""
-        ...
 
 
 class SimulatedExecutor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from infercept._core import CostModel, Policy, Scheduler, SchedulerConfig
-from infercept.bench.executor import Executor
+from infercept.engine.executor import Executor
 from infercept.bench.metrics import RequestRecord
 from infercept.bench.workload import WorkloadRequest
 
@@ -198,4 +198,5 @@ def simulated_config(cost: CostModel, policy: Policy | str, block_size: int = 16
     config.num_host_blocks = int(config.num_device_blocks * host_to_device_ratio)
     config.max_batched_tokens = cost.saturation_tokens
     config.max_running_requests = max_running_requests
+    config.build_batch = False  # no forward runs: the flat inputs would be built for nothing
     return config

@@ -158,28 +158,6 @@ def run_sim(requests: Sequence[WorkloadRequest], policy: str, rate: float, setup
         "num_swap_out_blocks": result.stats["num_swap_out_blocks"]})
 
 
-class _StepClock:
-    """Wraps an engine's model runner to time what each executed plan costs.
-
-    Per executed step: (num_batched_tokens, num_context_tokens, runner seconds); the caller
-    adds the whole step's wall time, so step - runner is the engine loop's own overhead
-    (scheduling, sampling, bookkeeping) that T_fwd does not contain.
-    """
-
-    def __init__(self, runner: Any) -> None:
-        self._runner = runner
-        self.steps: list[list[float]] = []
-
-    def execute(self, plan: Any, token_ids: Any) -> Any:
-        out = self._runner.execute(plan, token_ids)
-        self.steps.append([float(plan.num_batched_tokens), float(plan.num_context_tokens),
-                           out.duration_s])
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._runner, name)
-
-
 def _load(setup: BenchSetup) -> tuple[Any, Any]:
     if setup._loaded is None:
         from infercept.engine.config import DTYPES
@@ -208,16 +186,18 @@ def run_real(requests: Sequence[WorkloadRequest], policy: str, rate: float, setu
                           max_batched_tokens=setup.max_batched_tokens,
                           max_running_requests=setup.max_running_requests, device=setup.device)
     cost = setup.pool_cost()
-    busy: list[list[float]] = []  # per executed step: tokens, context, runner s, step s
+    # Per executed step: tokens, context, executor s (StepResult.duration_s), whole step s;
+    # step - executor is the engine loop's own overhead, which T_fwd does not contain.
+    busy: list[list[float]] = []
     with LLMEngine(config, model=model, tokenizer=tokenizer, cost_model=cost) as engine:
-        clock = _StepClock(engine.runner)
-        engine.runner = clock
-        last = {"t_s": 0.0, "steps": 0}
+        last = {"t_s": 0.0, "step": None}
 
         def on_tick(t_s: float) -> None:
-            if len(clock.steps) > last["steps"]:
-                busy.append(clock.steps[-1] + [t_s - last["t_s"]])
-            last["t_s"], last["steps"] = t_s, len(clock.steps)
+            step = engine.last_step
+            if step is not None and step is not last["step"]:
+                busy.append([float(step.num_batched_tokens), float(step.num_context_tokens),
+                             step.duration_s, t_s - last["t_s"]])
+            last["t_s"], last["step"] = t_s, step
             if timeline is not None:
                 timeline.append(_sample(t_s, engine.scheduler.stats(), setup.num_device_blocks,
                                         setup.num_host_blocks))

@@ -4,8 +4,9 @@ One ``step()``:
 
     tool runtime and scripted timers: finished pauses -> scheduler.resume(req, tool tokens)
     scheduler.schedule(now)            -> StepPlan
-    runner.execute(plan)               -> logits (swaps pipelined per layer with the forward)
-    sample, detokenize, stop check     -> StepResult(finished=...)
+    runner.execute(plan)               -> StepResult: sampled tokens, timings (swaps pipelined
+                                          per layer with the forward)
+    detokenize, stop check             -> result.finished
     scheduler.update(plan, result)     (append tokens, free, account waste)
     tool-call parser / scripted points -> scheduler.intercept(req, expected duration)
     tool runtime: launch the call (the engine keeps stepping while it runs)
@@ -35,13 +36,20 @@ from infercept.engine.swap import SwapEngine
 from infercept.model import KVCache, LlamaForCausalLM, Tokenizer, load_model
 from infercept.model.loader import resolve_model_path
 from infercept.engine.profiles import load_profile
-from infercept.engine.sampler import Sampler
 from infercept.sampling import SamplingParams
 from infercept.tools import (DurationEstimator, TagParser, Tool, ToolCall, ToolCallError,
                              ToolCallParser, ToolRegistry, ToolRuntime)
 
-# KV states of a paused request worth reporting (the policy's decisions).
-_PAUSED_STATES = {"preserved", "swapping_out", "swapped", "discarded"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """The last executed step: its size and what the executor reported (bench calibration)."""
+
+    num_batched_tokens: int
+    num_context_tokens: int
+    duration_s: float     # the executor's: forward, copies and sampling
+    swap_stall_s: float
 
 
 class LLMEngine:
@@ -115,7 +123,7 @@ class LLMEngine:
         self.parser = parser or TagParser()
         self.estimator = DurationEstimator()
         self._tool_runtime: ToolRuntime | None = None
-        self.sampler = Sampler()
+        self.last_step: StepTiming | None = None
         self._seqs: dict[int, Sequence] = {}
         self._timers: list[tuple[float, int, int]] = []  # (resume_at_s, request_id, after_tokens)
         self._start_s = time.monotonic()
@@ -175,6 +183,7 @@ class LLMEngine:
             output=output, params=params, token_ids=list(token_ids), server_tools=use_tools,
             client_tools=frozenset(client_tools),
             scripted=deque(sorted(params.intercepts, key=lambda i: i.after_tokens)))
+        self.runner.add_request(request_id, params)
         return request_id
 
     def get(self, request_id: int) -> RequestOutput:
@@ -227,7 +236,7 @@ class LLMEngine:
         if params is not None:
             seq.params = dataclasses.replace(params,
                                              max_tokens=len(seq.generated) + params.max_tokens)
-            self.sampler.release(request_id)
+            self.runner.set_params(request_id, seq.params)
         if client_tools is not None:
             seq.client_tools = frozenset(client_tools)
         self._end_pause(seq, tokens, self.now(), output=tool_output)
@@ -264,42 +273,40 @@ class LLMEngine:
         if plan.is_empty():
             # Nothing to run, but planning may have given up on a request (it outgrew the pool):
             # an empty update reports it.
-            self._report_aborts(self.scheduler.update(plan, StepResult(0.0), self.now()), touched)
+            step_output = self.scheduler.update(plan, StepResult(0.0), self.now())
+            self._report_aborts(step_output, touched)
+            self._record_kv_actions(step_output)
             self._wait_for_events()
-            self._record_kv_actions()
             return [s.output for s in touched.values()]
 
-        contexts = {s.request_id: self._seqs[s.request_id].token_ids for s in plan.scheduled}
-        out = self.runner.execute(plan, contexts)
+        result = self.runner.execute(plan)
+        self.last_step = StepTiming(plan.num_batched_tokens, plan.num_context_tokens,
+                                    result.duration_s, result.swap_stall_s)
         now = self.now()
         finished: list[int] = []
-        sampled_token_ids: list[int] = []
-        if out.sampling_request_ids:
-            seqs = [self._seqs[i] for i in out.sampling_request_ids]
-            tokens = self.sampler.sample(out.logits, out.sampling_request_ids,
-                                         [s.params for s in seqs]).tolist()
-            sampled_token_ids = tokens
-            for seq, token in zip(seqs, tokens):
+        sampling_ids = plan.sampling_request_ids.tolist()
+        if sampling_ids:
+            num_cached = plan.num_cached_tokens.tolist()
+            for request_id, token, cached in zip(sampling_ids, result.sampled_token_ids, num_cached):
+                seq = self._seqs[request_id]
                 if seq.output.first_token_s is None:  # first token: how much the cache served
-                    seq.output.num_cached_tokens = self.scheduler.request(
-                        seq.request_id).num_cached_tokens
+                    seq.output.num_cached_tokens = cached
                 decision = seq.append_sampled(token, self.tokenizer, now, self.max_model_len)
-                touched[seq.request_id] = seq
+                touched[request_id] = seq
                 if decision.should_stop:
-                    finished.append(seq.request_id)
+                    finished.append(request_id)
                     seq.finish(decision.reason or "stop", now)
-        result = StepResult(out.duration_s, min(out.swap_stall_s, out.duration_s), finished,
-                            sampled_token_ids)
+        result.finished = finished
         step_output = self.scheduler.update(plan, result, now)
         self.num_steps += 1
         for request_id in finished:
             self._forget(request_id)
         self._report_aborts(step_output, touched)
-        for request_id in out.sampling_request_ids:
+        self._record_kv_actions(step_output)
+        for request_id in sampling_ids:
             seq = self._seqs[request_id]
             if not seq.output.finished:
                 self._maybe_pause(seq)
-        self._record_kv_actions()
         if self.config.check_invariants:
             self.check_invariants()
         return [s.output for s in touched.values()]
@@ -407,9 +414,10 @@ class LLMEngine:
     def _pause(self, seq: Sequence, record: InterceptRecord) -> None:
         now = self.now()
         expected = record.expected_duration_s
-        self.scheduler.intercept(seq.request_id, now, -1.0 if expected is None else expected)
+        state = self.scheduler.intercept(seq.request_id, now, -1.0 if expected is None else expected)
         seq.paused_at_s = now
         seq.output.intercepts.append(record)
+        self._note_kv_action(seq, state.label)
 
     def _end_pause(self, seq: Sequence, tokens: list[int], now: float, output: str | None = None,
                    error: str | None = None) -> None:
@@ -472,14 +480,18 @@ class LLMEngine:
         else:
             time.sleep(timeout)
 
-    def _record_kv_actions(self) -> None:
-        for seq in self._seqs.values():
-            record = seq.open_intercept
-            if record is None or seq.output.finished:
-                continue
-            state = self.scheduler.request(seq.request_id).state.label
-            if state in _PAUSED_STATES and (not record.kv_actions or record.kv_actions[-1] != state):
-                record.kv_actions.append(state)
+    def _record_kv_actions(self, step_output: StepOutput) -> None:
+        """Notes the policy's moves of paused contexts, as update() reports them."""
+        for change in step_output.kv_changes:
+            seq = self._seqs.get(change.request_id)
+            if seq is not None and not seq.output.finished:
+                self._note_kv_action(seq, change.state.label)
+
+    @staticmethod
+    def _note_kv_action(seq: Sequence, state: str) -> None:
+        record = seq.open_intercept
+        if record is not None and (not record.kv_actions or record.kv_actions[-1] != state):
+            record.kv_actions.append(state)
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -515,10 +527,10 @@ class LLMEngine:
         self._forget(seq.request_id)
 
     def _forget(self, request_id: int) -> None:
-        """Drops the core's record and the sampler's generator of a finished request."""
+        """Drops the core's record and the runner's sampling state of a finished request."""
         if self.scheduler.contains(request_id):
             self.scheduler.remove(request_id)
-        self.sampler.release(request_id)
+        self.runner.remove_request(request_id)
 
     @property
     def stats(self) -> dict[str, float]:

@@ -1,98 +1,82 @@
-"""The real executor: one StepPlan's forward over the paged KV cache, with its block copies.
+"""The real executor: one StepPlan's forward over the paged KV cache, its block copies, and
+the sampling of the rows that reach the end of their context.
 
-The runner turns the plan's integer bookkeeping into tensors (token ids, positions, block
-tables, slot mapping), starts the plan's swaps on the swap engine, runs the model with a
-per-layer hook that waits for that layer's copies (DESIGN.md §3), and returns the logits of
-the requests that sample. It keeps no per-request state: the token ids come from the engine.
+The plan carries the forward's inputs as flat arrays built by the core (token ids, positions,
+slot mapping, padded block tables, query starts, context lengths, logit rows), which become
+tensors without a per-request walk; the runner starts the plan's swaps on the swap engine, runs
+the model with a per-layer hook that waits for that layer's copies (DESIGN.md §3), samples, and
+returns a StepResult. Per request it keeps only what sampling needs (the sampling parameters
+and the generator), registered by the engine like vLLM v1's runner-side request states.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from infercept._core import StepPlan
+from infercept._core import StepPlan, StepResult
+from infercept.engine.sampler import Sampler
 from infercept.engine.swap import SwapEngine
 from infercept.model import KVCache, LlamaForCausalLM, PagedAttentionMetadata
-
-
-@dataclass
-class RunnerOutput:
-    """What one executed step produced.
-
-    Attributes:
-        sampling_request_ids: Requests whose chunk reached the end of their context, in plan
-            order; row ``i`` of ``logits`` is theirs.
-        logits: ``[len(sampling_request_ids), vocab]`` float32.
-        duration_s: Wall time of the step (forward and copies).
-        swap_stall_s: Part of it the forward spent waiting on copies.
-    """
-
-    sampling_request_ids: list[int]
-    logits: torch.Tensor
-    duration_s: float
-    swap_stall_s: float
+from infercept.sampling import SamplingParams
 
 
 class ModelRunner:
-    """Runs plans on one model, one paged KV cache and one swap engine."""
+    """Runs plans on one model, one paged KV cache and one swap engine (the Executor protocol)."""
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, swap_engine: SwapEngine) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.swap_engine = swap_engine
         self.device = kv_cache.key_caches[0].device
+        self.sampler = Sampler()
+        self._params: dict[int, SamplingParams] = {}
 
-    def execute(self, plan: StepPlan, token_ids: Mapping[int, Sequence[int]]) -> RunnerOutput:
-        """Runs one iteration.
+    # ---- per-request sampling state ---------------------------------------------------------
 
-        Args:
-            plan: The scheduler's plan for this step.
-            token_ids: Every scheduled request's context so far (prompt, generated and tool
-                tokens), by request id; the plan says which slice of it each chunk computes.
+    def add_request(self, request_id: int, params: SamplingParams) -> None:
+        """Registers how a request samples (before its first scheduled step)."""
+        self._params[request_id] = params
 
-        Returns:
-            The sampling rows' logits and the step's timing.
+    def set_params(self, request_id: int, params: SamplingParams) -> None:
+        """New sampling for what follows (a resumed request); a seeded one restarts its generator."""
+        self._params[request_id] = params
+        self.sampler.release(request_id)
+
+    def remove_request(self, request_id: int) -> None:
+        """Forgets a finished or aborted request (no-op if unknown)."""
+        self._params.pop(request_id, None)
+        self.sampler.release(request_id)
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Runs one iteration and samples one token per sampling request, in plan order.
+
+        Raises:
+            KeyError: A sampling request was never registered with ``add_request``.
         """
         start_s = time.perf_counter()
-        self.swap_engine.begin_step(plan.swap_out, plan.swap_in)
+        self.swap_engine.begin_plan(plan)
         try:
-            sampling_ids, logits = self._forward(plan, token_ids)
+            logits = self._forward(plan)
+            tokens: list[int] = []
+            if logits.shape[0]:
+                ids = plan.sampling_request_ids.tolist()
+                tokens = self.sampler.sample(logits, ids, [self._params[i] for i in ids]).tolist()
         finally:
             # Even when the forward fails the copies must finish before their blocks change hands.
             stall_s = self.swap_engine.finish_step()
-        return RunnerOutput(sampling_ids, logits, time.perf_counter() - start_s, stall_s)
+        duration_s = time.perf_counter() - start_s
+        return StepResult(duration_s, min(stall_s, duration_s), [], tokens)
 
-    def _forward(self, plan: StepPlan,
-                 token_ids: Mapping[int, Sequence[int]]) -> tuple[list[int], torch.Tensor]:
-        scheduled = plan.scheduled
-        if not scheduled:
-            return [], torch.empty(0, self.model.config.vocab_size)
-        input_ids: list[int] = []
-        query_lens, context_lens, block_tables = [], [], []
-        logit_rows: list[int] = []
-        sampling_ids: list[int] = []
-        for s in scheduled:
-            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
-            context = token_ids[s.request_id]
-            if end > len(context):
-                raise RuntimeError(
-                    f"plan computes tokens [{start}, {end}) of request {s.request_id} but its "
-                    f"context holds {len(context)}: engine and scheduler disagree")
-            input_ids.extend(context[start:end])
-            query_lens.append(s.num_new_tokens)
-            context_lens.append(end)
-            block_tables.append(s.block_table)
-            if s.samples:
-                logit_rows.append(len(input_ids) - 1)
-                sampling_ids.append(s.request_id)
-        metadata = PagedAttentionMetadata.build(query_lens, context_lens, block_tables,
-                                                self.kv_cache.block_size, self.device)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
-        rows = torch.tensor(logit_rows, dtype=torch.int64, device=self.device)
-        logits = self.model(ids, metadata.positions(), metadata, self.kv_cache,
-                            logits_indices=rows, before_layer=self.swap_engine.wait_layer)
-        return sampling_ids, logits
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        """``[plan.num_sampling_requests, vocab]`` float32 logits of the sampling rows."""
+        if plan.num_scheduled == 0:
+            return torch.empty(0, self.model.config.vocab_size)
+        metadata = PagedAttentionMetadata.from_plan(plan, self.kv_cache.block_size, self.device)
+        ids = torch.from_numpy(plan.input_ids).to(self.device)
+        rows = torch.from_numpy(plan.logit_rows).to(self.device)
+        return self.model(ids, metadata.positions, metadata, self.kv_cache,
+                          logits_indices=rows, before_layer=self.swap_engine.wait_layer)

@@ -92,7 +92,7 @@ def _forward_samples(model: LlamaForCausalLM,
             next_block += num_blocks
         metadata = PagedAttentionMetadata.build(query_lens, context_lens, tables, block_size, device)
         ids = torch.zeros(metadata.num_tokens, dtype=torch.int64, device=device)
-        model(ids, metadata.positions(), metadata, kv_cache)
+        model(ids, metadata.positions, metadata, kv_cache)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the forward is asynchronous on CUDA: time all of it
 

@@ -71,10 +71,20 @@ class SwapEngine:
         """Starts a step's copies (device->host ``swap_out``, host->device ``swap_in``)."""
         self._active = bool(swap_out) or bool(swap_in)
         if self._active:
-            if self.device.type == "cuda":
-                # Copies are ordered after the work already queued on the forward's stream.
-                self._native.set_compute_stream(torch.cuda.current_stream(self.device).cuda_stream)
+            self._order_after_compute()
             self._native.begin_step(list(swap_out), list(swap_in))
+
+    def begin_plan(self, plan: _core.StepPlan) -> None:
+        """``begin_step(plan.swap_out, plan.swap_in)`` with the lists read in the core."""
+        self._active = plan.num_swap_out_blocks > 0 or plan.num_swap_in_blocks > 0
+        if self._active:
+            self._order_after_compute()
+            self._native.begin_plan(plan)
+
+    def _order_after_compute(self) -> None:
+        if self.device.type == "cuda":
+            # Copies are ordered after the work already queued on the forward's stream.
+            self._native.set_compute_stream(torch.cuda.current_stream(self.device).cuda_stream)
 
     def wait_layer(self, layer: int) -> None:
         """Layer ``layer``'s compute waits for its copies: the CPU engine blocks the caller, the

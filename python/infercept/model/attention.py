@@ -54,6 +54,8 @@ class PagedAttentionMetadata:
             with 0 past the blocks it uses.
         slot_mapping: ``[T]`` int64; ``block_id * block_size + offset`` where each new token's
             K/V is written.
+        positions: ``[T]`` int64 position of each new token: its sequence's cached count plus
+            its offset.
         block_size: Tokens per KV block.
         query_lens_host: The ``B`` new-token counts as python ints, so planning needs no
             device-to-host sync.
@@ -64,6 +66,7 @@ class PagedAttentionMetadata:
     context_lens: torch.Tensor
     block_tables: torch.Tensor
     slot_mapping: torch.Tensor
+    positions: torch.Tensor
     block_size: int
     query_lens_host: tuple[int, ...]
     context_lens_host: tuple[int, ...]
@@ -79,10 +82,35 @@ class PagedAttentionMetadata:
         return int(sum(self.query_lens_host))
 
     @classmethod
+    def from_plan(cls, plan: object, block_size: int,
+                  device: torch.device | str = "cpu") -> PagedAttentionMetadata:
+        """Wraps a StepPlan's flat arrays (built by the core) as tensors.
+
+        On the CPU the tensors share the plan's memory (no copy); on another device each array
+        is copied once. ``plan`` must stay alive while they are used (the runner holds it).
+        """
+        def tensor(array: object) -> torch.Tensor:
+            return torch.from_numpy(array).to(device)  # type: ignore[arg-type]
+
+        query_lens = plan.query_lens  # type: ignore[attr-defined]
+        context_lens = plan.context_lens  # type: ignore[attr-defined]
+        return cls(
+            query_start=tensor(plan.query_start),  # type: ignore[attr-defined]
+            context_lens=tensor(context_lens),
+            block_tables=tensor(plan.block_tables),  # type: ignore[attr-defined]
+            slot_mapping=tensor(plan.slot_mapping),  # type: ignore[attr-defined]
+            positions=tensor(plan.positions),  # type: ignore[attr-defined]
+            block_size=block_size,
+            query_lens_host=tuple(query_lens.tolist()),
+            context_lens_host=tuple(context_lens.tolist()),
+        )
+
+    @classmethod
     def build(cls, query_lens: Sequence[int], context_lens: Sequence[int],
               block_tables: Sequence[Sequence[int]], block_size: int,
               device: torch.device | str = "cpu") -> PagedAttentionMetadata:
-        """Builds the record from host lists (what a scheduler's step plan carries).
+        """Builds the record from host lists (tests and the profiler; the engine uses
+        :meth:`from_plan`).
 
         Args:
             query_lens: New tokens per sequence.
@@ -101,6 +129,7 @@ class PagedAttentionMetadata:
                 f"got {num_seqs} query_lens, {len(context_lens)} context_lens and "
                 f"{len(block_tables)} block_tables; they must have one entry per sequence")
         slots: list[int] = []
+        positions: list[int] = []
         for seq, (query_len, context_len, table) in enumerate(
                 zip(query_lens, context_lens, block_tables)):
             if not 0 < query_len <= context_len:
@@ -111,6 +140,7 @@ class PagedAttentionMetadata:
                                  f"cannot hold context_len={context_len}")
             for pos in range(context_len - query_len, context_len):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
+                positions.append(pos)
         max_blocks = max((len(t) for t in block_tables), default=0)
         padded = [list(t) + [0] * (max_blocks - len(t)) for t in block_tables]
         query_start = [0]
@@ -122,17 +152,11 @@ class PagedAttentionMetadata:
             block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(
                 num_seqs, max_blocks),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
             block_size=block_size,
             query_lens_host=tuple(int(n) for n in query_lens),
             context_lens_host=tuple(int(n) for n in context_lens),
         )
-
-    def positions(self) -> torch.Tensor:
-        """``[T]`` int64 position of each new token: its sequence's cached count plus its offset."""
-        positions = [pos for query_len, context_len in zip(self.query_lens_host,
-                                                           self.context_lens_host)
-                     for pos in range(context_len - query_len, context_len)]
-        return torch.tensor(positions, dtype=torch.int64, device=self.slot_mapping.device)
 
     def last_token_indices(self) -> torch.Tensor:
         """``[B]`` int64 flat row of each sequence's last new token (the rows that need logits)."""
