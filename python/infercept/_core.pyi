@@ -637,6 +637,14 @@ class SchedulerConfig:
     def block_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     @property
+    def build_batch(self) -> bool:
+        """
+        fill the plan's flat forward inputs (off for the simulator, which runs no forward)
+        """
+    @build_batch.setter
+    def build_batch(self, arg0: bool) -> None:
+        ...
+    @property
     def max_batched_tokens(self) -> int:
         ...
     @max_batched_tokens.setter
