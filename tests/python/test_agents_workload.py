@@ -7,8 +7,10 @@ change where the cache is off); the new metrics must add up on a hand-built run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,8 @@ from infercept.bench.replay import ReplayEngine, simulated_config
 from infercept.bench.token_ids import FIRST_ID, prompt_token_ids, sampled_token_id, tool_token_ids
 from infercept.bench.workload import Segment, WorkloadRequest, poisson_arrivals, scale_to_context
 from infercept.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # The policies of this core (new ones are picked up as the core grows them).
 POLICIES = [name.lower() for name in Policy.__members__]
@@ -235,3 +239,30 @@ def test_bench_rejects_a_trace_for_an_agent_workload(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["simulate", "--rates", "1"])
     assert "needs --trace FILE or --generate N" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_engine_replays_agent_programs_with_the_shared_prefix_cached() -> None:
+    """The embedded SmolLM2 on the CPU: the second program of an app finds the app's prefix in
+    the cache, and every resumed turn gets its TTFT."""
+    import torch
+
+    from infercept.bench.generator import scale_tool_time
+    from infercept.bench.runner import BenchSetup, run_real
+
+    programs = scale_tool_time(generate_programs(2, 0, "function-calling", num_apps=1,
+                                                 max_context_tokens=256), 0.1)
+    requests = [dataclasses.replace(p, arrival_s=0.5 * i) for i, p in enumerate(programs)]
+    profile = REPO_ROOT / "benchmarks" / "results" / "profile_smollm2_cpu_1thread.json"
+    setup = BenchSetup(cost=CostModel.load(str(profile)), duration_s=1.0, num_device_blocks=64,
+                       max_batched_tokens=64, executor="real", max_time_s=300.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared CPU
+    try:
+        row = run_real(requests, "preserve", 1.0, setup)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["num_finished"] == 2
+    assert row["prefix_cache_hits"] >= 16 * (programs[0].shared_prefix_tokens // 16)
+    assert row["num_resumed_turns"] == sum(p.num_intercepts for p in programs)
+    assert 0 < row["mean_resumed_ttft_s"] < row["mean_completion_s"]

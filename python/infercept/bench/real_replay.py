@@ -79,6 +79,7 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
     prepared = [to_engine_request(r, engine.model.config.vocab_size, seed, time_scale) for r in pending]
     ids: dict[int, WorkloadRequest] = {}
     turns = _TurnClock()
+    live: set[int] = set()  # added, not finished: whose turns are watched
     start = engine.now()
     next_arrival = 0
     while next_arrival < len(pending) or engine.has_unfinished():
@@ -87,10 +88,14 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
             break
         while next_arrival < len(pending) and pending[next_arrival].arrival_s <= now:
             prompt, params = prepared[next_arrival]
-            ids[engine.add_request(prompt_token_ids=prompt, params=params)] = pending[next_arrival]
+            request_id = engine.add_request(prompt_token_ids=prompt, params=params)
+            ids[request_id] = pending[next_arrival]
+            live.add(request_id)
             next_arrival += 1
         if engine.has_unfinished():
-            turns.observe(engine.step(), engine.now() - start)
+            engine.step()
+            turns.observe([engine.get(i) for i in live], engine.now() - start)
+            live.difference_update([i for i in live if engine.get(i).finished])
         elif next_arrival < len(pending):
             time.sleep(max(0.0, pending[next_arrival].arrival_s - (engine.now() - start)))
         if on_step is not None:
@@ -117,27 +122,30 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
 
 
 class _TurnClock:
-    """Resumed-turn TTFTs from what each step reports: tool return -> the turn's first token.
+    """Resumed-turn TTFTs from the engine's reports: tool return -> the turn's first token.
 
-    A pause is seen in the step that intercepts (``paused``); the tool returned at pause +
-    the intercept's ``duration_s``, known once it closes; the first token of the new turn is
-    the first report with more generated tokens than at the pause. Times are as coarse as a
-    step (the engine resumes and samples inside ``step()``).
+    Read after every step: a request whose last intercept is open is paused (noted with its
+    generated count). Once that intercept has closed (its ``duration_s`` is set) the tool
+    returned at pause + duration, and the first report with more generated tokens than at the
+    pause is the new turn's first token (a one-token turn may already be paused again by
+    then). Times are as coarse as a step.
     """
 
     def __init__(self) -> None:
-        self._paused_at: dict[int, tuple[float, int]] = {}  # id -> (pause seen, generated then)
+        # id -> (when the pause was seen, generated tokens then, index of the intercept)
+        self._paused_at: dict[int, tuple[float, int, int]] = {}
         self.resumed_ttfts_s: dict[int, list[float]] = {}
 
     def observe(self, outputs: list, now_s: float) -> None:
         for out in outputs:
-            if out.paused:
-                self._paused_at.setdefault(out.request_id, (now_s, out.num_generated_tokens))
-                continue
             seen = self._paused_at.get(out.request_id)
-            if seen is None or out.num_generated_tokens <= seen[1] or not out.intercepts:
-                continue
-            pause_s, _ = seen
-            duration_s = out.intercepts[-1].duration_s or 0.0
-            self.resumed_ttfts_s.setdefault(out.request_id, []).append(max(0.0, now_s - pause_s - duration_s))
-            del self._paused_at[out.request_id]
+            if seen is not None:
+                pause_s, generated, index = seen
+                duration_s = out.intercepts[index].duration_s
+                if duration_s is None or out.num_generated_tokens <= generated:
+                    continue
+                self.resumed_ttfts_s.setdefault(out.request_id, []).append(
+                    max(0.0, now_s - pause_s - duration_s))
+                del self._paused_at[out.request_id]
+            if out.intercepts and out.intercepts[-1].duration_s is None:
+                self._paused_at[out.request_id] = (now_s, out.num_generated_tokens, len(out.intercepts) - 1)
