@@ -216,7 +216,7 @@ def test_bench_runs_an_agent_workload_and_writes_the_new_metrics(tmp_path, capsy
                  "--profile", "gptj-6b-a100", "--rates", "0.5", "--duration", "10", "--context", "1024",
                  "--num-device-blocks", "200", "--max-batched-tokens", "256",
                  "--policies", "discard,preserve,infercept", "--out-dir", str(tmp_path), "--name", "a",
-                 "--no-progress", "--no-plots"])
+                 "--no-progress"])
     assert code == 0
     payload = json.loads((tmp_path / "a.json").read_text())
     assert "agent workload coding" in payload["workload"] and payload["setup"]["token_ids"] is True
@@ -230,6 +230,7 @@ def test_bench_runs_an_agent_workload_and_writes_the_new_metrics(tmp_path, capsy
         assert row["host_bytes_moved"] == (row["num_swap_out_blocks"] + row["num_swap_in_blocks"]) * 16 * \
             payload["profile"]["kv_bytes_per_token"]
     assert "mean_completion_s" in capsys.readouterr().out
+    assert (tmp_path / "a_programs.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_rejects_a_trace_for_an_agent_workload(capsys) -> None:

@@ -21,8 +21,10 @@ from infercept.bench.metrics import format_table, highest_sustained_rate
 from infercept.bench.runner import EXECUTORS, BenchSetup, run_grid
 
 SIMULATE_COLUMNS = ["policy", "rate", "normalized_latency", "throughput_rps", "mean_latency_s",
-                    "p50_latency_s", "p99_latency_s", "waste_fraction", "preserve_waste_fraction",
-                    "recompute_waste_fraction", "swap_waste_fraction"]
+                    "p50_latency_s", "p99_latency_s", "p95_completion_s", "mean_resumed_ttft_s",
+                    "waste_fraction", "preserve_waste_fraction", "recompute_waste_fraction",
+                    "swap_waste_fraction", "num_recomputed_tokens", "host_mb_moved",
+                    "prefix_cache_hit_rate"]
 TABLE_COLUMNS = ["policy", "rate", "normalized_latency", "completed_rps", "throughput_rps",
                  "tokens_per_s", "mean_ttft_s", "p50_latency_s", "p90_latency_s", "p99_latency_s",
                  "mean_completion_s", "p95_completion_s", "mean_resumed_ttft_s",
@@ -348,12 +350,15 @@ def calibrate(templates: list, args: argparse.Namespace, setup: BenchSetup,
 def write_plots(rows: list[dict], timeline: list[dict], args: argparse.Namespace,
                 setup: BenchSetup, out_dir: Path, threshold: float) -> list[Path]:
     """The latency, waste and (when sampled) timeline PNGs; returns their paths."""
-    from infercept.bench.plots import plot_latency, plot_timeline, plot_waste
+    from infercept.bench.plots import plot_latency, plot_programs, plot_timeline, plot_waste
     stem = args.name
     files = [plot_latency(rows, out_dir / f"{stem}_latency.png",
                           f"normalized latency vs rate ({setup.executor})",
                           None if math.isnan(threshold) else threshold),
              plot_waste(rows, out_dir / f"{stem}_waste.png")]
+    if any(r.get("num_resumed_turns") for r in rows):  # multi-turn: the agent view
+        files.append(plot_programs(rows, out_dir / f"{stem}_programs.png",
+                                   f"agent programs vs rate ({setup.executor})"))
     if timeline:
         files.append(plot_timeline(timeline, out_dir / f"{stem}_timeline.png",
                                    f"memory timeline: {args.timeline_policy} at {max(args.rates):g} req/s "
