@@ -21,6 +21,8 @@ RECORDS = [
 
 def test_summarize_hand_computed():
     summary = summarize(RECORDS, duration_s=20.0)
+    # No resumed turns in these records: their statistics are over the empty set.
+    assert math.isnan(summary.pop("mean_resumed_ttft_s")) and math.isnan(summary.pop("p95_resumed_ttft_s"))
     assert summary == {
         "num_requests": 4,
         "num_finished": 2,
@@ -32,6 +34,10 @@ def test_summarize_hand_computed():
         "p90_latency_s": pytest.approx(4.0 + 0.9 * 4.0),
         "p99_latency_s": pytest.approx(4.0 + 0.99 * 4.0),
         "mean_ttft_s": pytest.approx((1.0 + 0.5 + 3.0) / 3),
+        # completion = finish - arrival, tool time included: 10 and 4
+        "mean_completion_s": 7.0,
+        "p95_completion_s": pytest.approx(4.0 + 0.95 * 6.0),
+        "num_resumed_turns": 0,
     }
 
 

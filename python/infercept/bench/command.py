@@ -15,17 +15,24 @@ from typing import Any
 
 from infercept.bench.calibrate import (calibration_errors, forward_model_error, step_overhead_s,
                                        with_step_overhead)
+from infercept.bench.agents import WORKLOADS, generate_programs
 from infercept.bench.generator import generate_workload, scale_tool_time
 from infercept.bench.metrics import format_table, highest_sustained_rate
 from infercept.bench.runner import EXECUTORS, BenchSetup, run_grid
 
 SIMULATE_COLUMNS = ["policy", "rate", "normalized_latency", "throughput_rps", "mean_latency_s",
-                    "p50_latency_s", "p99_latency_s", "waste_fraction", "preserve_waste_fraction",
-                    "recompute_waste_fraction", "swap_waste_fraction"]
+                    "p50_latency_s", "p99_latency_s", "p95_completion_s", "mean_resumed_ttft_s",
+                    "waste_fraction", "preserve_waste_fraction", "recompute_waste_fraction",
+                    "swap_waste_fraction", "num_recomputed_tokens", "host_mb_moved",
+                    "prefix_cache_hit_rate"]
 TABLE_COLUMNS = ["policy", "rate", "normalized_latency", "completed_rps", "throughput_rps",
                  "tokens_per_s", "mean_ttft_s", "p50_latency_s", "p90_latency_s", "p99_latency_s",
-                 "waste_fraction", "preserve_waste_fraction", "recompute_waste_fraction",
-                 "swap_waste_fraction", "num_finished", "num_requests"]
+                 "mean_completion_s", "p95_completion_s", "mean_resumed_ttft_s",
+                 "p95_resumed_ttft_s", "waste_fraction", "preserve_waste_fraction",
+                 "recompute_waste_fraction", "swap_waste_fraction", "num_recomputed_tokens",
+                 "host_mb_moved", "prefix_cache_hit_rate", "num_finished", "num_requests"]
+# Programs drawn for an agent workload when --generate does not say.
+DEFAULT_PROGRAMS = 200
 FIXED_POLICIES = ("vllm", "discard", "preserve", "swap")
 
 
@@ -39,16 +46,39 @@ def machine_description() -> dict[str, str]:
 
 
 def load_templates(args: argparse.Namespace) -> tuple[list, str]:
-    """The workload's templates (scaled to ``--context`` and ``--time-scale``) and a description."""
+    """The workload's templates (scaled to ``--context`` and ``--time-scale``) and a description.
+
+    ``--workload mixed`` is the paper's trace (``--trace``) or its six types (``--generate N``),
+    scaled by ``scale_to_context``; an agent workload draws ``--generate`` programs (default
+    DEFAULT_PROGRAMS) of ``--apps`` apps per shape, scaled by the generator so that programs of
+    an app keep sharing their prefix.
+
+    Raises:
+        SystemExit: (argparse's error) a trace given for an agent workload, or neither a trace
+            nor ``--generate`` for the mixed one.
+    """
     from infercept.bench.workload import load_trace, scale_to_context
-    if args.trace is not None:
-        templates, what = load_trace(args.trace), f"trace {args.trace}"
+    workload = getattr(args, "workload", "mixed")
+    if workload != "mixed":
+        if args.trace is not None:
+            args.parser.error(f"--trace is the mixed workload's; --workload {workload} is generated "
+                              "(--generate N sets how many programs)")
+        num = args.generate or DEFAULT_PROGRAMS
+        templates = generate_programs(num, args.seed, workload, num_apps=args.apps,
+                                      max_context_tokens=args.context)
+        what = (f"agent workload {workload}: {num} programs, {args.apps} apps per shape, seed {args.seed}"
+                + (f", scaled to <= {args.context} tokens" if args.context is not None else ""))
     else:
-        templates = generate_workload(args.generate, args.seed)
-        what = f"generated: {args.generate} templates of the six Table 1 types, seed {args.seed}"
-    if args.context is not None:
-        templates = scale_to_context(templates, args.context)
-        what += f", contexts scaled to <= {args.context} tokens"
+        if args.trace is not None:
+            templates, what = load_trace(args.trace), f"trace {args.trace}"
+        elif args.generate is not None:
+            templates = generate_workload(args.generate, args.seed)
+            what = f"generated: {args.generate} templates of the six Table 1 types, seed {args.seed}"
+        else:
+            args.parser.error("--workload mixed needs --trace FILE or --generate N")
+        if args.context is not None:
+            templates = scale_to_context(templates, args.context)
+            what += f", contexts scaled to <= {args.context} tokens"
     if args.time_scale != 1.0:
         templates = scale_tool_time(templates, args.time_scale)
         what += f", tool durations x{args.time_scale:g}"
@@ -113,6 +143,8 @@ def _shown(row: dict, columns: list[str] = TABLE_COLUMNS) -> dict:
     for key in columns:
         if key.endswith("waste_fraction"):
             shown[key] = f"{100 * row[key]:.2f}%"
+    if "host_bytes_moved" in row:
+        shown["host_mb_moved"] = row["host_bytes_moved"] / 2**20
     return shown
 
 
@@ -161,18 +193,19 @@ def _json_rows(rows: list[dict]) -> list[dict]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """The paper's comparison: every policy at every rate on the simulator, sized by the profile."""
-    from infercept.bench.workload import load_trace
     from infercept.engine.profiles import load_profile
     cost = load_profile(args.profile)
     if args.kv_capacity_tokens is not None:
         cost.kv_capacity_tokens = args.kv_capacity_tokens
-    templates = load_trace(args.trace)
+    templates, workload = load_templates(args)
     setup = BenchSetup.from_profile(cost, args.duration, seed=args.seed, block_size=args.block_size,
-                                    host_to_device_ratio=args.host_to_device_ratio)
+                                    host_to_device_ratio=args.host_to_device_ratio,
+                                    token_ids=not args.counts_only,
+                                    enable_prefix_caching=not args.no_prefix_caching)
     print(f"profile {cost.name}: {cost.source}")
     print(f"device KV capacity {cost.kv_capacity_tokens} tokens, host {args.host_to_device_ratio:g}x that, "
           f"token budget S={cost.saturation_tokens}")
-    print(f"trace {args.trace}: {len(templates)} request templates; window {args.duration:g} s; seed {args.seed}")
+    print(f"{workload}: {len(templates)} request templates; window {args.duration:g} s; seed {args.seed}")
     rows = []
     for row in run_grid(templates, args.policies, args.rates, setup):
         rows.append(row)
@@ -223,7 +256,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        executor=executor, seed=args.seed, block_size=args.block_size,
                        host_to_device_ratio=args.host_to_device_ratio,
                        max_running_requests=args.max_running_requests, model=args.model,
-                       device=args.device, dtype=args.dtype, max_time_s=args.max_time)
+                       device=args.device, dtype=args.dtype, max_time_s=args.max_time,
+                       token_ids=not args.counts_only,
+                       enable_prefix_caching=not args.no_prefix_caching)
     print(f"{workload}\n{executor} executor; window {args.duration:g} s; seed {args.seed}; device "
           f"pool {setup.num_device_blocks} blocks of {setup.block_size}, host {setup.num_host_blocks}; "
           f"token budget {setup.max_batched_tokens}; profile {cost.name}: {cost.source}")
@@ -236,7 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "setup": {k: getattr(setup, k) for k in ("executor", "duration_s", "num_device_blocks",
                                                   "num_host_blocks", "max_batched_tokens", "seed",
                                                   "block_size", "max_running_requests", "device",
-                                                  "dtype")},
+                                                  "dtype", "token_ids", "enable_prefix_caching")},
         "complete": False,
         "rows": [],
         "timeline": {"policy": args.timeline_policy, "rate": max(args.rates), "samples": timeline},
@@ -315,12 +350,15 @@ def calibrate(templates: list, args: argparse.Namespace, setup: BenchSetup,
 def write_plots(rows: list[dict], timeline: list[dict], args: argparse.Namespace,
                 setup: BenchSetup, out_dir: Path, threshold: float) -> list[Path]:
     """The latency, waste and (when sampled) timeline PNGs; returns their paths."""
-    from infercept.bench.plots import plot_latency, plot_timeline, plot_waste
+    from infercept.bench.plots import plot_latency, plot_programs, plot_timeline, plot_waste
     stem = args.name
     files = [plot_latency(rows, out_dir / f"{stem}_latency.png",
                           f"normalized latency vs rate ({setup.executor})",
                           None if math.isnan(threshold) else threshold),
              plot_waste(rows, out_dir / f"{stem}_waste.png")]
+    if any(r.get("num_resumed_turns") for r in rows):  # multi-turn: the agent view
+        files.append(plot_programs(rows, out_dir / f"{stem}_programs.png",
+                                   f"agent programs vs rate ({setup.executor})"))
     if timeline:
         files.append(plot_timeline(timeline, out_dir / f"{stem}_timeline.png",
                                    f"memory timeline: {args.timeline_policy} at {max(args.rates):g} req/s "
@@ -344,10 +382,30 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workload and what agent workloads and the simulator's token ids take (both commands)."""
+    parser.add_argument("--workload", choices=WORKLOADS, default="mixed",
+                        help="mixed: the paper's trace (--trace) or its six types (--generate N); "
+                             "coding, function-calling, chat: multi-turn agent programs "
+                             "(docs/workloads.md); agents: the three mixed")
+    parser.add_argument("--apps", type=int, default=2,
+                        help="agent workloads: apps per shape (programs of an app share a prefix)")
+    parser.add_argument("--counts-only", action="store_true",
+                        help="sim: requests carry token counts, not ids (the prefix cache idles)")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="turn the core's prefix cache off for every policy")
+    parser.set_defaults(parser=parser)
+
+
 def add_parsers(sub: argparse._SubParsersAction, floats, policies) -> None:
     """Registers `simulate`, `bench` and `profile` on the CLI's subparsers."""
     sim = sub.add_parser("simulate", help="compare intercept policies on a trace with the simulated executor")
-    sim.add_argument("--trace", required=True, help="workload trace (JSON, format of shared/workloads)")
+    source = sim.add_mutually_exclusive_group()
+    source.add_argument("--trace", help="workload trace (JSON, format of shared/workloads)")
+    source.add_argument("--generate", type=int, metavar="N",
+                        help="N templates of the paper's six types (mixed) or N agent programs")
+    _add_workload_arguments(sim)
+    sim.set_defaults(context=None, time_scale=1.0)
     sim.add_argument("--profile", default="gptj-6b-a100", help="built-in profile name or profile JSON path")
     sim.add_argument("--rates", type=floats, default=[1.0, 2.0, 3.0, 4.0], help="request rates, req/s")
     sim.add_argument("--policies", type=policies, default=["vllm", "discard", "preserve", "swap", "infercept"])
@@ -364,10 +422,12 @@ def add_parsers(sub: argparse._SubParsersAction, floats, policies) -> None:
     sim.set_defaults(func=cmd_simulate)
 
     bench = sub.add_parser("bench", help="the policies side by side on a workload, real or simulated")
-    source = bench.add_mutually_exclusive_group(required=True)
+    source = bench.add_mutually_exclusive_group()
     source.add_argument("--trace", help="workload trace (JSON, format of shared/workloads)")
     source.add_argument("--generate", type=int, metavar="N",
-                        help="N templates from the built-in generator of the paper's six types")
+                        help="N templates from the built-in generator of the paper's six types "
+                             "(--workload mixed) or N agent programs (default 200)")
+    _add_workload_arguments(bench)
     bench.add_argument("--executor", choices=EXECUTORS, default="sim")
     bench.add_argument("--calibrate", action="store_true",
                        help="run real, then sim with the measured profile; report the sim's error")

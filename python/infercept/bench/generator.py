@@ -10,6 +10,7 @@ chatbot user a message, image and TTS models a short handle.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -116,6 +117,6 @@ def scale_tool_time(requests: Sequence[WorkloadRequest], factor: float) -> list[
         return list(requests)
     if not factor >= 0:
         raise ValueError(f"time scale {factor} must be >= 0")
-    return [WorkloadRequest(r.request_id, r.kind, r.prompt_tokens, tuple(
-        Segment(s.completion_tokens, None if s.tool_duration_s is None else s.tool_duration_s * factor,
-                s.tool_tokens) for s in r.segments), r.arrival_s) for r in requests]
+    return [dataclasses.replace(r, segments=tuple(
+        s if s.tool_duration_s is None else dataclasses.replace(s, tool_duration_s=s.tool_duration_s * factor)
+        for s in r.segments)) for r in requests]

@@ -1,7 +1,8 @@
 """Per-request outcomes of a benchmark run and the figures the CLI reports (DESIGN section 7).
 
 Latency excludes the time a request spends in intercepts: the tool's time is not the
-engine's to save, so a request's latency is finish - arrival - tool time.
+engine's to save, so a request's latency is finish - arrival - tool time. A program's
+completion time (an agent's whole run, what its user waits for) includes it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class RequestRecord:
         finish_s: when it finished; None if it did not finish within the run.
         num_output_tokens: tokens it decoded (so far, if unfinished); tool returns excluded.
         tool_time_s: time it spent in intercepts, excluded from latency.
+        resumed_ttfts_s: per resumed turn, from the tool's return to the turn's first token.
     """
 
     request_id: str
@@ -32,6 +34,14 @@ class RequestRecord:
     finish_s: float | None
     num_output_tokens: int
     tool_time_s: float = 0.0
+    resumed_ttfts_s: tuple[float, ...] = ()
+
+    @property
+    def completion_s(self) -> float | None:
+        """finish - arrival, tool time included; None if unfinished."""
+        if self.finish_s is None:
+            return None
+        return self.finish_s - self.arrival_s
 
     @property
     def latency_s(self) -> float | None:
@@ -51,7 +61,9 @@ def summarize(records: Iterable[RequestRecord], duration_s: float) -> dict[str, 
     normalized_latency is the mean over finished requests of latency / num_output_tokens
     (seconds per output token; requests with no output tokens are left out of it). Latency
     percentiles use numpy's default (linear) interpolation; mean_ttft_s is the mean of
-    first_token_s - arrival_s over records that produced a token.
+    first_token_s - arrival_s over records that produced a token. mean/p95_completion_s are over
+    finished records' completion_s (tool time included); mean/p95_resumed_ttft_s are over every
+    resumed turn of every record (num_resumed_turns of them).
 
     With no records, or none finished, the counts and rates are 0 and every statistic over
     the empty set (normalized_latency, latencies, mean_ttft_s) is NaN.
@@ -63,7 +75,8 @@ def summarize(records: Iterable[RequestRecord], duration_s: float) -> dict[str, 
     Returns:
         A dict with num_requests, num_finished, throughput_rps, tokens_per_s,
         normalized_latency, mean_latency_s, p50_latency_s, p90_latency_s, p99_latency_s,
-        mean_ttft_s.
+        mean_ttft_s, mean_completion_s, p95_completion_s, num_resumed_turns,
+        mean_resumed_ttft_s, p95_resumed_ttft_s.
 
     Raises:
         ValueError: duration_s is not positive.
@@ -76,6 +89,8 @@ def summarize(records: Iterable[RequestRecord], duration_s: float) -> dict[str, 
     per_token_s = [r.latency_s / r.num_output_tokens for r in finished if r.num_output_tokens > 0]
     ttfts_s = [r.first_token_s - r.arrival_s for r in records if r.first_token_s is not None]
     p50, p90, p99 = np.percentile(latencies_s, [50, 90, 99]) if len(latencies_s) else (math.nan,) * 3
+    completions_s = [r.completion_s for r in finished]
+    resumed_ttfts_s = [t for r in records for t in r.resumed_ttfts_s]
     return {
         "num_requests": len(records),
         "num_finished": len(finished),
@@ -87,11 +102,45 @@ def summarize(records: Iterable[RequestRecord], duration_s: float) -> dict[str, 
         "p90_latency_s": float(p90),
         "p99_latency_s": float(p99),
         "mean_ttft_s": _mean(ttfts_s),
+        "mean_completion_s": _mean(completions_s),
+        "p95_completion_s": _percentile(completions_s, 95),
+        "num_resumed_turns": len(resumed_ttfts_s),
+        "mean_resumed_ttft_s": _mean(resumed_ttfts_s),
+        "p95_resumed_ttft_s": _percentile(resumed_ttfts_s, 95),
+    }
+
+
+def resource_metrics(stats: Mapping[str, float], waste: Mapping[str, float],
+                     bytes_per_block: int) -> dict[str, float | int]:
+    """What a run cost the machine, from the scheduler's counters and its waste ledger.
+
+    Args:
+        stats: ``num_recomputed_tokens``, ``num_swap_out_blocks``, ``num_swap_in_blocks`` and,
+            when there, ``prefix_cache_queries`` / ``prefix_cache_hits`` (tokens).
+        waste: the ledger's byte-seconds (``total_byte_s``, ``capacity_byte_s``).
+        bytes_per_block: KV bytes of one block (bytes per token x block size).
+
+    Returns:
+        num_recomputed_tokens; wasted_device_byte_s (device memory-time wasted, every cause);
+        host_bytes_moved (blocks copied either way between device and host, in bytes);
+        prefix_cache_hit_rate (hit tokens / looked-up tokens; 0 with no lookups).
+    """
+    queries = stats.get("prefix_cache_queries", 0)
+    moved_blocks = stats["num_swap_out_blocks"] + stats["num_swap_in_blocks"]
+    return {
+        "num_recomputed_tokens": int(stats["num_recomputed_tokens"]),
+        "wasted_device_byte_s": float(waste["total_byte_s"]),
+        "host_bytes_moved": int(moved_blocks) * int(bytes_per_block),
+        "prefix_cache_hit_rate": stats.get("prefix_cache_hits", 0) / queries if queries else 0.0,
     }
 
 
 def _mean(values: Sequence[float] | np.ndarray) -> float:
     return float(np.mean(values)) if len(values) else math.nan
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else math.nan
 
 
 def highest_sustained_rate(rows: Iterable[Mapping[str, Any]], threshold: float) -> dict[str, float]:

@@ -79,3 +79,24 @@ def plot_timeline(samples: Sequence[Mapping[str, Any]], path: Path, title: str,
     plt.close(fig)
     return path
 
+
+
+def plot_programs(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
+    """Agent metrics against rate, one line per policy: p95 program completion time (tool
+    time included) and mean TTFT of resumed turns (tool return to the next turn's first token)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["rate"])
+        rates = [r["rate"] for r in mine]
+        left.plot(rates, [r["p95_completion_s"] for r in mine], marker="o", label=policy)
+        right.plot(rates, [r["mean_resumed_ttft_s"] for r in mine], marker="o", label=policy)
+    for ax, ylabel in ((left, "p95 program completion (s)"), (right, "mean resumed-turn TTFT (s)")):
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    left.legend()
+    fig.suptitle(title or "agent programs vs request rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

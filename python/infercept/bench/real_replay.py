@@ -1,7 +1,7 @@
 """Replays an augmented workload on the real engine under the wall clock.
 
-Each trace request becomes a real request: a seeded prompt of its token count, one scripted
-intercept per tool call (paused for the call's duration, resumed with the tool's token count)
+Each trace request becomes a real request: seeded prompt ids of its token count (its app's
+shared prefix first, as in the simulator: ``token_ids.py``), one scripted intercept per tool call (paused for the call's duration, resumed with the tool's token count)
 and ``ignore_eos`` so it decodes exactly its segments' tokens. Requests arrive at their
 ``arrival_s`` on the engine's clock; the engine steps whenever it has work and sleeps until the
 next arrival when it has none. Metrics come from per-request timestamps and the native waste
@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from infercept.engine import LLMEngine
 from infercept.bench.metrics import RequestRecord
+from infercept.bench.token_ids import prompt_token_ids
 from infercept.sampling import SamplingParams, ScriptedIntercept
 from infercept.bench.workload import WorkloadRequest
 
@@ -40,11 +39,10 @@ def to_engine_request(request: WorkloadRequest, vocab_size: int, seed: int,
     Args:
         request: The template (counts and tool durations).
         vocab_size: Prompt tokens are drawn from ``[100, vocab_size)``, past special tokens.
-        seed: Seeds the prompt's tokens.
+        seed: Seeds the prompt's tokens (with the request id and, for the shared prefix, the app).
         time_scale: Multiplies every tool duration (shrinks a trace to a short run).
     """
-    rng = np.random.default_rng(seed)
-    prompt = rng.integers(100, vocab_size, size=request.prompt_tokens).tolist()
+    prompt = prompt_token_ids(request, seed, vocab_size)
     intercepts, generated = [], 0
     for segment in request.segments[:-1]:
         generated += segment.completion_tokens
@@ -78,9 +76,10 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
             unfinished; the engine's shutdown aborts them).
     """
     pending = sorted(requests, key=lambda r: r.arrival_s)
-    prepared = [to_engine_request(r, engine.model.config.vocab_size, seed + i, time_scale)
-                for i, r in enumerate(pending)]
+    prepared = [to_engine_request(r, engine.model.config.vocab_size, seed, time_scale) for r in pending]
     ids: dict[int, WorkloadRequest] = {}
+    turns = _TurnClock()
+    live: set[int] = set()  # added, not finished: whose turns are watched
     start = engine.now()
     next_arrival = 0
     while next_arrival < len(pending) or engine.has_unfinished():
@@ -89,10 +88,14 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
             break
         while next_arrival < len(pending) and pending[next_arrival].arrival_s <= now:
             prompt, params = prepared[next_arrival]
-            ids[engine.add_request(prompt_token_ids=prompt, params=params)] = pending[next_arrival]
+            request_id = engine.add_request(prompt_token_ids=prompt, params=params)
+            ids[request_id] = pending[next_arrival]
+            live.add(request_id)
             next_arrival += 1
         if engine.has_unfinished():
             engine.step()
+            turns.observe([engine.get(i) for i in live], engine.now() - start)
+            live.difference_update([i for i in live if engine.get(i).finished])
         elif next_arrival < len(pending):
             time.sleep(max(0.0, pending[next_arrival].arrival_s - (engine.now() - start)))
         if on_step is not None:
@@ -107,7 +110,8 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
             request_id=request.request_id, arrival_s=out.arrival_s - start,
             first_token_s=None if out.first_token_s is None else out.first_token_s - start,
             finish_s=None if out.finish_s is None else out.finish_s - start,
-            num_output_tokens=out.num_generated_tokens, tool_time_s=out.tool_time_s))
+            num_output_tokens=out.num_generated_tokens, tool_time_s=out.tool_time_s,
+            resumed_ttfts_s=tuple(turns.resumed_ttfts_s.get(request_id, ()))))
     ledger = engine.scheduler.ledger()
     waste = {"preserved_idle_byte_s": ledger.waste.preserved_idle_byte_s,
              "recompute_byte_s": ledger.waste.recompute_byte_s,
@@ -115,3 +119,33 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
              "total_byte_s": ledger.waste.total_byte_s,
              "capacity_byte_s": ledger.capacity_byte_s}
     return RealReplayResult(records, duration_s, end, waste, engine.stats)
+
+
+class _TurnClock:
+    """Resumed-turn TTFTs from the engine's reports: tool return -> the turn's first token.
+
+    Read after every step: a request whose last intercept is open is paused (noted with its
+    generated count). Once that intercept has closed (its ``duration_s`` is set) the tool
+    returned at pause + duration, and the first report with more generated tokens than at the
+    pause is the new turn's first token (a one-token turn may already be paused again by
+    then). Times are as coarse as a step.
+    """
+
+    def __init__(self) -> None:
+        # id -> (when the pause was seen, generated tokens then, index of the intercept)
+        self._paused_at: dict[int, tuple[float, int, int]] = {}
+        self.resumed_ttfts_s: dict[int, list[float]] = {}
+
+    def observe(self, outputs: list, now_s: float) -> None:
+        for out in outputs:
+            seen = self._paused_at.get(out.request_id)
+            if seen is not None:
+                pause_s, generated, index = seen
+                duration_s = out.intercepts[index].duration_s
+                if duration_s is None or out.num_generated_tokens <= generated:
+                    continue
+                self.resumed_ttfts_s.setdefault(out.request_id, []).append(
+                    max(0.0, now_s - pause_s - duration_s))
+                del self._paused_at[out.request_id]
+            if out.intercepts and out.intercepts[-1].duration_s is None:
+                self._paused_at[out.request_id] = (now_s, out.num_generated_tokens, len(out.intercepts) - 1)

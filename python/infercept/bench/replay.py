@@ -4,6 +4,11 @@ This is the engine loop of DESIGN.md §3 for workloads whose tool calls are scri
 paper's trace): each request decodes a segment's tokens, pauses for the segment's tool time,
 gets the tool's tokens appended and decodes the next segment. The clock is virtual: it
 advances by what the executor reports, and jumps over idle time to the next event.
+
+With token ids (the default of the bench), requests enter the core as ids: the app's shared
+prefix, then ids of their own (``token_ids.py``); tool returns are ids too and the executor
+samples ids, so the core's prefix cache hits, evicts and serves a discarded context's own
+blocks back as on the real engine. Without, the core counts tokens only and the cache is idle.
 """
 
 from __future__ import annotations
@@ -17,7 +22,21 @@ from typing import Callable, Sequence
 from infercept._core import CostModel, Policy, Scheduler, SchedulerConfig
 from infercept.engine.executor import Executor
 from infercept.bench.metrics import RequestRecord
+from infercept.bench.token_ids import SIM_VOCAB_SIZE, prompt_token_ids, tool_token_ids
 from infercept.bench.workload import WorkloadRequest
+
+
+def _intercept_tool_keyword() -> str | None:
+    """The keyword by which this core's ``Scheduler.intercept`` takes a tool name, if it does.
+
+    Per-tool policies (Continuum's TTL) learn durations by tool name; a core built without them
+    takes no name, and the workload's names are then only reported.
+    """
+    doc = Scheduler.intercept.__doc__ or ""
+    return next((name for name in ("tool_name", "tool") if f" {name}:" in doc), None)
+
+
+_TOOL_KEYWORD = _intercept_tool_keyword()
 
 
 @dataclass
@@ -31,6 +50,8 @@ class _Progress:
     finish_s: float | None = None
     tool_time_s: float = 0.0
     intercept_start_s: float = 0.0
+    resume_s: float | None = None  # the tool returned here; no token of the new turn yet
+    resumed_ttfts_s: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -60,14 +81,21 @@ class ReplayEngine:
         cost: the cost model the scheduler sizes swaps and waste by.
         executor: runs each StepPlan (simulated or real).
         check_invariants: check block conservation after every step (tests; slow).
+        token_ids: add requests and tool returns as token ids (the executor must then sample
+            ids); None: as the executor does (its ``token_ids`` attribute, else counts only).
+        seed: seeds the ids (``token_ids.py``).
     """
 
     def __init__(self, config: SchedulerConfig, cost: CostModel, executor: Executor,
-                 check_invariants: bool = False) -> None:
+                 check_invariants: bool = False, token_ids: bool | None = None, seed: int = 0) -> None:
         self.scheduler = Scheduler(config, cost)
         self._executor = executor
         self._check = check_invariants
         self._policy = config.policy
+        self._token_ids = getattr(executor, "token_ids", False) if token_ids is None else token_ids
+        self._seed = seed
+        self._vocab_size = config.vocab_size or SIM_VOCAB_SIZE
+        self._awaiting_first_token: set[int] = set()  # resumed, no token of the new turn yet
 
     def run(self, requests: Sequence[WorkloadRequest], duration_s: float,
             max_time_s: float | None = None,
@@ -111,6 +139,8 @@ class ReplayEngine:
             now_s += result.duration_s
             output = core.update(plan, result, now_s)
             num_steps += 1
+            if self._awaiting_first_token:
+                self._note_resumed_ttfts(output.sampled, now_s, progress)
             for request_id in output.reached_limit:
                 self._segment_done(request_id, now_s, progress, events, seq)
             for request_id, reason in zip(output.aborted, output.abort_reasons):
@@ -130,14 +160,18 @@ class ReplayEngine:
             "capacity_byte_s": ledger.capacity_byte_s,
         }
         stats = core.stats()
-        stat_names = [name for name in dir(stats) if name.startswith("num_")]
+        stat_names = [name for name in dir(stats) if name.startswith(("num_", "prefix_cache_"))]
         return ReplayResult(records=records, duration_s=duration_s, end_s=now_s, num_steps=num_steps,
                             waste=waste, stats={name: getattr(stats, name) for name in stat_names},
                             aborted=aborted)
 
     def _arrive(self, request: WorkloadRequest, now_s: float, progress: dict[int, _Progress]) -> None:
         # Limit 1 first: the first token's time is the request's TTFT.
-        request_id = self.scheduler.add_request(request.prompt_tokens, request.arrival_s, 1)
+        if self._token_ids:
+            prompt = prompt_token_ids(request, self._seed, self._vocab_size)
+            request_id = self.scheduler.add_request(prompt, request.arrival_s, 1)
+        else:
+            request_id = self.scheduler.add_request(request.prompt_tokens, request.arrival_s, 1)
         state = _Progress(request=request, segment_end_tokens=request.segments[0].completion_tokens)
         progress[request_id] = state
 
@@ -158,7 +192,10 @@ class ReplayEngine:
             return
         # The model has called its tool: pause for the tool's time, hinting the duration as a
         # caller with a learned estimate would.
-        core.intercept(request_id, now_s, segment.tool_duration_s)
+        if _TOOL_KEYWORD is not None and segment.tool is not None:
+            core.intercept(request_id, now_s, segment.tool_duration_s, **{_TOOL_KEYWORD: segment.tool})
+        else:
+            core.intercept(request_id, now_s, segment.tool_duration_s)
         state.intercept_start_s = now_s
         heapq.heappush(events, (now_s + segment.tool_duration_s, next(seq), "resume", request_id))
 
@@ -167,17 +204,32 @@ class ReplayEngine:
         state = progress[request_id]
         segment = state.request.segments[state.segment]
         state.tool_time_s += now_s - state.intercept_start_s
+        if self._token_ids:
+            core.resume(request_id, tool_token_ids(state.request, state.segment, self._seed,
+                                                   self._vocab_size), now_s)
+        else:
+            core.resume(request_id, segment.tool_tokens, now_s)
         state.segment += 1
         state.segment_end_tokens += state.request.segments[state.segment].completion_tokens
-        core.resume(request_id, segment.tool_tokens, now_s)
         core.set_generated_token_limit(request_id, state.segment_end_tokens)
+        state.resume_s = now_s
+        self._awaiting_first_token.add(request_id)
+
+    def _note_resumed_ttfts(self, sampled: list[int], now_s: float, progress: dict[int, _Progress]) -> None:
+        """Resumed requests that sampled this step: their new turn's first token came now."""
+        for request_id in self._awaiting_first_token.intersection(sampled):
+            state = progress[request_id]
+            state.resumed_ttfts_s.append(now_s - state.resume_s)
+            state.resume_s = None
+            self._awaiting_first_token.discard(request_id)
 
     @staticmethod
     def _record(core: Scheduler, request_id: int, state: _Progress) -> RequestRecord:
         generated = core.request(request_id).num_generated_tokens
         return RequestRecord(request_id=state.request.request_id, arrival_s=state.request.arrival_s,
                              first_token_s=state.first_token_s, finish_s=state.finish_s,
-                             num_output_tokens=generated, tool_time_s=state.tool_time_s)
+                             num_output_tokens=generated, tool_time_s=state.tool_time_s,
+                             resumed_ttfts_s=tuple(state.resumed_ttfts_s))
 
 
 def simulated_config(cost: CostModel, policy: Policy | str, block_size: int = 16,

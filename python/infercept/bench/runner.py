@@ -14,7 +14,7 @@ from typing import Any
 
 from infercept._core import CostModel
 from infercept.bench.executor import SimulatedExecutor
-from infercept.bench.metrics import RequestRecord, summarize
+from infercept.bench.metrics import RequestRecord, resource_metrics, summarize
 from infercept.bench.replay import ReplayEngine, simulated_config
 from infercept.bench.workload import WorkloadRequest, poisson_arrivals
 
@@ -42,6 +42,9 @@ class BenchSetup:
         max_time_s: Stop a run here even if requests are unfinished (they count as
             unfinished): bounds a run whose scheduler stalls in real mode, and cuts a simulated
             run at the same (virtual) time so the two stay comparable.
+        token_ids: Sim mode: requests carry token ids, so the prefix cache works as on the real
+            engine (False: the core's counts-only path, the cache idle).
+        enable_prefix_caching: The core's prefix cache (policies that have one).
     """
 
     cost: CostModel
@@ -57,6 +60,8 @@ class BenchSetup:
     device: str = "cpu"
     dtype: str = "float32"
     max_time_s: float | None = None
+    token_ids: bool = True
+    enable_prefix_caching: bool = True
     _loaded: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,11 @@ class BenchSetup:
     @property
     def num_host_blocks(self) -> int:
         return int(self.num_device_blocks * self.host_to_device_ratio)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """KV bytes of one block, by the profile."""
+        return int(self.cost.kv_bytes_per_token) * self.block_size
 
     def pool_cost(self) -> CostModel:
         """A copy of ``cost`` sized to this setup's pool and token budget."""
@@ -141,7 +151,9 @@ def run_sim(requests: Sequence[WorkloadRequest], policy: str, rate: float, setup
     cost = setup.pool_cost()
     config = simulated_config(cost, policy, setup.block_size, setup.host_to_device_ratio,
                               setup.max_running_requests)
-    engine = ReplayEngine(config, cost, SimulatedExecutor(cost, setup.block_size))
+    config.enable_prefix_caching = setup.enable_prefix_caching
+    executor = SimulatedExecutor(cost, setup.block_size, token_ids=setup.token_ids, seed=setup.seed)
+    engine = ReplayEngine(config, cost, executor, seed=setup.seed)
     on_step = None
     if timeline is not None:
         def on_step(now_s: float) -> None:
@@ -153,9 +165,18 @@ def run_sim(requests: Sequence[WorkloadRequest], policy: str, rate: float, setup
         return _stalled_row(policy, rate, setup, str(error))
     return _row(policy, rate, setup, result.records, result.waste, result.end_s, {
         "num_steps": result.num_steps, "num_aborted": len(result.aborted),
-        "num_preemptions": result.stats["num_preemptions"],
-        "num_recomputed_tokens": result.stats["num_recomputed_tokens"],
-        "num_swap_out_blocks": result.stats["num_swap_out_blocks"]})
+        **_counters(result.stats, result.waste, setup)})
+
+
+_COUNTERS = ("num_preemptions", "num_swap_out_blocks", "num_swap_in_blocks", "prefix_cache_queries",
+             "prefix_cache_hits", "prefix_cache_host_hits", "num_device_evictions")
+
+
+def _counters(stats: dict, waste: dict[str, float], setup: BenchSetup) -> dict[str, Any]:
+    """The scheduler's counters a row reports, and what they cost (``resource_metrics``)."""
+    row = {name: int(stats.get(name, 0)) for name in _COUNTERS}
+    row.update(resource_metrics(stats, waste, setup.bytes_per_block))
+    return row
 
 
 def _load(setup: BenchSetup) -> tuple[Any, Any]:
@@ -184,7 +205,8 @@ def run_real(requests: Sequence[WorkloadRequest], policy: str, rate: float, setu
                           block_size=setup.block_size, num_device_blocks=setup.num_device_blocks,
                           num_host_blocks=setup.num_host_blocks,
                           max_batched_tokens=setup.max_batched_tokens,
-                          max_running_requests=setup.max_running_requests, device=setup.device)
+                          max_running_requests=setup.max_running_requests, device=setup.device,
+                          enable_prefix_caching=setup.enable_prefix_caching)
     cost = setup.pool_cost()
     # Per executed step: tokens, context, executor s (StepResult.duration_s), whole step s;
     # step - executor is the engine loop's own overhead, which T_fwd does not contain.
@@ -209,9 +231,7 @@ def run_real(requests: Sequence[WorkloadRequest], policy: str, rate: float, setu
     return _row(policy, rate, setup, result.records, result.waste, result.end_s, {
         "num_steps": int(stats["num_steps"]),
         "num_aborted": sum(r.finish_s is None for r in result.records),
-        "num_preemptions": int(stats["num_preemptions"]),
-        "num_recomputed_tokens": int(stats["num_recomputed_tokens"]),
-        "num_swap_out_blocks": int(stats["num_swap_out_blocks"]),
+        **_counters(stats, result.waste, setup),
         "mean_runner_s": sum(b[2] for b in busy) / num_busy,
         "mean_step_s": sum(b[3] for b in busy) / num_busy,
         "mean_predicted_step_s": sum(cost.step_time_s(b[0], b[1]) for b in busy) / num_busy,

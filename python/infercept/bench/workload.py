@@ -66,11 +66,14 @@ class Segment:
         tool_duration_s: how long the intercept (tool call) takes; None for the last segment.
         tool_tokens: tokens the tool returns, appended to the context on resume; 0 for the
             last segment.
+        tool: the tool's name (agent workloads; per-tool policies such as Continuum's TTL
+            learn durations by it); None when the trace does not say, and for the last segment.
     """
 
     completion_tokens: int
     tool_duration_s: float | None = None
     tool_tokens: int = 0
+    tool: str | None = None
 
     def __post_init__(self) -> None:
         if self.completion_tokens < 1:
@@ -80,6 +83,8 @@ class Segment:
         if self.tool_duration_s is None:
             if self.tool_tokens != 0:
                 raise ValueError(f"tool_tokens={self.tool_tokens} without a tool call")
+            if self.tool is not None:
+                raise ValueError(f"tool={self.tool!r} without a tool call")
         elif not (math.isfinite(self.tool_duration_s) and self.tool_duration_s >= 0):
             raise ValueError(f"tool_duration_s={self.tool_duration_s} must be finite and >= 0")
 
@@ -94,6 +99,10 @@ class WorkloadRequest:
         prompt_tokens: tokens of the user prompt.
         segments: every segment but the last ends in an intercept.
         arrival_s: arrival time in seconds from the start of the run.
+        app: the application the request belongs to; requests of one app start with the same
+            ``shared_prefix_tokens`` tokens (its system prompt and tool schemas). "" for none.
+        shared_prefix_tokens: how many of ``prompt_tokens`` are the app's shared prefix (0: the
+            prompt is the request's own, as in the paper's trace).
     """
 
     request_id: str
@@ -101,6 +110,8 @@ class WorkloadRequest:
     prompt_tokens: int
     segments: tuple[Segment, ...]
     arrival_s: float = 0.0
+    app: str = ""
+    shared_prefix_tokens: int = 0
 
     def __post_init__(self) -> None:
         where = f"request {self.request_id}"
@@ -108,6 +119,12 @@ class WorkloadRequest:
             raise ValueError(f"{where}: prompt_tokens={self.prompt_tokens} must be >= 1")
         if not self.segments:
             raise ValueError(f"{where}: has no segments")
+        if not 0 <= self.shared_prefix_tokens <= self.prompt_tokens:
+            raise ValueError(f"{where}: shared_prefix_tokens={self.shared_prefix_tokens} must be in "
+                             f"[0, prompt_tokens={self.prompt_tokens}]")
+        if self.shared_prefix_tokens and not self.app:
+            raise ValueError(f"{where}: shared_prefix_tokens={self.shared_prefix_tokens} needs an app "
+                             "whose programs share it")
         if self.segments[-1].tool_duration_s is not None:
             raise ValueError(f"{where}: the last segment must not call a tool")
         for index, segment in enumerate(self.segments[:-1]):
@@ -405,7 +422,9 @@ def scale_to_context(requests: Sequence[WorkloadRequest], max_context_tokens: in
         The requests, in order, each with max_context_tokens <= the limit.
 
     Raises:
-        ValueError: a request has more nonzero counts than the limit, so it cannot fit.
+        ValueError: a request has more nonzero counts than the limit, so it cannot fit; or it
+            has a shared prefix (scaling each request by its own factor would un-share it:
+            :func:`infercept.bench.agents.generate_programs` scales agent programs instead).
     """
     scaled = []
     for request in requests:
@@ -413,6 +432,11 @@ def scale_to_context(requests: Sequence[WorkloadRequest], max_context_tokens: in
         if total_tokens <= max_context_tokens:
             scaled.append(request)
             continue
+        if request.shared_prefix_tokens:
+            raise ValueError(
+                f"request {request.request_id}: has a {request.shared_prefix_tokens}-token prefix shared "
+                f"with app {request.app!r}; scale agent programs with "
+                "generate_programs(..., max_context_tokens=...) so the prefix stays shared")
         counts = [request.prompt_tokens] + [
             x for s in request.segments for x in (s.completion_tokens, s.tool_tokens)
         ]
@@ -429,7 +453,8 @@ def scale_to_context(requests: Sequence[WorkloadRequest], max_context_tokens: in
             return 1 + (x - 1) * (max_context_tokens - num_nonzero) // (total_tokens - num_nonzero)
 
         segments = tuple(
-            Segment(shrink(s.completion_tokens), s.tool_duration_s, shrink(s.tool_tokens))
+            dataclasses.replace(s, completion_tokens=shrink(s.completion_tokens),
+                                tool_tokens=shrink(s.tool_tokens))
             for s in request.segments
         )
         scaled.append(
