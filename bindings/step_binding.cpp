@@ -76,6 +76,7 @@ void bind_step(py::module_& m) {
   def_array(plan, "context_lens", &StepBatch::context_lens, "[B] int32 tokens with KV after this step");
   def_array(plan, "logit_rows", &StepBatch::logit_rows, "[S] int64 flat row of each sampling request's last new token");
   def_array(plan, "sampling_request_ids", &StepBatch::sampling_request_ids, "[S] int64 requests that sample, in plan order");
+  def_array(plan, "sampling_positions", &StepBatch::sampling_positions, "[S] int32 context position each sampled token takes");
   def_array(plan, "num_cached_tokens", &StepBatch::num_cached_tokens, "[S] int32 prompt tokens the prefix cache served each sampling request");
   plan.def_property_readonly(
           "block_tables",

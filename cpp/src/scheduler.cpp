@@ -308,6 +308,10 @@ void Scheduler::remove_intercepted(Request& r) {
 // ---- one iteration ------------------------------------------------------------------------
 
 StepPlan Scheduler::schedule(double now_s) {
+  if (updated_step_id_ != step_id_) {
+    throw StateError("schedule() called before update() applied the plan of step " + std::to_string(step_id_) +
+                     "; every plan, an empty one too, must be applied before the next is made");
+  }
   account_time(now_s);
   kv_.set_now(now_s);
   StepPlan plan;
@@ -324,7 +328,7 @@ StepPlan Scheduler::schedule(double now_s) {
   admit_queued(plan, token_budget, swap_in_budget_blocks);
   plan.swap_budget_tokens = cost_.swap_budget_tokens(plan.num_batched_tokens, plan.num_context_tokens);
   decide_intercepted(plan);
-  if (config_.build_batch) build_batch(plan);
+  build_batch(plan);
   return plan;
 }
 
@@ -606,6 +610,7 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
       }
     }
   }
+  updated_step_id_ = step_id_;
   account_time(now_s);
   account_step(plan, result);
   kv_.set_now(now_s);

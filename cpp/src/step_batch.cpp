@@ -10,49 +10,54 @@ void Scheduler::build_batch(StepPlan& plan) const {
   StepBatch& b = plan.batch;
   const size_t num_seqs = plan.scheduled.size();
   const int32_t block_size = config_.block_size;
+  // Per request (always: O(B), and the simulator samples from the sampling rows).
   b.request_ids.resize(num_seqs);
   b.query_start.resize(num_seqs + 1);
   b.query_lens.resize(num_seqs);
   b.context_lens.resize(num_seqs);
-  b.input_ids.resize(static_cast<size_t>(plan.num_batched_tokens));
-  b.positions.resize(b.input_ids.size());
-  b.slot_mapping.resize(b.input_ids.size());
   b.logit_rows.clear();
   b.sampling_request_ids.clear();
+  b.sampling_positions.clear();
   b.num_cached_tokens.clear();
-
-  // One pass for the per-token rows; the tables are read where they live (no per-request copy).
   std::vector<const Request*> reqs(num_seqs);
   int32_t max_blocks = 0;
-  int64_t row = 0;
   b.query_start[0] = 0;
   for (size_t i = 0; i < num_seqs; ++i) {
     const ScheduledRequest& s = plan.scheduled[i];
     const Request& r = requests_.at(s.request_id);
     reqs[i] = &r;
-    const std::vector<BlockId>& table = r.kv->device_blocks;
     const int32_t end = s.num_computed_tokens + s.num_new_tokens;
     b.request_ids[i] = s.request_id;
     b.query_lens[i] = s.num_new_tokens;
     b.context_lens[i] = end;
-    max_blocks = std::max(max_blocks, static_cast<int32_t>(table.size()));
+    b.query_start[i + 1] = b.query_start[i] + s.num_new_tokens;
+    max_blocks = std::max(max_blocks, static_cast<int32_t>(r.kv->device_blocks.size()));
+    if (s.samples) {
+      b.logit_rows.push_back(b.query_start[i + 1] - 1);
+      b.sampling_request_ids.push_back(s.request_id);
+      b.sampling_positions.push_back(end);
+      b.num_cached_tokens.push_back(r.num_cached_tokens);
+    }
+  }
+  if (!config_.build_batch) return;
+
+  // Per token and per block: the forward's inputs, read from the tables where they live.
+  b.input_ids.resize(static_cast<size_t>(plan.num_batched_tokens));
+  b.positions.resize(b.input_ids.size());
+  b.slot_mapping.resize(b.input_ids.size());
+  b.max_blocks = max_blocks;
+  b.block_tables.assign(num_seqs * static_cast<size_t>(max_blocks), 0);
+  int64_t row = 0;
+  for (size_t i = 0; i < num_seqs; ++i) {
+    const ScheduledRequest& s = plan.scheduled[i];
+    const Request& r = *reqs[i];
+    const std::vector<BlockId>& table = r.kv->device_blocks;
     const TokenId* tokens = r.has_token_ids() ? r.tokens.tokens().data() : nullptr;
-    for (int32_t pos = s.num_computed_tokens; pos < end; ++pos, ++row) {
+    for (int32_t pos = s.num_computed_tokens; pos < b.context_lens[i]; ++pos, ++row) {
       b.input_ids[row] = tokens ? tokens[pos] : 0;
       b.positions[row] = pos;
       b.slot_mapping[row] = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
     }
-    b.query_start[i + 1] = row;
-    if (s.samples) {
-      b.logit_rows.push_back(row - 1);
-      b.sampling_request_ids.push_back(s.request_id);
-      b.num_cached_tokens.push_back(r.num_cached_tokens);
-    }
-  }
-  b.max_blocks = max_blocks;
-  b.block_tables.assign(num_seqs * static_cast<size_t>(max_blocks), 0);
-  for (size_t i = 0; i < num_seqs; ++i) {
-    const std::vector<BlockId>& table = reqs[i]->kv->device_blocks;
     std::copy(table.begin(), table.end(), b.block_tables.begin() + static_cast<std::ptrdiff_t>(i * max_blocks));
   }
 }

@@ -468,6 +468,11 @@ class StepPlan:
         [B] int64 scheduled requests, in plan order
         """
     @property
+    def sampling_positions(self) -> numpy.typing.NDArray[numpy.int32]:
+        """
+        [S] int32 context position each sampled token takes
+        """
+    @property
     def sampling_request_ids(self) -> numpy.typing.NDArray[numpy.int64]:
         """
         [S] int64 requests that sample, in plan order

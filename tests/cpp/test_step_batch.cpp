@@ -50,6 +50,7 @@ void expect_batch_matches(const Scheduler& s, const StepPlan& plan) {
       ASSERT_LT(sample, b.logit_rows.size());
       EXPECT_EQ(b.logit_rows[sample], static_cast<int64_t>(row) - 1);
       EXPECT_EQ(b.sampling_request_ids[sample], sr.request_id);
+      EXPECT_EQ(b.sampling_positions[sample], sr.num_computed_tokens + sr.num_new_tokens);
       EXPECT_EQ(b.num_cached_tokens[sample], r.num_cached_tokens);
       ++sample;
     }
@@ -91,6 +92,19 @@ TEST(StepBatch, CountsOnlyRequestsGetZeroInputIds) {
   ASSERT_EQ(plan.batch.input_ids.size(), 20u);
   for (int64_t id : plan.batch.input_ids) EXPECT_EQ(id, 0);
   EXPECT_EQ(plan.batch.positions.back(), 19);
+}
+
+TEST(StepBatch, WithoutBuildBatchOnlyThePerRequestArraysAreFilled) {
+  SchedulerConfig config = make_config(Policy::kInfercept);
+  config.build_batch = false;  // the simulator's setting
+  Sim sim(config);
+  RequestId id = sim.s.add_request(tokens_from(1, 20), 0.0, 2);
+  StepPlan plan = sim.s.schedule(0.0);
+  EXPECT_TRUE(plan.batch.input_ids.empty());
+  EXPECT_TRUE(plan.batch.block_tables.empty());
+  EXPECT_EQ(plan.batch.context_lens, std::vector<int32_t>{20});
+  EXPECT_EQ(plan.batch.sampling_request_ids, std::vector<int64_t>{id});
+  EXPECT_EQ(plan.batch.sampling_positions, std::vector<int32_t>{20});
 }
 
 TEST(StepOutput, ReportsEachPausedKvMoveOnce) {

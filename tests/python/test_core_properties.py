@@ -248,15 +248,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         ids = [x.request_id for x in plan.scheduled]
         assert len(set(ids)) == len(ids), f"a request is scheduled twice: {ids}"
         assert len(ids) <= cfg.max_running_requests
-        for x in plan.scheduled:
+        padded_tables = plan.block_tables
+        assert padded_tables.shape[0] == len(plan.scheduled)
+        for row, x in enumerate(plan.scheduled):
             r = s.request(x.request_id)
             assert r.state in COMPUTING, f"scheduled request {r.id} is {r.state}"
             assert x.num_new_tokens > 0
             assert 0 <= x.num_recompute_tokens <= x.num_new_tokens
             assert r.num_computed_tokens == x.num_computed_tokens + x.num_new_tokens
             assert x.samples == (r.num_computed_tokens == r.num_tokens)
-            table = list(x.block_table)
-            assert len(table) == self.num_blocks(x.num_computed_tokens + x.num_new_tokens)
+            # The plan's padded table row: the request's blocks, then zeros.
+            table = padded_tables[row, :self.num_blocks(x.num_computed_tokens + x.num_new_tokens)].tolist()
+            assert not padded_tables[row, len(table):].any()
             assert table == tables[r.id][0], (
                 f"request {r.id}'s scheduled block table {table} is not its own {tables[r.id][0]}"
             )

@@ -109,7 +109,9 @@ class Scheduler {
   /// Drops a finished or aborted request's record.
   void remove(RequestId request);
 
-  /// Plans one iteration at time `now_s`.
+  /// Plans one iteration at time `now_s`. The previous plan must have been applied by
+  /// update() (an empty one too: planning may have moved blocks without a copy, or given up
+  /// on a request); StateError otherwise.
   StepPlan schedule(double now_s);
 
   /// Applies a finished iteration: commits copies and tokens, accounts waste.
@@ -169,7 +171,8 @@ class Scheduler {
   void decide_intercepted(StepPlan& plan);  // intercept_policy.cpp: the policies' choices
 
   void add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan);
-  // Fills plan.batch from plan.scheduled and the block tables (step_batch.cpp).
+  // Fills plan.batch from plan.scheduled and the block tables (step_batch.cpp); only the
+  // per-request arrays unless config_.build_batch.
   void build_batch(StepPlan& plan) const;
   // Paused requests whose state differs from what the caller last heard (step_batch.cpp).
   void report_kv_changes(StepOutput& out);
@@ -199,6 +202,7 @@ class Scheduler {
   std::unordered_map<RequestId, Request> requests_;  // node-based: Request* stay valid
   RequestId next_id_ = 0;
   int64_t step_id_ = 0;
+  int64_t updated_step_id_ = 0;  // the last step update() applied: schedule() needs == step_id_
   int32_t num_live_ = 0;
 
   std::vector<Request*> running_;        // running and recomputing, by priority

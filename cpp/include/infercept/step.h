@@ -26,7 +26,8 @@ struct ScheduledRequest {
 
 /// The forward's inputs for one step, flat and in plan order, built once at the end of
 /// schedule() so the executor reads them without a per-request walk (Python sees numpy views
-/// of these vectors, no copy). B scheduled requests, T new tokens, S sampling requests.
+/// of these vectors, no copy). B scheduled requests, T new tokens, S sampling requests. The
+/// [T] and [B, max_blocks] arrays are left empty when SchedulerConfig::build_batch is off.
 struct StepBatch {
   std::vector<int64_t> request_ids;     // [B]
   std::vector<int64_t> input_ids;       // [T] token ids of the new tokens; 0 for counts-only requests
@@ -39,6 +40,7 @@ struct StepBatch {
   int32_t max_blocks = 0;
   std::vector<int64_t> logit_rows;            // [S] flat row of each sampling request's last new token
   std::vector<int64_t> sampling_request_ids;  // [S]
+  std::vector<int32_t> sampling_positions;    // [S] context position the sampled token takes
   std::vector<int32_t> num_cached_tokens;     // [S] prompt tokens the prefix cache served at admission
 };
 

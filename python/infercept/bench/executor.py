@@ -49,6 +49,7 @@ class SimulatedExecutor:
         if self._token_ids and plan.num_sampling_requests:
             seed, vocab = self._seed, self._vocab_size
             result.sampled_token_ids = [
-                sampled_token_id(seed, s.request_id, s.num_computed_tokens + s.num_new_tokens, vocab)
-                for s in plan.scheduled if s.samples]
+                sampled_token_id(seed, request_id, position, vocab)
+                for request_id, position in zip(plan.sampling_request_ids.tolist(),
+                                                plan.sampling_positions.tolist())]
         return result

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from infercept._core import CostModel, Policy, Scheduler, SchedulerConfig
+from infercept._core import CostModel, Policy, Scheduler, SchedulerConfig, StepResult
 from infercept.engine.executor import Executor
 from infercept.bench.metrics import RequestRecord
 from infercept.bench.token_ids import SIM_VOCAB_SIZE, prompt_token_ids, tool_token_ids
@@ -119,6 +119,7 @@ class ReplayEngine:
         limit_s = math.inf if max_time_s is None else max_time_s
         now_s = 0.0
         num_steps = 0
+        num_idle_plans = 0  # empty plans in a row at one time
 
         while (events or core.num_live_requests) and now_s < limit_s:
             while events and events[0][0] <= now_s:
@@ -129,12 +130,21 @@ class ReplayEngine:
                     self._tool_returns(payload, now_s, progress)
             plan = core.schedule(now_s)
             if plan.is_empty():
-                if not events:
+                # Applied like any plan: planning may have moved blocks without a copy (a
+                # swap-in whose blocks were still cached on the device) or given up on a
+                # request. Two empty plans in a row with nothing to wait for is a stall.
+                output = core.update(plan, StepResult(0.0), now_s)
+                for request_id, reason in zip(output.aborted, output.abort_reasons):
+                    aborted[progress[request_id].request.request_id] = reason
+                num_idle_plans += 1
+                if events:
+                    now_s = min(max(now_s, events[0][0]), limit_s)  # idle until the next event or the cut
+                elif num_idle_plans > 1 and core.num_live_requests:
                     raise RuntimeError(
                         f"replay stalled at t={now_s:.3f}s with {core.num_live_requests} live requests "
                         "and nothing schedulable; this is a scheduler bug")
-                now_s = min(max(now_s, events[0][0]), limit_s)  # idle until the next event or the cut
                 continue
+            num_idle_plans = 0
             result = self._executor.execute(plan)
             now_s += result.duration_s
             output = core.update(plan, result, now_s)
