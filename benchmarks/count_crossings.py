@@ -118,7 +118,7 @@ def main() -> None:
     print(json.dumps({
         "machine": platform.processor() or platform.machine(),
         "batch": args.batch, "paused": args.paused, "policy": args.policy,
-        "num_layers": engine.model.config.num_hidden_layers,
+        "num_layers": engine.model.config.num_layers,
         "crossings_per_step": per_step,
         "by_call_per_step": {k: round(v / args.steps, 1) for k, v in sorted(names.items(),
                                                                             key=lambda kv: -kv[1])},
