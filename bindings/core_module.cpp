@@ -153,7 +153,32 @@ void bind_cost(py::module_& m) {
   py::class_<WasteLedger>(m, "WasteLedger")
       .def_readonly("waste", &WasteLedger::waste)
       .def_readonly("capacity_byte_s", &WasteLedger::capacity_byte_s)
-      .def_property_readonly("waste_fraction", &WasteLedger::waste_fraction);
+      .def_property_readonly("waste_fraction", &WasteLedger::waste_fraction)
+      .def(
+          "as_dict",
+          [](const WasteLedger& l) {
+            py::dict d;
+            d["preserved_idle_byte_s"] = l.waste.preserved_idle_byte_s;
+            d["recompute_byte_s"] = l.waste.recompute_byte_s;
+            d["swap_stall_byte_s"] = l.waste.swap_stall_byte_s;
+            d["total_byte_s"] = l.waste.total_byte_s();
+            d["capacity_byte_s"] = l.capacity_byte_s;
+            return d;
+          },
+          "Byte-seconds per cause, their total, and the capacity (device bytes x time)")
+      .def(
+          "fractions",
+          [](const WasteLedger& l) {
+            // Each cause over the capacity: the one place these fractions are computed.
+            auto of = [&](double byte_s) { return l.capacity_byte_s > 0 ? byte_s / l.capacity_byte_s : 0.0; };
+            py::dict d;
+            d["waste_fraction"] = of(l.waste.total_byte_s());
+            d["preserve_waste_fraction"] = of(l.waste.preserved_idle_byte_s);
+            d["recompute_waste_fraction"] = of(l.waste.recompute_byte_s);
+            d["swap_waste_fraction"] = of(l.waste.swap_stall_byte_s);
+            return d;
+          },
+          "Wasted device memory-time over the total, overall and per cause (0 before any time passed)");
 }
 
 void bind_scheduler(py::module_& m) {

@@ -364,6 +364,14 @@ class WasteCounters:
     def total_byte_s(self) -> float:
         ...
 class WasteLedger:
+    def as_dict(self) -> dict:
+        """
+        Byte-seconds per cause, their total, and the capacity (device bytes x time)
+        """
+    def fractions(self) -> dict:
+        """
+        Wasted device memory-time over the total, overall and per cause (0 before any time passed)
+        """
     @property
     def capacity_byte_s(self) -> float:
         ...

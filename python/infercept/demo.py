@@ -80,11 +80,11 @@ def run_policies(model_path: Path | None, trace: Path, num_device_blocks: int, r
         with LLMEngine(config, model=model, tokenizer=tokenizer) as engine:
             result = replay(engine, arrivals, duration_s, time_scale=time_scale, seed=seed)
         row = {"policy": policy, **summarize(result.records, duration_s)}
-        capacity = result.waste["capacity_byte_s"] or 1.0
-        row["waste_fraction"] = result.waste["total_byte_s"] / capacity
-        row["preserve_waste"] = result.waste["preserved_idle_byte_s"] / capacity
-        row["recompute_waste"] = result.waste["recompute_byte_s"] / capacity
-        row["swap_waste"] = result.waste["swap_stall_byte_s"] / capacity
+        fractions = result.waste_fractions
+        row["waste_fraction"] = fractions["waste_fraction"]
+        row["preserve_waste"] = fractions["preserve_waste_fraction"]
+        row["recompute_waste"] = fractions["recompute_waste_fraction"]
+        row["swap_waste"] = fractions["swap_waste_fraction"]
         # The window is short: report completions over the whole run (until drained).
         row["completed_rps"] = row["num_finished"] / result.end_s
         rows.append(row)

@@ -101,3 +101,26 @@ def test_cuda_report_is_consistent() -> None:
         assert _core.cuda_smoke_test(7) is False
     else:
         assert _core.cuda_smoke_test(7) is True
+
+
+def test_waste_ledger_dict_and_fractions() -> None:
+    config = _core.SchedulerConfig()
+    config.num_device_blocks = 64
+    config.block_size = 4
+    config.policy = _core.Policy.parse("preserve")
+    core = _core.Scheduler(config, _core.CostModel.builtin("gptj-6b-a100"))
+    assert core.ledger().fractions() == {"waste_fraction": 0.0, "preserve_waste_fraction": 0.0,
+                                         "recompute_waste_fraction": 0.0, "swap_waste_fraction": 0.0}
+    request = core.add_request(list(range(1, 10)), 0.0)
+    plan = core.schedule(0.0)
+    core.update(plan, _core.StepResult(0.1, 0.0, [], [5]), 0.1)
+    core.intercept(request, 0.1, 10.0)
+    plan = core.schedule(0.1)
+    core.update(plan, _core.StepResult(0.0), 2.0)  # held 1.9 s by a paused context
+    ledger = core.ledger()
+    d, f = ledger.as_dict(), ledger.fractions()
+    assert d["capacity_byte_s"] > 0 and d["total_byte_s"] == pytest.approx(
+        d["preserved_idle_byte_s"] + d["recompute_byte_s"] + d["swap_stall_byte_s"])
+    assert f["waste_fraction"] == pytest.approx(d["total_byte_s"] / d["capacity_byte_s"])
+    assert f["waste_fraction"] == pytest.approx(ledger.waste_fraction)
+    assert f["preserve_waste_fraction"] > 0

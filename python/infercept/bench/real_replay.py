@@ -28,7 +28,8 @@ class RealReplayResult:
     records: list[RequestRecord]
     duration_s: float
     end_s: float
-    waste: dict[str, float]
+    waste: dict[str, float]            # WasteLedger.as_dict
+    waste_fractions: dict[str, float]  # WasteLedger.fractions
     stats: dict[str, float]
 
 
@@ -113,12 +114,7 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
             num_output_tokens=out.num_generated_tokens, tool_time_s=out.tool_time_s,
             resumed_ttfts_s=tuple(turns.resumed_ttfts_s.get(request_id, ()))))
     ledger = engine.scheduler.ledger()
-    waste = {"preserved_idle_byte_s": ledger.waste.preserved_idle_byte_s,
-             "recompute_byte_s": ledger.waste.recompute_byte_s,
-             "swap_stall_byte_s": ledger.waste.swap_stall_byte_s,
-             "total_byte_s": ledger.waste.total_byte_s,
-             "capacity_byte_s": ledger.capacity_byte_s}
-    return RealReplayResult(records, duration_s, end, waste, engine.stats)
+    return RealReplayResult(records, duration_s, end, ledger.as_dict(), ledger.fractions(), engine.stats)
 
 
 class _TurnClock:

@@ -62,15 +62,15 @@ class ReplayResult:
     duration_s: float               # the arrival window
     end_s: float                    # when the last request finished (or the run was cut)
     num_steps: int
-    waste: dict[str, float]         # byte-seconds per cause, and capacity
+    waste: dict[str, float]         # byte-seconds per cause, and capacity (WasteLedger.as_dict)
+    waste_fractions: dict[str, float]  # of the capacity, overall and per cause (WasteLedger.fractions)
     stats: dict[str, int]
     aborted: dict[str, str] = field(default_factory=dict)
 
     @property
     def waste_fraction(self) -> float:
         """Wasted device memory-time over total device memory-time."""
-        capacity = self.waste["capacity_byte_s"]
-        return self.waste["total_byte_s"] / capacity if capacity > 0 else 0.0
+        return self.waste_fractions["waste_fraction"]
 
 
 class ReplayEngine:
@@ -162,17 +162,11 @@ class ReplayEngine:
 
         records = [self._record(core, rid, p) for rid, p in progress.items()]
         ledger = core.ledger()
-        waste = {
-            "preserved_idle_byte_s": ledger.waste.preserved_idle_byte_s,
-            "recompute_byte_s": ledger.waste.recompute_byte_s,
-            "swap_stall_byte_s": ledger.waste.swap_stall_byte_s,
-            "total_byte_s": ledger.waste.total_byte_s,
-            "capacity_byte_s": ledger.capacity_byte_s,
-        }
+        waste, waste_fractions = ledger.as_dict(), ledger.fractions()
         stats = core.stats()
         stat_names = [name for name in dir(stats) if name.startswith(("num_", "prefix_cache_"))]
         return ReplayResult(records=records, duration_s=duration_s, end_s=now_s, num_steps=num_steps,
-                            waste=waste, stats={name: getattr(stats, name) for name in stat_names},
+                            waste=waste, waste_fractions=waste_fractions, stats={name: getattr(stats, name) for name in stat_names},
                             aborted=aborted)
 
     def _arrive(self, request: WorkloadRequest, now_s: float, progress: dict[int, _Progress]) -> None:

@@ -117,17 +117,14 @@ def _sample(t_s: float, stats: Any, num_device_blocks: int, num_host_blocks: int
 
 
 def _row(policy: str, rate: float, setup: BenchSetup, records: list[RequestRecord],
-         waste: dict[str, float], end_s: float, extra: dict) -> dict:
-    capacity = waste["capacity_byte_s"] or 1.0
+         waste: dict[str, float], waste_fractions: dict[str, float], end_s: float,
+         extra: dict) -> dict:
     row: dict[str, Any] = {"policy": policy, "rate": rate, "executor": setup.executor}
     row.update(summarize(records, setup.duration_s))
     # Short windows: completions over the whole run (until drained) are the steadier rate.
     row["completed_rps"] = row["num_finished"] / end_s if end_s > 0 else 0.0
+    row.update(waste_fractions)
     row.update({
-        "waste_fraction": waste["total_byte_s"] / capacity,
-        "preserve_waste_fraction": waste["preserved_idle_byte_s"] / capacity,
-        "recompute_waste_fraction": waste["recompute_byte_s"] / capacity,
-        "swap_waste_fraction": waste["swap_stall_byte_s"] / capacity,
         "waste": waste,
         "end_s": end_s,
     })
@@ -163,7 +160,7 @@ def run_sim(requests: Sequence[WorkloadRequest], policy: str, rate: float, setup
         result = engine.run(requests, setup.duration_s, max_time_s=setup.max_time_s, on_step=on_step)
     except RuntimeError as error:  # the core's scheduler stalled: report it, keep the grid going
         return _stalled_row(policy, rate, setup, str(error))
-    return _row(policy, rate, setup, result.records, result.waste, result.end_s, {
+    return _row(policy, rate, setup, result.records, result.waste, result.waste_fractions, result.end_s, {
         "num_steps": result.num_steps, "num_aborted": len(result.aborted),
         **_counters(result.stats, result.waste, setup)})
 
@@ -228,7 +225,7 @@ def run_real(requests: Sequence[WorkloadRequest], policy: str, rate: float, setu
                         max_time_s=setup.max_time_s)
         stats = engine.stats
     num_busy = max(1, len(busy))
-    return _row(policy, rate, setup, result.records, result.waste, result.end_s, {
+    return _row(policy, rate, setup, result.records, result.waste, result.waste_fractions, result.end_s, {
         "num_steps": int(stats["num_steps"]),
         "num_aborted": sum(r.finish_s is None for r in result.records),
         **_counters(stats, result.waste, setup),

@@ -536,9 +536,6 @@ class LLMEngine:
     def stats(self) -> dict[str, float]:
         """Scheduler counters and the waste breakdown (fractions of device memory-time)."""
         s = self.scheduler.stats()
-        ledger = self.scheduler.ledger()
-        waste, capacity = ledger.waste, ledger.capacity_byte_s
-        fraction = (lambda x: x / capacity if capacity > 0 else 0.0)
         return {
             "num_running": s.num_running, "num_waiting": s.num_waiting,
             "num_intercepted": s.num_intercepted, "num_preserved": s.num_preserved,
@@ -556,10 +553,7 @@ class LLMEngine:
             "num_cached_host_blocks": s.num_cached_host_blocks,
             "num_device_evictions": s.num_device_evictions,
             "num_host_evictions": s.num_host_evictions,
-            "waste_fraction": fraction(waste.total_byte_s),
-            "preserve_waste_fraction": fraction(waste.preserved_idle_byte_s),
-            "recompute_waste_fraction": fraction(waste.recompute_byte_s),
-            "swap_waste_fraction": fraction(waste.swap_stall_byte_s),
+            **self.scheduler.ledger().fractions(),
             "num_steps": self.num_steps,
         }
 
