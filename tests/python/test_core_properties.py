@@ -35,7 +35,9 @@ from infercept._core import (
     StepResult,
 )
 
-POLICIES = [Policy.VLLM, Policy.DISCARD, Policy.PRESERVE, Policy.SWAP, Policy.INFERCEPT]
+POLICIES = Policy.all()  # every row of the core's policy table
+# Tools the intercepts name: continuum learns a TTL per tool from their observed durations.
+TOOL_NAMES = ["", "grep", "build"]
 MAX_EXAMPLES_PER_POLICY = 40
 STEP_COUNT = 200
 # Slack on top of the steps one request can need to end once it is the oldest (see drain_limit).
@@ -323,13 +325,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert r.state == RequestState.WAITING and r.num_computed_tokens == 0
 
     @precondition(lambda self: self.scheduler is not None)
-    @rule(pick=_PICK, expected=st.sampled_from([-1.0, -1.0, 0.0, 0.01, 0.5, 5.0, 100.0]))
-    def intercept(self, pick, expected):
+    @rule(pick=_PICK, expected=st.sampled_from([-1.0, -1.0, 0.0, 0.01, 0.5, 5.0, 100.0]),
+          tool=st.sampled_from(TOOL_NAMES))
+    def intercept(self, pick, expected, tool):
         ids = self.ids_where(self.just_sampled)
         if not ids:
             return
         i = ids[pick % len(ids)]
-        self.scheduler.intercept(i, self.now_s, expected)
+        self.scheduler.intercept(i, self.now_s, expected, tool)
         r = self.scheduler.request(i)
         assert r.tool_pending
         assert r.state in (RequestState.PRESERVED, RequestState.SWAPPING_OUT, RequestState.DISCARDED)
@@ -451,7 +454,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                                during_step if last and inflight else None)
             for i in out.sampled:
                 if rng.random() < tool_call_rate and self.just_sampled(self.scheduler.request(i)):
-                    self.scheduler.intercept(i, self.now_s, rng.choice([-1.0, -1.0, 0.0, 0.01, 0.5, 5.0, 100.0]))
+                    self.scheduler.intercept(i, self.now_s, rng.choice([-1.0, -1.0, 0.0, 0.01, 0.5, 5.0, 100.0]),
+                                             rng.choice(TOOL_NAMES))
                     self.num_intercepts += 1
 
     # ---- invariants ---------------------------------------------------------------------------
@@ -601,12 +605,11 @@ def _machine_for(policy: Policy, base: type = SchedulerMachine):
     return machine
 
 
-TestVllm = _machine_for(Policy.VLLM).TestCase
-TestDiscard = _machine_for(Policy.DISCARD).TestCase
-TestPreserve = _machine_for(Policy.PRESERVE).TestCase
-TestSwap = _machine_for(Policy.SWAP).TestCase
-TestInfercept = _machine_for(Policy.INFERCEPT).TestCase
-TestSharedPrefixDiscard = _machine_for(Policy.DISCARD, SharedPrefixMachine).TestCase
-TestSharedPrefixPreserve = _machine_for(Policy.PRESERVE, SharedPrefixMachine).TestCase
-TestSharedPrefixSwap = _machine_for(Policy.SWAP, SharedPrefixMachine).TestCase
-TestSharedPrefixInfercept = _machine_for(Policy.INFERCEPT, SharedPrefixMachine).TestCase
+# One test case per policy and machine, e.g. TestVllmV1 and TestSharedPrefixContinuum. Under
+# counts only (SchedulerMachine) the cache policies run without a cache; with token ids
+# (SharedPrefixMachine) every policy but vllm-0.2 shares cached blocks on both tiers.
+for _policy in POLICIES:
+    _suffix = "".join(part.title() for part in _policy.label.replace(".", "").split("-"))
+    globals()[f"Test{_suffix}"] = _machine_for(_policy).TestCase
+    if _policy.uses_prefix_cache:
+        globals()[f"TestSharedPrefix{_suffix}"] = _machine_for(_policy, SharedPrefixMachine).TestCase
