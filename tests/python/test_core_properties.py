@@ -242,7 +242,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     def check_plan(self, plan) -> None:
         s = self.scheduler
         cfg = self.config
-        tables = self.check_blocks(([c.src for c in plan.swap_out], [c.src for c in plan.swap_in]), in_flight=True)
+        # Host stores (vLLM-style offload of computed blocks) read a cached device block that may
+        # be nobody's (evictable, counted free) into a host block that is nobody's either.
+        held_on_host = {b for _, host in self.tables().values() for b in host}
+        stores = [c for c in plan.swap_out if c.dst not in held_on_host]
+        assert not stores or self.policy == Policy.VLLM_V1_OFFLOAD, f"swap-outs to unheld host blocks: {stores}"
+        store_sources = {c.src for c in stores}
+        tables = self.check_blocks(([c.src for c in plan.swap_out if c.src not in store_sources or
+                                     self.scheduler.pool(Tier.DEVICE).ref_count(c.src) > 0],
+                                    [c.src for c in plan.swap_in]), in_flight=True)
         assert plan.num_batched_tokens == sum(x.num_new_tokens for x in plan.scheduled)
         assert plan.num_batched_tokens <= cfg.max_batched_tokens
         assert plan.num_recompute_tokens == sum(x.num_recompute_tokens for x in plan.scheduled)
@@ -265,6 +273,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         device_owner = {b: i for i, (dev, _) in tables.items() for b in dev}
         host_owner = {b: i for i, (_, host) in tables.items() for b in host}
         for c in plan.swap_out:
+            if c.dst not in host_owner and self.policy == Policy.VLLM_V1_OFFLOAD:
+                # A host store of a computed block (vLLM's offloading): the copy is nobody's
+                # (the host's LRU cache), its source a block whose content is cached.
+                assert s.pool(Tier.DEVICE).is_cached(c.src), f"host store of uncached device block {c.src}"
+                continue
             # With a cache, a swap-out source stays findable: a later admission may take it.
             assert self.sharing or c.src not in device_owner, (
                 f"swap-out source {c.src} is still held by {device_owner.get(c.src)}")
