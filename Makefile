@@ -50,7 +50,7 @@ bench: build-cpp
 	ctest --test-dir $(CMAKE_BUILD) -L bench -V
 
 # The main job: tool-using conversations on the embedded SmolLM2 with a real calculator, each
-# intercept and the policy's action; then the five policies side by side on a scaled-down
+# intercept and the policy's action; then every policy side by side on a scaled-down
 # real-execution replay of the trace (a few minutes on 2 cores).
 demo: install
 	$(PYTHON) -m infercept.cli demo --trace $(TRACE)
@@ -58,7 +58,7 @@ demo: install
 # The paper's policy comparison at GPU scale on the simulator (seconds).
 simulate: install
 	$(PYTHON) -m infercept.cli simulate --trace $(TRACE) --profile gptj-6b-a100 \
-	  --rates 1,2,3,4 --policies vllm,discard,preserve,swap,infercept --duration 1800 --threshold 0.05
+	  --rates 1,2,3,4 --policies vllm-0.2,discard,preserve,swap,infercept --duration 1800 --threshold 0.05
 
 paper-check: install
 	$(PYTHON) benchmarks/paper_check.py --trace $(TRACE) --out benchmarks/results/paper_check_gptj_a100.json

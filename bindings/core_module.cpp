@@ -35,13 +35,19 @@ void bind_errors(py::module_& m) {
 void bind_enums(py::module_& m) {
   py::enum_<Tier>(m, "Tier").value("DEVICE", Tier::kDevice).value("HOST", Tier::kHost);
   py::enum_<Policy>(m, "Policy")
-      .value("VLLM", Policy::kVllm)
+      .value("VLLM_0_2", Policy::kVllm02)
       .value("DISCARD", Policy::kDiscard)
       .value("PRESERVE", Policy::kPreserve)
       .value("SWAP", Policy::kSwap)
       .value("INFERCEPT", Policy::kInfercept)
+      .value("VLLM_V1", Policy::kVllmV1)
+      .value("VLLM_V1_OFFLOAD", Policy::kVllmV1Offload)
+      .value("CONTINUUM", Policy::kContinuum)
       .def_static("parse", &parse_policy, py::arg("name"))
-      .def_property_readonly("label", [](Policy p) { return to_string(p); });
+      .def_static("all", &all_policies)
+      .def_property_readonly("label", [](Policy p) { return to_string(p); })
+      .def_property_readonly("swaps", [](Policy p) { return traits(p).swaps; })
+      .def_property_readonly("uses_prefix_cache", [](Policy p) { return traits(p).uses_prefix_cache; });
   py::enum_<RequestState>(m, "RequestState")
       .value("WAITING", RequestState::kWaiting)
       .value("RUNNING", RequestState::kRunning)
@@ -194,6 +200,7 @@ void bind_scheduler(py::module_& m) {
       .def_readonly("tool_pending", &Request::tool_pending)
       .def_readonly("expected_duration_s", &Request::expected_duration_s)
       .def_readonly("num_intercepts", &Request::num_intercepts)
+      .def_readonly("pin_until_s", &Request::pin_until_s)
       .def_readonly("num_preemptions", &Request::num_preemptions)
       .def_readonly("waste", &Request::waste)
       .def_readonly("num_cached_tokens", &Request::num_cached_tokens)
@@ -229,7 +236,7 @@ void bind_scheduler(py::module_& m) {
       STAT(num_swap_in_blocks) STAT(num_recomputed_tokens) STAT(num_preemptions)
       STAT(prefix_cache_queries) STAT(prefix_cache_hits) STAT(prefix_cache_host_hits)
       STAT(num_cached_device_blocks) STAT(num_cached_host_blocks) STAT(num_device_evictions)
-      STAT(num_host_evictions);
+      STAT(num_host_evictions) STAT(num_stored_blocks);
 #undef STAT
 
   py::class_<Scheduler>(m, "Scheduler")
@@ -241,7 +248,7 @@ void bind_scheduler(py::module_& m) {
       .def("add_request", py::overload_cast<int32_t, double, int32_t>(&Scheduler::add_request),
            py::arg("num_prompt_tokens"), py::arg("arrival_s"), py::arg("generated_token_limit") = 0)
       .def("intercept", &Scheduler::intercept, py::arg("request_id"), py::arg("now_s"),
-           py::arg("expected_duration_s") = -1.0,
+           py::arg("expected_duration_s") = -1.0, py::arg("tool_name") = "",
            "Pauses a request that has just sampled; returns the state the policy put its KV in")
       .def("resume", py::overload_cast<RequestId, const std::vector<TokenId>&, double, int32_t>(&Scheduler::resume),
            py::arg("request_id"), py::arg("tool_token_ids"), py::arg("now_s"), py::arg("num_replaced_tokens") = 0)

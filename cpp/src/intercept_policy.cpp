@@ -1,4 +1,5 @@
-// What each policy does with paused contexts every iteration (DESIGN.md §2, equation 5).
+// What each policy does with paused contexts every iteration: min-waste (DESIGN.md §2,
+// equation 5), the swap baseline's whole-context moves, and continuum's pins and their TTLs.
 #include <algorithm>
 #include <cmath>
 
@@ -37,8 +38,41 @@ int64_t Scheduler::expected_recompute_tokens(const Request& r, int32_t num_exclu
   return std::min(context_tokens, evicted_blocks * block_size + partial_tokens);
 }
 
+double Scheduler::recompute_time_s(int64_t num_tokens) const {
+  const int64_t chunk = config_.max_batched_tokens;
+  int64_t num_full = num_tokens / chunk;
+  int64_t rest = num_tokens % chunk;
+  return static_cast<double>(num_full) * cost_.forward_time_s(static_cast<double>(chunk)) +
+         (rest > 0 ? cost_.forward_time_s(static_cast<double>(rest)) : 0.0);
+}
+
+double Scheduler::pin_ttl_s(const Request& r) const {
+  // Continuum's rule (docs/baselines.md): the pin saves the next turn its reload (recomputing
+  // the context, the cost model's T_fwd over budget-sized chunks) and the queueing a turn that
+  // lost its KV has been seeing; each second pinned costs the share of device KV memory it
+  // holds, for itself and every request queued behind it.
+  int32_t num_exclusive = kv_.num_exclusive_blocks(*r.kv, Tier::kDevice);
+  double held_tokens = static_cast<double>(num_exclusive_device_tokens(r, num_exclusive));
+  double capacity_tokens = static_cast<double>(config_.num_device_blocks) * config_.block_size;
+  double benefit_s = recompute_time_s(r.kv->num_tokens) + resume_wait_s_;
+  double cost_s_per_s = held_tokens / capacity_tokens * (1.0 + static_cast<double>(queue_.size()));
+  // Cold start: the caller's hint, else what tools have taken on the whole.
+  double prior_mean_s = r.expected_duration_s >= 0 ? r.expected_duration_s : tool_durations_.mean_s();
+  return continuum_ttl_s(tool_durations_.samples(r.tool_id), prior_mean_s, benefit_s, cost_s_per_s);
+}
+
+void Scheduler::expire_pins(StepPlan& plan) {
+  if (traits_->on_intercept != InterceptAction::kPinWithTtl) return;
+  // A pin whose TTL has passed ends as vLLM's requests do: its blocks go to the prefix cache.
+  for (Request* r : intercepted_) {
+    if (r->state != RequestState::kPreserved || r->pin_until_s < 0 || r->pin_until_s > plan.now_s) continue;
+    r->transition(RequestState::kDiscarded);
+    discard(*r, &plan);
+  }
+}
+
 void Scheduler::decide_intercepted(StepPlan& plan) {
-  if (config_.policy == Policy::kSwap) {
+  if (traits_->on_intercept == InterceptAction::kSwap) {
     // The baseline moves each paused context out whole, ignoring the budget (its exclusive
     // blocks: a prefix shared with running requests stays where they need it).
     for (Request* r : intercepted_) {
@@ -52,7 +86,8 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
     }
     return;
   }
-  if (config_.policy != Policy::kInfercept) return;  // vllm and discard freed at the intercept; preserve keeps
+  // The others decided at the intercept (or, continuum, decide when the pin expires).
+  if (traits_->on_intercept != InterceptAction::kMinWaste) return;
 
   struct Candidate {
     double min_waste;

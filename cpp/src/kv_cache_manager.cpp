@@ -129,7 +129,7 @@ void KvCacheManager::free_block(Tier tier, BlockId block, double next_use_s) {
 }
 
 void KvCacheManager::release(RequestId request, Tier tier, BlockId block, double next_use_s) {
-  if (copying_.count(request)) {
+  if (copying_.count(request) || (tier == Tier::kDevice && storing_.count(block))) {
     releasing_[static_cast<int>(tier)].push_back({block, next_use_s});
   } else {
     free_block(tier, block, next_use_s);
@@ -175,6 +175,26 @@ void KvCacheManager::commit() {
     releasing_[tier].clear();
   }
   copying_.clear();
+  storing_.clear();
+}
+
+StoreResult KvCacheManager::store_to_host(BlockId block, BlockCopy* copy) {
+  if (!device_pool_.is_cached(block)) {
+    throw BlockError("cannot store device block " + std::to_string(block) + " to the host: its content is not cached");
+  }
+  if (storing_.count(block) ||
+      host_pool_.find(device_pool_.hash_of(block), device_pool_.parent_of(block), device_pool_.tokens_of(block)) !=
+          BlockPool::kNoBlock) {
+    return StoreResult::kAlreadyStored;
+  }
+  if (host_pool_.num_free() == 0) return StoreResult::kNoRoom;
+  BlockId dst = host_pool_.allocate();
+  *copy = {block, dst};
+  copied_[static_cast<int>(Tier::kHost)].push_back(*copy);
+  // The host block is nobody's: commit() caches it, then this release makes it evictable.
+  releasing_[static_cast<int>(Tier::kHost)].push_back({dst, -1});
+  storing_.insert(block);
+  return StoreResult::kStored;
 }
 
 // ---- the prefix cache ---------------------------------------------------------------------

@@ -47,6 +47,7 @@ void SchedulerConfig::validate() const {
 
 Scheduler::Scheduler(const SchedulerConfig& config, const CostModel& cost)
     : config_(validated(config)),
+      traits_(&traits(config.policy)),
       cost_(cost),
       kv_(config.block_size, config.num_device_blocks, config.num_host_blocks) {
   if (cost.kv_bytes_per_token <= 0) {
@@ -127,7 +128,8 @@ const Request& Scheduler::request(RequestId request) const {
   return const_cast<Scheduler*>(this)->get(request);
 }
 
-RequestState Scheduler::intercept(RequestId request, double now_s, double expected_duration_s) {
+RequestState Scheduler::intercept(RequestId request, double now_s, double expected_duration_s,
+                                  const std::string& tool_name) {
   Request& r = get(request);
   if (r.state != RequestState::kRunning || r.num_uncomputed_tokens() != 1) {
     throw StateError("request " + std::to_string(request) + " cannot be intercepted while " +
@@ -139,17 +141,27 @@ RequestState Scheduler::intercept(RequestId request, double now_s, double expect
   r.intercept_start_s = now_s;
   r.expected_duration_s = expected_duration_s;
   ++r.num_intercepts;
-  switch (config_.policy) {
-    case Policy::kVllm:
-    case Policy::kDiscard:
+  r.tool_id = tool_durations_.id(tool_name);
+  double pin_s = 0;
+  switch (traits_->on_intercept) {
+    case InterceptAction::kPinWithTtl:
+      pin_s = pin_ttl_s(r);
+      if (pin_s > 0) {
+        r.transition(RequestState::kPreserved);
+        r.pin_until_s = now_s + pin_s;
+        break;
+      }
+      [[fallthrough]];  // not worth pinning: the request ends into the prefix cache at once
+    case InterceptAction::kEndRequest:
+    case InterceptAction::kDiscard:
       r.transition(RequestState::kDiscarded);
       discard(r, nullptr);
       break;
-    case Policy::kPreserve:
-    case Policy::kInfercept:  // min-waste decides from the next schedule() on
+    case InterceptAction::kPreserve:
+    case InterceptAction::kMinWaste:  // min-waste decides from the next schedule() on
       r.transition(RequestState::kPreserved);
       break;
-    case Policy::kSwap:  // the copy is planned by the next schedule()
+    case InterceptAction::kSwap:  // the copy is planned by the next schedule()
       r.transition(RequestState::kSwappingOut);
       break;
   }
@@ -182,8 +194,11 @@ void Scheduler::resume(RequestId request, const std::vector<TokenId>& tool_token
   requeue_after_tool(r, static_cast<int32_t>(tool_token_ids.size()) - num_replaced_tokens, now_s);
   r.tokens.truncate_back(num_replaced_tokens);
   r.tokens.append(tool_token_ids);
-  // A context that gave its blocks up wants back what is still cached: soon.
-  if (r.cacheable && r.kv->num_tokens == 0) kv_.touch_cached(r.tokens, now_s);
+  // A context that gave its blocks up wants back what is still cached: soon. (Under plain LRU
+  // the cache does not know a continuation is coming: vLLM's continuation is a new request.)
+  if (r.cacheable && r.kv->num_tokens == 0 && traits_->eviction_order == EvictionOrder::kExpectedNextUse) {
+    kv_.touch_cached(r.tokens, now_s);
+  }
 }
 
 void Scheduler::resume(RequestId request, int32_t num_tool_tokens, double now_s) {
@@ -213,8 +228,11 @@ void Scheduler::requeue_after_tool(Request& r, int32_t num_tool_tokens, double n
   remove_intercepted(r);
   r.tool_pending = false;
   r.num_tool_tokens += num_tool_tokens;
+  tool_durations_.record(r.tool_id, now_s - r.intercept_start_s);
+  r.pin_until_s = -1;  // the pin has served: the request runs again as soon as it can
+  r.resumed_at_s = r.kv->num_tokens == 0 ? now_s : -1;
   if (r.state == RequestState::kSwappingOut && r.kv->host_blocks.empty()) r.transition(RequestState::kPreserved);
-  if (config_.policy == Policy::kVllm) {
+  if (traits_->resume_order == ResumeOrder::kNewArrival) {
     // vLLM treats the tool's return as the start of a new request: the back of the queue.
     r.priority_s = now_s;
     r.transition(RequestState::kWaiting);
@@ -273,12 +291,14 @@ void Scheduler::release(Request& r, RequestState terminal) {
 }
 
 double Scheduler::expected_next_use_s(const Request& r, double now_s) const {
+  if (traits_->eviction_order == EvictionOrder::kLeastRecentlyUsed) return -1;  // the time since last use decides
   if (!r.tool_pending) return now_s;  // queued or preempted: wanted back as soon as it can run
   if (r.expected_duration_s >= 0) return std::max(now_s, r.intercept_start_s + r.expected_duration_s);
   return -1;  // unknown: the time since it let go stands for the time to its return
 }
 
 void Scheduler::discard(Request& r, StepPlan* plan) {
+  r.pin_until_s = -1;
   kv_.discard(r.id, expected_next_use_s(r, plan ? plan->now_s : r.intercept_start_s));
   r.last_action_step = step_id_;
   if (plan) plan->discarded.push_back(r.id);
@@ -319,6 +339,7 @@ StepPlan Scheduler::schedule(double now_s) {
   plan.now_s = now_s;
   moved_.clear();
 
+  expire_pins(plan);  // their memory is free for this step's batch
   int32_t token_budget = config_.max_batched_tokens;
   schedule_running(plan, token_budget);
   // The swap-in budget comes from the batch formed so far: admissions only add tokens, so
@@ -327,6 +348,9 @@ StepPlan Scheduler::schedule(double now_s) {
   schedule_swapping_in(plan, swap_in_budget_blocks);
   admit_queued(plan, token_budget, swap_in_budget_blocks);
   plan.swap_budget_tokens = cost_.swap_budget_tokens(plan.num_batched_tokens, plan.num_context_tokens);
+  // After every device allocation of the step: a store's source, even an evictable one, cannot
+  // be evicted under the copy (releases of referenced sources wait for commit()).
+  store_computed_blocks(plan);
   decide_intercepted(plan);
   build_batch(plan);
   return plan;
@@ -406,8 +430,7 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
         if (swap_in_budget_blocks > 0 && idle && reclaim_intercepted(plan, &r)) continue;
         return;
       }
-      dequeue(r);
-      count_lookup(r);
+      leave_queue(r, plan.now_s);
       r.transition(RequestState::kSwappingIn);
       insert_by_priority(swapping_in_, &r);
       size_t num_host_blocks = r.kv->host_blocks.size();
@@ -439,8 +462,7 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
       }
       return;
     }
-    dequeue(r);
-    count_lookup(r);
+    leave_queue(r, plan.now_s);
     r.transition(r.kv->num_tokens_to_recompute > 0 ? RequestState::kRecomputing : RequestState::kRunning);
     add_running(r);
     add_chunk(r, num_new_tokens, plan);
@@ -471,6 +493,17 @@ void Scheduler::reuse_cached_prefix(Request& r, int32_t token_budget, int64_t sw
   }
   r.num_lookup_host_hit_tokens = static_cast<int32_t>(prefix.host_blocks.size()) * block_size;
   r.num_lookup_hit_tokens = kv_.adopt_cached_prefix(r.id, prefix);
+}
+
+void Scheduler::leave_queue(Request& r, double now_s) {
+  dequeue(r);
+  count_lookup(r);
+  if (r.resumed_at_s >= 0) {
+    // What a turn that lost its KV waits for the batch (continuum's queueing term).
+    constexpr double kWeight = 0.1;
+    resume_wait_s_ += kWeight * (std::max(0.0, now_s - r.resumed_at_s) - resume_wait_s_);
+    r.resumed_at_s = -1;
+  }
 }
 
 void Scheduler::count_lookup(Request& r) {
@@ -555,8 +588,7 @@ void Scheduler::evict(Request& victim, StepPlan& plan) {
 
 bool Scheduler::swap_out_whole(Request& victim, StepPlan& plan) {
   int32_t num_device_blocks = kv_.num_exclusive_blocks(*victim.kv, Tier::kDevice);
-  bool can_swap = (config_.policy == Policy::kSwap || config_.policy == Policy::kInfercept) &&
-                  num_device_blocks > 0 && kv_.pool(Tier::kHost).can_allocate(num_device_blocks);
+  bool can_swap = traits_->swaps && num_device_blocks > 0 && kv_.pool(Tier::kHost).can_allocate(num_device_blocks);
   if (!can_swap) return false;
   // The whole context at once: memory pressure is an emergency and cannot wait for a budget.
   if (victim.state != RequestState::kSwappingOut) victim.transition(RequestState::kSwappingOut);
@@ -577,7 +609,7 @@ void Scheduler::preempt(Request& victim, StepPlan& plan) {
 }
 
 int64_t Scheduler::swap_budget_blocks(const StepPlan& plan) const {
-  if (config_.policy == Policy::kSwap) return kUnlimited;  // the baseline ignores the budget
+  if (!traits_->honours_swap_budget) return kUnlimited;  // the swap baseline ignores the budget
   int64_t tokens = cost_.swap_budget_tokens(plan.num_batched_tokens, plan.num_context_tokens);
   return std::max<int64_t>(1, tokens / config_.block_size);
 }
@@ -628,7 +660,17 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
       r.transition(RequestState::kRunning);
     }
     if (r.has_token_ids() && s.samples && !sampled_ids.empty()) r.tokens.append(&sampled_ids[row], 1);
-    if (r.cacheable) kv_.cache_full_blocks(r.id, r.tokens);
+    if (r.cacheable) {
+      int32_t num_cached_before = r.kv->num_cached_blocks;
+      kv_.cache_full_blocks(r.id, r.tokens);
+      if (traits_->host_offload == HostOffload::kStoreOnCompute) {
+        // Each block once its KV exists, as vLLM's OffloadingConnector stores computed blocks.
+        for (int32_t i = num_cached_before; i < r.kv->num_cached_blocks; ++i) {
+          BlockId block = r.kv->device_blocks[i];
+          to_store_.emplace_back(block, r.tokens.block_hashes()[i]);
+        }
+      }
+    }
     if (!s.samples) continue;
     ++r.num_generated_tokens;
     out.sampled.push_back(r.id);
@@ -664,6 +706,30 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
   }
   pending_aborts_.clear();
   return out;
+}
+
+void Scheduler::store_computed_blocks(StepPlan& plan) {
+  if (traits_->host_offload != HostOffload::kStoreOnCompute || to_store_.empty()) return;
+  const BlockPool& device = kv_.pool(Tier::kDevice);
+  // The stores are asynchronous in vLLM; here they ride in the step's swap-out budget, so the
+  // forward hides them too. What does not fit waits for the next step, oldest first.
+  int64_t budget = swap_budget_blocks(plan);
+  size_t num_done = 0;
+  for (; num_done < to_store_.size() && budget > 0; ++num_done) {
+    auto [block, hash] = to_store_[num_done];
+    if (!device.is_cached(block) || device.hash_of(block) != hash) continue;  // evicted meanwhile
+    BlockCopy copy;
+    StoreResult result = kv_.store_to_host(block, &copy);
+    if (result == StoreResult::kNoRoom) break;  // the host holds only referenced blocks now
+    if (result != StoreResult::kStored) continue;
+    plan.swap_out.push_back(copy);
+    ++totals_.num_stored_blocks;
+    --budget;
+  }
+  to_store_.erase(to_store_.begin(), to_store_.begin() + static_cast<ptrdiff_t>(num_done));
+  // A backlog longer than the device pool holds mostly evicted blocks: keep the newest.
+  size_t limit = static_cast<size_t>(config_.num_device_blocks);
+  if (to_store_.size() > limit) to_store_.erase(to_store_.begin(), to_store_.end() - static_cast<ptrdiff_t>(limit));
 }
 
 void Scheduler::update_allocation_rate(double now_s) {

@@ -70,7 +70,7 @@ class Policy:
     """
     Members:
     
-      VLLM
+      VLLM_0_2
     
       DISCARD
     
@@ -79,13 +79,25 @@ class Policy:
       SWAP
     
       INFERCEPT
+    
+      VLLM_V1
+    
+      VLLM_V1_OFFLOAD
+    
+      CONTINUUM
     """
+    CONTINUUM: typing.ClassVar[Policy]
     DISCARD: typing.ClassVar[Policy]
     INFERCEPT: typing.ClassVar[Policy]
     PRESERVE: typing.ClassVar[Policy]
     SWAP: typing.ClassVar[Policy]
-    VLLM: typing.ClassVar[Policy]
+    VLLM_0_2: typing.ClassVar[Policy]
+    VLLM_V1: typing.ClassVar[Policy]
+    VLLM_V1_OFFLOAD: typing.ClassVar[Policy]
     __members__: typing.ClassVar[dict[str, Policy]]
+    @staticmethod
+    def all() -> list[Policy]:
+        ...
     @staticmethod
     def parse(name: str) -> Policy:
         ...
@@ -122,6 +134,12 @@ class Policy:
         ...
     @property
     def name(self) -> str:
+        ...
+    @property
+    def swaps(self) -> bool:
+        ...
+    @property
+    def uses_prefix_cache(self) -> bool:
         ...
     @property
     def value(self) -> int:
@@ -622,6 +640,9 @@ class Request:
     def num_tool_tokens(self) -> int:
         ...
     @property
+    def pin_until_s(self) -> float:
+        ...
+    @property
     def priority_s(self) -> float:
         ...
     @property
@@ -737,6 +758,9 @@ class SchedulerStats:
     def num_running(self) -> int:
         ...
     @property
+    def num_stored_blocks(self) -> int:
+        ...
+    @property
     def num_swap_in_blocks(self) -> int:
         ...
     @property
@@ -779,7 +803,7 @@ class Scheduler:
         ...
     def finish(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
-    def intercept(self, request_id: typing.SupportsInt | typing.SupportsIndex, now_s: typing.SupportsFloat | typing.SupportsIndex, expected_duration_s: typing.SupportsFloat | typing.SupportsIndex = -1.0) -> RequestState:
+    def intercept(self, request_id: typing.SupportsInt | typing.SupportsIndex, now_s: typing.SupportsFloat | typing.SupportsIndex, expected_duration_s: typing.SupportsFloat | typing.SupportsIndex = -1.0, tool_name: str = '') -> RequestState:
         """
         Pauses a request that has just sampled; returns the state the policy put its KV in
         """

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from infercept._core import Policy
+from infercept.policy_names import POLICY_NAMES, canonical_policy
 
 
 def _floats(text: str) -> list[float]:
@@ -23,15 +23,12 @@ def _floats(text: str) -> list[float]:
 
 
 def _policies(text: str) -> list[str]:
-    names = [part for part in text.split(",") if part]
-    for name in names:
-        Policy.parse(name)  # raises ValueError naming the accepted policies
-    return names
+    # ValueError names the accepted policies; a deprecated alias warns and is mapped.
+    return [canonical_policy(part) for part in text.split(",") if part]
 
 
 def _policy(text: str) -> str:
-    Policy.parse(text)  # raises ValueError naming the accepted policies
-    return text
+    return canonical_policy(text)  # ValueError names the accepted policies
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -81,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the server extra)")
     srv.add_argument("--model", default="default",
                      help="a .gguf file, an HF model directory, or 'default' (embedded SmolLM2)")
-    srv.add_argument("--policy", type=_policy, default="infercept", help="vllm, discard, preserve, swap or infercept")
+    srv.add_argument("--policy", type=_policy, default="infercept", help=", ".join(POLICY_NAMES))
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--tools", action="append", default=[], metavar="MODULE:ATTR",

@@ -22,13 +22,14 @@ from infercept.llm import LLM
 from infercept.bench.metrics import format_table, summarize
 from infercept.model import Tokenizer, load_model
 from infercept.model.loader import resolve_model_path
+from infercept.policy_names import POLICY_NAMES
 from infercept.bench.real_replay import replay
 from infercept.sampling import SamplingParams
 from infercept.tools import calculator_tool
 from infercept.bench.workload import load_trace, poisson_arrivals, scale_to_context
 
 QUESTIONS = ["What is 37 * 91?", "What is 1234 + 4321?", "What is 2 ** 20?", "What is 1000 - 1?"]
-POLICIES = ["vllm", "discard", "preserve", "swap", "infercept"]
+POLICIES = list(POLICY_NAMES)
 
 
 def calculator_conversation(question: str) -> list[dict[str, str]]:

@@ -22,7 +22,8 @@ class LLM:
     Args:
         model: A ``.gguf`` file, an HF model directory, or None for the embedded
             SmolLM2-135M-Instruct.
-        policy: 'infercept' (min-waste, default), 'vllm', 'discard', 'preserve' or 'swap'.
+        policy: 'infercept' (min-waste, default) or a baseline: 'vllm-0.2', 'discard',
+            'preserve', 'swap', 'vllm-v1', 'vllm-v1-offload', 'continuum' (docs/baselines.md).
         tools: Server-side tools (``Tool`` objects) available to every request.
         tool_errors: 'abort' or 'return' (see :class:`LLMEngine`).
         parser: Finds tool calls in generated text (default ``<tool_call>{json}</tool_call>``).

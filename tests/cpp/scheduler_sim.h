@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cctype>
+#include <string>
 #include <functional>
 #include <vector>
 
@@ -83,6 +85,13 @@ class Sim {
   double now_s = 0;
   int num_steps = 0;
 };
+
+// A policy's name as a GoogleTest parameter name ("vllm-0.2" -> "vllm_0_2").
+inline std::string test_name(Policy policy) {
+  std::string name = to_string(policy);
+  for (char& c : name) c = std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+  return name;
+}
 
 inline bool contains(const std::vector<RequestId>& ids, RequestId id) {
   return std::find(ids.begin(), ids.end(), id) != ids.end();

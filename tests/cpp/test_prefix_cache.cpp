@@ -273,7 +273,7 @@ TEST(PrefixCacheScheduler, SwapInTakesBlocksStillCachedOnTheDeviceWithoutACopy) 
 TEST(PrefixCacheScheduler, OffMeansNoHitsAndTheVllm02PolicyNeverCaches) {
   SchedulerConfig off = make_config(Policy::kInfercept, 64, 64);
   off.enable_prefix_caching = false;
-  for (const SchedulerConfig& config : {off, make_config(Policy::kVllm, 64, 64)}) {
+  for (const SchedulerConfig& config : {off, make_config(Policy::kVllm02, 64, 64)}) {
     Sim sim(config);
     RequestId a = sim.s.add_request(user_turn(5, 500), 0, 1);
     sim.run_until([&] { return sim.request(a).state == RequestState::kFinished; });

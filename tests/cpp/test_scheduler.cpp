@@ -195,7 +195,7 @@ TEST(MinWaste, TheMostWastefulContextTakesTheSwapBudgetAndCheaperOnesAreDiscarde
 class EveryPolicy : public ::testing::TestWithParam<Policy> {};
 
 INSTANTIATE_TEST_SUITE_P(Policies, EveryPolicy, ::testing::ValuesIn(all_policies()),
-                         [](const ::testing::TestParamInfo<Policy>& info) { return to_string(info.param); });
+                         [](const ::testing::TestParamInfo<Policy>& info) { return test_name(info.param); });
 
 TEST_P(EveryPolicy, TinyDevicePoolPreemptsRunningRequestsWithoutLosingAny) {
   // Four requests that each grow to 10 + 12 = 22 tokens (2 blocks of 16) in a pool of 6 blocks:
@@ -353,10 +353,10 @@ struct ResumeOrderCase {
 class ResumeOrder : public ::testing::TestWithParam<ResumeOrderCase> {};
 
 INSTANTIATE_TEST_SUITE_P(Policies, ResumeOrder,
-                         ::testing::Values(ResumeOrderCase{Policy::kVllm, false}, ResumeOrderCase{Policy::kDiscard, true},
+                         ::testing::Values(ResumeOrderCase{Policy::kVllm02, false}, ResumeOrderCase{Policy::kDiscard, true},
                                            ResumeOrderCase{Policy::kPreserve, true}, ResumeOrderCase{Policy::kSwap, true},
                                            ResumeOrderCase{Policy::kInfercept, true}),
-                         [](const ::testing::TestParamInfo<ResumeOrderCase>& info) { return to_string(info.param.policy); });
+                         [](const ::testing::TestParamInfo<ResumeOrderCase>& info) { return test_name(info.param.policy); });
 
 TEST_P(ResumeOrder, VllmResumesAtTheBackOthersKeepTheOriginalArrival) {
   // One request runs at a time, so whoever heads the queue when the slot frees goes next.
@@ -373,7 +373,7 @@ TEST_P(ResumeOrder, VllmResumesAtTheBackOthersKeepTheOriginalArrival) {
   const double resume_s = later_arrival_s + 0.5;
   sim.now_s = resume_s;
   sim.s.resume(early, 4, resume_s);
-  if (GetParam().policy == Policy::kVllm) {
+  if (GetParam().policy == Policy::kVllm02) {
     // Re-entered as new: waiting, keyed by the resume time.
     EXPECT_EQ(sim.request(early).state, RequestState::kWaiting);
     EXPECT_DOUBLE_EQ(sim.request(early).priority_s, resume_s);

@@ -108,7 +108,7 @@ TEST_F(Abort, DiscardedWithToolPending) {
 }
 
 TEST_F(Abort, WaitingAfterAVllmResume) {
-  Sim sim{make_config(Policy::kVllm)};
+  Sim sim{make_config(Policy::kVllm02)};
   RequestId id = sampled(sim);
   sim.s.intercept(id, sim.now_s, 10);
   sim.s.resume(id, 4, sim.now_s);

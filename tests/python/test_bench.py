@@ -89,10 +89,10 @@ def test_forward_fit_follows_a_curved_forward_without_inflating_attention() -> N
 
 
 def test_calibration_errors() -> None:
-    real = [{"policy": "vllm", "rate": 1.0, "completed_rps": 2.0, "normalized_latency": 0.10},
+    real = [{"policy": "vllm-0.2", "rate": 1.0, "completed_rps": 2.0, "normalized_latency": 0.10},
             {"policy": "infercept", "rate": 1.0, "completed_rps": 4.0, "normalized_latency": 0.20,
              "busy_steps": [[8, 100, 0.05, 0.06], [8, 100, 0.05, 0.08]]}]
-    sim = [{"policy": "vllm", "rate": 1.0, "completed_rps": 2.2, "normalized_latency": 0.09},
+    sim = [{"policy": "vllm-0.2", "rate": 1.0, "completed_rps": 2.2, "normalized_latency": 0.09},
            {"policy": "infercept", "rate": 1.0, "completed_rps": 3.0, "normalized_latency": 0.25}]
     errors = calibration_errors(real, sim)
     assert errors["completed_rps"]["mean_abs"] == pytest.approx((0.1 + 0.25) / 2)
@@ -114,18 +114,18 @@ def test_bench_sim_end_to_end_writes_json_and_plots(tmp_path, capsys) -> None:
     code = main(["bench", "--generate", "30", "--executor", "sim", "--profile", "gptj-6b-a100",
                  "--rates", "0.5,1", "--duration", "20", "--context", "512", "--time-scale", "0.2",
                  "--num-device-blocks", "400", "--max-batched-tokens", "256",
-                 "--policies", "vllm,discard,preserve", "--timeline-policy", "preserve",
+                 "--policies", "vllm-0.2,discard,preserve", "--timeline-policy", "preserve",
                  "--out-dir", str(tmp_path), "--name", "t", "--no-progress", "--threshold", "1.0"])
     assert code == 0
     payload = json.loads((tmp_path / "t.json").read_text())
     assert {(r["policy"], r["rate"]) for r in payload["rows"]} == {
-        (p, r) for p in ("vllm", "discard", "preserve") for r in (0.5, 1.0)}
+        (p, r) for p in ("vllm-0.2", "discard", "preserve") for r in (0.5, 1.0)}
     for row in payload["rows"]:
         assert row["num_finished"] == row["num_requests"] > 0
         assert row["normalized_latency"] > 0
         assert 0 <= row["waste_fraction"] <= 1
     assert payload["complete"] is True and payload["timeline"]["samples"]
-    assert set(payload["comparison"]["sustained_rps"]) == {"vllm", "discard", "preserve"}
+    assert set(payload["comparison"]["sustained_rps"]) == {"vllm-0.2", "discard", "preserve"}
     for name in ("t_latency.png", "t_waste.png", "t_timeline.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "highest rate" in capsys.readouterr().out
@@ -150,7 +150,7 @@ def _tiny_bench(tmp_path, *extra: str) -> list[str]:
     return ["bench", "--generate", "8", "--executor", "sim", "--profile", "gptj-6b-a100",
             "--rates", "0.5,1", "--duration", "5", "--context", "256", "--time-scale", "0.2",
             "--num-device-blocks", "200", "--max-batched-tokens", "256",
-            "--policies", "vllm,preserve", "--out-dir", str(tmp_path), "--name", "t",
+            "--policies", "vllm-0.2,preserve", "--out-dir", str(tmp_path), "--name", "t",
             "--no-progress", *extra]
 
 
@@ -171,7 +171,7 @@ def test_bench_keeps_finished_rows_when_a_later_row_raises(tmp_path, monkeypatch
     payload = json.loads((tmp_path / "t.json").read_text())
     assert payload["complete"] is False
     assert [(r["policy"], r["rate"]) for r in payload["rows"]] == [
-        ("vllm", 0.5), ("preserve", 0.5), ("vllm", 1.0)]
+        ("vllm-0.2", 0.5), ("preserve", 0.5), ("vllm-0.2", 1.0)]
     assert all(r["num_finished"] == r["num_requests"] > 0 for r in payload["rows"])
     assert "holds the 3 rows that finished" in capsys.readouterr().err
 

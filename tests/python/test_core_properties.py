@@ -35,7 +35,9 @@ from infercept._core import (
     StepResult,
 )
 
-POLICIES = [Policy.VLLM, Policy.DISCARD, Policy.PRESERVE, Policy.SWAP, Policy.INFERCEPT]
+POLICIES = Policy.all()  # every row of the core's policy table
+# Tools the intercepts name: continuum learns a TTL per tool from their observed durations.
+TOOL_NAMES = ["", "grep", "build"]
 MAX_EXAMPLES_PER_POLICY = 40
 STEP_COUNT = 200
 # Slack on top of the steps one request can need to end once it is the oldest (see drain_limit).
@@ -240,7 +242,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     def check_plan(self, plan) -> None:
         s = self.scheduler
         cfg = self.config
-        tables = self.check_blocks(([c.src for c in plan.swap_out], [c.src for c in plan.swap_in]), in_flight=True)
+        # Host stores (vLLM-style offload of computed blocks) read a cached device block that may
+        # be nobody's (evictable, counted free) into a host block that is nobody's either.
+        held_on_host = {b for _, host in self.tables().values() for b in host}
+        stores = [c for c in plan.swap_out if c.dst not in held_on_host]
+        assert not stores or self.policy == Policy.VLLM_V1_OFFLOAD, f"swap-outs to unheld host blocks: {stores}"
+        store_sources = {c.src for c in stores}
+        tables = self.check_blocks(([c.src for c in plan.swap_out if c.src not in store_sources or
+                                     self.scheduler.pool(Tier.DEVICE).ref_count(c.src) > 0],
+                                    [c.src for c in plan.swap_in]), in_flight=True)
         assert plan.num_batched_tokens == sum(x.num_new_tokens for x in plan.scheduled)
         assert plan.num_batched_tokens <= cfg.max_batched_tokens
         assert plan.num_recompute_tokens == sum(x.num_recompute_tokens for x in plan.scheduled)
@@ -266,6 +276,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         device_owner = {b: i for i, (dev, _) in tables.items() for b in dev}
         host_owner = {b: i for i, (_, host) in tables.items() for b in host}
         for c in plan.swap_out:
+            if c.dst not in host_owner and self.policy == Policy.VLLM_V1_OFFLOAD:
+                # A host store of a computed block (vLLM's offloading): the copy is nobody's
+                # (the host's LRU cache), its source a block whose content is cached.
+                assert s.pool(Tier.DEVICE).is_cached(c.src), f"host store of uncached device block {c.src}"
+                continue
             # With a cache, a swap-out source stays findable: a later admission may take it.
             assert self.sharing or c.src not in device_owner, (
                 f"swap-out source {c.src} is still held by {device_owner.get(c.src)}")
@@ -326,13 +341,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert r.state == RequestState.WAITING and r.num_computed_tokens == 0
 
     @precondition(lambda self: self.scheduler is not None)
-    @rule(pick=_PICK, expected=st.sampled_from([-1.0, -1.0, 0.0, 0.01, 0.5, 5.0, 100.0]))
-    def intercept(self, pick, expected):
+    @rule(pick=_PICK, expected=st.sampled_from([-1.0, -1.0, 0.0, 0.01, 0.5, 5.0, 100.0]),
+          tool=st.sampled_from(TOOL_NAMES))
+    def intercept(self, pick, expected, tool):
         ids = self.ids_where(self.just_sampled)
         if not ids:
             return
         i = ids[pick % len(ids)]
-        self.scheduler.intercept(i, self.now_s, expected)
+        self.scheduler.intercept(i, self.now_s, expected, tool)
         r = self.scheduler.request(i)
         assert r.tool_pending
         assert r.state in (RequestState.PRESERVED, RequestState.SWAPPING_OUT, RequestState.DISCARDED)
@@ -454,7 +470,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                                during_step if last and inflight else None)
             for i in out.sampled:
                 if rng.random() < tool_call_rate and self.just_sampled(self.scheduler.request(i)):
-                    self.scheduler.intercept(i, self.now_s, rng.choice([-1.0, -1.0, 0.0, 0.01, 0.5, 5.0, 100.0]))
+                    self.scheduler.intercept(i, self.now_s, rng.choice([-1.0, -1.0, 0.0, 0.01, 0.5, 5.0, 100.0]),
+                                             rng.choice(TOOL_NAMES))
                     self.num_intercepts += 1
 
     # ---- invariants ---------------------------------------------------------------------------
@@ -604,12 +621,11 @@ def _machine_for(policy: Policy, base: type = SchedulerMachine):
     return machine
 
 
-TestVllm = _machine_for(Policy.VLLM).TestCase
-TestDiscard = _machine_for(Policy.DISCARD).TestCase
-TestPreserve = _machine_for(Policy.PRESERVE).TestCase
-TestSwap = _machine_for(Policy.SWAP).TestCase
-TestInfercept = _machine_for(Policy.INFERCEPT).TestCase
-TestSharedPrefixDiscard = _machine_for(Policy.DISCARD, SharedPrefixMachine).TestCase
-TestSharedPrefixPreserve = _machine_for(Policy.PRESERVE, SharedPrefixMachine).TestCase
-TestSharedPrefixSwap = _machine_for(Policy.SWAP, SharedPrefixMachine).TestCase
-TestSharedPrefixInfercept = _machine_for(Policy.INFERCEPT, SharedPrefixMachine).TestCase
+# One test case per policy and machine, e.g. TestVllmV1 and TestSharedPrefixContinuum. Under
+# counts only (SchedulerMachine) the cache policies run without a cache; with token ids
+# (SharedPrefixMachine) every policy but vllm-0.2 shares cached blocks on both tiers.
+for _policy in POLICIES:
+    _suffix = "".join(part.title() for part in _policy.label.replace(".", "").split("-"))
+    globals()[f"Test{_suffix}"] = _machine_for(_policy).TestCase
+    if _policy.uses_prefix_cache:
+        globals()[f"TestSharedPrefix{_suffix}"] = _machine_for(_policy, SharedPrefixMachine).TestCase

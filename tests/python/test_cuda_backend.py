@@ -18,6 +18,7 @@ from infercept import _core
 from infercept.backend import BackendUnavailableError, report, select_device
 from infercept.engine.config import EngineConfig
 from infercept.model import cuda_kernels
+from infercept.policy_names import POLICY_NAMES
 
 HAVE = report()
 
@@ -284,7 +285,7 @@ def test_swap_round_trip_is_bit_exact() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["vllm", "discard", "preserve", "swap", "infercept"])
+@pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_engine_on_gpu_reproduces_cpu_tokens(policy: str) -> None:
     """SmolLM2 float32, greedy, scripted pauses: the GPU engine (CUDA kernels, CUDA swap engine,
     swaps pipelined per layer) yields the CPU engine's tokens under every policy."""

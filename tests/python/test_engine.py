@@ -26,9 +26,10 @@ from infercept.demo import calculator_conversation  # noqa: E402
 from infercept.tools import PatternParser, calculator_tool  # noqa: E402
 from infercept.weights import InvalidWeightsError, WeightsNotFoundError  # noqa: E402
 from infercept.weights.default import default_model_path  # noqa: E402
+from infercept.policy_names import POLICY_NAMES  # noqa: E402
 from engine_checks import assert_all_memory_returned  # noqa: E402
 
-POLICIES = ["vllm", "discard", "preserve", "swap", "infercept"]
+POLICIES = list(POLICY_NAMES)
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "What are three good habits for staying healthy?",
@@ -38,7 +39,9 @@ PROMPTS = [
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 # What each policy does to a paused context: the KV states the engine must have recorded.
 EXPECTED_KV_ACTIONS = {
-    "vllm": {"discarded"},
+    "vllm-0.2": {"discarded"},
+    "vllm-v1": {"discarded"},
+    "vllm-v1-offload": {"discarded"},
     "discard": {"discarded"},
     "preserve": {"preserved"},
     "swap": {"swapping_out", "swapped"},
@@ -129,6 +132,13 @@ def test_paused_request_equals_uninterrupted_run(make_engine, chat_ids, tokenize
     assert len(after) == total - pause_after
 
     # The same text run straight through: prompt + first tokens + tool output as one prompt.
+    stats = engine.stats
+    if policy in ("vllm-v1", "vllm-v1-offload"):
+        # The request ended at the call; its continuation found the context in the cache.
+        assert stats["prefix_cache_hits"] >= len(chat_ids[0]) // 16 * 16, stats
+    if policy == "vllm-v1-offload":
+        assert stats["num_stored_blocks"] > 0, stats  # blocks written to the host as computed
+
     (straight,) = run(engine, [chat_ids[0] + before + tool_tokens],
                       SamplingParams(max_tokens=total - pause_after, **GREEDY))
     assert straight.token_ids == after

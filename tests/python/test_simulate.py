@@ -18,8 +18,9 @@ from infercept import (
 from infercept.bench.runner import BenchSetup, run_one
 from infercept.bench.workload import Segment, WorkloadRequest, load_trace, poisson_arrivals, scale_to_context
 from infercept.cli import main
+from infercept.policy_names import POLICY_NAMES
 
-POLICIES = ["vllm", "discard", "preserve", "swap", "infercept"]
+POLICIES = ["vllm-0.2", "discard", "preserve", "swap", "infercept"]  # the paper's five
 
 
 def _small_cost() -> CostModel:
@@ -39,7 +40,7 @@ def _requests(num: int) -> list[WorkloadRequest]:
     return requests
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_every_request_finishes_and_memory_returns(policy: str) -> None:
     cost = _small_cost()
     config = simulated_config(cost, policy, host_to_device_ratio=1.0)
@@ -69,13 +70,13 @@ def test_policies_leave_their_own_waste_signature() -> None:
         fractions[policy] = result.waste
     # Discarding policies never hold paused contexts; preserve never recomputes a pause
     # (preemption may still recompute); only swap-capable policies stall on copies.
-    assert fractions["vllm"]["preserved_idle_byte_s"] == 0
+    assert fractions["vllm-0.2"]["preserved_idle_byte_s"] == 0
     assert fractions["discard"]["preserved_idle_byte_s"] == 0
-    assert fractions["vllm"]["recompute_byte_s"] > 0
+    assert fractions["vllm-0.2"]["recompute_byte_s"] > 0
     assert fractions["preserve"]["preserved_idle_byte_s"] > 0
     assert fractions["discard"]["swap_stall_byte_s"] == 0
     assert fractions["infercept"]["total_byte_s"] < fractions["preserve"]["total_byte_s"]
-    assert fractions["infercept"]["total_byte_s"] < fractions["vllm"]["total_byte_s"]
+    assert fractions["infercept"]["total_byte_s"] < fractions["vllm-0.2"]["total_byte_s"]
 
 
 def test_trace_replay_infercept_wastes_least(trace_file) -> None:
@@ -85,7 +86,7 @@ def test_trace_replay_infercept_wastes_least(trace_file) -> None:
     for policy in POLICIES:
         assert rows[policy]["num_aborted"] == 0
         assert rows[policy]["num_finished"] == rows[policy]["num_requests"]
-    for policy in ["vllm", "discard", "preserve", "swap"]:
+    for policy in ["vllm-0.2", "discard", "preserve", "swap"]:
         assert rows["infercept"]["waste_fraction"] < rows[policy]["waste_fraction"], policy
 
 
@@ -105,10 +106,10 @@ def test_simulated_step_time_follows_the_profile() -> None:
 def test_cli_writes_rows_with_required_keys(trace_file, tmp_path, capsys) -> None:
     out = tmp_path / "rows.json"
     code = main(["simulate", "--trace", str(trace_file), "--profile", "gptj-6b-a100", "--rates", "1,2",
-                 "--policies", "vllm,infercept", "--duration", "60", "--json", str(out), "--rows-only"])
+                 "--policies", "vllm-0.2,infercept", "--duration", "60", "--json", str(out), "--rows-only"])
     assert code == 0
     rows = json.loads(out.read_text())
-    assert [(r["policy"], r["rate"]) for r in rows] == [("vllm", 1), ("infercept", 1), ("vllm", 2), ("infercept", 2)]
+    assert [(r["policy"], r["rate"]) for r in rows] == [("vllm-0.2", 1), ("infercept", 1), ("vllm-0.2", 2), ("infercept", 2)]
     for row in rows:
         for key in ["policy", "rate", "normalized_latency", "throughput_rps", "p50_latency_s", "p99_latency_s",
                     "waste_fraction"]:
@@ -121,7 +122,7 @@ def test_cli_rejects_bad_arguments(trace_file, capsys) -> None:
     assert main(["simulate", "--trace", str(trace_file), "--profile", "no-such-profile", "--rates", "1"]) == 2
     assert "no-such-profile" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["simulate", "--trace", str(trace_file), "--policies", "vllm,bogus"])
+        main(["simulate", "--trace", str(trace_file), "--policies", "vllm-0.2,bogus"])
     with pytest.raises(SystemExit):
         main(["simulate", "--trace", str(trace_file), "--rates", "1,-2"])
 
@@ -150,3 +151,11 @@ def test_swapped_contexts_come_back_when_the_device_pool_is_full(policy):
     result = engine.run(arrivals, 30.0)
     assert all(r.finish_s is not None for r in result.records)
     assert engine.scheduler.num_live_requests == 0
+
+
+def test_vllm_is_a_deprecated_alias_of_vllm_0_2(trace_file, tmp_path) -> None:
+    out = tmp_path / "rows.json"
+    with pytest.warns(DeprecationWarning, match="'vllm' is deprecated.*'vllm-0.2'"):
+        main(["simulate", "--trace", str(trace_file), "--profile", "gptj-6b-a100", "--rates", "1",
+              "--policies", "vllm", "--duration", "20", "--json", str(out), "--rows-only"])
+    assert [r["policy"] for r in json.loads(out.read_text())] == ["vllm-0.2"]

@@ -50,6 +50,13 @@ struct CachedPrefix {
   int32_t num_blocks() const { return static_cast<int32_t>(device_blocks.size() + host_blocks.size()); }
 };
 
+/// What store_to_host() did with one device block.
+enum class StoreResult : uint8_t {
+  kStored,         // a copy to a fresh host block is planned
+  kAlreadyStored,  // the host already holds (or this step already copies) the content
+  kNoRoom,         // every host block is referenced: nothing can be evicted for it
+};
+
 /// Owns both pools and every request's block table.
 ///
 /// Blocks that are the source of a copy planned this iteration are not freed at once: the copy
@@ -101,6 +108,12 @@ class KvCacheManager {
   /// Registers the request's full device blocks with the cache once their KV is written; a
   /// block whose content another block already holds is swapped for that one (one copy kept).
   void cache_full_blocks(RequestId request, const TokenBlocks& tokens);
+  /// Host offload: plans copying the cached device block `block` (referenced or evictable) to
+  /// a host block (evicting the host's least recently used one if need be), `*copy` saying
+  /// which. The copy keeps the block's content: a release of it waits for commit(), which
+  /// caches the host copy under the same key, unreferenced (evictable, LRU). The caller plans
+  /// stores after the step's device allocations, so an evictable source is not reused under it.
+  StoreResult store_to_host(BlockId block, BlockCopy* copy);
   /// Re-estimates the next use of the evictable blocks still cached for `tokens`.
   void touch_cached(const TokenBlocks& tokens, double next_use_s);
   /// The request's blocks on `tier` that no other owner references (a suffix of that part).
@@ -145,6 +158,7 @@ class KvCacheManager {
   std::vector<Release> releasing_[2];           // [tier] blocks released at commit()
   std::vector<BlockCopy> copied_[2];            // [destination tier] copies planned this iteration
   std::unordered_set<RequestId> copying_;       // requests with copies planned this iteration
+  std::unordered_set<BlockId> storing_;         // device sources of this iteration's host stores
 };
 
 }  // namespace infercept

@@ -45,8 +45,8 @@ bool is_terminal(RequestState state);
 struct Request {
   RequestId id = 0;
   RequestState state = RequestState::kWaiting;
-  double arrival_s = 0;   // original arrival: the FCFS key of every policy but vllm
-  double priority_s = 0;  // queue key: arrival_s, or the resume time under vllm
+  double arrival_s = 0;   // original arrival: the FCFS key, unless the policy requeues as new
+  double priority_s = 0;  // queue key: arrival_s, or the resume time (ResumeOrder::kNewArrival)
 
   int32_t num_prompt_tokens = 0;
   int32_t num_generated_tokens = 0;
@@ -58,6 +58,9 @@ struct Request {
   double intercept_start_s = 0;       // when the current intercept began
   double expected_duration_s = -1;    // caller's estimate of the intercept; < 0 when unknown
   int32_t num_intercepts = 0;
+  int32_t tool_id = -1;               // the current (or last) intercept's tool (ToolDurations)
+  double pin_until_s = -1;            // continuum: the pinned KV is released then (< 0: not pinned)
+  double resumed_at_s = -1;           // the resume, while it waits in the queue with no KV
   int32_t num_preemptions = 0;
   int64_t last_action_step = -1;      // the step that last moved or freed its blocks
 

@@ -15,6 +15,7 @@
 #include "infercept/kv_cache_manager.h"
 #include "infercept/request.h"
 #include "infercept/step.h"
+#include "infercept/tool_durations.h"
 #include "infercept/types.h"
 #include "infercept/waste_ledger.h"
 
@@ -30,7 +31,7 @@ struct SchedulerConfig {
   /// Largest context a request may reach (the model's window); 0 means only the pool limits it.
   int32_t max_context_tokens = 0;
   /// Keep full blocks' KV findable by content after their owners let go (the prefix cache).
-  /// Off under the vllm (0.2) policy whatever this says: that release had no prefix cache.
+  /// Off under vllm-0.2 whatever this says: that release had no prefix cache.
   bool enable_prefix_caching = true;
   /// Token ids must lie in [0, vocab_size); 0 leaves them unchecked.
   int32_t vocab_size = 0;
@@ -67,6 +68,7 @@ struct SchedulerStats {
   int32_t num_cached_host_blocks = 0;
   int64_t num_device_evictions = 0;     // cumulative
   int64_t num_host_evictions = 0;
+  int64_t num_stored_blocks = 0;        // cumulative: of num_swap_out_blocks, host offload stores
 };
 
 class Scheduler {
@@ -83,9 +85,12 @@ class Scheduler {
 
   /// Pauses a running request that has just sampled (it called a tool). The policy decides what
   /// happens to its KV. `expected_duration_s` < 0 means unknown: the scheduler then estimates
-  /// the intercept from the time already elapsed. Returns the state the policy put it in
-  /// (later moves come in StepOutput::kv_changes).
-  RequestState intercept(RequestId request, double now_s, double expected_duration_s = -1);
+  /// the intercept from the time already elapsed. `tool_name` says which tool runs ("" when
+  /// the caller does not know): resume() records the duration under it, and the continuum
+  /// policy picks its TTL from that tool's observed durations. Returns the state the policy
+  /// put the request in (later moves come in StepOutput::kv_changes).
+  RequestState intercept(RequestId request, double now_s, double expected_duration_s = -1,
+                         const std::string& tool_name = "");
 
   /// The tool returned `tool_token_ids`: queue the request to resume. The last
   /// `num_replaced_tokens` tokens (not yet computed: the one just sampled, re-tokenized by the
@@ -123,6 +128,12 @@ class Scheduler {
   const WasteLedger& ledger() const { return ledger_; }
   const KvCacheManager& kv() const { return kv_; }
   const SchedulerConfig& config() const { return config_; }
+  /// The row of the policy table the scheduler runs under.
+  const PolicyTraits& policy_traits() const { return *traits_; }
+  /// Durations of the intercepts that have resumed, per tool.
+  const ToolDurations& tool_durations() const { return tool_durations_; }
+  /// Mean wait (EMA) from resume to admission of resumed requests that held no KV then.
+  double resume_wait_s() const { return resume_wait_s_; }
   const CostModel& cost() const { return cost_; }
   /// Live requests (not finished or aborted).
   int32_t num_live_requests() const { return num_live_; }
@@ -151,13 +162,15 @@ class Scheduler {
   Request& paused_on_tool(RequestId request);
   // resume()'s common part: the context grew by `num_tool_tokens` (net of replaced ones).
   void requeue_after_tool(Request& r, int32_t num_tool_tokens, double now_s);
-  bool caching() const { return config_.enable_prefix_caching && config_.policy != Policy::kVllm; }
+  bool caching() const { return config_.enable_prefix_caching && traits_->uses_prefix_cache; }
   void check_token_ids(const std::vector<TokenId>& token_ids, const char* what) const;
   // When a context that lets its blocks go expects them back (< 0: unknown).
   double expected_next_use_s(const Request& r, double now_s) const;
   // Admission: takes the longest cached prefix when the request can then start this step.
   void reuse_cached_prefix(Request& r, int32_t token_budget, int64_t swap_in_budget_blocks);
   void count_lookup(Request& r);
+  // Leaves the queue for the batch or a swap-in: counts the lookup and the resumed turn's wait.
+  void leave_queue(Request& r, double now_s);
   // Exclusive device tokens of a paused context: what preserving it holds back from others.
   // `num_exclusive`: its exclusive device blocks (KvCacheManager::num_exclusive_blocks).
   int64_t num_exclusive_device_tokens(const Request& r, int32_t num_exclusive) const;
@@ -168,7 +181,13 @@ class Scheduler {
   void schedule_running(StepPlan& plan, int32_t& token_budget);
   void schedule_swapping_in(StepPlan& plan, int64_t& swap_in_budget_blocks);
   void admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swap_in_budget_blocks);
+  void store_computed_blocks(StepPlan& plan);  // host offload (HostOffload::kStoreOnCompute)
   void decide_intercepted(StepPlan& plan);  // intercept_policy.cpp: the policies' choices
+  // intercept_policy.cpp, continuum: the TTL to pin `r` for (0: do not pin) and the expiry.
+  double pin_ttl_s(const Request& r) const;
+  void expire_pins(StepPlan& plan);
+  // Seconds to recompute `num_tokens` in chunks of the token budget (the cost model's T_fwd).
+  double recompute_time_s(int64_t num_tokens) const;
 
   void add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan);
   // Fills plan.batch from plan.scheduled and the block tables (step_batch.cpp); only the
@@ -197,6 +216,7 @@ class Scheduler {
   void account_step(const StepPlan& plan, const StepResult& result);
 
   SchedulerConfig config_;
+  const PolicyTraits* traits_;
   CostModel cost_;
   KvCacheManager kv_;
   std::unordered_map<RequestId, Request> requests_;  // node-based: Request* stay valid
@@ -217,6 +237,11 @@ class Scheduler {
   int64_t allocations_seen_ = 0;
   double rate_updated_s_ = -1;
   WasteLedger ledger_;
+  ToolDurations tool_durations_;
+  double resume_wait_s_ = 0;
+  // Host offload: device blocks computed and cached, in order, with their content key, that
+  // are still to be stored to the host (within each step's swap budget).
+  std::vector<std::pair<BlockId, BlockHash>> to_store_;
 };
 
 }  // namespace infercept

@@ -19,6 +19,7 @@ from infercept.bench.agents import WORKLOADS, generate_programs
 from infercept.bench.generator import generate_workload, scale_tool_time
 from infercept.bench.metrics import format_table, highest_sustained_rate
 from infercept.bench.runner import EXECUTORS, BenchSetup, run_grid
+from infercept.policy_names import POLICY_NAMES
 
 SIMULATE_COLUMNS = ["policy", "rate", "normalized_latency", "throughput_rps", "mean_latency_s",
                     "p50_latency_s", "p99_latency_s", "p95_completion_s", "mean_resumed_ttft_s",
@@ -33,7 +34,8 @@ TABLE_COLUMNS = ["policy", "rate", "normalized_latency", "completed_rps", "throu
                  "host_mb_moved", "prefix_cache_hit_rate", "num_finished", "num_requests"]
 # Programs drawn for an agent workload when --generate does not say.
 DEFAULT_PROGRAMS = 200
-FIXED_POLICIES = ("vllm", "discard", "preserve", "swap")
+# infercept's waste is compared with every other policy's (the paper's four fixed ones first).
+FIXED_POLICIES = tuple(p for p in POLICY_NAMES if p != "infercept")
 
 
 def machine_description() -> dict[str, str]:
@@ -408,7 +410,7 @@ def add_parsers(sub: argparse._SubParsersAction, floats, policies) -> None:
     sim.set_defaults(context=None, time_scale=1.0)
     sim.add_argument("--profile", default="gptj-6b-a100", help="built-in profile name or profile JSON path")
     sim.add_argument("--rates", type=floats, default=[1.0, 2.0, 3.0, 4.0], help="request rates, req/s")
-    sim.add_argument("--policies", type=policies, default=["vllm", "discard", "preserve", "swap", "infercept"])
+    sim.add_argument("--policies", type=policies, default=list(POLICY_NAMES))
     sim.add_argument("--duration", type=float, default=1800.0, help="arrival window, seconds")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--block-size", type=int, default=16)
@@ -432,7 +434,7 @@ def add_parsers(sub: argparse._SubParsersAction, floats, policies) -> None:
     bench.add_argument("--calibrate", action="store_true",
                        help="run real, then sim with the measured profile; report the sim's error")
     bench.add_argument("--rates", type=floats, default=[1.0, 2.0, 3.0, 4.0], help="req/s")
-    bench.add_argument("--policies", type=policies, default=["vllm", "discard", "preserve", "swap", "infercept"])
+    bench.add_argument("--policies", type=policies, default=list(POLICY_NAMES))
     bench.add_argument("--duration", type=float, default=60.0, help="arrival window, seconds")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--context", type=int, default=None, help="scale contexts to this many tokens")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infercept._core import Policy
+from infercept.policy_names import canonical_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -17,8 +17,10 @@ class EngineConfig:
 
     Attributes:
         model: A ``.gguf`` file, an HF model directory, or None for the embedded SmolLM2.
-        policy: What happens to a paused request's KV: 'vllm', 'discard', 'preserve', 'swap'
-            or 'infercept' (min-waste, per request and per iteration).
+        policy: What happens to a paused request's KV: 'infercept' (min-waste, per request and
+            per iteration), the paper's baselines 'vllm-0.2', 'discard', 'preserve', 'swap', or
+            today's 'vllm-v1', 'vllm-v1-offload', 'continuum' (docs/baselines.md). 'vllm' is
+            a deprecated alias of 'vllm-0.2'.
         dtype: Weights and KV cache: 'float32' (default on CPU), 'bfloat16' or 'float16'.
         block_size: Tokens per KV block.
         kv_cache_bytes: Device KV pool size, when ``num_device_blocks`` is not given.
@@ -35,8 +37,8 @@ class EngineConfig:
         check_invariants: Check block conservation after every step (tests; slower).
         enable_prefix_caching: Keep full KV blocks findable by content after their requests
             let go, so a later request with the same prefix (system prompt, earlier turns)
-            reuses them instead of prefilling again. Ignored (off) under the 'vllm' policy,
-            which stands for vLLM 0.2.
+            reuses them instead of prefilling again. Ignored (off) under 'vllm-0.2', which had
+            no prefix cache.
         device: Where the model and the KV cache live: 'auto' (CUDA when compiled and a
             device is present, else CPU with a logged message), 'cpu', 'cuda' or 'cuda:N' (an
             error when CUDA cannot run); see :func:`infercept.backend.select_device`.
@@ -59,7 +61,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        Policy.parse(self.policy)  # raises ValueError naming the policy and the choices
+        self.policy = canonical_policy(self.policy)  # ValueError naming the policy and the choices
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
         for name in ("block_size", "kv_cache_bytes", "max_batched_tokens", "max_running_requests"):

@@ -414,7 +414,9 @@ class LLMEngine:
     def _pause(self, seq: Sequence, record: InterceptRecord) -> None:
         now = self.now()
         expected = record.expected_duration_s
-        state = self.scheduler.intercept(seq.request_id, now, -1.0 if expected is None else expected)
+        # The tool's name lets the core learn its durations (continuum's TTL comes from them).
+        state = self.scheduler.intercept(seq.request_id, now, -1.0 if expected is None else expected,
+                                         record.name)
         seq.paused_at_s = now
         seq.output.intercepts.append(record)
         self._note_kv_action(seq, state.label)
@@ -553,6 +555,7 @@ class LLMEngine:
             "num_cached_host_blocks": s.num_cached_host_blocks,
             "num_device_evictions": s.num_device_evictions,
             "num_host_evictions": s.num_host_evictions,
+            "num_stored_blocks": s.num_stored_blocks,
             **self.scheduler.ledger().fractions(),
             "num_steps": self.num_steps,
         }
