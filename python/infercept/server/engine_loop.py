@@ -44,7 +44,7 @@ _RATE_WINDOW_S = 10.0
 
 @dataclass(frozen=True)
 class Update:
-    """A request's state after a step, as the handlers see it (copied off the engine thread).
+    """A request's state after a step, as the handlers see it (a copy: plain data, also sent between processes).
 
     Attributes:
         request_id: The engine's id.

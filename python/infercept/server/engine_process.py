@@ -29,6 +29,7 @@ parent check while idle) and ignores SIGINT: the server stops it with a ``Shutdo
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -368,6 +369,7 @@ class EngineProcessClient:
         self.num_generated_tokens_total = 0
         self.num_prompt_tokens_total = 0
         self._tokens_per_s = 0.0
+        atexit.register(self._kill)  # an app that never started or stopped
 
     # ---- start-up (any thread) -----------------------------------------------------------
 
@@ -414,6 +416,7 @@ class EngineProcessClient:
                 log.warning("the engine process did not stop within %g s; killing it", timeout_s)
                 self._kill()
         self._mark_dead("the server is shutting down")
+        atexit.unregister(self._kill)
         for task in (self._reader, self._watcher):
             if task is not None:
                 task.cancel()
@@ -495,7 +498,8 @@ class EngineProcessClient:
             self._send(command)
             return await future
         finally:
-            self._pending.pop(call_id, None)
+            if not future.cancelled():  # a cancelled one's reply is still to be read
+                self._pending.pop(call_id, None)
 
     # ---- updates and death (event loop) --------------------------------------------------
 
@@ -529,10 +533,16 @@ class EngineProcessClient:
             self.num_prompt_tokens_total = event.prompt_tokens_total
             self._tokens_per_s = event.generation_tokens_per_s
         elif isinstance(event, Reply):
-            pending = self._pending.get(event.call_id)
-            if pending is None or pending[0].done():
-                return  # its handler was cancelled
+            pending = self._pending.pop(event.call_id, None)
+            if pending is None:
+                return
             future, subscribe = pending
+            if future.done():  # its handler went away: nobody will read or abort the request
+                if event.error_type is None and isinstance(subscribe, asyncio.Queue):
+                    self._send(Abort(int(event.value)))
+                elif event.error_type is None and isinstance(subscribe, tuple):
+                    self._send(Abort(subscribe[0]))
+                return
             if event.error_type is not None:
                 error_type = _ERRORS.get(event.error_type)
                 future.set_exception(error_type(event.error) if error_type else RuntimeError(
