@@ -6,7 +6,11 @@ resumes the paused context). Reports throughput and p50/p99 latency per HTTP req
 writes JSON and markdown under benchmarks/results/.
 
     python benchmarks/load_test.py                      # starts a server, 200 requests
+    python benchmarks/load_test.py --no-engine-process  # the same, engine on a server thread
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --requests 500
+
+A started server runs the engine in its own process (``infercept serve``'s default) unless
+``--no-engine-process`` is given: the two runs are the before/after of the process split.
 """
 
 from __future__ import annotations
@@ -150,6 +154,9 @@ def main() -> int:
     parser.add_argument("--tool-fraction", type=float, default=0.25,
                         help="fraction of requests that are client-tool round trips")
     parser.add_argument("--policy", default="infercept", help="policy of a started server")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="a started server runs the engine in its own process (default) "
+                             "or, with --no-engine-process, on a thread of the server process")
     parser.add_argument("--out", default=str(RESULTS / "server_load"),
                         help="output path without extension (.json and .md are written)")
     args = parser.parse_args()
@@ -164,7 +171,8 @@ def main() -> int:
             filter(None, [str(REPO / "python"), os.environ.get("PYTHONPATH")]))}
         process = subprocess.Popen(
             [sys.executable, "-m", "infercept.cli", "serve", "--port", str(port), "--policy",
-             args.policy, "--log-level", "warning"], env=env)
+             args.policy, "--log-level", "warning",
+             "--engine-process" if args.engine_process else "--no-engine-process"], env=env)
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -187,7 +195,8 @@ def main() -> int:
         "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
                    f"{os.cpu_count()} CPU cores (shared; load average "
                    f"{load_at_start:.1f} at the start)",
-        "server": f"started by the script ({args.policy} policy, SmolLM2-135M on CPU)"
+        "server": f"started by the script ({args.policy} policy, SmolLM2-135M on CPU, "
+                  f"engine {'process' if args.engine_process else 'thread'})"
                   if process is not None else url,
         "result": result,
     }

@@ -33,7 +33,7 @@ def _policy(text: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from infercept.server import ServerConfig, build_engine, serve
+        from infercept.server import ServerConfig, build_engine, engine_spec, serve
     except ImportError as error:
         print(f"infercept: error: serve needs the server extra (pip install 'infercept[server]'): "
               f"{error}", file=sys.stderr)
@@ -51,9 +51,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if "enable_prefix_caching" not in {f.name for f in dataclasses.fields(EngineConfig)}:
             raise ValueError("--[no-]enable-prefix-caching: this engine build has no prefix cache")
         config["enable_prefix_caching"] = args.enable_prefix_caching
-    engine = build_engine(args.model, args.policy, args.tools,
-                          entry_point_tools=not args.no_entry_point_tools, dtype=args.dtype,
-                          **config)
+    if args.engine_process:  # built in the engine process, once serve() starts it
+        engine = engine_spec(args.model, args.policy, args.tools,
+                             entry_point_tools=not args.no_entry_point_tools, dtype=args.dtype,
+                             **config)
+        model_name = Path(engine.config.model).name if engine.config.model else "default"
+        tool_names = ", ".join(args.tools) + (" + entry points" if engine.entry_point_tools
+                                              else "")
+    else:
+        engine = build_engine(args.model, args.policy, args.tools,
+                              entry_point_tools=not args.no_entry_point_tools, dtype=args.dtype,
+                              **config)
+        model_name, tool_names = engine.model_name, ", ".join(engine.tools.names)
     name = args.served_model_name or ("default" if args.model in (None, "default")
                                       else Path(args.model).name)
     tool_prompt = {"auto": None, "always": True, "never": False}[args.tool_prompt]
@@ -63,8 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None}
     server_config = ServerConfig(served_model_name=name, paused_ttl_s=args.paused_ttl_s,
                                  tool_prompt=tool_prompt, api_key=api_key, **storage)
-    print(f"serving {engine.model_name} as {name!r} ({args.policy} policy; server tools: "
-          f"{', '.join(engine.tools.names) or 'none'}) on http://{args.host}:{args.port}")
+    mode = "engine process" if args.engine_process else "engine thread"
+    print(f"serving {model_name} as {name!r} ({args.policy} policy, {mode}; server tools: "
+          f"{tool_names or 'none'}) on http://{args.host}:{args.port}")
     serve(engine, args.host, args.port, server_config, log_level=args.log_level)
     return 0
 
@@ -112,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                      default=None, help="reuse the KV of shared prompt prefixes (the engine's "
                                         "default: on)")
+    srv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                     help="run the engine in its own process, apart from the HTTP layer "
+                          "(default); --no-engine-process runs it on a thread of the server "
+                          "process")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
 

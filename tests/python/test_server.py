@@ -21,14 +21,13 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from infercept.cli import build_parser  # noqa: E402
-from infercept.engine import EngineConfig, LLMEngine  # noqa: E402
-from infercept.server import ServerConfig, create_app  # noqa: E402
+from infercept.engine import EngineConfig  # noqa: E402
+from infercept.server import EngineSpec, ServerConfig, create_app  # noqa: E402
 from infercept.server.chat_format import ContentStreamer  # noqa: E402
 from infercept.server.few_shot import CALCULATOR, FEW_SHOT  # noqa: E402
 from infercept.server.metrics import parse_metrics  # noqa: E402
 from infercept.server.sessions import PausedContextStore  # noqa: E402
 from infercept.server.tool_plugins import load_tool_path  # noqa: E402
-from infercept.tools import calculator_tool  # noqa: E402
 from server_harness import ThreadServer  # noqa: E402
 
 MODEL = "smollm2-test"
@@ -46,11 +45,15 @@ def _question(a: int, b: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server():
-    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=2048, **NO_PREFIX_CACHE),
-                       tools=[calculator_tool()], tool_errors="return")
+    # The default mode: the engine in its own process, built there from the spec.
+    engine = EngineSpec(config=EngineConfig(policy="infercept", max_model_len=2048,
+                                            **NO_PREFIX_CACHE),
+                        tool_paths=["infercept.tools:calculator_tool"], tool_errors="return")
     app = create_app(engine, ServerConfig(served_model_name=MODEL, paused_ttl_s=300.0))
     with ThreadServer(app) as running:
         yield running
+    # Stopping the server stops the engine process cleanly (a Shutdown message, not a kill).
+    assert app.state.server.engine_loop.process.wait(30) == 0
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from infercept.engine import EngineConfig, LLMEngine  # noqa: E402
-from infercept.server import ServerConfig, create_app  # noqa: E402
+from infercept.engine import EngineConfig  # noqa: E402
+from infercept.server import EngineSpec, ServerConfig, create_app  # noqa: E402
 from infercept.server.metrics import parse_metrics  # noqa: E402
 from server_harness import ThreadServer  # noqa: E402
 
@@ -27,7 +27,8 @@ API_KEY = "sk-test-4f1c9e"
 
 @pytest.fixture(scope="module")
 def server():
-    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=512))
+    engine = EngineSpec(config=EngineConfig(policy="infercept", max_model_len=512),
+                        tool_errors="abort")
     app = create_app(engine, ServerConfig(served_model_name=MODEL, api_key=API_KEY))
     with ThreadServer(app) as running:
         yield running

@@ -15,8 +15,8 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from infercept.engine import EngineConfig, LLMEngine  # noqa: E402
-from infercept.server import ServerConfig, create_app  # noqa: E402
+from infercept.engine import EngineConfig  # noqa: E402
+from infercept.server import EngineSpec, ServerConfig, create_app  # noqa: E402
 from infercept.server.metrics import parse_metrics  # noqa: E402
 from server_harness import ThreadServer  # noqa: E402
 
@@ -30,8 +30,8 @@ PROMPT = "The quick brown fox jumps over the lazy dog while the cat watches. " *
 
 @pytest.fixture(scope="module")
 def server():
-    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=1024,
-                                    enable_prefix_caching=True))
+    engine = EngineSpec(config=EngineConfig(policy="infercept", max_model_len=1024,
+                                            enable_prefix_caching=True), tool_errors="abort")
     with ThreadServer(create_app(engine, ServerConfig(served_model_name=MODEL))) as running:
         yield running
 

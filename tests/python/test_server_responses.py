@@ -20,8 +20,8 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from infercept.engine import EngineConfig, LLMEngine  # noqa: E402
-from infercept.server import ServerConfig, create_app  # noqa: E402
+from infercept.engine import EngineConfig  # noqa: E402
+from infercept.server import EngineSpec, ServerConfig, create_app  # noqa: E402
 from infercept.server.chat_format import ChatRenderer  # noqa: E402
 from infercept.server.few_shot import (CALCULATOR, CALCULATOR_FUNCTION, FEW_SHOT,  # noqa: E402
                                        FEW_SHOT_INPUT, FEW_SHOT_INSTRUCTIONS)
@@ -54,7 +54,8 @@ def _tool_kwargs() -> dict:
 
 @pytest.fixture(scope="module")
 def server():
-    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=2048, **NO_PREFIX_CACHE))
+    engine = EngineSpec(config=EngineConfig(policy="infercept", max_model_len=2048,
+                                            **NO_PREFIX_CACHE), tool_errors="abort")
     app = create_app(engine, ServerConfig(served_model_name=MODEL, paused_ttl_s=300.0))
     with ThreadServer(app) as running:
         yield running
@@ -444,8 +445,8 @@ def test_an_openai_agents_sdk_agent_completes_a_tool_task(server, chained):
 
 @pytest.mark.skipif(not HAS_PREFIX_CACHE, reason="this engine build has no prefix cache")
 def test_with_the_prefix_cache_a_late_follow_up_prefills_from_it():
-    engine = LLMEngine(EngineConfig(policy="infercept", max_model_len=2048,
-                                    enable_prefix_caching=True))
+    engine = EngineSpec(config=EngineConfig(policy="infercept", max_model_len=2048,
+                                            enable_prefix_caching=True), tool_errors="abort")
     app = create_app(engine, ServerConfig(served_model_name=MODEL, paused_ttl_s=0.5))
     with ThreadServer(app) as cached_server, openai.OpenAI(
             base_url=f"{cached_server.url}/v1", api_key="unused", max_retries=0,

@@ -35,7 +35,9 @@ from infercept.engine import LLMEngine
 from infercept.sampling import SamplingParams
 from infercept.server import protocol as p
 from infercept.server.chat_format import ChatRenderer, ContentStreamer, split_tool_call
-from infercept.server.engine_loop import EngineLoop, RequestHandle, Update
+from infercept.server.engine_loop import (EngineDeadError, EngineInfo, EngineLoop, RequestHandle,
+                                          Update)
+from infercept.server.engine_process import EngineProcessClient, EngineSpec
 from infercept.server.metrics import CONTENT_TYPE, EngineSnapshot, ServerMetrics
 from infercept.server.response_store import (DEFAULT_MAX_STORED_RESPONSE_BYTES,
                                              DEFAULT_MAX_STORED_RESPONSES,
@@ -100,22 +102,38 @@ class _EngineStreamingResponse(StreamingResponse):
 
 
 class OpenAIServer:
-    """The server's state: engine thread, paused contexts, metrics. Routes call into it."""
+    """The server's state: engine client, paused contexts, metrics. Routes call into it.
 
-    def __init__(self, engine: LLMEngine, config: ServerConfig | None = None) -> None:
-        self.engine = engine
+    Args:
+        engine: An :class:`EngineSpec`: the engine runs in its own process (built there;
+            this blocks until it is ready). An ``LLMEngine``: it runs on a thread of this
+            process (the in-thread mode).
+    """
+
+    def __init__(self, engine: LLMEngine | EngineSpec, config: ServerConfig | None = None
+                 ) -> None:
         self.config = config = config or ServerConfig()
-        stats = engine.stats
-        block_bytes = (engine.model.config.kv_bytes_per_token(engine.config.torch_dtype)
-                       * engine.config.block_size)
-        self.metrics = ServerMetrics(num_device_blocks=int(stats["num_free_device_blocks"]),
-                                     num_host_blocks=int(stats["num_free_host_blocks"]),
-                                     block_bytes=block_bytes)
-        self.engine_loop = EngineLoop(engine, self.metrics)
+        # ``engine`` (tokenizer, parser, model_name, max_model_len) and ``engine_loop`` (add,
+        # resume, abort, stats) are what the handlers use, the same in both modes.
+        self.engine_loop: EngineLoop | EngineProcessClient
+        if isinstance(engine, EngineSpec):
+            client = EngineProcessClient(engine)
+            info, self.engine = client.info, client.frontend
+        else:
+            info, self.engine = EngineInfo.of(engine), engine
+        self.metrics = ServerMetrics(num_device_blocks=info.num_device_blocks,
+                                     num_host_blocks=info.num_host_blocks,
+                                     block_bytes=info.block_bytes)
+        if isinstance(engine, EngineSpec):
+            client.metrics = self.metrics
+            self.engine_loop = client
+        else:
+            self.engine_loop = EngineLoop(engine, self.metrics)
         self.store = PausedContextStore(config.paused_ttl_s, config.max_paused_contexts)
-        self.renderer = ChatRenderer(engine.tokenizer, self.store.call_text, config.tool_prompt)
-        self.model_names = {config.served_model_name, engine.model_name}
-        self.server_tool_schemas = engine.tools.to_openai()
+        self.renderer = ChatRenderer(self.engine.tokenizer, self.store.call_text,
+                                     config.tool_prompt)
+        self.model_names = {config.served_model_name, info.model_name}
+        self.server_tool_schemas = info.tool_schemas
         self._expiry_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -129,7 +147,7 @@ class OpenAIServer:
             self._expiry_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry_task
-        await asyncio.to_thread(self.engine_loop.stop)
+        await self.engine_loop.close()
 
     async def _expire_forever(self) -> None:
         period_s = min(1.0, self.config.paused_ttl_s / 4)
@@ -195,9 +213,12 @@ class OpenAIServer:
 
     @staticmethod
     def generation_failed(update: Update) -> JSONResponse | None:
-        """The 500 response for a request the engine ended with an error, else None."""
+        """The 500 response for a request the engine ended with an error (503 when the
+        engine itself stopped), else None."""
         if update.finish_reason != "error":
             return None
+        if update.engine_died:
+            return _engine_unavailable(update.error or "the engine stopped")
         return JSONResponse(p.error_body(update.error or "generation failed",
                                          error_type="server_error"), status_code=500)
 
@@ -422,13 +443,15 @@ class OpenAIServer:
     # ---- observability -------------------------------------------------------------------
 
     async def metrics_text(self) -> bytes:
-        stats = await self.engine_loop.call(lambda engine: engine.stats)
-        loop = self.engine_loop
+        try:
+            engine = await self.engine_loop.stats()
+        except EngineDeadError:  # the HTTP side's series stay readable; the engine's read 0
+            return self.metrics.render(EngineSnapshot({}, num_paused_contexts=len(self.store)))
         return self.metrics.render(EngineSnapshot(
-            stats, num_paused_contexts=len(self.store),
-            generation_tokens_total=loop.num_generated_tokens_total,
-            prompt_tokens_total=loop.num_prompt_tokens_total,
-            generation_tokens_per_s=loop.generation_tokens_per_s()))
+            engine.stats, num_paused_contexts=len(self.store),
+            generation_tokens_total=engine.generation_tokens_total,
+            prompt_tokens_total=engine.prompt_tokens_total,
+            generation_tokens_per_s=engine.generation_tokens_per_s))
 
 
 @dataclass(frozen=True)
@@ -437,6 +460,12 @@ class _Conversation:
 
     session_id: str | None
     cache_salt: str | None
+
+
+def _engine_unavailable(message: str) -> JSONResponse:
+    """503: the engine stopped (its process died); ``/health`` says so too."""
+    return JSONResponse(p.error_body(message, code="engine_unavailable",
+                                     error_type="service_unavailable"), status_code=503)
 
 
 def _num_cached_tokens(update: Update, num_reused: int) -> int:
@@ -510,8 +539,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(parts), first_param
 
 
-def create_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``; the engine thread runs for the app's lifespan."""
+def create_app(engine: LLMEngine | EngineSpec, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (see :class:`OpenAIServer`); the engine process
+    (or thread) runs for the app's lifespan."""
     server = OpenAIServer(engine, config)
 
     @contextlib.asynccontextmanager
@@ -534,6 +564,10 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI
     async def _bad(request: Request, exc: BadRequestError) -> JSONResponse:
         return JSONResponse(p.error_body(str(exc), exc.param, exc.code), status_code=400)
 
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return _engine_unavailable(str(exc))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(p.error_body(str(exc.detail), error_type="not_found_error"
@@ -543,8 +577,10 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI
     @app.get("/health")
     async def health() -> JSONResponse:
         alive = server.engine_loop.is_alive
-        return JSONResponse({"status": "ok" if alive else "engine stopped"},
-                            status_code=200 if alive else 503)
+        if alive:
+            return JSONResponse({"status": "ok"})
+        reason = getattr(server.engine_loop, "dead_reason", None) or "the engine stopped"
+        return JSONResponse({"status": "engine stopped", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -554,8 +590,8 @@ def create_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": server.config.served_model_name, "object": "model", "created": 0,
-            "owned_by": "infercept", "root": engine.model_name,
-            "max_model_len": engine.max_model_len}]}
+            "owned_by": "infercept", "root": server.engine.model_name,
+            "max_model_len": server.engine.max_model_len}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: p.ChatCompletionRequest, request: Request) -> Any:

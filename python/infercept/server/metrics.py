@@ -5,7 +5,8 @@ one, so several apps in a process do not clash):
 
 - engine state, read from ``LLMEngine.stats`` at scrape time (:class:`EngineCollector`);
 - counters the HTTP layer bumps (paused-context outcomes, disconnects, responses by status);
-- latency histograms the engine thread observes as outputs arrive (``EngineLoop``).
+- latency histograms the engine loop observes as outputs arrive (``EngineCore``; from the
+  engine process they arrive with its outputs).
 
 Names follow vLLM's where vLLM has an equivalent, with the ``infercept_`` prefix
 (``vllm:time_to_first_token_seconds`` is ``infercept_time_to_first_token_seconds``).
@@ -41,7 +42,7 @@ _TOOL_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 
 @dataclass(frozen=True)
 class EngineSnapshot:
-    """What one scrape reports about the engine (read on the engine thread, then frozen).
+    """What one scrape reports about the engine (read between two steps, then frozen).
 
     Attributes:
         stats: ``LLMEngine.stats``; keys the engine does not have yet read as 0.
@@ -174,9 +175,11 @@ class EngineCollector:
 class ServerMetrics:
     """The app's registry: the engine collector, the HTTP layer's counters, the histograms.
 
-    Histograms are observed on the engine thread (prometheus_client metrics are thread-safe)
-    and cover one engine segment each: from ``add_request`` (or ``resume``) running on the
-    engine thread to the final token or the client tool call, i.e. one HTTP response.
+    Histograms are timed by the engine loop (``EngineCore``) and observed on its thread
+    (prometheus_client metrics are thread-safe) or, from the engine process, on the event loop
+    as its outputs arrive. Each covers one engine segment: from ``add_request`` (or
+    ``resume``) running in the engine to the final token or the client tool call, i.e. one
+    HTTP response.
 
     Attributes:
         time_to_first_token: Segment start to its first sampled token.

@@ -7,8 +7,8 @@ import logging
 
 from infercept.engine import EngineConfig, LLMEngine
 from infercept.server.app import ServerConfig, create_app
-from infercept.server.tool_plugins import load_entry_point_tools, load_tool_path
-from infercept.tools import Tool
+from infercept.server.engine_process import EngineSpec
+from infercept.server.tool_plugins import load_tools
 
 log = logging.getLogger("infercept.server")
 
@@ -24,15 +24,21 @@ def build_engine(model: str | None, policy: str, tool_paths: list[str] = (),
         entry_point_tools: Also load the ``infercept.tools`` entry points.
         **config: Other :class:`EngineConfig` fields.
     """
-    tools: list[Tool] = []
-    if entry_point_tools:
-        tools.extend(load_entry_point_tools())
-    for path in tool_paths:
-        tools.extend(load_tool_path(path))
+    tools = load_tools(tool_paths, entry_point_tools)
     engine_config = EngineConfig(model=None if model in (None, "default") else model,
                                  policy=policy, **config)  # type: ignore[arg-type]
     # A failing server tool is reported to the model, not turned into a failed response.
     return LLMEngine(engine_config, tools=tools, tool_errors="return")
+
+
+def engine_spec(model: str | None, policy: str, tool_paths: list[str] = (),
+                entry_point_tools: bool = True, **config: object) -> EngineSpec:
+    """What the engine process builds: the engine :func:`build_engine` would (the tools are
+    loaded there, by name). Invalid engine options fail here, before the process starts."""
+    engine_config = EngineConfig(model=None if model in (None, "default") else model,
+                                 policy=policy, **config)  # type: ignore[arg-type]
+    return EngineSpec(config=engine_config, tool_paths=list(tool_paths),
+                      entry_point_tools=entry_point_tools, tool_errors="return")
 
 
 def is_loopback(host: str) -> bool:
@@ -45,9 +51,9 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve beyond loopback
 
 
-def serve(engine: LLMEngine, host: str, port: int, config: ServerConfig | None = None,
-          log_level: str = "info") -> None:
-    """Runs the server until interrupted."""
+def serve(engine: LLMEngine | EngineSpec, host: str, port: int,
+          config: ServerConfig | None = None, log_level: str = "info") -> None:
+    """Runs the server until interrupted (an EngineSpec: the engine in its own process)."""
     import uvicorn
 
     logging.basicConfig(level=log_level.upper())

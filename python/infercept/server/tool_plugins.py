@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
+from collections.abc import Sequence
 from typing import Any
 
 from infercept.tools import Tool
@@ -57,4 +58,14 @@ def load_entry_point_tools() -> list[Tool]:
     tools: list[Tool] = []
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         tools.extend(_as_tools(entry.load(), f"entry point {entry.name} = {entry.value}"))
+    return tools
+
+
+def load_tools(tool_paths: Sequence[str] = (), entry_point_tools: bool = True) -> list[Tool]:
+    """The installed entry points' tools (when asked), then those of ``tool_paths``."""
+    tools: list[Tool] = []
+    if entry_point_tools:
+        tools.extend(load_entry_point_tools())
+    for path in tool_paths:
+        tools.extend(load_tool_path(path))
     return tools
