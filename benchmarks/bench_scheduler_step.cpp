@@ -55,6 +55,9 @@ void run(const char* mix, double expected_duration_s, double step_s, bool with_t
   config.num_host_blocks = config.num_device_blocks;
   config.max_batched_tokens = 4096;
   config.max_running_requests = kNumRunning;
+  // The forward's flat inputs are part of a real engine's step; INFERCEPT_BENCH_NO_BATCH=1
+  // leaves them out (the simulator's setting) to show their share.
+  config.build_batch = std::getenv("INFERCEPT_BENCH_NO_BATCH") == nullptr;
   Scheduler scheduler(config, CostModel::builtin("gptj-6b-a100"));
   int serial = 0;
   auto add = [&](double now_s) {
