@@ -5,6 +5,7 @@ One ``step()``:
     tool runtime and scripted timers: finished pauses -> scheduler.resume(req, tool tokens)
     scheduler.schedule(now)            -> StepPlan
     runner.execute(plan)               -> logits (swaps pipelined per layer with the forward)
+    grammar masks of the sampling rows (structured outputs; on a helper thread meanwhile)
     sample, detokenize, stop check     -> StepResult(finished=...)
     scheduler.update(plan, result)     (append tokens, free, account waste)
     tool-call parser / scripted points -> scheduler.intercept(req, expected duration)
@@ -36,6 +37,7 @@ from infercept.model import KVCache, LlamaForCausalLM, Tokenizer, load_model
 from infercept.model.loader import resolve_model_path
 from infercept.engine.profiles import load_profile
 from infercept.engine.sampler import Sampler
+from infercept.engine.structured import GrammarMatchers
 from infercept.sampling import SamplingParams
 from infercept.tools import (DurationEstimator, TagParser, Tool, ToolCall, ToolCallError,
                              ToolCallParser, ToolRegistry, ToolRuntime)
@@ -116,6 +118,7 @@ class LLMEngine:
         self.estimator = DurationEstimator()
         self._tool_runtime: ToolRuntime | None = None
         self.sampler = Sampler()
+        self.grammars = GrammarMatchers(self.tokenizer, model_config.vocab_size)
         self._seqs: dict[int, Sequence] = {}
         self._timers: list[tuple[float, int, int]] = []  # (resume_at_s, request_id, after_tokens)
         self._start_s = time.monotonic()
@@ -149,7 +152,8 @@ class LLMEngine:
         Raises:
             ValueError: No prompt, an empty prompt, a token id outside the vocabulary, a
                 prompt that leaves no room within ``max_model_len``, one larger than the KV
-                pool, or a cache_salt that is not a string.
+                pool, a cache_salt that is not a string, or a structured output the grammar
+                compiler rejects for this tokenizer.
         """
         params = params or SamplingParams()
         if cache_salt is not None and not isinstance(cache_salt, str):
@@ -167,8 +171,12 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
+        matcher = (self.grammars.build(params.structured_output)
+                   if params.structured_output is not None else None)
         now = self.now()
         request_id = self.scheduler.add_request(token_ids, now, 0, cache_salt or "")
+        if matcher is not None:
+            self.grammars.attach(request_id, matcher)
         output = RequestOutput(request_id=request_id, prompt=prompt,
                                prompt_token_ids=list(token_ids), arrival_s=now)
         self._seqs[request_id] = Sequence(
@@ -202,7 +210,11 @@ class LLMEngine:
             token_ids: Exact tokens to append instead of text.
             params: New sampling for what follows (a server's follow-up request); its
                 ``max_tokens`` counts tokens generated from the resume on, as for a fresh
-                request, and a seeded request restarts its generator.
+                request, a seeded request restarts its generator, and its structured output
+                (or none) governs the tokens from the resume on, from the grammar's start.
+                Without ``params`` the request keeps its grammar state: mid-grammar it goes on
+                constraining, and a grammar that ended (a tool call's ends at the call) no
+                longer applies.
             client_tools: New client-side tool names (None keeps the current ones).
 
         Raises:
@@ -225,9 +237,14 @@ class LLMEngine:
         else:
             tokens = [int(t) for t in token_ids]
         if params is not None:
+            matcher = (self.grammars.build(params.structured_output)
+                       if params.structured_output is not None else None)
             seq.params = dataclasses.replace(params,
                                              max_tokens=len(seq.generated) + params.max_tokens)
             self.sampler.release(request_id)
+            self.grammars.release(request_id)
+            if matcher is not None:
+                self.grammars.attach(request_id, matcher)
         if client_tools is not None:
             seq.client_tools = frozenset(client_tools)
         self._end_pause(seq, tokens, self.now(), output=tool_output)
@@ -270,7 +287,12 @@ class LLMEngine:
             return [s.output for s in touched.values()]
 
         contexts = {s.request_id: self._seqs[s.request_id].token_ids for s in plan.scheduled}
+        # The structured rows' masks are computed while the forward runs.
+        masks = (self.grammars.begin_masks([s.request_id for s in plan.scheduled if s.samples])
+                 if len(self.grammars) else None)
         out = self.runner.execute(plan, contexts)
+        if masks is not None:
+            self.grammars.apply(masks, out.logits)
         now = self.now()
         finished: list[int] = []
         sampled_token_ids: list[int] = []
@@ -284,10 +306,14 @@ class LLMEngine:
                     seq.output.num_cached_tokens = self.scheduler.request(
                         seq.request_id).num_cached_tokens
                 decision = seq.append_sampled(token, self.tokenizer, now, self.max_model_len)
+                grammar_error = self.grammars.accept(seq.request_id, token)
                 touched[seq.request_id] = seq
                 if decision.should_stop:
                     finished.append(seq.request_id)
                     seq.finish(decision.reason or "stop", now)
+                elif grammar_error is not None:  # the mask should make this impossible
+                    finished.append(seq.request_id)
+                    seq.finish("error", now, grammar_error)
         result = StepResult(out.duration_s, min(out.swap_stall_s, out.duration_s), finished,
                             sampled_token_ids)
         step_output = self.scheduler.update(plan, result, now)
@@ -342,6 +368,7 @@ class LLMEngine:
         if self._tool_runtime is not None:
             self._tool_runtime.shutdown()
             self._tool_runtime = None
+        self.grammars.close()
 
     # ---- pauses ----------------------------------------------------------------------------
 
@@ -373,7 +400,10 @@ class LLMEngine:
         self._start_call(seq, found)
 
     def _start_call(self, seq: Sequence, call: ToolCall) -> None:
+        rewrite_from = seq.rewrite_from
         seq.trim_after(call.span[1], self.tokenizer)
+        if seq.rewrite_from is not None and rewrite_from is None:
+            self.grammars.replace_last(seq.request_id, seq.token_ids[seq.rewrite_from:])
         if call.name in seq.client_tools:
             record = InterceptRecord("client", len(seq.generated), call.name, dict(call.arguments),
                                      expected_duration_s=self.estimator.estimate(call.name))
@@ -422,6 +452,10 @@ class LLMEngine:
         if len(seq.token_ids) + len(tokens) >= self.max_model_len:
             self._terminate(seq, "length", now)
             return
+        # The tool's tokens bypass the grammar; one that ended at the call (a tool call's
+        # grammar) no longer applies to what follows, one mid-way goes on constraining.
+        if self.grammars.is_complete(seq.request_id):
+            self.grammars.release(seq.request_id)
         tail, num_replaced = seq.append_tool_tokens(tokens, self.tokenizer)
         self.scheduler.resume(seq.request_id, tail, now, num_replaced)
 
@@ -515,10 +549,12 @@ class LLMEngine:
         self._forget(seq.request_id)
 
     def _forget(self, request_id: int) -> None:
-        """Drops the core's record and the sampler's generator of a finished request."""
+        """Drops the core's record, the sampler's generator and the grammar matcher of a
+        finished request."""
         if self.scheduler.contains(request_id):
             self.scheduler.remove(request_id)
         self.sampler.release(request_id)
+        self.grammars.release(request_id)
 
     @property
     def stats(self) -> dict[str, float]:
