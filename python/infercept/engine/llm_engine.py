@@ -391,7 +391,10 @@ class LLMEngine:
             return
         if not (seq.server_tools or seq.client_tools):
             return
-        found = seq.find_tool_call(self.parser)
+        # While a grammar is in force it decides where a call ends (see find_tool_call).
+        in_grammar = (self.grammars.has(seq.request_id)
+                      and not self.grammars.is_complete(seq.request_id))
+        found = seq.find_tool_call(self.parser, errors_are_text=in_grammar)
         if found is None:
             return
         if isinstance(found, ToolCallError):

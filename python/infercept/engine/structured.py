@@ -138,16 +138,18 @@ class GrammarMatchers:
         rows = [i for i, r in enumerate(request_ids) if r in self._matchers]
         if not rows:
             return None
-        import llguidance.torch as llg_torch
-
         ids = [request_ids[i] for i in rows]
-        bitmask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        num_words = (self.vocab_size + 31) // 32
+        bitmask = torch.full((len(rows), num_words), -1, dtype=torch.int32)
         pairs = [(self._matchers[r], k) for k, r in enumerate(ids)]
         executor = self._executor
 
         def fill() -> float:
+            # llguidance.torch's fill_next_token_bitmask_par, without importing that module
+            # (it runs torch.compile at import). Row k of ``bitmask`` gets pairs[k]'s mask.
             start_s = time.perf_counter()
-            llg_torch.fill_next_token_bitmask_par(executor, pairs, bitmask)
+            executor.unsafe_compute_mask_ptr(  # type: ignore[attr-defined]
+                pairs, bitmask.data_ptr(), num_words * 4, len(pairs))
             return time.perf_counter() - start_s
 
         assert self._thread is not None  # started with the first matcher

@@ -102,10 +102,10 @@ def structured_output_for(response_format: ResponseFormat | None,
         indices = [i for i in indices if tools[i]["function"]["name"] == tool_choice.function.name]
     offers_tools = bool(indices)
     tools = [tools[i] for i in indices]
-    if offers_tools:
+    answer = _answer_lark(response_format)  # checked even when a forced call comes first
+    if offers_tools and (forced or answer is not None):  # tools in a grammar: check each
         _check_tools(tools, indices)
-    answer = None if forced else _answer_lark(response_format)
-    if forced:
+    if forced:  # the call is this answer; response_format applies to the follow-up's
         lark = "start: tool_call\n" + tool_call_lark(tools)
     elif answer is not None and offers_tools:
         lark = "start: tool_call | answer\n" + tool_call_lark(tools) + answer
