@@ -101,6 +101,7 @@ def structured_output_for(response_format: ResponseFormat | None,
     if isinstance(tool_choice, NamedToolChoice):
         indices = [i for i in indices if tools[i]["function"]["name"] == tool_choice.function.name]
     offers_tools = bool(indices)
+    forced = forced and offers_tools  # the protocol refuses a forced call without tools
     tools = [tools[i] for i in indices]
     answer = _answer_lark(response_format)  # checked even when a forced call comes first
     if offers_tools and (forced or answer is not None):  # tools in a grammar: check each
