@@ -66,7 +66,7 @@ def make_engine(model, tokenizer):
         engine.shutdown()
 
 
-# ---- the constraint ----------------------------------------------------------------------------
+# ---- the constraint --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "exactly one of json_schema"),
@@ -111,7 +111,7 @@ def test_strict_closes_objects_that_list_properties():
     assert "additionalProperties" not in schema  # the caller's schema is left alone
 
 
-# ---- masks ---------------------------------------------------------------------------------------
+# ---- masks ---------------------------------------------------------------------------------
 
 def test_masks_match_a_per_token_reference_and_leave_other_rows_alone(tokenizer):
     import llguidance
@@ -144,7 +144,7 @@ def test_masks_match_a_per_token_reference_and_leave_other_rows_alone(tokenizer)
         grammars.close()
 
 
-# ---- the engine -----------------------------------------------------------------------------------
+# ---- the engine ---------------------------------------------------------------------------
 
 def test_json_schema_outputs_validate_and_leave_unconstrained_rows_unchanged(make_engine,
                                                                              tokenizer):
@@ -207,8 +207,8 @@ def test_a_pause_mid_json_resumes_under_the_same_grammar(make_engine, tokenizer,
     params = SamplingParams(temperature=0, max_tokens=64, structured_output=StructuredOutput(
         json_schema=PERSON), intercepts=[ScriptedIntercept(after_tokens=6, duration_s=0.2,
                                                            text=tool_text)])
-    (output,) = LLM.from_engine(engine).generate(prompt_token_ids=[_person_prompt(tokenizer, "Ada")],
-                                                 sampling_params=params)
+    (output,) = LLM.from_engine(engine).generate(
+        prompt_token_ids=[_person_prompt(tokenizer, "Ada")], sampling_params=params)
     (record,) = output.intercepts
     assert record.kv_actions, record  # the policy acted on the paused KV
     assert output.finish_reason == "eos"

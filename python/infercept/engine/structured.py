@@ -108,7 +108,8 @@ class GrammarMatchers:
         matcher = self._matchers.get(request_id)
         if matcher is None or matcher.consume_token(token_id):  # type: ignore[attr-defined]
             return None
-        return f"sampled token {token_id} violates the structured output: {matcher.get_error()}"  # type: ignore[attr-defined]
+        error = matcher.get_error()  # type: ignore[attr-defined]
+        return f"sampled token {token_id} violates the structured output: {error}"
 
     def replace_last(self, request_id: int, token_ids: Sequence[int]) -> None:
         """Undoes the last accepted token and accepts its re-tokenization instead."""
