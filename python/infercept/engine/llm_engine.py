@@ -5,8 +5,9 @@ One ``step()``:
     tool runtime and scripted timers: finished pauses -> scheduler.resume(req, tool tokens)
     scheduler.schedule(now)            -> StepPlan
     runner.execute(plan)               -> StepResult: sampled tokens, timings (swaps pipelined
-                                          per layer with the forward)
-    detokenize, stop check             -> result.finished
+                                          per layer with the forward; structured rows' grammar
+                                          masks computed on a helper thread meanwhile)
+    detokenize, stop check, grammar    -> result.finished
     scheduler.update(plan, result)     (append tokens, free, account waste)
     tool-call parser / scripted points -> scheduler.intercept(req, expected duration)
     tool runtime: launch the call (the engine keeps stepping while it runs)
@@ -36,6 +37,7 @@ from infercept.engine.swap import SwapEngine
 from infercept.model import KVCache, LlamaForCausalLM, Tokenizer, load_model
 from infercept.model.loader import resolve_model_path
 from infercept.engine.profiles import load_profile
+from infercept.engine.structured import GrammarMatchers
 from infercept.sampling import SamplingParams
 from infercept.tools import (DurationEstimator, TagParser, Tool, ToolCall, ToolCallError,
                              ToolCallParser, ToolRegistry, ToolRuntime)
@@ -124,6 +126,8 @@ class LLMEngine:
         self.estimator = DurationEstimator()
         self._tool_runtime: ToolRuntime | None = None
         self.last_step: StepTiming | None = None
+        self.grammars = GrammarMatchers(self.tokenizer, model_config.vocab_size)
+        self.runner.grammars = self.grammars
         self._seqs: dict[int, Sequence] = {}
         self._timers: list[tuple[float, int, int]] = []  # (resume_at_s, request_id, after_tokens)
         self._start_s = time.monotonic()
@@ -157,7 +161,8 @@ class LLMEngine:
         Raises:
             ValueError: No prompt, an empty prompt, a token id outside the vocabulary, a
                 prompt that leaves no room within ``max_model_len``, one larger than the KV
-                pool, or a cache_salt that is not a string.
+                pool, a cache_salt that is not a string, or a structured output the grammar
+                compiler rejects for this tokenizer.
         """
         params = params or SamplingParams()
         if cache_salt is not None and not isinstance(cache_salt, str):
@@ -175,8 +180,12 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
+        matcher = (self.grammars.build(params.structured_output)
+                   if params.structured_output is not None else None)
         now = self.now()
         request_id = self.scheduler.add_request(token_ids, now, 0, cache_salt or "")
+        if matcher is not None:
+            self.grammars.attach(request_id, matcher)
         output = RequestOutput(request_id=request_id, prompt=prompt,
                                prompt_token_ids=list(token_ids), arrival_s=now)
         self._seqs[request_id] = Sequence(
@@ -211,7 +220,11 @@ class LLMEngine:
             token_ids: Exact tokens to append instead of text.
             params: New sampling for what follows (a server's follow-up request); its
                 ``max_tokens`` counts tokens generated from the resume on, as for a fresh
-                request, and a seeded request restarts its generator.
+                request, a seeded request restarts its generator, and its structured output
+                (or none) governs the tokens from the resume on, from the grammar's start.
+                Without ``params`` the request keeps its grammar state: mid-grammar it goes on
+                constraining, and a grammar that ended (a tool call's ends at the call) no
+                longer applies.
             client_tools: New client-side tool names (None keeps the current ones).
 
         Raises:
@@ -234,9 +247,14 @@ class LLMEngine:
         else:
             tokens = [int(t) for t in token_ids]
         if params is not None:
+            matcher = (self.grammars.build(params.structured_output)
+                       if params.structured_output is not None else None)
             seq.params = dataclasses.replace(params,
                                              max_tokens=len(seq.generated) + params.max_tokens)
             self.runner.set_params(request_id, seq.params)
+            self.grammars.release(request_id)
+            if matcher is not None:
+                self.grammars.attach(request_id, matcher)
         if client_tools is not None:
             seq.client_tools = frozenset(client_tools)
         self._end_pause(seq, tokens, self.now(), output=tool_output)
@@ -292,10 +310,14 @@ class LLMEngine:
                 if seq.output.first_token_s is None:  # first token: how much the cache served
                     seq.output.num_cached_tokens = cached
                 decision = seq.append_sampled(token, self.tokenizer, now, self.max_model_len)
+                grammar_error = self.grammars.accept(request_id, token)
                 touched[request_id] = seq
                 if decision.should_stop:
                     finished.append(request_id)
                     seq.finish(decision.reason or "stop", now)
+                elif grammar_error is not None:  # the mask should make this impossible
+                    finished.append(request_id)
+                    seq.finish("error", now, grammar_error)
         result.finished = finished
         step_output = self.scheduler.update(plan, result, now)
         self.num_steps += 1
@@ -349,6 +371,7 @@ class LLMEngine:
         if self._tool_runtime is not None:
             self._tool_runtime.shutdown()
             self._tool_runtime = None
+        self.grammars.close()
 
     # ---- pauses ----------------------------------------------------------------------------
 
@@ -371,7 +394,10 @@ class LLMEngine:
             return
         if not (seq.server_tools or seq.client_tools):
             return
-        found = seq.find_tool_call(self.parser)
+        # While a grammar is in force it decides where a call ends (see find_tool_call).
+        in_grammar = (self.grammars.has(seq.request_id)
+                      and not self.grammars.is_complete(seq.request_id))
+        found = seq.find_tool_call(self.parser, errors_are_text=in_grammar)
         if found is None:
             return
         if isinstance(found, ToolCallError):
@@ -380,7 +406,10 @@ class LLMEngine:
         self._start_call(seq, found)
 
     def _start_call(self, seq: Sequence, call: ToolCall) -> None:
+        rewrite_from = seq.rewrite_from
         seq.trim_after(call.span[1], self.tokenizer)
+        if seq.rewrite_from is not None and rewrite_from is None:
+            self.grammars.replace_last(seq.request_id, seq.token_ids[seq.rewrite_from:])
         if call.name in seq.client_tools:
             record = InterceptRecord("client", len(seq.generated), call.name, dict(call.arguments),
                                      expected_duration_s=self.estimator.estimate(call.name))
@@ -432,6 +461,10 @@ class LLMEngine:
         if len(seq.token_ids) + len(tokens) >= self.max_model_len:
             self._terminate(seq, "length", now)
             return
+        # The tool's tokens bypass the grammar; one that ended at the call (a tool call's
+        # grammar) no longer applies to what follows, one mid-way goes on constraining.
+        if self.grammars.is_complete(seq.request_id):
+            self.grammars.release(seq.request_id)
         tail, num_replaced = seq.append_tool_tokens(tokens, self.tokenizer)
         self.scheduler.resume(seq.request_id, tail, now, num_replaced)
 
@@ -529,10 +562,12 @@ class LLMEngine:
         self._forget(seq.request_id)
 
     def _forget(self, request_id: int) -> None:
-        """Drops the core's record and the runner's sampling state of a finished request."""
+        """Drops the core's record, the runner's sampling state and the grammar matcher of a
+        finished request."""
         if self.scheduler.contains(request_id):
             self.scheduler.remove(request_id)
         self.runner.remove_request(request_id)
+        self.grammars.release(request_id)
 
     @property
     def stats(self) -> dict[str, float]:

@@ -4,8 +4,8 @@ the sampling of the rows that reach the end of their context.
 The plan carries the forward's inputs as flat arrays built by the core (token ids, positions,
 slot mapping, padded block tables, query starts, context lengths, logit rows), which become
 tensors without a per-request walk; the runner starts the plan's swaps on the swap engine, runs
-the model with a per-layer hook that waits for that layer's copies (DESIGN.md §3), samples, and
-returns a StepResult. Per request it keeps only what sampling needs (the sampling parameters
+the model with a per-layer hook that waits for that layer's copies (DESIGN.md §3), masks the
+logits of rows under a grammar (structured outputs), samples, and returns a StepResult. Per request it keeps only what sampling needs (the sampling parameters
 and the generator), registered by the engine like vLLM v1's runner-side request states.
 """
 
@@ -17,6 +17,7 @@ import torch
 
 from infercept._core import StepPlan, StepResult
 from infercept.engine.sampler import Sampler
+from infercept.engine.structured import GrammarMatchers
 from infercept.engine.swap import SwapEngine
 from infercept.model import KVCache, LlamaForCausalLM, PagedAttentionMetadata
 from infercept.sampling import SamplingParams
@@ -31,6 +32,9 @@ class ModelRunner:
         self.swap_engine = swap_engine
         self.device = kv_cache.key_caches[0].device
         self.sampler = Sampler()
+        # Structured outputs: the engine's matchers (it advances them on each accepted token);
+        # the runner masks the logits of their rows before sampling.
+        self.grammars: GrammarMatchers | None = None
         self._params: dict[int, SamplingParams] = {}
 
     # ---- per-request sampling state ---------------------------------------------------------
@@ -58,12 +62,17 @@ class ModelRunner:
             KeyError: A sampling request was never registered with ``add_request``.
         """
         start_s = time.perf_counter()
+        ids = plan.sampling_request_ids.tolist()
+        grammars = self.grammars if self.grammars is not None and len(self.grammars) else None
+        # The structured rows' masks are computed on a helper thread while the forward runs.
+        masks = grammars.begin_masks(ids) if grammars is not None else None
         self.swap_engine.begin_plan(plan)
         try:
             logits = self._forward(plan)
+            if masks is not None:
+                grammars.apply(masks, logits)  # type: ignore[union-attr]
             tokens: list[int] = []
-            if logits.shape[0]:
-                ids = plan.sampling_request_ids.tolist()
+            if ids:
                 tokens = self.sampler.sample(logits, ids, [self._params[i] for i in ids]).tolist()
         finally:
             # Even when the forward fails the copies must finish before their blocks change hands.

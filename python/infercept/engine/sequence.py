@@ -15,7 +15,7 @@ from infercept.engine.outputs import InterceptRecord, RequestOutput
 from infercept.engine.stop import StopDecision, check_stop
 from infercept.model import Tokenizer
 from infercept.sampling import SamplingParams, ScriptedIntercept
-from infercept.tools.parser import ParseResult, ToolCallParser, find_new_call
+from infercept.tools.parser import ParseResult, ToolCallError, ToolCallParser, find_new_call
 
 
 @dataclass
@@ -101,17 +101,28 @@ class Sequence:
             decision = StopDecision(True, decision.reason, self._final_text())
         return decision
 
-    def find_tool_call(self, parser: ToolCallParser) -> ParseResult | None:
+    def find_tool_call(self, parser: ToolCallParser, errors_are_text: bool = False
+                       ) -> ParseResult | None:
         """Returns the first complete tool call past ``parse_from``, or None.
 
         The parser is fed only the text that arrived since its last search; a call found moves
         ``parse_from`` past it.
+
+        Args:
+            parser: Finds calls in the text.
+            errors_are_text: A malformed call is not a call: its close tag is text, and the
+                call ends at a later one (under a grammar still in force the close tag sits
+                inside a JSON string the grammar keeps open).
         """
         text = self.output.text
         if len(text) == self.parsed_chars:
             return None
         found = find_new_call(parser, text, self.parse_from, self.parsed_chars)
         self.parsed_chars = len(text)
+        if isinstance(found, ToolCallError) and errors_are_text:
+            # Searched up to the ignored close tag; the call may still end past it.
+            self.parsed_chars = found.span[1]
+            return None
         if found is not None:
             # Text past the call was not searched for a second one yet.
             self.parse_from = self.parsed_chars = found.span[1]

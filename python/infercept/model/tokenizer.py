@@ -41,6 +41,11 @@ class Tokenizer:
                                                  local_files_only=True))
 
     @property
+    def hf_tokenizer(self) -> Any:
+        """The wrapped transformers tokenizer (for libraries that read it, e.g. llguidance)."""
+        return self._tokenizer
+
+    @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included."""
         return len(self._tokenizer)

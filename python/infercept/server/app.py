@@ -43,6 +43,8 @@ from infercept.server.response_store import (DEFAULT_MAX_STORED_RESPONSE_BYTES,
                                              DEFAULT_MAX_STORED_RESPONSES,
                                              DEFAULT_STORED_RESPONSE_TTL_S)
 from infercept.server.sessions import PausedContext, PausedContextStore
+from infercept.server.structured import StructuredRequestError, structured_output_for
+from infercept.structured_output import StructuredOutput
 
 log = logging.getLogger("infercept.server")
 
@@ -171,7 +173,8 @@ class OpenAIServer:
                 f"{self.config.served_model_name!r}", param="model", code="model_not_found")
 
     def sampling_params(self, req: p._SamplingFields, num_prompt_tokens: int,
-                        max_tokens: int | None) -> SamplingParams:
+                        max_tokens: int | None,
+                        structured_output: StructuredOutput | None = None) -> SamplingParams:
         """The request's sampling; raises BadRequestError past the context length."""
         max_len = self.engine.max_model_len
         if num_prompt_tokens >= max_len:
@@ -191,9 +194,21 @@ class OpenAIServer:
                 temperature=1.0 if req.temperature is None else req.temperature,
                 top_k=-1 if req.top_k is None else req.top_k,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
-                max_tokens=max_tokens, stop=req.stop_list, ignore_eos=req.ignore_eos)
+                max_tokens=max_tokens, stop=req.stop_list, ignore_eos=req.ignore_eos,
+                structured_output=structured_output)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
+
+    @staticmethod
+    def structured_output(req: p._SamplingFields, tool_choice: Any = None,
+                          tools: Sequence[p.ToolDefinition] | None = None
+                          ) -> StructuredOutput | None:
+        """The grammar ``response_format`` and ``tool_choice`` ask for (server/structured.py)."""
+        try:
+            return structured_output_for(req.response_format, tool_choice,
+                                         [t.model_dump(exclude_none=True) for t in tools or []])
+        except StructuredRequestError as exc:
+            raise BadRequestError(str(exc), param=exc.param) from None
 
     async def next_final(self, handle: RequestHandle, request: Request) -> Update:
         """Waits for the request to finish or pause; aborts it if the client goes away."""
@@ -246,7 +261,8 @@ class OpenAIServer:
             prompt_ids = self.renderer.render(req.messages, schemas + server_schemas)
         except ValueError as exc:
             raise BadRequestError(str(exc), param="messages") from None
-        params = self.sampling_params(req, len(prompt_ids), req.completion_limit)
+        params = self.sampling_params(req, len(prompt_ids), req.completion_limit,
+                                      self.structured_output(req, choice, req.tools))
         result_ids = [m.tool_call_id for m in req.messages if m.role == "tool" and m.tool_call_id]
         conversation = _Conversation(req.session_id, req.cache_salt)
         handle, num_reused = await self._start(prompt_ids, params, client_tools, conversation,
@@ -384,7 +400,8 @@ class OpenAIServer:
         if not prompt_ids:
             raise BadRequestError("prompt is empty: it must hold at least one token",
                                   param="prompt")
-        params = self.sampling_params(req, len(prompt_ids), req.max_tokens)
+        params = self.sampling_params(req, len(prompt_ids), req.max_tokens,
+                                      self.structured_output(req))
         handle, _ = await self._start(prompt_ids, params, [], _Conversation(None, req.cache_salt),
                                       [], False)
         response_id = p.new_id("cmpl")

@@ -104,6 +104,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the answer must follow."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(pattern=_FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    # ``schema`` would shadow a pydantic BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a json_schema "
+                             "object ({'name': ..., 'schema': {...}})")
+        return self
+
+
 class _SamplingFields(BaseModel):
     """Fields both endpoints share. Unknown fields are ignored, as OpenAI-compatible servers do."""
 
@@ -120,6 +146,7 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0)
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
     # OpenAI/vLLM extension: requests share prefix-cache entries (and paused contexts) only
     # with requests of the same salt, so tenants cannot probe each other's prompts by timing.
     cache_salt: str | None = None
