@@ -114,7 +114,7 @@ class StructuredOutput:
     json_object: bool = False
     regex: str | None = None
     grammar: str | None = None
-    choice: tuple[str, ...] | list[str] | None = None
+    choice: tuple[str, ...] | None = None  # a list is accepted and kept as a tuple
     strict: bool = True
     # The compiled llguidance grammar, filled in by __post_init__.
     compiled: str = field(init=False, repr=False, compare=False, default="")
@@ -127,6 +127,8 @@ class StructuredOutput:
         if len(given) != 1:
             raise ValueError("StructuredOutput needs exactly one of json_schema, json_object, "
                              f"regex, grammar and choice; got {', '.join(given) or 'none'}")
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
         if not isinstance(self.json_object, bool):
             raise ValueError(f"json_object={self.json_object!r} must be a bool")
         if not isinstance(self.strict, bool):

@@ -253,3 +253,21 @@ def test_a_tool_call_grammar_ends_at_the_call_and_a_longer_one_goes_on(make_engi
     assert set(json.loads(after_tool[2])) == {"answer"}
     assert after_tool[0] != after_tool[1]
     assert_all_memory_returned(engine)
+
+
+def test_structured_params_cross_the_engine_process_boundary() -> None:
+    """The server's engine process gets SamplingParams as msgspec messages: every constraint
+    kind must encode and decode to an equal value (a type msgspec cannot decode would fail the
+    engine process at start-up)."""
+    msgspec = pytest.importorskip("msgspec")
+    from infercept.server.engine_process import Command  # noqa: F401  (its decoder is built)
+
+    for constraint in (StructuredOutput(choice=["yes", "no"]), StructuredOutput(regex="[0-9]+"),
+                       StructuredOutput(json_schema={"type": "object",
+                                                     "properties": {"a": {"type": "integer"}}}),
+                       StructuredOutput(json_object=True)):
+        params = SamplingParams(max_tokens=4, structured_output=constraint)
+        decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(params), type=SamplingParams)
+        assert decoded == params
+        assert decoded.structured_output.compiled == constraint.compiled
+    msgspec.msgpack.Decoder(Command)  # the engine process's decoder accepts every field type
