@@ -226,6 +226,8 @@ void bind_scheduler(py::module_& m) {
       .def_readwrite("vocab_size", &SchedulerConfig::vocab_size)
       .def_readwrite("build_batch", &SchedulerConfig::build_batch,
                      "fill the plan's flat forward inputs (off for the simulator, which runs no forward)")
+      .def_readwrite("demand_aware_preserve", &SchedulerConfig::demand_aware_preserve,
+                     "min-waste charges a preserved context only for memory wanted before it returns")
       .def("validate", &SchedulerConfig::validate);
 
 #define STAT(name) .def_readonly(#name, &SchedulerStats::name)

@@ -101,6 +101,11 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
   // Recompute chunks ride along with the decodes: what the budget leaves after one token each.
   int64_t chunk_tokens = std::max<int64_t>(1, config_.max_batched_tokens - static_cast<int64_t>(running_.size()));
 
+  // Preserving wastes only the memory someone else wants before the tool returns: under
+  // pressure (admission blocked this step) all of it; otherwise what the block demand over the
+  // intercept (the allocation rate) takes beyond the free capacity. Without that demand a
+  // swap or discard frees memory nobody uses and only delays the resume.
+  const double spare_blocks = kv_.pool(Tier::kDevice).num_free();
   std::vector<Candidate> swappable;
   for (Request* r : intercepted_) {
     if (r->kv->device_blocks.empty() || r->last_action_step == step_id_) continue;
@@ -111,9 +116,16 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
     if (device_tokens == 0) continue;
     double remaining_s = remaining_intercept_s(*r, plan.now_s);
     int64_t recompute_tokens = expected_recompute_tokens(*r, num_exclusive, remaining_s);
+    int64_t wanted_tokens = device_tokens;
+    if (config_.demand_aware_preserve && !memory_blocked_) {
+      double shortfall_blocks = allocation_rate_blocks_per_s_ * remaining_s - spare_blocks;
+      wanted_tokens = std::min<int64_t>(
+          device_tokens, static_cast<int64_t>(std::ceil(std::max(0.0, shortfall_blocks))) * config_.block_size);
+    }
+    if (wanted_tokens == 0) continue;  // nobody needs its memory before it returns: keep it
     Candidate c;
     c.request = r;
-    c.preserve = preserve_waste(cost_, device_tokens, remaining_s);
+    c.preserve = preserve_waste(cost_, wanted_tokens, remaining_s);
     int64_t num_chunks = (recompute_tokens + chunk_tokens - 1) / chunk_tokens;
     c.discard = recompute_tokens == 0 ? 0 : chunked_discard_waste(cost_, recompute_tokens, other_tokens, num_chunks);
     c.min_waste = std::min(c.preserve, c.discard);

@@ -336,6 +336,7 @@ StepPlan Scheduler::schedule(double now_s) {
   kv_.set_now(now_s);
   StepPlan plan;
   plan.step_id = ++step_id_;
+  memory_blocked_ = false;
   plan.now_s = now_s;
   moved_.clear();
 
@@ -428,6 +429,7 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
       if (num_moves <= 0) {
         bool idle = running_.empty() && swapping_in_.empty() && kv_.num_device_blocks_releasing() == 0;
         if (swap_in_budget_blocks > 0 && idle && reclaim_intercepted(plan, &r)) continue;
+        memory_blocked_ = memory_blocked_ || device.num_free() == 0;
         return;
       }
       leave_queue(r, plan.now_s);
@@ -446,6 +448,7 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
     int32_t num_new_tokens = std::min(r.num_uncomputed_tokens(), token_budget);
     int32_t needed = kv_.num_blocks_to_append(r.id, num_new_tokens);
     if (!device.can_allocate(needed)) {
+      memory_blocked_ = true;
       // Nothing else can free memory (no batch, no copies): paused contexts must give way,
       // or the engine would wait forever.
       bool idle = running_.empty() && swapping_in_.empty() && kv_.num_device_blocks_releasing() == 0;

@@ -157,6 +157,29 @@ TEST_F(MinWasteLongContext, WithoutHostMemoryALongToolCallDiscardsInsteadOfPrese
   EXPECT_EQ(no_host.request(r).kv->num_tokens_to_recompute, kLongPrompt);
 }
 
+TEST(MinWaste, DemandAwareKeepsAContextNobodyNeedsAndMovesItUnderPressure) {
+  // A 2 s tool and an idle device: the demand expected over it (the allocation rate, here
+  // what the prefill itself took, decaying) fits in the free blocks, so nobody wants the
+  // memory before the tool returns and the context stays (the paper's rule swaps it out:
+  // a swap or discard would only delay its resume).
+  SchedulerConfig config = make_config(Policy::kInfercept, /*num_device_blocks=*/160);
+  config.demand_aware_preserve = true;
+  Sim sim{config};
+  RequestId paused = sim.s.add_request(2000, 0);  // 125 of the 160 blocks
+  sim.run_until_sampled(paused);
+  sim.s.intercept(paused, sim.now_s, 2.0);
+  for (int i = 0; i < 20; ++i) sim.step();
+  EXPECT_EQ(sim.request(paused).state, RequestState::kPreserved);
+  EXPECT_EQ(sim.s.stats().num_swap_out_blocks, 0);
+
+  // A request that cannot be admitted in what is left: admission is blocked, so the paused
+  // context is charged in full and goes out within the budget.
+  RequestId waiting = sim.s.add_request(1000, sim.now_s, 1);  // 63 blocks
+  sim.run_until_sampled(waiting);
+  EXPECT_GT(sim.s.stats().num_swap_out_blocks, 0);
+  EXPECT_NE(sim.request(paused).state, RequestState::kPreserved);
+}
+
 TEST(MinWaste, TheMostWastefulContextTakesTheSwapBudgetAndCheaperOnesAreDiscarded) {
   Sim sim{make_config(Policy::kInfercept)};
   const CostModel cost = gptj();

@@ -38,6 +38,10 @@ struct SchedulerConfig {
   /// Fill StepPlan::batch, the forward's flat inputs. The simulator, which runs no forward,
   /// turns it off (that work grows with batch x context and would dominate its step).
   bool build_batch = true;
+  /// min-waste charges a preserved context only for memory someone wants before its tool
+  /// returns (admission blocked, or the allocation rate over the intercept exceeding the free
+  /// capacity). Off: the paper's rule, every paused byte counts as wasted.
+  bool demand_aware_preserve = true;
 
   /// Throws InvalidArgumentError naming the first bad field.
   void validate() const;
@@ -236,6 +240,8 @@ class Scheduler {
   double allocation_rate_blocks_per_s_ = 0;
   int64_t allocations_seen_ = 0;
   double rate_updated_s_ = -1;
+  // Admission stopped this step for want of device blocks: memory is under pressure now.
+  bool memory_blocked_ = false;
   WasteLedger ledger_;
   ToolDurations tool_durations_;
   double resume_wait_s_ = 0;
