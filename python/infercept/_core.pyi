@@ -679,6 +679,14 @@ class SchedulerConfig:
     def build_batch(self, arg0: bool) -> None:
         ...
     @property
+    def demand_aware_preserve(self) -> bool:
+        """
+        min-waste charges a preserved context only for memory wanted before it returns
+        """
+    @demand_aware_preserve.setter
+    def demand_aware_preserve(self, arg0: bool) -> None:
+        ...
+    @property
     def max_batched_tokens(self) -> int:
         ...
     @max_batched_tokens.setter
