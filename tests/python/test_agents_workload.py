@@ -27,7 +27,7 @@ from infercept.cli import main
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # The policies of this core (new ones are picked up as the core grows them).
-POLICIES = [name.lower() for name in Policy.__members__]
+POLICIES = [policy.label for policy in Policy.all()]  # every row of the core's policy table
 
 
 def _stats(programs: list[WorkloadRequest]) -> dict[str, np.ndarray]:

@@ -45,6 +45,8 @@ class BenchSetup:
         token_ids: Sim mode: requests carry token ids, so the prefix cache works as on the real
             engine (False: the core's counts-only path, the cache idle).
         enable_prefix_caching: The core's prefix cache (policies that have one).
+        demand_aware_preserve: min-waste's eq. 2 charges only memory someone wants (False:
+            the paper's rule, every paused byte; simulator only).
     """
 
     cost: CostModel
@@ -62,6 +64,7 @@ class BenchSetup:
     max_time_s: float | None = None
     token_ids: bool = True
     enable_prefix_caching: bool = True
+    demand_aware_preserve: bool = True
     _loaded: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +152,7 @@ def run_sim(requests: Sequence[WorkloadRequest], policy: str, rate: float, setup
     config = simulated_config(cost, policy, setup.block_size, setup.host_to_device_ratio,
                               setup.max_running_requests)
     config.enable_prefix_caching = setup.enable_prefix_caching
+    config.demand_aware_preserve = setup.demand_aware_preserve
     executor = SimulatedExecutor(cost, setup.block_size, token_ids=setup.token_ids, seed=setup.seed)
     engine = ReplayEngine(config, cost, executor, seed=setup.seed)
     on_step = None
