@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 
 import pytest
 
@@ -25,10 +24,9 @@ from infercept.engine import EngineConfig  # noqa: E402
 from infercept.server import EngineSpec, ServerConfig, create_app  # noqa: E402
 from infercept.server.chat_format import ContentStreamer  # noqa: E402
 from infercept.server.few_shot import CALCULATOR, FEW_SHOT  # noqa: E402
-from infercept.server.metrics import parse_metrics  # noqa: E402
 from infercept.server.sessions import PausedContextStore  # noqa: E402
 from infercept.server.tool_plugins import load_tool_path  # noqa: E402
-from server_harness import ThreadServer  # noqa: E402
+from server_harness import ThreadServer, openai_client, metrics, wait_idle  # noqa: E402
 
 MODEL = "smollm2-test"
 # These tests count cached_tokens exactly: a resumed paused context, else nothing. An engine
@@ -58,27 +56,8 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                       timeout=120) as c:
+    with openai_client(server) as c:
         yield c
-
-
-def _metrics(server) -> dict[str, float]:
-    return parse_metrics(httpx.get(f"{server.url}/metrics", timeout=30).text)
-
-
-def _wait_idle(server, timeout_s: float = 30.0) -> dict[str, float]:
-    """Waits until no request runs, waits or is paused and every device block is free."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        m = _metrics(server)
-        idle = (m['infercept_requests{state="running"}'] == 0
-                and m['infercept_requests{state="waiting"}'] == 0
-                and m['infercept_requests{state="intercepted"}'] == 0
-                and m['infercept_kv_blocks{state="used",tier="device"}'] == 0)
-        if idle or time.monotonic() > deadline:
-            return m
-        time.sleep(0.1)
 
 
 # ---- pieces without a server -------------------------------------------------------------
@@ -187,14 +166,14 @@ def test_tool_round_trip_resumes_paused_context(server, client):
     call = choice.message.tool_calls[0]
     assert call.type == "function" and call.function.name == "calculator"
     assert json.loads(call.function.arguments) == {"expression": "12 + 30"}
-    before = _metrics(server)
+    before = metrics(server)
     assert before["infercept_paused_contexts"] >= 1
 
     follow_up = [*messages, choice.message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": "42"}]
     resumed = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
                                              temperature=0, max_tokens=12)
-    after = _metrics(server)
+    after = metrics(server)
     reused = 'infercept_paused_context_total{outcome="reused"}'
     fallback = 'infercept_paused_context_total{outcome="fallback"}'
     assert after[reused] == before[reused] + 1
@@ -206,13 +185,13 @@ def test_tool_round_trip_resumes_paused_context(server, client):
     # The same conversation again: nothing is paused for it now, so it is a fresh prefill.
     fresh = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
                                            temperature=0, max_tokens=12)
-    assert _metrics(server)[fallback] == after[fallback] + 1
+    assert metrics(server)[fallback] == after[fallback] + 1
     assert fresh.usage.prompt_tokens_details.cached_tokens == 0
     assert resumed.choices[0].message.content == fresh.choices[0].message.content
     assert resumed.choices[0].finish_reason == fresh.choices[0].finish_reason
     assert resumed.usage.prompt_tokens == fresh.usage.prompt_tokens
     assert "42" in resumed.choices[0].message.content
-    _wait_idle(server)
+    wait_idle(server)
 
 
 def test_streamed_tool_call_and_mismatched_follow_up_falls_back(server, client):
@@ -225,7 +204,7 @@ def test_streamed_tool_call_and_mismatched_follow_up_falls_back(server, client):
     calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
     assert len(calls) == 1 and calls[0].function.name == "calculator"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    before = _metrics(server)
+    before = metrics(server)
 
     # The client edits an earlier turn: the paused tokens no longer prefix the conversation.
     edited = [*FEW_SHOT, {"role": "user", "content": "What is 7 + 8 exactly?"},
@@ -236,7 +215,7 @@ def test_streamed_tool_call_and_mismatched_follow_up_falls_back(server, client):
     out = client.chat.completions.create(model=MODEL, messages=edited, tools=[CALCULATOR],
                                          temperature=0, max_tokens=8)
     assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    after = _wait_idle(server) if out.choices[0].finish_reason != "tool_calls" else _metrics(server)
+    after = wait_idle(server) if out.choices[0].finish_reason != "tool_calls" else metrics(server)
     fallback = 'infercept_paused_context_total{outcome="fallback"}'
     assert after[fallback] == before[fallback] + 1
     assert after['infercept_paused_context_total{outcome="reused"}'] == before[
@@ -246,7 +225,7 @@ def test_streamed_tool_call_and_mismatched_follow_up_falls_back(server, client):
 def test_expired_paused_context_is_freed_and_the_follow_up_still_answers(server, client):
     store = server.app.state.server.store
     expired = 'infercept_paused_context_total{outcome="expired"}'
-    before = _metrics(server)
+    before = metrics(server)
     ttl_s, store.ttl_s = store.ttl_s, 0.5
     try:
         messages = _question(12, 30)
@@ -256,7 +235,7 @@ def test_expired_paused_context_is_freed_and_the_follow_up_still_answers(server,
         store.ttl_s = ttl_s
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls"
-    idle = _wait_idle(server)  # the expiry sweep aborts the paused request and frees its blocks
+    idle = wait_idle(server)  # the expiry sweep aborts the paused request and frees its blocks
     assert idle[expired] == before[expired] + 1 and idle["infercept_paused_contexts"] == 0
     follow_up = [*messages, choice.message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
@@ -279,13 +258,13 @@ def test_cache_salt_keeps_paused_contexts_apart(server, client):
                   "content": "13"}]
     reused = 'infercept_paused_context_total{outcome="reused"}'
     fallback = 'infercept_paused_context_total{outcome="fallback"}'
-    before = _metrics(server)
+    before = metrics(server)
 
     # The same tokens and call id from another tenant: prefilled, and the context stays held.
     other = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
                                            temperature=0, max_tokens=4,
                                            extra_body={"cache_salt": "tenant-b"})
-    middle = _metrics(server)
+    middle = metrics(server)
     assert other.usage.prompt_tokens_details.cached_tokens == 0
     assert (middle[reused], middle[fallback]) == (before[reused], before[fallback] + 1)
     assert middle["infercept_paused_contexts"] == before["infercept_paused_contexts"]
@@ -293,10 +272,10 @@ def test_cache_salt_keeps_paused_contexts_apart(server, client):
     own = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
                                          temperature=0, max_tokens=4,
                                          extra_body={"cache_salt": "tenant-a"})
-    assert _metrics(server)[reused] == middle[reused] + 1
+    assert metrics(server)[reused] == middle[reused] + 1
     assert own.usage.prompt_tokens_details.cached_tokens == (
         first.usage.prompt_tokens + first.usage.completion_tokens)
-    _wait_idle(server)
+    wait_idle(server)
 
 
 def test_cache_salt_that_is_not_a_string_gets_400(client):
@@ -389,14 +368,14 @@ def test_concurrent_clients_with_mixed_tool_calls(server):
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused",
                                       max_retries=0, timeout=300) as c:
             kinds = [round_trip, server_tool, plain_stream, plain_completion]
-            before = _metrics(server)
+            before = metrics(server)
             reasons = await asyncio.gather(*(kinds[i % 4](c, i) for i in range(num_clients)))
             return before, reasons
 
     before, reasons = asyncio.run(main())
     assert len(reasons) == num_clients
     assert all(r in ("stop", "length") for r in reasons), reasons
-    after = _wait_idle(server)
+    after = wait_idle(server)
     assert after['infercept_kv_blocks{state="used",tier="device"}'] == 0
     reused = 'infercept_paused_context_total{outcome="reused"}'
     assert after[reused] > before[reused]
@@ -432,13 +411,13 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, client):
     ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                         max_tokens=4, temperature=0)
     assert ok.choices[0].finish_reason in ("stop", "length")
-    assert _metrics(server)['infercept_http_requests_total{endpoint="/v1/chat/completions",'
+    assert metrics(server)['infercept_http_requests_total{endpoint="/v1/chat/completions",'
                             'status="400"}'] >= 4
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_blocks(server):
-    _wait_idle(server)
-    before = _metrics(server)
+    wait_idle(server)
+    before = metrics(server)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
             "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60) as http:
@@ -451,9 +430,9 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(server):
                     received += 1
                 if received >= 3:
                     break
-            used = _metrics(server)['infercept_kv_blocks{state="used",tier="device"}']
+            used = metrics(server)['infercept_kv_blocks{state="used",tier="device"}']
             assert used > 0  # the request holds blocks while it streams
-    after = _wait_idle(server)
+    after = wait_idle(server)
     assert after["infercept_client_disconnects_total"] == (
         before["infercept_client_disconnects_total"] + 1)
     assert after['infercept_kv_blocks{state="used",tier="device"}'] == 0

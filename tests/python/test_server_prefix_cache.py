@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 from infercept.engine import EngineConfig  # noqa: E402
 from infercept.server import EngineSpec, ServerConfig, create_app  # noqa: E402
 from infercept.server.metrics import parse_metrics  # noqa: E402
-from server_harness import ThreadServer  # noqa: E402
+from server_harness import ThreadServer, openai_client  # noqa: E402
 
 if "enable_prefix_caching" not in {f.name for f in dataclasses.fields(EngineConfig)}:
     pytest.skip("this engine build has no prefix cache", allow_module_level=True)
@@ -38,8 +38,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                       timeout=120) as c:
+    with openai_client(server) as c:
         yield c
 
 

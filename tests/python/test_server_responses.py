@@ -25,13 +25,12 @@ from infercept.server import EngineSpec, ServerConfig, create_app  # noqa: E402
 from infercept.server.chat_format import ChatRenderer  # noqa: E402
 from infercept.server.few_shot import (CALCULATOR, CALCULATOR_FUNCTION, FEW_SHOT,  # noqa: E402
                                        FEW_SHOT_INPUT, FEW_SHOT_INSTRUCTIONS)
-from infercept.server.metrics import parse_metrics  # noqa: E402
 from infercept.server.protocol import ChatMessage  # noqa: E402
 from infercept.server.response_store import ResponseStore, StoredResponse  # noqa: E402
 from infercept.server.sessions import PausedContextStore  # noqa: E402
 from infercept.server.responses_protocol import input_messages  # noqa: E402
 from infercept.tools.calculator import calculate  # noqa: E402
-from server_harness import ThreadServer  # noqa: E402
+from server_harness import ThreadServer, openai_client, metrics, wait_idle  # noqa: E402
 
 MODEL = "smollm2-responses"
 # cached_tokens is counted exactly below (a resumed context, else 0): prefix cache off.
@@ -63,27 +62,8 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                       timeout=120) as c:
+    with openai_client(server) as c:
         yield c
-
-
-def _metrics(server) -> dict[str, float]:
-    return parse_metrics(httpx.get(f"{server.url}/metrics", timeout=30).text)
-
-
-def _wait_idle(server, timeout_s: float = 30.0) -> dict[str, float]:
-    """Waits until no request runs, waits or is paused and every device block is free."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        m = _metrics(server)
-        idle = (m['infercept_requests{state="running"}'] == 0
-                and m['infercept_requests{state="waiting"}'] == 0
-                and m['infercept_requests{state="intercepted"}'] == 0
-                and m['infercept_kv_blocks{state="used",tier="device"}'] == 0)
-        if idle or time.monotonic() > deadline:
-            return m
-        time.sleep(0.1)
 
 
 def _calculator_call(response) -> object:
@@ -169,13 +149,13 @@ def test_function_call_round_trip_resumes_the_paused_request(server, client):
     assert first.status == "completed"
     call = _calculator_call(first)
     assert json.loads(call.arguments) == {"expression": "12 + 30"}
-    before = _metrics(server)
+    before = metrics(server)
     assert before["infercept_paused_contexts"] >= 1
 
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "42"}
     resumed = client.responses.create(previous_response_id=first.id, input=[result],
                                       max_output_tokens=12, **_tool_kwargs())
-    after = _metrics(server)
+    after = metrics(server)
     assert (after[REUSED], after[FALLBACK]) == (before[REUSED] + 1, before[FALLBACK])
     # The paused context (prompt and the call) was not prefilled again.
     assert resumed.usage.input_tokens_details.cached_tokens == (
@@ -187,12 +167,12 @@ def test_function_call_round_trip_resumes_the_paused_request(server, client):
                                           for item in first.output], result]
     fresh = client.responses.create(input=conversation, max_output_tokens=12, store=False,
                                     **_tool_kwargs())
-    assert _metrics(server)[REUSED] == after[REUSED]
+    assert metrics(server)[REUSED] == after[REUSED]
     assert fresh.usage.input_tokens_details.cached_tokens == 0
     assert fresh.usage.input_tokens == resumed.usage.input_tokens
     assert resumed.output_text == fresh.output_text and "42" in resumed.output_text
     assert resumed.status == fresh.status
-    _wait_idle(server)
+    wait_idle(server)
 
 
 def test_streaming_events_parse_with_the_client(client):
@@ -236,23 +216,23 @@ def test_streamed_function_call_then_streamed_resume(server, client):
     response = events[-1].response
     call = _calculator_call(response)
     assert call.arguments == done.arguments and call.id == done.item_id
-    before = _metrics(server)
+    before = metrics(server)
 
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "15"}
     with client.responses.stream(previous_response_id=response.id, input=[result],
                                  max_output_tokens=12, **_tool_kwargs()) as follow_up:
         text = "".join(e.delta for e in follow_up if e.type == "response.output_text.delta")
         final = follow_up.get_final_response()
-    assert _metrics(server)[REUSED] == before[REUSED] + 1
+    assert metrics(server)[REUSED] == before[REUSED] + 1
     assert text == final.output_text and "15" in text
     assert final.usage.input_tokens_details.cached_tokens == (
         response.usage.input_tokens + response.usage.output_tokens)
-    _wait_idle(server)
+    wait_idle(server)
 
 
 def test_an_expired_paused_request_falls_back_to_a_prefill(server, client):
     store = server.app.state.server.store
-    before = _metrics(server)
+    before = metrics(server)
     ttl_s, store.ttl_s = store.ttl_s, 0.5
     try:
         first = client.responses.create(input=_question(12, 30), max_output_tokens=40,
@@ -260,13 +240,13 @@ def test_an_expired_paused_request_falls_back_to_a_prefill(server, client):
     finally:
         store.ttl_s = ttl_s
     call = _calculator_call(first)
-    idle = _wait_idle(server)  # the sweep aborts the paused request and frees its blocks
+    idle = wait_idle(server)  # the sweep aborts the paused request and frees its blocks
     assert idle[EXPIRED] == before[EXPIRED] + 1 and idle["infercept_paused_contexts"] == 0
 
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "42"}
     late = client.responses.create(previous_response_id=first.id, input=[result],
                                    max_output_tokens=12, **_tool_kwargs())
-    after = _metrics(server)
+    after = metrics(server)
     assert (after[FALLBACK], after[REUSED]) == (idle[FALLBACK] + 1, idle[REUSED])
     assert late.usage.input_tokens_details.cached_tokens == 0
     fresh = client.responses.create(
@@ -316,9 +296,9 @@ def test_get_delete_and_unknown_ids(server, client):
     paused = client.responses.create(input=_question(9, 4), max_output_tokens=40,
                                      **_tool_kwargs())
     _calculator_call(paused)
-    assert _metrics(server)["infercept_paused_contexts"] >= 1
+    assert metrics(server)["infercept_paused_contexts"] >= 1
     client.responses.delete(paused.id)
-    idle = _wait_idle(server)
+    idle = wait_idle(server)
     assert idle["infercept_paused_contexts"] == 0
     assert idle['infercept_kv_blocks{state="used",tier="device"}'] == 0
 
@@ -356,43 +336,43 @@ def test_the_whole_conversation_sent_back_resumes_by_call_id(server, client):
     first = client.responses.create(input=_question(5, 6), max_output_tokens=40,
                                     **_tool_kwargs())
     call = _calculator_call(first)
-    before = _metrics(server)
+    before = metrics(server)
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "11"}
     conversation = [*_question(5, 6), call.model_dump(exclude_none=True), result]
     resumed = client.responses.create(input=conversation, max_output_tokens=12,
                                       **_tool_kwargs())
-    assert _metrics(server)[REUSED] == before[REUSED] + 1
+    assert metrics(server)[REUSED] == before[REUSED] + 1
     assert resumed.usage.input_tokens_details.cached_tokens == (
         first.usage.input_tokens + first.usage.output_tokens)
     fresh = client.responses.create(input=conversation, max_output_tokens=12, store=False,
                                     **_tool_kwargs())
     assert fresh.usage.input_tokens_details.cached_tokens == 0
     assert resumed.output_text == fresh.output_text
-    _wait_idle(server)
+    wait_idle(server)
 
 
 def test_a_follow_up_that_changes_the_prompt_falls_back_and_frees_the_request(server, client):
     first = client.responses.create(input=_question(3, 3), max_output_tokens=40,
                                     **_tool_kwargs())
     call = _calculator_call(first)
-    before = _metrics(server)
+    before = metrics(server)
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "6"}
     other = {**_tool_kwargs(), "instructions": "Answer briefly."}
     out = client.responses.create(previous_response_id=first.id, input=[result],
                                   max_output_tokens=6, **other)
     client.responses.delete(out.id)  # frees its request, should it have ended on a call
-    after = _wait_idle(server)
+    after = wait_idle(server)
     assert (after[FALLBACK], after[REUSED]) == (before[FALLBACK] + 1, before[REUSED])
     assert out.usage.input_tokens_details.cached_tokens == 0
     assert after["infercept_paused_contexts"] == 0  # the first's request was aborted
 
 
 def test_store_false_holds_nothing(server, client):
-    before = _wait_idle(server)
+    before = wait_idle(server)
     out = client.responses.create(input=_question(2, 2), max_output_tokens=40, store=False,
                                   **_tool_kwargs())
     _calculator_call(out)
-    after = _wait_idle(server)
+    after = wait_idle(server)
     assert after[HELD] == before[HELD] and after["infercept_paused_contexts"] == 0
     assert after['infercept_kv_blocks{state="used",tier="device"}'] == 0
     with pytest.raises(openai.BadRequestError, match="not found"):
@@ -435,12 +415,12 @@ def test_an_openai_agents_sdk_agent_completes_a_tool_task(server, chained):
                 agent, _question(12, 30), max_turns=4, auto_previous_response_id=chained,
                 run_config=agents.RunConfig(tracing_disabled=True))
 
-    before = _metrics(server)
+    before = metrics(server)
     result = asyncio.run(run())
     assert calls == ["12 + 30"]
     assert "42" in result.final_output
-    assert _metrics(server)[REUSED] == before[REUSED] + 1  # resumed in place either way
-    _wait_idle(server)
+    assert metrics(server)[REUSED] == before[REUSED] + 1  # resumed in place either way
+    wait_idle(server)
 
 
 @pytest.mark.skipif(not HAS_PREFIX_CACHE, reason="this engine build has no prefix cache")
@@ -454,12 +434,12 @@ def test_with_the_prefix_cache_a_late_follow_up_prefills_from_it():
         first = c.responses.create(input=_question(12, 30), max_output_tokens=40,
                                    **_tool_kwargs())
         call = _calculator_call(first)
-        idle = _wait_idle(cached_server)  # expired: the request is aborted, its blocks cached
+        idle = wait_idle(cached_server)  # expired: the request is aborted, its blocks cached
         assert idle[EXPIRED] == 1
         result = {"type": "function_call_output", "call_id": call.call_id, "output": "42"}
         late = c.responses.create(previous_response_id=first.id, input=[result],
                                   max_output_tokens=12, **_tool_kwargs())
-        assert _metrics(cached_server)[FALLBACK] == 1
+        assert metrics(cached_server)[FALLBACK] == 1
         # Whole blocks of the paused context came from the cache; the rest was prefilled.
         block_size = engine.config.block_size
         cached = late.usage.input_tokens_details.cached_tokens

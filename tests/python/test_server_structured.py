@@ -27,7 +27,7 @@ from infercept.server.few_shot import FEW_SHOT  # noqa: E402
 from infercept.server.metrics import parse_metrics  # noqa: E402
 from infercept.server.protocol import NamedToolChoice, ResponseFormat  # noqa: E402
 from infercept.server.structured import structured_output_for  # noqa: E402
-from server_harness import ThreadServer  # noqa: E402
+from server_harness import ThreadServer, openai_client  # noqa: E402
 
 MODEL = "smollm2-structured"
 # Every string parameter has a maxLength, as a tool author bounds an argument: the grammar
@@ -78,8 +78,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                       timeout=600) as c:
+    with openai_client(server, timeout_s=600) as c:
         yield c
 
 

@@ -52,6 +52,17 @@ log = logging.getLogger("infercept.server")
 _DISCONNECT_POLL_S = 0.5
 
 
+async def next_update(handle: RequestHandle, request: Request) -> Update | None:
+    """The request's next update, or None once the client has gone away (checked every
+    _DISCONNECT_POLL_S while the engine has nothing new)."""
+    while True:
+        try:
+            return await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
 @dataclass
 class ServerConfig:
     """Server options.
@@ -214,12 +225,9 @@ class OpenAIServer:
         """Waits for the request to finish or pause; aborts it if the client goes away."""
         try:
             while True:
-                try:
-                    update = await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        raise ClientDisconnect() from None
-                    continue
+                update = await next_update(handle, request)
+                if update is None:
+                    raise ClientDisconnect()
                 if update.finished or update.paused:
                     return update
         except (ClientDisconnect, asyncio.CancelledError):
@@ -350,12 +358,9 @@ class OpenAIServer:
             yield _sse(p.chat_chunk(response_id, model, {"role": "assistant", "content": ""}))
             streamer = ContentStreamer()
             while True:
-                try:
-                    update = await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                update = await next_update(handle, request)
+                if update is None:
+                    return
                 answer = update.text[handle.text_offset:]
                 if update.finished and update.finish_reason == "error":
                     settled = True
@@ -429,12 +434,9 @@ class OpenAIServer:
             if echo:
                 yield _sse(p.completion(response_id, model, echo, None))
             while True:
-                try:
-                    update = await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                update = await next_update(handle, request)
+                if update is None:
+                    return
                 if update.finished and update.finish_reason == "error":
                     settled = True
                     yield _sse(p.error_body(update.error or "generation failed",

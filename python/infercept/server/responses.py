@@ -19,7 +19,6 @@ is prefilled instead (through the engine's prefix cache when it has one).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -34,8 +33,8 @@ from infercept._core import UnknownRequestError
 from infercept.sampling import SamplingParams
 from infercept.server import protocol as p
 from infercept.server import responses_protocol as rp
-from infercept.server.app import (_DISCONNECT_POLL_S, BadRequestError, OpenAIServer,
-                                  _EngineStreamingResponse)
+from infercept.server.app import (BadRequestError, OpenAIServer, _EngineStreamingResponse,
+                                  next_update)
 from infercept.server.chat_format import ContentStreamer, split_tool_call
 from infercept.server.engine_loop import RequestHandle, Update
 from infercept.server.protocol import ChatMessage
@@ -257,12 +256,9 @@ class ResponsesAPI:
             yield events.write("response.in_progress", response=snapshot)
             streamer = ContentStreamer()
             while True:
-                try:
-                    update = await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                update = await next_update(handle, request)
+                if update is None:
+                    return
                 answer = update.text[handle.text_offset:]
                 if update.finished and update.finish_reason == "error":
                     settled = True
