@@ -9,6 +9,7 @@
 #include <cctype>
 #include <string>
 #include <functional>
+#include <numeric>
 #include <vector>
 
 #include "infercept/scheduler.h"
@@ -94,6 +95,13 @@ inline std::string test_name(Policy policy) {
   std::string name = to_string(policy);
   for (char& c : name) c = std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
   return name;
+}
+
+// `n` consecutive token ids from `first`: a context whose blocks are all distinct.
+inline std::vector<TokenId> iota_tokens(int32_t n, TokenId first = 1) {
+  std::vector<TokenId> tokens(n);
+  std::iota(tokens.begin(), tokens.end(), first);
+  return tokens;
 }
 
 inline bool contains(const std::vector<RequestId>& ids, RequestId id) {

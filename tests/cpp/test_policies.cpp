@@ -18,15 +18,10 @@ namespace infercept {
 namespace {
 
 using sim_test::contains;
+using sim_test::iota_tokens;
 using sim_test::kBlockSize;
 using sim_test::make_config;
 using sim_test::Sim;
-
-std::vector<TokenId> iota_tokens(int32_t n, TokenId first = 1) {
-  std::vector<TokenId> tokens(n);
-  std::iota(tokens.begin(), tokens.end(), first);
-  return tokens;
-}
 
 const ScheduledRequest* find_scheduled(const StepPlan& plan, RequestId id) {
   for (const ScheduledRequest& s : plan.scheduled) {

@@ -14,15 +14,10 @@
 namespace infercept {
 namespace {
 
+using sim_test::iota_tokens;
 using sim_test::kBlockSize;
 using sim_test::make_config;
 using sim_test::Sim;
-
-std::vector<TokenId> iota_tokens(int32_t n, TokenId first = 1) {
-  std::vector<TokenId> tokens(n);
-  std::iota(tokens.begin(), tokens.end(), first);
-  return tokens;
-}
 
 std::vector<TokenId> concat(std::vector<TokenId> a, const std::vector<TokenId>& b) {
   a.insert(a.end(), b.begin(), b.end());

@@ -11,15 +11,10 @@
 namespace infercept {
 namespace {
 
+using sim_test::iota_tokens;
 using sim_test::kBlockSize;
 using sim_test::make_config;
 using sim_test::Sim;
-
-std::vector<TokenId> tokens_from(TokenId first, int32_t n) {
-  std::vector<TokenId> tokens(n);
-  std::iota(tokens.begin(), tokens.end(), first);
-  return tokens;
-}
 
 // Rebuilds the batch from per-request state, the way the Python runner used to.
 void expect_batch_matches(const Scheduler& s, const StepPlan& plan) {
@@ -63,9 +58,9 @@ void expect_batch_matches(const Scheduler& s, const StepPlan& plan) {
 TEST(StepBatch, FlatInputsMatchThePlanAndTables) {
   // Small chunks so steps mix prefill chunks of several requests with decodes.
   Sim sim(make_config(Policy::kInfercept, 256, 256, 48));
-  RequestId a = sim.s.add_request(tokens_from(1, 70), 0.0, 4);
-  RequestId b = sim.s.add_request(tokens_from(1, 40), 0.0, 4);  // shares a's first two blocks
-  RequestId c = sim.s.add_request(tokens_from(500, 5), 0.0, 4);
+  RequestId a = sim.s.add_request(iota_tokens(70, 1), 0.0, 4);
+  RequestId b = sim.s.add_request(iota_tokens(40, 1), 0.0, 4);  // shares a's first two blocks
+  RequestId c = sim.s.add_request(iota_tokens(5, 500), 0.0, 4);
   int num_steps = 0;
   while (sim.s.num_live_requests() > 0 && num_steps < 100) {
     StepPlan plan = sim.s.schedule(sim.now_s);
@@ -98,7 +93,7 @@ TEST(StepBatch, WithoutBuildBatchOnlyThePerRequestArraysAreFilled) {
   SchedulerConfig config = make_config(Policy::kInfercept);
   config.build_batch = false;  // the simulator's setting
   Sim sim(config);
-  RequestId id = sim.s.add_request(tokens_from(1, 20), 0.0, 2);
+  RequestId id = sim.s.add_request(iota_tokens(20, 1), 0.0, 2);
   StepPlan plan = sim.s.schedule(0.0);
   EXPECT_TRUE(plan.batch.input_ids.empty());
   EXPECT_TRUE(plan.batch.block_tables.empty());
@@ -111,7 +106,7 @@ TEST(StepOutput, ReportsEachPausedKvMoveOnce) {
   // The swap baseline: intercept says swapping_out; the step that copies the context out
   // reports swapped, and later steps report nothing more.
   Sim sim(make_config(Policy::kSwap));
-  RequestId id = sim.s.add_request(tokens_from(1, 40), 0.0);
+  RequestId id = sim.s.add_request(iota_tokens(40, 1), 0.0);
   sim.run_until_sampled(id);
   EXPECT_EQ(sim.s.intercept(id, sim.now_s, 5.0), RequestState::kSwappingOut);
   std::vector<RequestState> reported;
@@ -127,13 +122,13 @@ TEST(StepOutput, ReportsEachPausedKvMoveOnce) {
 
 TEST(StepOutput, InterceptReturnsTheImmediateState) {
   Sim discard(make_config(Policy::kDiscard));
-  RequestId a = discard.s.add_request(tokens_from(1, 20), 0.0);
+  RequestId a = discard.s.add_request(iota_tokens(20, 1), 0.0);
   discard.run_until_sampled(a);
   EXPECT_EQ(discard.s.intercept(a, discard.now_s), RequestState::kDiscarded);
   EXPECT_TRUE(discard.step().out.kv_changes.empty());  // nothing moved since intercept() said so
 
   Sim preserve(make_config(Policy::kPreserve));
-  RequestId b = preserve.s.add_request(tokens_from(1, 20), 0.0);
+  RequestId b = preserve.s.add_request(iota_tokens(20, 1), 0.0);
   preserve.run_until_sampled(b);
   EXPECT_EQ(preserve.s.intercept(b, preserve.now_s), RequestState::kPreserved);
 }
