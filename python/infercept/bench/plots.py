@@ -25,6 +25,10 @@ def plot_latency(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "",
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
     if threshold is not None:
         ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label="threshold")
+    latencies = [r["normalized_latency"] for r in rows if r["normalized_latency"] > 0]
+    if latencies and max(latencies) > 20 * min(latencies):
+        # A collapsed baseline (seconds per token) would flatten every other line to zero.
+        ax.set_yscale("log")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("normalized latency (s / output token)")
     ax.set_title(title or "normalized latency vs request rate")
