@@ -6,8 +6,9 @@ it imports vllm only, and talks to the infercept-side script by two JSON files.
     <vllm venv>/bin/python benchmarks/vllm_driver.py IN.json OUT.json
 
 IN.json: {"mode": "replay" | "decode", "engine": {...AsyncEngineArgs / EngineArgs fields...},
-and for "replay": "programs" (below), "max_time_s" (null: no cut); for "decode": "prompts"
-(lists of token ids), "batches", "new_tokens", "repeats"}.
+and for "replay": "runs" (a list of {"programs": [...]} (below), one per request rate, run one
+after the other on one engine, its prefix cache reset between them) and "max_time_s" (null: no
+cut); for "decode": "prompts" (lists of token ids), "batches", "new_tokens", "repeats"}.
 
 Replay: each program is an agent request as vLLM users run one. Its first turn is a request
 (the program's prompt ids, ``max_tokens`` = the turn's output, EOS ignored, greedy); at the
@@ -38,7 +39,7 @@ def versions() -> dict:
             "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}}
 
 
-async def run_program(engine, program: dict, start: float, max_time_s: float | None) -> dict:
+async def run_program(engine, program: dict, start: float) -> dict:
     """One agent program: its turns as requests, the tool sleeps between them."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -80,34 +81,44 @@ async def run_program(engine, program: dict, start: float, max_time_s: float | N
     return record
 
 
+async def replay_run(engine, programs: list[dict], max_time_s: float | None) -> dict:
+    """One run: every program on its own task, arrivals on the run's clock, cut at max_time_s."""
+    start = time.perf_counter()
+    tasks = {asyncio.ensure_future(run_program(engine, p, start)): p for p in programs}
+    done, pending = await asyncio.wait(tasks, timeout=max_time_s)
+    end = time.perf_counter() - start
+    records = [t.result() for t in done]
+    for task in pending:  # unfinished programs count as unfinished, as in infercept's replay
+        task.cancel()
+        program = tasks[task]
+        records.append({"id": program["id"], "arrival_s": program["arrival_s"],
+                        "first_token_s": None, "finish_s": None, "num_output_tokens": 0,
+                        "tool_time_s": 0.0, "resumed_ttfts_s": [], "unfinished": True})
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    return {"records": records, "end_s": end}
+
+
 async def replay(spec: dict) -> dict:
+    """Every run of ``spec["runs"]`` on one engine, its prefix cache emptied between runs."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**spec["engine"]))
+    runs = []
     try:
-        # Warm-up outside the clock: the first forward compiles/allocates.
-        await run_program(engine, {"id": "warmup", "arrival_s": 0.0, "prompt_ids": [100] * 8,
-                                   "turns": [{"max_tokens": 2}]}, time.perf_counter(), None)
-        start = time.perf_counter()
-        max_time_s = spec.get("max_time_s")
-        tasks = [asyncio.ensure_future(run_program(engine, p, start, max_time_s))
-                 for p in spec["programs"]]
-        done, pending = await asyncio.wait(tasks, timeout=max_time_s)
-        end = time.perf_counter() - start
-        records = [t.result() for t in done]
-        # Unfinished programs count as unfinished (infercept's replay cuts at max_time_s too).
-        finished_ids = {r["id"] for r in records}
-        for task in pending:
-            task.cancel()
-        for program in spec["programs"]:
-            if program["id"] not in finished_ids:
-                records.append({"id": program["id"], "arrival_s": program["arrival_s"],
-                                "first_token_s": None, "finish_s": None, "num_output_tokens": 0,
-                                "tool_time_s": 0.0, "resumed_ttfts_s": [], "unfinished": True})
+        # Warm-up outside the clock: the first forwards allocate and pick kernels.
+        await run_program(engine, {"id": "warmup", "arrival_s": 0.0, "prompt_ids": [100] * 40,
+                                   "turns": [{"max_tokens": 4}]}, time.perf_counter())
+        for run in spec["runs"]:
+            await engine.reset_prefix_cache()
+            began = time.perf_counter()
+            runs.append(await replay_run(engine, run["programs"], spec.get("max_time_s")))
+            print(f"vllm run {len(runs)}/{len(spec['runs'])}: {len(run['programs'])} programs in "
+                  f"{time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
     finally:
         engine.shutdown()
-    return {"records": records, "end_s": end}
+    return {"runs": runs}
 
 
 def decode(spec: dict) -> dict:

