@@ -56,13 +56,9 @@ def read_bandwidth_bytes_per_s(num_bytes: int = 1 << 30, repeats: int = 7) -> fl
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of ``model``'s parameters, each storage counted once (tied weights are one)."""
-    seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        key = tensor.untyped_storage().data_ptr()
-        if key not in seen and tensor.is_floating_point():
-            seen.add(key)
-            total += tensor.untyped_storage().nbytes()
-    return total
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for p in model.parameters()}
+    return sum(storages.values())
 
 
 def rates(batch: int, new_tokens: int, full_s: list[float], one_s: list[float]) -> dict:
@@ -99,8 +95,11 @@ def main() -> None:
 
     path = default_model_path()
     max_batch = max(batches)
-    blocks = max_batch * -(-(args.prompt_tokens + args.new_tokens) // 16)
-    config = EngineConfig(num_device_blocks=blocks, max_running_requests=max_batch)
+    # 32-token blocks on both: vLLM's CPU attention takes multiples of 32 only.
+    block_size = 32
+    blocks = max_batch * -(-(args.prompt_tokens + args.new_tokens) // block_size)
+    config = EngineConfig(block_size=block_size, num_device_blocks=blocks,
+                          max_running_requests=max_batch)
     engine = LLMEngine(config)
     vocab = engine.model.config.vocab_size
     model_bytes = weight_bytes(engine.model)
@@ -134,14 +133,22 @@ def main() -> None:
             results[system][batch] = rates(batch, args.new_tokens, *timings[system])
             print(f"batch {batch:>3} {system:>12}: decode "
                   f"{results[system][batch]['decode_tokens_per_s']:7.1f} tok/s", flush=True)
+    # Greedy ids of the first prompt: vLLM's must match (same weights, same arithmetic up to
+    # rounding), which checks the exported checkpoint as well as the timing.
+    from infercept import SamplingParams
+    request_id = engine.add_request(prompt_token_ids=prompts(1, vocab, num_tokens=args.prompt_tokens)[0],
+                                    params=SamplingParams(temperature=0.0, ignore_eos=True,
+                                                          max_tokens=args.new_tokens))
+    ours_ids = list(engine.run_until_done([request_id])[0].token_ids)
     engine.shutdown()
 
     vllm_version = None
+    same_prefix = None
     if "vllm" in systems:
         model_dir = vllm_side.export_hf_model()
         spec = {"mode": "decode", "batches": batches, "new_tokens": args.new_tokens,
                 "repeats": args.repeats, "prompts": prompts(max_batch, vocab, num_tokens=args.prompt_tokens),
-                "engine": {"model": str(model_dir), "dtype": "float32", "block_size": 16,
+                "engine": {"model": str(model_dir), "dtype": "float32", "block_size": block_size,
                            "num_gpu_blocks_override": blocks,
                            "max_model_len": args.prompt_tokens + args.new_tokens,
                            "max_num_seqs": max_batch,
@@ -150,6 +157,11 @@ def main() -> None:
                            "enforce_eager": True}}
         result = vllm_side.run_driver(spec, args.vllm_venv, args.threads)
         vllm_version = result["versions"]["vllm"]
+        theirs_ids = result["first_prompt_output_ids"]
+        same_prefix = next((i for i, (a, b) in enumerate(zip(ours_ids, theirs_ids)) if a != b),
+                           min(len(ours_ids), len(theirs_ids)))
+        print(f"greedy output of prompt 0: infercept and vLLM agree on the first {same_prefix} "
+              f"of {args.new_tokens} tokens", flush=True)
         for row in result["rows"]:
             results["vllm"][row["batch"]] = rates(row["batch"], args.new_tokens, row["full_s"],
                                                   row["prefill_s"])
@@ -177,6 +189,7 @@ def main() -> None:
     payload = {"machine": machine(), "model": path.name, "dtype": "float32", "commit": git,
                "command": command, "threads": args.threads,
                "transformers_version": transformers.__version__, "vllm_version": vllm_version,
+               "greedy_tokens_agreeing_with_vllm": same_prefix,
                "read_bandwidth_bytes_per_s": bandwidth, "weight_bytes": model_bytes,
                "bandwidth_limit_tokens_per_s": limit, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +211,9 @@ def main() -> None:
                  for s in systems]
         ratio = f"{row['infercept_over_vllm']:.2f}x" if "infercept_over_vllm" in row else "-"
         lines.append(f"| {row['batch']} | " + " | ".join(cells) + f" | {ratio} |")
+    if same_prefix is not None:
+        lines += ["", f"Greedy output of the first prompt: InferCept and vLLM agree on the first "
+                  f"{same_prefix} of {args.new_tokens} tokens."]
     for row in rows:
         if "fraction_of_bandwidth_limit" in row:
             lines += ["", "Batch 1 as a fraction of the bandwidth limit: " + ", ".join(

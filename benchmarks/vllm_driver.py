@@ -134,9 +134,11 @@ def decode(spec: dict) -> dict:
         seconds = time.perf_counter() - begin
         if any(len(o.outputs[0].token_ids) != new_tokens for o in outs):
             raise RuntimeError(f"vLLM returned other than {new_tokens} tokens per prompt")
+        first_ids[:] = list(outs[0].outputs[0].token_ids)
         return seconds
 
     rows = []
+    first_ids: list[int] = []  # the greedy output of prompts[0], the last run's
     new_tokens = spec["new_tokens"]
     for batch in spec["batches"]:
         prompts = spec["prompts"][:batch]
@@ -144,7 +146,8 @@ def decode(spec: dict) -> dict:
         full = [timed(prompts, new_tokens) for _ in range(spec["repeats"])]
         prefill = [timed(prompts, 1) for _ in range(spec["repeats"])]
         rows.append({"batch": batch, "full_s": full, "prefill_s": prefill})
-    return {"rows": rows}
+    timed(spec["prompts"][:1], new_tokens)
+    return {"rows": rows, "first_prompt_output_ids": first_ids}
 
 
 def main() -> None:
