@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,16 @@ VLLM_LABEL = "vllm (real)"
 COLUMNS = ["system", "rate", "completed_rps", "normalized_latency", "mean_ttft_s",
            "mean_resumed_ttft_s", "p95_resumed_ttft_s", "num_resumed_turns", "p50_latency_s",
            "p99_latency_s", "num_finished", "num_requests", "prefix_cache_hit_rate"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name and core count (/proc/cpuinfo), for the report."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = "unknown CPU"
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def vllm_programs(requests: list[WorkloadRequest], vocab_size: int, seed: int,
@@ -130,7 +141,7 @@ def markdown(payload: dict, rows: list[dict]) -> str:
              f"Command: `{payload['command']}`", "",
              f"vLLM {payload.get('vllm_version', '?')} (torch {payload.get('vllm_torch', '?')}, "
              f"own venv); infercept commit {payload['commit']}. Machine: "
-             f"{payload['machine']['platform']}.", "",
+             f"{payload['cpu']}, {payload['machine']['platform']}.", "",
              "Settings (both): " + ", ".join(f"{k} {v}" for k, v in payload["matched"].items()), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
@@ -213,7 +224,8 @@ def main() -> int:
                "dtype": "float32", "prefix_caching": True,
                "infercept_host_blocks": setup.num_host_blocks, "vllm_host_tier": "none"}
     payload: dict[str, Any] = {"command": " ".join(["python"] + sys.argv), "workload": workload,
-                               "machine": machine_description(), "commit": commit,
+                               "machine": machine_description(), "cpu": cpu_model(),
+                               "commit": commit,
                                "matched": matched, "complete": False, "rows": []}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.out_dir / f"{args.name}.json"
@@ -259,11 +271,14 @@ def main() -> int:
                   f"{row['num_finished']}/{row['num_requests']} finished", flush=True)
             save()
     if args.threshold is not None:
-        sustained = highest_sustained_rate(rows, args.threshold)
+        # Keyed by system: infercept's "vllm-v1" policy and real vLLM are different rows.
+        sustained = highest_sustained_rate([{**r, "policy": r["system"]} for r in rows],
+                                           args.threshold)
         payload["threshold"] = args.threshold
         payload["sustained_rps"] = sustained
-        if "infercept" in sustained and VLLM_LABEL in sustained and sustained[VLLM_LABEL]:
-            payload["infercept_over_vllm"] = sustained["infercept"] / sustained[VLLM_LABEL]
+        ours, theirs = sustained.get("infercept infercept"), sustained.get(VLLM_LABEL)
+        if ours is not None and theirs and not math.isnan(ours) and not math.isnan(theirs):
+            payload["infercept_over_vllm"] = ours / theirs
     payload["complete"] = True
     save()
     print(format_table(rows, COLUMNS))
