@@ -38,32 +38,34 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
+def prompts(batch: int, vocab: int, seed: int = 0, num_tokens: int = PROMPT_TOKENS) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(100, vocab, (batch, PROMPT_TOKENS), generator=generator).tolist()
+    return torch.randint(100, vocab, (batch, num_tokens), generator=generator).tolist()
 
 
-def run_ours(engine: LLMEngine, batch_prompts: list[list[int]]) -> float:
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=NEW_TOKENS)
+def run_ours(engine: LLMEngine, batch_prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> float:
+    """Tokens/s of ``new_tokens`` per prompt (prefill included); bench_decode.py reuses it."""
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=new_tokens)
     start = time.perf_counter()
     ids = [engine.add_request(prompt_token_ids=p, params=params) for p in batch_prompts]
     outputs = engine.run_until_done(ids)
     seconds = time.perf_counter() - start
-    assert all(o.num_generated_tokens == NEW_TOKENS for o in outputs)
+    assert all(o.num_generated_tokens == new_tokens for o in outputs)
     for request_id in ids:
         engine.release(request_id)
-    return len(batch_prompts) * NEW_TOKENS / seconds
+    return len(batch_prompts) * new_tokens / seconds
 
 
-def run_transformers(model, batch_prompts: list[list[int]]) -> float:
+def run_transformers(model, batch_prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> float:
+    """Tokens/s of transformers' ``generate`` (prefill included); bench_decode.py reuses it."""
     input_ids = torch.tensor(batch_prompts)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     seconds = time.perf_counter() - start
-    assert out.shape[1] == PROMPT_TOKENS + NEW_TOKENS
-    return len(batch_prompts) * NEW_TOKENS / seconds
+    assert out.shape[1] == len(batch_prompts[0]) + new_tokens
+    return len(batch_prompts) * new_tokens / seconds
 
 
 def main() -> None:
