@@ -74,16 +74,22 @@ class EngineReplica:
         mirror_name: The name of the stored-response mirror actor (None: no mirror).
     """
 
-    def __init__(self, engine: dict[str, Any], server_config: ServerConfig,
-                 mirror_name: str | None) -> None:
+    async def __init__(self, engine: dict[str, Any], server_config: ServerConfig,
+                       mirror_name: str | None, num_threads: int = 1) -> None:
+        import torch
+
         from infercept.server.app import create_app
         from infercept.server.serve import build_engine
+
+        torch.set_num_threads(num_threads)  # as many as the Ray CPUs the replica reserves
 
         self.replica = serve.get_replica_context().replica_id.unique_id
         mirror = (_MirrorClient(ray.get_actor(mirror_name, namespace=_namespace()))
                   if mirror_name else None)
+        # Loading the model blocks this replica's event loop; nothing else runs here yet.
         app = create_app(build_engine(**engine), server_config)
         self.server = ReplicaServer(app, self.replica, mirror)
+        await self.server.start()  # the engine loop runs before the first health check
 
     async def forward(self, routed: RoutedRequest):  # -> AsyncIterator[...]
         async for item in self.server.forward(routed):
@@ -255,24 +261,24 @@ def build_app(engine: dict[str, Any], server_config: ServerConfig, num_replicas:
         engine: :func:`~infercept.server.serve.build_engine` keyword arguments.
         server_config: Each replica's server options.
         num_replicas: Engine replicas (>= 1).
-        num_cpus_per_replica: Ray CPUs each replica reserves (its torch threads: 1).
+        num_cpus_per_replica: Ray CPUs each replica reserves (its torch threads: that many,
+            at least 1).
         max_ongoing_requests: Requests one replica takes at once (its queue bound).
         mirror_name: The stored-response mirror actor, started by :func:`start_mirror`.
     """
     if num_replicas < 1:
         raise ValueError(f"num_replicas={num_replicas} must be >= 1")
-    threads = str(max(1, int(num_cpus_per_replica)))
     replica = serve.deployment(
         EngineReplica, name=REPLICA_DEPLOYMENT, num_replicas=num_replicas,
         max_ongoing_requests=max_ongoing_requests, health_check_period_s=2.0,
-        ray_actor_options={"num_cpus": num_cpus_per_replica, "runtime_env": {"env_vars": {
-            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}},
+        ray_actor_options={"num_cpus": num_cpus_per_replica},
         request_router_config=RequestRouterConfig(
             request_router_class="infercept.deploy.router:InterceptAffinityRouter"))
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1,
                                max_ongoing_requests=1024,
                                ray_actor_options={"num_cpus": 0.1})
-    return ingress.bind(replica.bind(engine, server_config, mirror_name))
+    num_threads = max(1, int(num_cpus_per_replica))
+    return ingress.bind(replica.bind(engine, server_config, mirror_name, num_threads))
 
 
 def start_mirror(server_config: ServerConfig, name: str = "infercept-response-mirror") -> str:
