@@ -78,3 +78,22 @@ def test_the_table_maps_keys_to_live_replicas_and_drops_the_dead():
     assert len(table) == 3 and table.owner(["call:c"]) is None  # LRU bound
     with pytest.raises(ValueError, match="max_keys=0"):
         AffinityTable(max_keys=0)
+
+
+def test_without_ray_the_error_names_the_extra(monkeypatch, capsys):
+    import sys
+
+    from infercept.cli import build_parser, main
+    from infercept.deploy import require_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as if not installed
+    with pytest.raises(ImportError, match=r"infercept\[distributed\]"):
+        require_ray()
+    args = build_parser().parse_args(["serve", "--replicas", "2", "--num-cpus-per-replica",
+                                      "0.5"])
+    assert args.replicas == 2 and args.num_cpus_per_replica == 0.5
+    assert build_parser().parse_args(["serve"]).replicas is None  # one server, no Ray
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "infercept[distributed]" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "0"]) == 2
+    assert "--replicas 0: must be >= 1" in capsys.readouterr().err

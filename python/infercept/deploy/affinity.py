@@ -229,3 +229,13 @@ class AffinityTable:
 # request that named a context on a replica that is gone (lost: routed by load), or one
 # addressed to a replica by name (pinned: /replicas/{id}/...).
 ROUTE_REASONS = ("context", "prefix", "load", "lost", "pinned")
+
+
+# One table per (application, deployment) in this process: a deployment handle's router and
+# the ingress that owns the handle share it.
+_TABLES: dict[str, AffinityTable] = {}
+
+
+def affinity_table(app_name: str, deployment_name: str) -> AffinityTable:
+    """The table of that deployment's router in this process (made on first use)."""
+    return _TABLES.setdefault(f"{app_name}#{deployment_name}", AffinityTable())

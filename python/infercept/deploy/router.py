@@ -4,7 +4,7 @@ context, else the one holding the prefix, else the least loaded.
 Ray Serve runs one router per deployment handle, in the process that owns the handle (for the
 OpenAI endpoint: the ingress replica). This router reads the ``RoutedRequest`` a call carries
 (``pending_request.args[0]``) and the :class:`~infercept.deploy.affinity.AffinityTable` of its
-process, which the ingress fills from replies (:func:`affinity_table`). When Ray Serve
+process, which the ingress fills from replies (``affinity.affinity_table``). When Ray Serve
 reports a replica set (``update_replicas``, after a start, a restart or a death) or a replica
 dying (``on_replica_actor_died``), the entries of the replicas that are gone are dropped.
 
@@ -26,16 +26,10 @@ from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequest,
                                       ReplicaID, RequestRouter, RunningReplica)
 
-from infercept.deploy.affinity import AffinityTable
+# Ray Serve pickles this module by value into each handle's process, so module state here
+# would be a copy per router: the table lives in affinity.py, imported by reference.
+from infercept.deploy.affinity import affinity_table
 from infercept.deploy.messages import RoutedRequest
-
-# One table per (application, deployment) in this process: the router and the ingress share it.
-_TABLES: dict[str, AffinityTable] = {}
-
-
-def affinity_table(app_name: str, deployment_name: str) -> AffinityTable:
-    """The table of that deployment's router in this process (made on first use)."""
-    return _TABLES.setdefault(f"{app_name}#{deployment_name}", AffinityTable())
 
 
 def _routed(pending_request: PendingRequest | None) -> RoutedRequest | None:

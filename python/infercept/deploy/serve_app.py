@@ -30,7 +30,8 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from infercept.deploy.affinity import ROUTE_REASONS, prefix_hashes, request_keys
+from infercept.deploy.affinity import (ROUTE_REASONS, affinity_table, prefix_hashes,
+                                       request_keys)
 from infercept.deploy.messages import ReplyHead, ReplyKeys, RoutedRequest
 from infercept.deploy.replica import MirrorStore, ReplicaServer
 from infercept.server.app import ServerConfig
@@ -121,8 +122,6 @@ class Ingress:
     """
 
     def __init__(self, replicas: DeploymentHandle) -> None:
-        from infercept.deploy.router import affinity_table
-
         self.replicas = replicas
         app_name = serve.get_replica_context().app_name
         self.app_name = app_name
@@ -206,8 +205,11 @@ class Ingress:
                                            "before answering", "type": "server_error",
                                            "code": "engine_unavailable"}}, status_code=503)
         assert isinstance(head, ReplyHead)
+        # A request whose context's replica was known but served elsewhere: that replica
+        # died (the router never sends a known context elsewhere).
         reason = ("pinned" if routed.pin else "context" if owner == head.replica
-                  else "lost" if lost else "prefix" if prefix_owner == head.replica else "load")
+                  else "lost" if lost or owner is not None
+                  else "prefix" if prefix_owner == head.replica else "load")
         self.table.num_routed[reason] += 1
         if head.status == 200:
             self.table.learn_prefixes(head.replica, routed.prefix_hashes)
