@@ -14,8 +14,8 @@ serving does the same (an OpenAI ingress calling ``LLMServer`` replicas, whose r
 ``PrefixCacheAffinityRouter``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: Ray Serve rebuilds the ingress's route methods,
+# and FastAPI must see real annotations on them (``request: Request``), not strings.
 import asyncio
 import json
 import logging
@@ -108,6 +108,24 @@ def _namespace() -> str:
     return ray.get_runtime_context().namespace
 
 
+async def _routed(request: Request, path: str) -> RoutedRequest:
+    body = await request.body()
+    try:
+        parsed = json.loads(body) if body else None
+    except ValueError:
+        parsed = None  # the replica answers the 400
+    parsed = parsed if isinstance(parsed, dict) else None
+    method = request.method
+    return RoutedRequest(
+        method, path, request.url.query.encode(),
+        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
+         if k.lower() not in (b"host", b"content-length")],
+        body, request_keys(method, path, parsed),
+        prefix_hashes(parsed, path) if method == "POST" and parsed else [])
+
+
+# Everything the ingress's methods use is defined above it: @serve.ingress copies the class
+# (and what its methods name) when it is applied.
 ingress_api = FastAPI(title="InferCept (Ray Serve)")
 
 
@@ -234,22 +252,6 @@ class Ingress:
                 stream.cancel()
 
         return StreamingResponse(body(), status_code=head.status, headers=headers)
-
-
-async def _routed(request: Request, path: str) -> RoutedRequest:
-    body = await request.body()
-    try:
-        parsed = json.loads(body) if body else None
-    except ValueError:
-        parsed = None  # the replica answers the 400
-    parsed = parsed if isinstance(parsed, dict) else None
-    method = request.method
-    return RoutedRequest(
-        method, path, request.url.query.encode(),
-        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
-         if k.lower() not in (b"host", b"content-length")],
-        body, request_keys(method, path, parsed),
-        prefix_hashes(parsed, path) if method == "POST" and parsed else [])
 
 
 # ---- the application ---------------------------------------------------------------------
