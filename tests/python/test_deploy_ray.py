@@ -5,8 +5,8 @@ half a CPU and one thread each), the official ``openai`` client on Ray's HTTP pr
 reply names the replica that sent it (``x-infercept-replica``); each replica's own /metrics
 is read through the ingress's handle, pinned to that replica (``/replicas/{id}/metrics``).
 
-1. Tool round trips, chat (tool_call_id) and Responses (previous_response_id), several at
-   once: each follow-up resumes in place on the replica that paused it; each replica's
+1. Tool round trips, chat (tool_call_id) and Responses (previous_response_id, one first turn
+   streamed), four at once: each follow-up resumes in place on the replica that paused it; each replica's
    ``reused`` counter moves by its own conversations, ``fallback`` not at all.
 2. One replica is killed (``ray.kill`` of its actor) while conversations are paused on both:
    its conversations fall back to a prefill elsewhere (the Responses one through the mirrored
@@ -39,6 +39,9 @@ MODEL = "smollm2-ray"
 REUSED = 'infercept_paused_context_total{outcome="reused"}'
 FALLBACK = 'infercept_paused_context_total{outcome="fallback"}'
 HELD = 'infercept_paused_context_total{outcome="held"}'
+# The conversations run at once: chat follow-ups name the call by tool_call_id, Responses ones
+# by previous_response_id (one first turn streamed).
+APIS = ("responses", "chat", "responses-stream", "chat")
 # Small engines: 96 MiB of device KV each (about 2,000 tokens of SmolLM2), no prefix cache so
 # a fallback is a whole prefill.
 ENGINE = dict(model=None, policy="infercept", tool_paths=[], entry_point_tools=False,
@@ -98,6 +101,9 @@ class _Conversation:
 
     def __init__(self, client: openai.OpenAI, a: int, b: int, api: str) -> None:
         self.client, self.a, self.b, self.api = client, a, b, api
+        # A salt of its own: no conversation shares another's prefix, so first turns are placed
+        # by load, not by the prefix an earlier one left on a replica.
+        self.salt = {"cache_salt": f"conversation-{a}-{b}"}
         self.first_replica = self.follow_up_replica = ""
         self.answer = ""
 
@@ -107,16 +113,23 @@ class _Conversation:
                                          "content": f"What is {self.a} + {self.b}?"}]
             raw = self.client.chat.completions.with_raw_response.create(
                 model=MODEL, messages=self.messages, tools=[CALCULATOR], temperature=0,
-                max_tokens=40)
+                max_tokens=40, extra_body=self.salt)
             self.first = raw.parse()
             assert self.first.choices[0].finish_reason == "tool_calls", self.first
         else:
-            raw = self.client.responses.with_raw_response.create(
+            request = dict(
                 model=MODEL, instructions=FEW_SHOT_INSTRUCTIONS, tools=[CALCULATOR_FUNCTION],
                 input=[*FEW_SHOT_INPUT, {"role": "user",
                                          "content": f"What is {self.a} + {self.b}?"}],
-                temperature=0, max_output_tokens=40)
-            self.first = raw.parse()
+                temperature=0, max_output_tokens=40, extra_body=self.salt)
+            if self.api == "responses-stream":  # the call's ids are learned from the stream
+                with self.client.responses.with_streaming_response.create(
+                        stream=True, **request) as raw:
+                    events = list(raw.parse())
+                self.first = next(e.response for e in events if e.type == "response.completed")
+            else:
+                raw = self.client.responses.with_raw_response.create(**request)
+                self.first = raw.parse()
             assert [i.type for i in self.first.output][-1] == "function_call", self.first
         self.first_replica = raw.headers["x-infercept-replica"]
         return self
@@ -127,7 +140,7 @@ class _Conversation:
             message = self.first.choices[0].message
             raw = self.client.chat.completions.with_raw_response.create(
                 model=MODEL, tools=[CALCULATOR], temperature=0, max_tokens=12,
-                messages=[*self.messages, message.model_dump(exclude_none=True),
+                extra_body=self.salt, messages=[*self.messages, message.model_dump(exclude_none=True),
                           {"role": "tool", "tool_call_id": message.tool_calls[0].id,
                            "content": result}])
             self.answer = raw.parse().choices[0].message.content or ""
@@ -136,7 +149,7 @@ class _Conversation:
             raw = self.client.responses.with_raw_response.create(
                 model=MODEL, instructions=FEW_SHOT_INSTRUCTIONS, tools=[CALCULATOR_FUNCTION],
                 previous_response_id=self.first.id, temperature=0, max_output_tokens=12,
-                input=[{"type": "function_call_output", "call_id": call.call_id,
+                extra_body=self.salt, input=[{"type": "function_call_output", "call_id": call.call_id,
                         "output": result}])
             self.answer = raw.parse().output_text
         self.follow_up_replica = raw.headers["x-infercept-replica"]
@@ -155,8 +168,8 @@ def test_follow_ups_resume_on_the_replica_that_paused_them(endpoint, client):
     replicas = list(_replicas(endpoint))
     assert len(replicas) == 2
     before = {r: _counters(endpoint, r) for r in replicas}
-    conversations = [_Conversation(client, 10 + i, 20 + 3 * i, "chat" if i % 2 else "responses")
-                     for i in range(4)]
+    conversations = [_Conversation(client, 10 + i, 20 + 3 * i, api)
+                     for i, api in enumerate(APIS)]
     with ThreadPoolExecutor(4) as pool:
         _all(pool, [c.first_turn for c in conversations])
         _all(pool, [c.follow_up for c in conversations])
@@ -174,11 +187,22 @@ def test_follow_ups_resume_on_the_replica_that_paused_them(endpoint, client):
     routed = parse_metrics(httpx.get(f"{endpoint}/metrics", timeout=60).text)
     assert routed['infercept_router_requests_total{reason="context"}'] >= 4
 
+    # A new question on a chat conversation's prefix (its salt, the few-shot turns) goes to
+    # the replica that served that prefix.
+    chat = conversations[1]
+    prefix = 'infercept_router_requests_total{reason="prefix"}'
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[*FEW_SHOT, {"role": "user", "content": "What is 2 + 2?"}],
+        tools=[CALCULATOR], temperature=0, max_tokens=2, extra_body=chat.salt)
+    assert raw.headers["x-infercept-replica"] == chat.first_replica
+    after = parse_metrics(httpx.get(f"{endpoint}/metrics", timeout=60).text)
+    assert after[prefix] == routed[prefix] + 1
+
 
 def test_killing_a_replica_loses_only_its_paused_contexts(endpoint, client):
     replicas = _replicas(endpoint)
-    conversations = [_Conversation(client, 40 + i, 7 * i + 1, "chat" if i % 2 else "responses")
-                     for i in range(4)]
+    conversations = [_Conversation(client, 40 + i, 7 * i + 1, api)
+                     for i, api in enumerate(APIS)]
     with ThreadPoolExecutor(4) as pool:
         _all(pool, [c.first_turn for c in conversations])
     assert {c.first_replica for c in conversations} == set(replicas)

@@ -258,7 +258,8 @@ class Ingress:
 
 def build_app(engine: dict[str, Any], server_config: ServerConfig, num_replicas: int,
               num_cpus_per_replica: float = 0.5, max_ongoing_requests: int = 64,
-              mirror_name: str | None = None) -> serve.Application:
+              mirror_name: str | None = None, imbalanced_threshold: int = 4
+              ) -> serve.Application:
     """The Ray Serve application (bind only; :func:`infercept.deploy.run` runs it).
 
     Args:
@@ -269,6 +270,8 @@ def build_app(engine: dict[str, Any], server_config: ServerConfig, num_replicas:
             at least 1).
         max_ongoing_requests: Requests one replica takes at once (its queue bound).
         mirror_name: The stored-response mirror actor, started by :func:`start_mirror`.
+        imbalanced_threshold: How many more queued requests than the least loaded replica
+            the replica holding a request's prefix may have and still get it.
     """
     if num_replicas < 1:
         raise ValueError(f"num_replicas={num_replicas} must be >= 1")
@@ -277,7 +280,8 @@ def build_app(engine: dict[str, Any], server_config: ServerConfig, num_replicas:
         max_ongoing_requests=max_ongoing_requests, health_check_period_s=2.0,
         ray_actor_options={"num_cpus": num_cpus_per_replica},
         request_router_config=RequestRouterConfig(
-            request_router_class="infercept.deploy.router:InterceptAffinityRouter"))
+            request_router_class="infercept.deploy.router:InterceptAffinityRouter",
+            request_router_kwargs={"imbalanced_threshold": imbalanced_threshold}))
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1,
                                max_ongoing_requests=1024,
                                ray_actor_options={"num_cpus": 0.1})
