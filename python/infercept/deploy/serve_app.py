@@ -40,6 +40,8 @@ from infercept.server.response_store import StoredResponse
 log = logging.getLogger("infercept.deploy")
 
 REPLICA_DEPLOYMENT = "EngineReplica"
+# The mirror actor's Ray namespace (named, so replicas find it whatever the driver's is).
+MIRROR_NAMESPACE = "infercept"
 # A replica that died before answering: route the request again, this many times at most.
 _MAX_ATTEMPTS = 3
 # A pinned request (/replicas/{id}/...) waits this long for its replica to answer.
@@ -85,7 +87,7 @@ class EngineReplica:
         torch.set_num_threads(num_threads)  # as many as the Ray CPUs the replica reserves
 
         self.replica = serve.get_replica_context().replica_id.unique_id
-        mirror = (_MirrorClient(ray.get_actor(mirror_name, namespace=_namespace()))
+        mirror = (_MirrorClient(ray.get_actor(mirror_name, namespace=MIRROR_NAMESPACE))
                   if mirror_name else None)
         # Loading the model blocks this replica's event loop; nothing else runs here yet.
         app = create_app(build_engine(**engine), server_config)
@@ -102,10 +104,6 @@ class EngineReplica:
 
     async def __del__(self) -> None:
         await self.server.stop()
-
-
-def _namespace() -> str:
-    return ray.get_runtime_context().namespace
 
 
 async def _routed(request: Request, path: str) -> RoutedRequest:
@@ -291,7 +289,8 @@ def build_app(engine: dict[str, Any], server_config: ServerConfig, num_replicas:
 
 def start_mirror(server_config: ServerConfig, name: str = "infercept-response-mirror") -> str:
     """Starts (or finds) the stored-response mirror actor; returns its name."""
-    actor = ray.remote(MirrorStore).options(name=name, get_if_exists=True, num_cpus=0,
+    actor = ray.remote(MirrorStore).options(name=name, namespace=MIRROR_NAMESPACE,
+                                            get_if_exists=True, num_cpus=0,
                                             lifetime="detached")
     actor.remote(server_config.stored_response_ttl_s, server_config.max_stored_responses,
                  server_config.max_stored_response_bytes)
