@@ -8,7 +8,10 @@ is read through the ingress's handle, pinned to that replica (``/replicas/{id}/m
 1. Tool round trips, chat (tool_call_id) and Responses (previous_response_id, one first turn
    streamed), four at once: each follow-up resumes in place on the replica that paused it; each replica's
    ``reused`` counter moves by its own conversations, ``fallback`` not at all.
-2. One replica is killed (``ray.kill`` of its actor) while conversations are paused on both:
+2. The ingress is killed while two conversations are paused: the new ingress's router
+   rebuilds its table from the keys the replicas report (their routing stats), and both
+   follow-ups still resume in place.
+3. One replica is killed (``ray.kill`` of its actor) while conversations are paused on both:
    its conversations fall back to a prefill elsewhere (the Responses one through the mirrored
    stored response) and still answer; the survivor's resume in place.
 """
@@ -197,6 +200,40 @@ def test_follow_ups_resume_on_the_replica_that_paused_them(endpoint, client):
     assert raw.headers["x-infercept-replica"] == chat.first_replica
     after = parse_metrics(httpx.get(f"{endpoint}/metrics", timeout=60).text)
     assert after[prefix] == routed[prefix] + 1
+
+
+def test_a_restarted_ingress_rebuilds_its_table_from_the_replicas(endpoint, client):
+    replicas = list(_replicas(endpoint))
+    conversations = [_Conversation(client, 60 + i, 5 + i, api)
+                     for i, api in enumerate(("chat", "responses"))]
+    with ThreadPoolExecutor(2) as pool:
+        _all(pool, [c.first_turn for c in conversations])
+    before = {r: _counters(endpoint, r) for r in replicas}
+    # The ingress (and the router and table in it) is killed; Ray Serve starts another,
+    # whose table is empty until the replicas' routing stats (the keys they hold) arrive.
+    ingress = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("SERVE_REPLICA::infercept#Ingress#")]
+    assert len(ingress) == 1
+    ray.kill(ray.get_actor(ingress[0], namespace="serve"))
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if set(_replicas(endpoint)) == set(replicas):
+                break
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        assert time.monotonic() < deadline, "no ingress came back"
+        time.sleep(1)
+    with ThreadPoolExecutor(2) as pool:
+        _all(pool, [c.follow_up for c in conversations])
+    for c in conversations:
+        assert c.follow_up_replica == c.first_replica, (c.api, c.first_replica)
+        assert str(c.a + c.b) in c.answer, (c.api, c.answer)
+    for r in replicas:
+        mine = sum(c.first_replica == r for c in conversations)
+        after = _counters(endpoint, r)
+        assert _delta(after, before[r], REUSED) == mine
+        assert _delta(after, before[r], FALLBACK) == 0
 
 
 def test_killing_a_replica_loses_only_its_paused_contexts(endpoint, client):

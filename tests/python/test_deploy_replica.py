@@ -76,6 +76,7 @@ def test_replies_hand_out_keys_and_a_dead_replicas_response_is_taken_over():
                 "temperature": 0, "max_tokens": 40, "stream": True})
             assert head.status == 200 and b"tool_calls" in chunks
             assert len(keys) == 1 and keys[0].startswith("call:call_")
+            chat_call = keys[0]
             # Responses: the response id and the call id.
             head, chunks, keys, _ = await _call(one, "POST", "/v1/responses", {
                 "model": MODEL, "instructions": FEW_SHOT_INSTRUCTIONS,
@@ -86,6 +87,9 @@ def test_replies_hand_out_keys_and_a_dead_replicas_response_is_taken_over():
             assert head.status == 200 and call["type"] == "function_call"
             assert keys == [response_key(first["id"]), call_key(call["call_id"])]
             assert mirror.store.get(first["id"]) is not None  # mirrored before the reply ends
+            # What the replica reports holding (its routing stats): both paused calls and the
+            # stored response.
+            assert set(keys) | {chat_call} <= set(one.held_keys())
 
             # Replica one is gone; replica two takes the follow-up from the mirror.
             await one.stop()

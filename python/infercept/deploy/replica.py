@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from infercept.deploy.affinity import reply_keys
+from infercept.deploy.affinity import call_key, reply_keys, response_key, session_key
 from infercept.deploy.messages import ReplyHead, ReplyKeys, RoutedRequest
 from infercept.server.response_store import ResponseStore, StoredResponse
 
@@ -81,6 +81,18 @@ class ReplicaServer:
         if self._lifespan is not None:
             lifespan, self._lifespan = self._lifespan, None
             await lifespan.__aexit__(None, None, None)
+
+    def held_keys(self) -> list[str]:
+        """The keys of what this replica holds: its paused contexts (session, call and
+        response ids) and its stored responses. Reported to the routers, which rebuild their
+        table from it (after an ingress restart, say)."""
+        keys = []
+        for context in self.app.state.server.store.contexts():
+            if context.session_id is not None:
+                keys.append(session_key(context.session_id, context.cache_salt))
+            keys += [call_key(c) for c in context.tool_call_ids]
+        keys += [response_key(r) for r in self._responses.responses.response_ids()]
+        return keys
 
     @property
     def is_alive(self) -> bool:

@@ -6,7 +6,9 @@ OpenAI endpoint: the ingress replica). This router reads the ``RoutedRequest`` a
 (``pending_request.args[0]``) and the :class:`~infercept.deploy.affinity.AffinityTable` of its
 process, which the ingress fills from replies (``affinity.affinity_table``). When Ray Serve
 reports a replica set (``update_replicas``, after a start, a restart or a death) or a replica
-dying (``on_replica_actor_died``), the entries of the replicas that are gone are dropped.
+dying (``on_replica_actor_died``), the entries of the replicas that are gone are dropped;
+with each replica set come the keys each replica reports holding (its routing stats, every
+2 s), so a router that starts empty (an ingress restart) rebuilds its table from them.
 
 Choices, in order (each a Ray Serve "rank"; the base class probes queue lengths and backs
 off while a rank's replicas are full):
@@ -81,8 +83,14 @@ class InterceptAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         return mine is None or not known or mine - min(known) <= self.imbalanced_threshold
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """A new replica set, or new routing stats: drop the replicas that are gone, learn
+        the keys each live one reports holding (``EngineReplica.record_routing_stats``)."""
         super().update_replicas(replicas)
         self.table.retain(r.replica_id.unique_id for r in replicas)
+        for replica in replicas:
+            keys = (replica.routing_stats or {}).get("keys")
+            if isinstance(keys, list):
+                self.table.learn(replica.replica_id.unique_id, keys)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

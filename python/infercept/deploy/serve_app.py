@@ -40,6 +40,8 @@ from infercept.server.response_store import StoredResponse
 log = logging.getLogger("infercept.deploy")
 
 REPLICA_DEPLOYMENT = "EngineReplica"
+# How often each replica reports the keys it holds to the routers (s).
+ROUTING_STATS_PERIOD_S = 2.0
 # The mirror actor's Ray namespace (named, so replicas find it whatever the driver's is).
 MIRROR_NAMESPACE = "infercept"
 # A replica that died before answering: route the request again, this many times at most.
@@ -97,6 +99,11 @@ class EngineReplica:
     async def forward(self, routed: RoutedRequest):  # -> AsyncIterator[...]
         async for item in self.server.forward(routed):
             yield item
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """What Ray Serve hands every router of this deployment with the replica set (every
+        ``ROUTING_STATS_PERIOD_S``): the keys this replica holds."""
+        return {"keys": self.server.held_keys()}
 
     async def check_health(self) -> None:
         if not self.server.is_alive:
@@ -279,7 +286,8 @@ def build_app(engine: dict[str, Any], server_config: ServerConfig, num_replicas:
         ray_actor_options={"num_cpus": num_cpus_per_replica},
         request_router_config=RequestRouterConfig(
             request_router_class="infercept.deploy.router:InterceptAffinityRouter",
-            request_router_kwargs={"imbalanced_threshold": imbalanced_threshold}))
+            request_router_kwargs={"imbalanced_threshold": imbalanced_threshold},
+            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S))
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1,
                                max_ongoing_requests=1024,
                                ray_actor_options={"num_cpus": 0.1})
