@@ -6,8 +6,8 @@ reply names the replica that sent it (``x-infercept-replica``); each replica's o
 is read through the ingress's handle, pinned to that replica (``/replicas/{id}/metrics``).
 
 1. Tool round trips, chat (tool_call_id) and Responses (previous_response_id, one first turn
-   streamed), four at once: each follow-up resumes in place on the replica that paused it; each replica's
-   ``reused`` counter moves by its own conversations, ``fallback`` not at all.
+   streamed), four at once: each follow-up resumes in place on the replica that paused it;
+   each replica's ``reused`` counter moves by its own conversations, ``fallback`` not at all.
 2. The ingress is killed while two conversations are paused: the new ingress's router
    rebuilds its table from the keys the replicas report (their routing stats), and both
    follow-ups still resume in place.
@@ -63,7 +63,8 @@ def endpoint():
 
     from infercept.deploy.serve_app import build_app, start_mirror
 
-    os.environ["OMP_NUM_THREADS"] = "1"
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by Ray's workers (and the mirror's)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              namespace="infercept-deploy-test")
     try:
@@ -77,6 +78,10 @@ def endpoint():
     finally:
         serve.shutdown()
         ray.shutdown()
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +148,8 @@ class _Conversation:
             message = self.first.choices[0].message
             raw = self.client.chat.completions.with_raw_response.create(
                 model=MODEL, tools=[CALCULATOR], temperature=0, max_tokens=12,
-                extra_body=self.salt, messages=[*self.messages, message.model_dump(exclude_none=True),
+                extra_body=self.salt,
+                messages=[*self.messages, message.model_dump(exclude_none=True),
                           {"role": "tool", "tool_call_id": message.tool_calls[0].id,
                            "content": result}])
             self.answer = raw.parse().choices[0].message.content or ""
@@ -152,7 +158,8 @@ class _Conversation:
             raw = self.client.responses.with_raw_response.create(
                 model=MODEL, instructions=FEW_SHOT_INSTRUCTIONS, tools=[CALCULATOR_FUNCTION],
                 previous_response_id=self.first.id, temperature=0, max_output_tokens=12,
-                extra_body=self.salt, input=[{"type": "function_call_output", "call_id": call.call_id,
+                extra_body=self.salt,
+                input=[{"type": "function_call_output", "call_id": call.call_id,
                         "output": result}])
             self.answer = raw.parse().output_text
         self.follow_up_replica = raw.headers["x-infercept-replica"]
