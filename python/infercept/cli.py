@@ -33,7 +33,7 @@ def _policy(text: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from infercept.server import ServerConfig, build_engine, engine_spec, serve
+        from infercept.server import build_engine, engine_spec, serve
     except ImportError as error:
         print(f"infercept: error: serve needs the server extra (pip install 'infercept[server]'): "
               f"{error}", file=sys.stderr)
@@ -51,6 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if "enable_prefix_caching" not in {f.name for f in dataclasses.fields(EngineConfig)}:
             raise ValueError("--[no-]enable-prefix-caching: this engine build has no prefix cache")
         config["enable_prefix_caching"] = args.enable_prefix_caching
+    if args.replicas is not None:  # N replicas on Ray Serve (infercept.deploy)
+        return _serve_replicas(args, config)
     if args.engine_process:  # built in the engine process, once serve() starts it
         engine = engine_spec(args.model, args.policy, args.tools,
                              entry_point_tools=not args.no_entry_point_tools, dtype=args.dtype,
@@ -63,6 +65,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               entry_point_tools=not args.no_entry_point_tools, dtype=args.dtype,
                               **config)
         model_name, tool_names = engine.model_name, ", ".join(engine.tools.names)
+    name, server_config = _server_config(args)
+    mode = "engine process" if args.engine_process else "engine thread"
+    print(f"serving {model_name} as {name!r} ({args.policy} policy, {mode}; server tools: "
+          f"{tool_names or 'none'}) on http://{args.host}:{args.port}")
+    serve(engine, args.host, args.port, server_config, log_level=args.log_level)
+    return 0
+
+
+def _server_config(args: argparse.Namespace) -> tuple[str, object]:
+    """The served model name and the ServerConfig of ``infercept serve``'s options."""
+    from infercept.server import ServerConfig
+
     name = args.served_model_name or ("default" if args.model in (None, "default")
                                       else Path(args.model).name)
     tool_prompt = {"auto": None, "always": True, "never": False}[args.tool_prompt]
@@ -70,12 +84,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     storage = {key: getattr(args, key) for key in (
         "stored_response_ttl_s", "max_stored_responses", "max_stored_response_bytes")
         if getattr(args, key) is not None}
-    server_config = ServerConfig(served_model_name=name, paused_ttl_s=args.paused_ttl_s,
-                                 tool_prompt=tool_prompt, api_key=api_key, **storage)
-    mode = "engine process" if args.engine_process else "engine thread"
-    print(f"serving {model_name} as {name!r} ({args.policy} policy, {mode}; server tools: "
-          f"{tool_names or 'none'}) on http://{args.host}:{args.port}")
-    serve(engine, args.host, args.port, server_config, log_level=args.log_level)
+    return name, ServerConfig(served_model_name=name, paused_ttl_s=args.paused_ttl_s,
+                              tool_prompt=tool_prompt, api_key=api_key, **storage)
+
+
+def _serve_replicas(args: argparse.Namespace, config: dict) -> int:
+    """``--replicas N``: N engines on Ray Serve behind one endpoint (docs/deploy.md)."""
+    if args.replicas < 1:
+        raise ValueError(f"--replicas {args.replicas}: must be >= 1")
+    try:
+        from infercept.deploy import require_ray, run
+        require_ray()
+    except ImportError as error:
+        print(f"infercept: error: {error}", file=sys.stderr)
+        return 2
+    from infercept.server import engine_spec
+
+    engine_spec(args.model, args.policy, args.tools, dtype=args.dtype, **config)  # validates
+    name, server_config = _server_config(args)
+    engine = dict(model=args.model, policy=args.policy, tool_paths=list(args.tools),
+                  entry_point_tools=not args.no_entry_point_tools, dtype=args.dtype, **config)
+    print(f"serving {args.model} as {name!r} on {args.replicas} Ray Serve replicas "
+          f"({args.policy} policy) on http://{args.host}:{args.port}")
+    run(engine, server_config, args.replicas, args.host, args.port,
+        num_cpus_per_replica=args.num_cpus_per_replica)
     return 0
 
 
@@ -126,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the engine in its own process, apart from the HTTP layer "
                           "(default); --no-engine-process runs it on a thread of the server "
                           "process")
+    srv.add_argument("--replicas", type=int, default=None, metavar="N",
+                     help="run N engine replicas on Ray Serve behind one endpoint, follow-ups "
+                          "routed to the replica holding their paused context (needs the "
+                          "distributed extra; docs/deploy.md)")
+    srv.add_argument("--num-cpus-per-replica", type=float, default=1.0,
+                     help="Ray CPUs each replica reserves (with --replicas)")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
 

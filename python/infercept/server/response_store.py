@@ -97,6 +97,10 @@ class ResponseStore:
             dropped.append(self._pop_oldest())
         return dropped
 
+    def response_ids(self) -> list[str]:
+        """The ids stored now, oldest first (expired ones may be among them until expire())."""
+        return list(self._responses)
+
     def get(self, response_id: str) -> StoredResponse | None:
         """The live response of that id, or None (never stored, deleted, expired or evicted)."""
         stored = self._responses.get(response_id)

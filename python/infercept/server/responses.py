@@ -338,6 +338,12 @@ class ResponsesAPI:
         self._forget([stored])
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
+    def adopt(self, stored: StoredResponse) -> None:
+        """Stores a response another server stored (a replica taking over the conversations
+        of one that died, ``infercept.deploy``). No request of this server is paused for it,
+        so a follow-up answering its call is prefilled (and counted ``fallback``)."""
+        self._forget(self.responses.put(stored), outcome="evicted")
+
     def _expire(self) -> None:
         self._forget(self.responses.expire(), outcome="expired")
 

@@ -134,6 +134,10 @@ class PausedContextStore:
                 return context
         return None
 
+    def contexts(self) -> list[PausedContext]:
+        """The contexts held now (a copy; expired ones may be among them until the sweep)."""
+        return list(self._contexts.values())
+
     def take_all(self) -> list[PausedContext]:
         contexts = list(self._contexts.values())
         self._contexts.clear()
