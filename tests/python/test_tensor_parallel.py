@@ -235,3 +235,17 @@ def test_more_ranks_than_cuda_devices_is_refused():
                                          rf"devices .* only {visible} are visible"):
         rank_devices(torch.device("cuda"), visible + 1)
     assert rank_devices(torch.device("cpu"), 3) == [torch.device("cpu")] * 3
+
+
+def test_a_worker_that_fails_to_load_fails_the_start_up_at_once(tmp_path, tokenizer):
+    from infercept.model import load_model
+
+    path = write_random_llama(tmp_path / "broken")
+    model = load_model(path)  # the driver's weights are whole; the file the worker reads is not
+    (path / "model.safetensors").write_bytes(b"not safetensors")
+    start = time.monotonic()
+    with pytest.raises(TensorParallelError, match=r"at start-up: rank 1 \(pid \d+\) exited with "
+                                                  r"code 1"):
+        LLMEngine(EngineConfig(model=str(path), cost_profile=PROFILE, tensor_parallel_size=2),
+                  model=model, tokenizer=tokenizer)
+    assert time.monotonic() - start < 60.0  # not the rendezvous' 600 s

@@ -295,6 +295,8 @@ class LLMEngine:
         When nothing can run (every live request waits on a tool) it waits for the next tool
         result or scripted resume instead of spinning.
         """
+        if isinstance(self.runner, TensorParallelExecutor):
+            self.runner.check_workers()  # a failed engine plans nothing it cannot run
         touched: dict[int, Sequence] = {}
         self._collect_pauses(touched)
         plan = self.scheduler.schedule(self.now())

@@ -37,11 +37,17 @@ from infercept.engine.config import EngineConfig
 from infercept.engine.model_runner import ModelRunner
 from infercept.engine.tp_group import TensorParallelGroup, connect_store
 from infercept.engine.tp_plan import HEADER_LEN, INITIAL_CAPACITY, PROFILE, STOP, header, pack_plan
-from infercept.engine.tp_worker import RankShard, WorkerSpec, grown_capacity, worker_main
+from infercept.engine.tp_worker import (RankShard, WorkerSpec, grown_capacity, ready_key,
+                                        worker_main)
 from infercept.model import LlamaForCausalLM
 from infercept.model.loader import load_weights
 from infercept.model.sharding import check_tensor_parallel_size, shard_config
 from infercept.sampling import SamplingParams
+
+
+# Workers import torch and load their shard before they answer; on a busy machine that takes
+# far longer than a step may.
+STARTUP_TIMEOUT_S = 600.0
 
 
 class TensorParallelError(RuntimeError):
@@ -104,14 +110,15 @@ class TensorParallelExecutor:
         self._stall = torch.zeros(1, dtype=torch.float64)
 
         timeout_s = config.tensor_parallel_timeout_s
-        store = connect_store("127.0.0.1", 0, 0, n, timeout_s)
+        startup_s = max(timeout_s, STARTUP_TIMEOUT_S)
+        store = connect_store("127.0.0.1", 0, 0, n, startup_s)
         context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // n)
         self._workers = []
         for rank in range(1, n):
             spec = WorkerSpec(str(model_path), rank, n, store.port, str(devices[rank]),
                               config.dtype, config.block_size, self.num_device_blocks,
-                              self.num_host_blocks, timeout_s, threads)
+                              self.num_host_blocks, timeout_s, startup_s, threads)
             process = context.Process(target=worker_main, args=(spec,), daemon=True,
                                       name=f"infercept-tp-rank{rank}")
             process.start()
@@ -119,17 +126,28 @@ class TensorParallelExecutor:
         # Stops the workers if the engine is dropped without shutdown().
         self._finalizer = weakref.finalize(self, _stop_processes, list(self._workers))
         try:
-            self.group = TensorParallelGroup(store, 0, n, devices[0], timeout_s)
+            self._wait_loaded(store, time.monotonic() + startup_s)
+            self.group = TensorParallelGroup(store, 0, n, devices[0], timeout_s, startup_s)
             self.shard = RankShard(model_config, weights, self.group, config.torch_dtype,
                                    config.block_size, self.num_device_blocks, self.num_host_blocks)
             del weights
             self.shard.barrier()  # every worker has loaded its shard
         except Exception as exc:
-            raise self._fail(exc, "starting") from exc
+            raise self._fail(exc, "at start-up") from exc
         self.model = self.shard.model
         self.kv_cache = self.shard.kv_cache
         self.swap_engine = self.shard.swap_engine
         self.runner = ModelRunner(self.model, self.kv_cache, self.swap_engine)
+
+    def _wait_loaded(self, store, deadline: float) -> None:  # noqa: ANN001 - a TCPStore
+        """Returns once every worker has loaded its weights; raises if one exits first."""
+        waiting = {rank: ready_key(rank) for rank in range(1, self.tensor_parallel_size)}
+        while waiting:
+            self.check_workers("at start-up")
+            waiting = {r: k for r, k in waiting.items() if not store.check([k])}
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"ranks {sorted(waiting)} did not load their shards in time")
+            time.sleep(0.05)
 
     # ---- the runner's request state (rank 0 samples) ----------------------------------------
 
@@ -161,26 +179,26 @@ class TensorParallelExecutor:
         Raises:
             TensorParallelError: A worker died or hung, or the step failed on rank 0.
         """
-        self._check_workers()
+        self.check_workers()
         try:
             self._send(pack_plan(plan))
             result = self.runner.execute(plan)
             self._stall[0] = result.swap_stall_s
             self.group.max_(self._stall)
         except Exception as exc:
-            raise self._fail(exc, f"step {plan.step_id}") from exc
+            raise self._fail(exc, f"at step {plan.step_id}") from exc
         result.swap_stall_s = min(float(self._stall[0]), result.duration_s)
         return result
 
     def measure_cost_model(self, name: str, kv_capacity_tokens: int) -> CostModel:
         """The profiler's cost model measured on all ranks together (T_fwd of the parallel
         forward; T_swap of the slowest rank)."""
-        self._check_workers()
+        self.check_workers()
         try:
             self._send(header(PROFILE))
             return self.shard.measure(name, kv_capacity_tokens)
         except Exception as exc:
-            raise self._fail(exc, "measuring the cost model") from exc
+            raise self._fail(exc, "while measuring the cost model") from exc
 
     def _send(self, message: np.ndarray) -> None:
         """Broadcasts one message; a plan larger than the buffer grows every rank's first."""
@@ -200,12 +218,12 @@ class TensorParallelExecutor:
         """Process ids of ranks 1..N-1."""
         return [p.pid for p in self._workers]  # type: ignore[misc]
 
-    def _check_workers(self) -> None:
+    def check_workers(self, when: str = "between steps") -> None:
+        """Raises TensorParallelError if the executor failed or a worker has exited."""
         if self._error is not None:
             raise TensorParallelError(self._error)
-        dead = [p for p in self._workers if p.exitcode is not None]
-        if dead:
-            raise self._fail(None, "before the step")
+        if any(p.exitcode is not None for p in self._workers):
+            raise self._fail(None, when)
 
     def _fail(self, exc: BaseException | None, when: str) -> TensorParallelError:
         """Marks the executor failed, stops the workers, and builds the error to raise."""
@@ -216,7 +234,8 @@ class TensorParallelExecutor:
                    and not any(p.exitcode is not None for p in self._workers)):
                 time.sleep(0.02)
             dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}"
-                    + (f" ({signal.Signals(-p.exitcode).name})" if p.exitcode < 0 else "")
+                    + (f" ({signal.Signals(-p.exitcode).name})" if p.exitcode < 0
+                       else " (its traceback is on stderr)")
                     for r, p in enumerate(self._workers, start=1) if p.exitcode is not None]
             cause = "; ".join(dead) if dead else f"{type(exc).__name__}: {exc}"
             self._error = (f"tensor-parallel engine ({self.tensor_parallel_size} ranks) failed "

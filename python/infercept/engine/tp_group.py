@@ -60,28 +60,33 @@ class TensorParallelGroup:
     """
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, device: torch.device,
-                 timeout_s: float) -> None:
+                 timeout_s: float, startup_timeout_s: float) -> None:
         self.rank = rank
         self.world_size = world_size
         self.device = device
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.startup_timeout = datetime.timedelta(seconds=max(timeout_s, startup_timeout_s))
         self.stats = CommStats()
         self._store = store
+        # The groups' own timeout covers the rendezvous (workers still importing and loading);
+        # every collective passes the step timeout.
         self.plan_group = dist.ProcessGroupGloo(dist.PrefixStore("plan", store), rank,
-                                                world_size, self.timeout)
+                                                world_size, self.startup_timeout)
         if device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
-            options._timeout = self.timeout
+            options._timeout = self.startup_timeout
             self.activation_group = dist.ProcessGroupNCCL(
                 dist.PrefixStore("activations", store), rank, world_size, options)
         else:
             self.activation_group = dist.ProcessGroupGloo(
-                dist.PrefixStore("activations", store), rank, world_size, self.timeout)
+                dist.PrefixStore("activations", store), rank, world_size, self.startup_timeout)
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
         """Sums ``tensor`` across ranks in place (the row-parallel layers' partial sums)."""
         start = time.perf_counter()
-        self.activation_group.allreduce([tensor]).wait(self.timeout)
+        opts = dist.AllreduceOptions()
+        opts.timeout = self.timeout
+        self.activation_group.allreduce([tensor], opts).wait(self.timeout)
         self.stats.all_reduce_s += time.perf_counter() - start
         self.stats.num_all_reduces += 1
 
@@ -96,9 +101,13 @@ class TensorParallelGroup:
         self.stats.num_broadcasts += 1
         self.stats.broadcast_bytes += tensor.numel() * tensor.element_size()
 
-    def max_(self, tensor: torch.Tensor) -> None:
-        """Element-wise max of a CPU ``tensor`` across ranks, in place (stalls, swap timings)."""
+    def max_(self, tensor: torch.Tensor, startup: bool = False) -> None:
+        """Element-wise max of a CPU ``tensor`` across ranks, in place (stalls, swap timings).
+
+        ``startup``: wait as long as the rendezvous may (the start-up barrier: shards loading).
+        """
+        timeout = self.startup_timeout if startup else self.timeout
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
-        opts.timeout = self.timeout
-        self.plan_group.allreduce([tensor], opts).wait(self.timeout)
+        opts.timeout = timeout
+        self.plan_group.allreduce([tensor], opts).wait(timeout)

@@ -49,7 +49,8 @@ class WorkerSpec:
         device: ``'cpu'`` or ``'cuda:K'`` (rank r runs on its own device).
         dtype: Weights and KV cache (an ``EngineConfig.dtype`` name).
         block_size, num_device_blocks, num_host_blocks: The KV pools (the scheduler's).
-        timeout_s: Limit of every collective.
+        timeout_s: Limit of every collective in a step.
+        startup_timeout_s: Limit of the rendezvous and of the start-up barrier.
         num_threads: torch CPU threads (the CPU's cores shared among the ranks).
     """
 
@@ -63,6 +64,7 @@ class WorkerSpec:
     num_device_blocks: int
     num_host_blocks: int
     timeout_s: float
+    startup_timeout_s: float
     num_threads: int
 
 
@@ -109,11 +111,16 @@ class RankShard:
 
     def barrier(self) -> None:
         """Returns once every rank has reached it (start-up: every shard loaded)."""
-        self.group.max_(torch.zeros(1, dtype=torch.float64))
+        self.group.max_(torch.zeros(1, dtype=torch.float64), startup=True)
 
 
 def _copies(blocks: np.ndarray) -> list[BlockCopy]:
     return [BlockCopy(int(src), int(dst)) for src, dst in blocks.tolist()]
+
+
+def ready_key(rank: int) -> str:
+    """The store key a worker sets once its weights are loaded."""
+    return f"infercept/ready/{rank}"
 
 
 def grown_capacity(capacity: int, needed: int) -> int:
@@ -154,10 +161,14 @@ def worker_main(spec: WorkerSpec) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         store = connect_store("127.0.0.1", spec.store_port, spec.rank, spec.world_size,
-                              spec.timeout_s)
-        group = TensorParallelGroup(store, spec.rank, spec.world_size, device, spec.timeout_s)
+                              spec.startup_timeout_s)
         dtype = DTYPES[spec.dtype]
         config, weights = load_weights(Path(spec.model_path), dtype)
+        # The driver watches for this key and for this process's exit, so a worker that fails
+        # to load is reported at once rather than at the rendezvous' timeout.
+        store.set(ready_key(spec.rank), "1")
+        group = TensorParallelGroup(store, spec.rank, spec.world_size, device, spec.timeout_s,
+                                    spec.startup_timeout_s)
         shard = RankShard(config, weights, group, dtype, spec.block_size, spec.num_device_blocks,
                           spec.num_host_blocks)
         del weights
