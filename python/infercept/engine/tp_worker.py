@@ -36,6 +36,7 @@ from infercept.model import KVCache, PagedAttentionMetadata
 from infercept.model.config import ModelConfig
 from infercept.model.loader import load_weights
 from infercept.model.sharding import build_shard
+from infercept.process_death import die_with_parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +156,7 @@ def worker_main(spec: WorkerSpec) -> None:
     """A worker process's entry point (``multiprocessing`` spawn target)."""
     from infercept.engine.config import DTYPES
 
+    die_with_parent()  # a driver killed outright takes its workers with it
     try:
         torch.set_num_threads(spec.num_threads)
         device = torch.device(spec.device)
