@@ -10,9 +10,11 @@ naming it, quickly; N that does not divide the KV heads, or exceeds the devices,
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -200,15 +202,37 @@ def test_more_ranks_than_cuda_devices_is_refused():
     assert rank_devices(torch.device("cpu"), 3) == [torch.device("cpu")] * 3
 
 
-def test_a_worker_that_fails_to_load_fails_the_start_up_at_once(tmp_path, tokenizer):
-    from infercept.model import load_model
+def test_a_worker_that_dies_at_start_up_fails_the_engine_at_once(random_llama, tokenizer):
+    killed: list[int] = []
 
-    path = write_random_llama(tmp_path / "broken")
-    model = load_model(path)  # the driver's weights are whole; the file the worker reads is not
-    (path / "model.safetensors").write_bytes(b"not safetensors")
+    def kill_rank_1() -> None:  # while it is still importing, long before its shard arrives
+        deadline = time.monotonic() + 30
+        while not killed and time.monotonic() < deadline:
+            for child in multiprocessing.active_children():
+                if child.name == "infercept-tp-rank1":
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed.append(child.pid)
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_rank_1)
+    killer.start()
     start = time.monotonic()
     with pytest.raises(TensorParallelError, match=r"at start-up: rank 1 \(pid \d+\) exited with "
-                                                  r"code 1"):
-        LLMEngine(EngineConfig(model=str(path), cost_profile=PROFILE, tensor_parallel_size=2,
-                               num_device_blocks=16), model=model, tokenizer=tokenizer)
-    assert time.monotonic() - start < 60.0  # not the rendezvous' 600 s
+                                                  r"code -9 \(SIGKILL\)"):
+        LLMEngine(EngineConfig(model=str(random_llama), cost_profile=PROFILE,
+                               tensor_parallel_size=2, num_device_blocks=16),
+                  tokenizer=tokenizer)
+    killer.join()
+    assert killed and time.monotonic() - start < 60.0  # not the rendezvous' 600 s
+
+
+def test_serve_takes_the_tensor_parallel_size():
+    pytest.importorskip("fastapi", reason="serve needs the server extra")
+    from infercept.cli import build_parser
+    from infercept.server import engine_spec
+
+    assert build_parser().parse_args(["serve"]).tensor_parallel_size == 1
+    args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2"])
+    assert args.tensor_parallel_size == 2
+    spec = engine_spec(None, "infercept", tensor_parallel_size=args.tensor_parallel_size)
+    assert spec.config.tensor_parallel_size == 2

@@ -41,7 +41,7 @@ from infercept.engine.tp_worker import (RankShard, WorkerSpec, grown_capacity, r
                                         worker_main)
 from infercept.model import LlamaForCausalLM
 from infercept.model.loader import load_weights
-from infercept.model.sharding import check_tensor_parallel_size, shard_config
+from infercept.model.sharding import check_tensor_parallel_size, shard_config, shard_weights
 from infercept.sampling import SamplingParams
 
 
@@ -75,7 +75,7 @@ class TensorParallelExecutor:
     """Runs plans over N ranks (the Executor protocol); this process is rank 0.
 
     Args:
-        model_path: The weights (every worker loads its shard from here).
+        model_path: The weights, loaded here once; each worker gets its shard in shared memory.
         config: The engine's configuration (``tensor_parallel_size`` >= 2).
         device: Rank 0's device (``select_device(config.device)``).
         model: Already loaded from ``model_path`` (rank 0 shards it instead of loading again).
@@ -116,11 +116,13 @@ class TensorParallelExecutor:
         threads = max(1, (os.cpu_count() or 1) // n)
         self._workers = []
         for rank in range(1, n):
-            spec = WorkerSpec(str(model_path), rank, n, store.port, str(devices[rank]),
+            spec = WorkerSpec(model_config, rank, n, store.port, str(devices[rank]),
                               config.dtype, config.block_size, self.num_device_blocks,
                               self.num_host_blocks, timeout_s, startup_s, threads)
-            process = context.Process(target=worker_main, args=(spec,), daemon=True,
-                                      name=f"infercept-tp-rank{rank}")
+            # The shard travels in shared memory (torch's reductions pass storages).
+            process = context.Process(target=worker_main,
+                                      args=(spec, shard_weights(weights, rank, n)),
+                                      daemon=True, name=f"infercept-tp-rank{rank}")
             process.start()
             self._workers.append(process)
         # Stops the workers if the engine is dropped without shutdown().
@@ -128,8 +130,9 @@ class TensorParallelExecutor:
         try:
             self._wait_loaded(store, time.monotonic() + startup_s)
             self.group = TensorParallelGroup(store, 0, n, devices[0], timeout_s, startup_s)
-            self.shard = RankShard(model_config, weights, self.group, config.torch_dtype,
-                                   config.block_size, self.num_device_blocks, self.num_host_blocks)
+            self.shard = RankShard(model_config, shard_weights(weights, 0, n), self.group,
+                                   config.torch_dtype, config.block_size, self.num_device_blocks,
+                                   self.num_host_blocks)
             del weights
             self.shard.barrier()  # every worker has loaded its shard
         except Exception as exc:

@@ -21,7 +21,6 @@ import os
 import sys
 import traceback
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,17 +33,16 @@ from infercept.engine.tp_plan import (HEADER_LEN, INITIAL_CAPACITY, PROFILE, STO
                                       unpack_plan)
 from infercept.model import KVCache, PagedAttentionMetadata
 from infercept.model.config import ModelConfig
-from infercept.model.loader import load_weights
 from infercept.model.sharding import build_shard
 from infercept.process_death import die_with_parent
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker process is started with (plain data; the weights it loads from ``model_path``).
+    """What a worker process is started with, besides its weights (plain data).
 
     Attributes:
-        model_path: The weights every rank loads its shard from.
+        model_config: The whole model's architecture.
         rank, world_size: The worker's rank (>= 1) and N.
         store_port: The driver's TCP store on 127.0.0.1.
         device: ``'cpu'`` or ``'cuda:K'`` (rank r runs on its own device).
@@ -55,7 +53,7 @@ class WorkerSpec:
         num_threads: torch CPU threads (the CPU's cores shared among the ranks).
     """
 
-    model_path: str
+    model_config: ModelConfig
     rank: int
     world_size: int
     store_port: int
@@ -72,13 +70,13 @@ class WorkerSpec:
 class RankShard:
     """A rank's model shard over its own paged KV cache and swap engine."""
 
-    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor],
+    def __init__(self, config: ModelConfig, shard: Mapping[str, torch.Tensor],
                  group: TensorParallelGroup, dtype: torch.dtype, block_size: int,
                  num_device_blocks: int, num_host_blocks: int) -> None:
         device = group.device
         self.group = group
-        self.model = build_shard(config, weights, group.rank, group.world_size,
-                                 group.all_reduce_, dtype).to(device)
+        self.model = build_shard(config, shard, group.world_size, group.all_reduce_,
+                                 dtype).to(device)
         self.kv_cache = KVCache(self.model.config, num_device_blocks, block_size, dtype, device)
         self.swap_engine = SwapEngine(self.kv_cache, num_host_blocks)
 
@@ -152,8 +150,13 @@ def serve(shard: RankShard) -> None:
         group.max_(stall)
 
 
-def worker_main(spec: WorkerSpec) -> None:
-    """A worker process's entry point (``multiprocessing`` spawn target)."""
+def worker_main(spec: WorkerSpec, shard: dict[str, torch.Tensor]) -> None:
+    """A worker process's entry point (``multiprocessing`` spawn target).
+
+    ``shard`` is this rank's weights (:func:`~infercept.model.sharding.shard_weights`), in
+    shared memory: torch's multiprocessing reductions pass the storages, not copies, so the
+    driver loads (and dequantizes) the file once for all ranks.
+    """
     from infercept.engine.config import DTYPES
 
     die_with_parent()  # a driver killed outright takes its workers with it
@@ -164,18 +167,17 @@ def worker_main(spec: WorkerSpec) -> None:
             torch.cuda.set_device(device)
         store = connect_store("127.0.0.1", spec.store_port, spec.rank, spec.world_size,
                               spec.startup_timeout_s)
-        dtype = DTYPES[spec.dtype]
-        config, weights = load_weights(Path(spec.model_path), dtype)
         # The driver watches for this key and for this process's exit, so a worker that fails
-        # to load is reported at once rather than at the rendezvous' timeout.
+        # to start is reported at once rather than at the rendezvous' timeout; once it is set
+        # the driver may drop its references to the shared weights.
         store.set(ready_key(spec.rank), "1")
         group = TensorParallelGroup(store, spec.rank, spec.world_size, device, spec.timeout_s,
                                     spec.startup_timeout_s)
-        shard = RankShard(config, weights, group, dtype, spec.block_size, spec.num_device_blocks,
-                          spec.num_host_blocks)
-        del weights
-        shard.barrier()
-        serve(shard)
+        rank_shard = RankShard(spec.model_config, shard, group, DTYPES[spec.dtype],
+                               spec.block_size, spec.num_device_blocks, spec.num_host_blocks)
+        del shard
+        rank_shard.barrier()
+        serve(rank_shard)
     except BaseException:  # noqa: BLE001 - the exit code and the traceback are the report
         print(f"infercept tensor-parallel worker rank {spec.rank} (pid {os.getpid()}) failed:",
               file=sys.stderr)

@@ -90,19 +90,20 @@ class AllReduceLinear(nn.Module):
         return out
 
 
-def build_shard(config: ModelConfig, weights: Mapping[str, torch.Tensor], rank: int,
+def build_shard(config: ModelConfig, shard: Mapping[str, torch.Tensor],
                 tensor_parallel_size: int, all_reduce: Callable[[torch.Tensor], None],
                 dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """Rank ``rank``'s model: the shard's weights, o_proj and down_proj summed with ``all_reduce``.
+    """A rank's model over its weights (:func:`shard_weights`), o_proj and down_proj summed
+    with ``all_reduce``.
 
     Its ``config`` is the shard's (:func:`shard_config`): 1/N of the heads and MLP width.
 
     Raises:
-        ValueError: ``tensor_parallel_size`` does not divide the KV heads or the MLP width.
+        ValueError: ``tensor_parallel_size`` does not divide the KV heads or the MLP width, or
+            the weights are not a shard of ``config``.
     """
     local = shard_config(config, tensor_parallel_size)
-    model = LlamaForCausalLM.from_state_dict(local, shard_weights(weights, rank, tensor_parallel_size),
-                                             dtype)
+    model = LlamaForCausalLM.from_state_dict(local, shard, dtype)
     for layer in model.model.layers:
         layer.self_attn.o_proj = AllReduceLinear(layer.self_attn.o_proj.weight.data, all_reduce)
         layer.mlp.down_proj = AllReduceLinear(layer.mlp.down_proj.weight.data, all_reduce)
