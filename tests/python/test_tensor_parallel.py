@@ -136,6 +136,7 @@ def alone(random_llama, tokenizer, prompts):
     return requests, params, want
 
 
+@pytest.mark.slow  # eight 2-rank engines
 @pytest.mark.parametrize("policy", list(POLICY_NAMES))
 def test_every_policy_is_token_exact_at_two_ranks_under_pressure(random_llama, tokenizer, alone,
                                                                  policy):
