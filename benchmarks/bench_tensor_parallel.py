@@ -5,10 +5,12 @@ Writes a random Llama (8 KV heads; sizes below) into a temporary directory, runs
 requests to a steady decode at each N, and times ``--steps`` decode steps. Per N it prints
 one JSON line: tokens/s, milliseconds per step, and per step the time rank 0 spends in the
 all-reduces, in the plan broadcast and in the closing max of the swap stalls (each includes
-waiting for the slowest rank to reach the collective), their counts, and the broadcast bytes. On a 2-core CPU this is a correctness-and-overhead figure (N ranks
-share the same cores), not a speed-up. Run on a quiet machine:
+waiting for the slowest rank to reach the collective), their counts, and the broadcast bytes.
+On a 2-core CPU this is a correctness-and-overhead figure (N ranks share the same cores), not
+a speed-up. Run on a quiet machine, with OMP_NUM_THREADS = cores / 2
+(rank 0 is this process and keeps its thread setting; the workers take cores / N):
 
-    python benchmarks/bench_tensor_parallel.py --tp 1 2 --batch 8 --steps 64 \\
+    OMP_NUM_THREADS=1 python benchmarks/bench_tensor_parallel.py --tp 1 2 --batch 8 --steps 64 \\
         --hidden 1024 --layers 8 --intermediate 2816
 """
 
