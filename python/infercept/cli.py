@@ -45,6 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config["kv_cache_bytes"] = args.kv_cache_bytes
     if args.cost_profile is not None:
         config["cost_profile"] = args.cost_profile
+    if args.tensor_parallel_size != 1:
+        config["tensor_parallel_size"] = args.tensor_parallel_size
     if args.enable_prefix_caching is not None:
         from infercept.engine import EngineConfig
 
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-cache-bytes", type=int, default=None)
     srv.add_argument("--cost-profile", default=None,
                      help="cost profile name or JSON (default: measured at start-up, cached)")
+    srv.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                     help="split the model over N ranks (worker processes; one device each on "
+                          "CUDA); N must divide the model's KV heads (docs/tensor_parallel.md)")
     srv.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every /v1 route (default: the "
                           "INFERCEPT_API_KEY environment variable; /health and /metrics stay open)")

@@ -42,6 +42,12 @@ class EngineConfig:
         device: Where the model and the KV cache live: 'auto' (CUDA when compiled and a
             device is present, else CPU with a logged message), 'cpu', 'cuda' or 'cuda:N' (an
             error when CUDA cannot run); see :func:`infercept.backend.select_device`.
+        tensor_parallel_size: N ranks, each holding 1/N of the attention heads (by KV-head
+            groups) and of the MLP, and its own KV cache and host pool shards
+            (docs/tensor_parallel.md); N must divide the KV heads, and on CUDA N devices from
+            ``device`` on must be visible. ``kv_cache_bytes`` is then per rank.
+        tensor_parallel_timeout_s: How long a collective may wait for the other ranks before
+            the engine fails (a worker that hangs; one that dies is seen at once).
     """
 
     model: str | None = None
@@ -59,6 +65,8 @@ class EngineConfig:
     check_invariants: bool = False
     device: str = "auto"
     enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    tensor_parallel_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         self.policy = canonical_policy(self.policy)  # ValueError naming the policy and the choices
@@ -72,6 +80,12 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name}={value!r} must be a positive int or None")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be a "
+                             "positive int")
+        if not self.tensor_parallel_timeout_s > 0:
+            raise ValueError(f"tensor_parallel_timeout_s={self.tensor_parallel_timeout_s!r} "
+                             "must be > 0")
         if self.num_host_blocks is not None and self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks={self.num_host_blocks} must be >= 0 or None")
         if not isinstance(self.device, str) or not (
@@ -80,6 +94,21 @@ class EngineConfig:
         if "{output}" not in self.tool_response_format:
             raise ValueError(f"tool_response_format={self.tool_response_format!r} must contain "
                              "'{output}'")
+
+    def pool_sizes(self, kv_bytes_per_token: int) -> tuple[int, int]:
+        """(device, host) KV pool sizes in blocks for a cache of ``kv_bytes_per_token``.
+
+        Raises:
+            ValueError: ``kv_cache_bytes`` holds no block.
+        """
+        block_bytes = kv_bytes_per_token * self.block_size
+        num_device_blocks = self.num_device_blocks or self.kv_cache_bytes // block_bytes
+        if num_device_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} holds no block of "
+                             f"{block_bytes} bytes")
+        num_host_blocks = (2 * num_device_blocks if self.num_host_blocks is None
+                           else self.num_host_blocks)
+        return num_device_blocks, num_host_blocks
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -34,6 +34,7 @@ from infercept.engine.profiler import load_or_measure
 from infercept.engine.sequence import Sequence
 from infercept.backend import select_device
 from infercept.engine.swap import SwapEngine
+from infercept.engine.tp_executor import TensorParallelExecutor
 from infercept.model import KVCache, LlamaForCausalLM, Tokenizer, load_model
 from infercept.model.loader import resolve_model_path
 from infercept.engine.profiles import load_profile
@@ -80,27 +81,36 @@ class LLMEngine:
         path = resolve_model_path(config.model)
         self.model_name = path.name
         self.device = select_device(config.device)
-        self.model = (model or load_model(path, config.torch_dtype)).to(self.device)
         self.tokenizer = tokenizer or Tokenizer.from_path(path)
+        if config.tensor_parallel_size > 1:
+            # One scheduler here, N ranks: this process is rank 0 (docs/tensor_parallel.md).
+            self.runner = TensorParallelExecutor(path, config, self.device, model)
+            self.model = self.runner.model  # shard 0; self.runner.model_config is the whole
+            self.kv_cache, self.swap_engine = self.runner.kv_cache, self.runner.swap_engine
+            num_device_blocks = self.runner.num_device_blocks
+            num_host_blocks = self.runner.num_host_blocks
+        else:
+            self.model = (model or load_model(path, config.torch_dtype)).to(self.device)
+            num_device_blocks, num_host_blocks = config.pool_sizes(
+                self.model.config.kv_bytes_per_token(config.torch_dtype))
+            self.kv_cache = KVCache(self.model.config, num_device_blocks, config.block_size,
+                                    config.torch_dtype, self.device)
+            self.swap_engine = SwapEngine(self.kv_cache, num_host_blocks)
+            self.runner = ModelRunner(self.model, self.kv_cache, self.swap_engine)
         model_config = self.model.config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
-
-        block_bytes = model_config.kv_bytes_per_token(config.torch_dtype) * config.block_size
-        num_device_blocks = config.num_device_blocks or config.kv_cache_bytes // block_bytes
-        if num_device_blocks < 1:
-            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes} holds no block of "
-                             f"{block_bytes} bytes")
-        num_host_blocks = (2 * num_device_blocks if config.num_host_blocks is None
-                           else config.num_host_blocks)
-        self.kv_cache = KVCache(model_config, num_device_blocks, config.block_size,
-                                config.torch_dtype, self.device)
-        self.swap_engine = SwapEngine(self.kv_cache, num_host_blocks)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.swap_engine)
         kv_capacity_tokens = num_device_blocks * config.block_size
         if cost_model is not None:
             self.cost_model = cost_model
         elif config.cost_profile is not None:
             self.cost_model = load_profile(config.cost_profile)
+        elif config.tensor_parallel_size > 1:
+            # Cached apart from N=1 (another forward, another T_swap), measured on all ranks.
+            self.cost_model = load_or_measure(
+                self.model, self.kv_cache, self.swap_engine,
+                f"{path}.tp{config.tensor_parallel_size}", kv_capacity_tokens,
+                config.max_batched_tokens,
+                measure=lambda: self.runner.measure_cost_model(path.stem, kv_capacity_tokens))
         else:
             self.cost_model = load_or_measure(self.model, self.kv_cache, self.swap_engine,
                                               str(path), kv_capacity_tokens,
@@ -285,6 +295,8 @@ class LLMEngine:
         When nothing can run (every live request waits on a tool) it waits for the next tool
         result or scripted resume instead of spinning.
         """
+        if isinstance(self.runner, TensorParallelExecutor):
+            self.runner.check_workers()  # a failed engine plans nothing it cannot run
         touched: dict[int, Sequence] = {}
         self._collect_pauses(touched)
         plan = self.scheduler.schedule(self.now())
@@ -372,6 +384,8 @@ class LLMEngine:
             self._tool_runtime.shutdown()
             self._tool_runtime = None
         self.grammars.close()
+        if isinstance(self.runner, TensorParallelExecutor):
+            self.runner.shutdown()
 
     # ---- pauses ----------------------------------------------------------------------------
 

@@ -209,7 +209,10 @@ def _swap_samples(swap: SwapEngine, kv_cache: KVCache, block_size: int) -> list[
 
 def measure_cost_model(model: LlamaForCausalLM, kv_cache: KVCache, swap: SwapEngine,
                        name: str, kv_capacity_tokens: int,
-                       saturation_tokens: int | None = None) -> CostModel:
+                       saturation_tokens: int | None = None,
+                       combine_swap_samples: Callable[[list[tuple[float, float]]],
+                                                      list[tuple[float, float]]] | None = None,
+                       ) -> CostModel:
     """Measures and fits a cost model (tens of seconds on a 2-core CPU for SmolLM2-135M).
 
     Args:
@@ -220,6 +223,9 @@ def measure_cost_model(model: LlamaForCausalLM, kv_cache: KVCache, swap: SwapEng
         name: Profile name (e.g. the model file's name).
         kv_capacity_tokens: Device KV capacity in tokens (the pool the engine will use).
         saturation_tokens: Token budget S per iteration; None keeps the measured S.
+        combine_swap_samples: Maps this process's (tokens, seconds) swap samples to the ones
+            the fit uses: under tensor parallelism, the slowest rank's per sample size (every
+            rank copies its own heads of the same blocks; the step waits for all of them).
     """
     cost = CostModel()
     cost.name = name
@@ -232,6 +238,8 @@ def measure_cost_model(model: LlamaForCausalLM, kv_cache: KVCache, swap: SwapEng
     cost.attention_s_per_context_token = attention_s = fit.attention_s_per_context_token
     measured_s = find_saturation_tokens([(n, t - attention_s * ctx) for n, ctx, t in prefill or decode])
     swap_samples = _swap_samples(swap, kv_cache, kv_cache.block_size)
+    if combine_swap_samples is not None:
+        swap_samples = combine_swap_samples(swap_samples)
     if len(swap_samples) >= 2:
         cost.swap = AffineFit.fit(swap_samples)
     cost.kv_bytes_per_token = kv_cache.bytes_per_block // kv_cache.block_size
@@ -255,10 +263,13 @@ def save_profile(cost: CostModel, path: Path) -> None:
 
 
 def load_or_measure(model: LlamaForCausalLM, kv_cache: KVCache, swap: SwapEngine, model_name: str,
-                    kv_capacity_tokens: int, saturation_tokens: int) -> CostModel:
+                    kv_capacity_tokens: int, saturation_tokens: int,
+                    measure: Callable[[], CostModel] | None = None) -> CostModel:
     """The cached profile for this model and machine, measuring it on the first start-up.
 
     The pool-dependent fields (capacity, S) are set from this engine's configuration either way.
+    ``measure`` replaces :func:`measure_cost_model` on a cache miss (tensor parallelism: every
+    rank measures in step).
     """
     path = profile_path(model_name, kv_cache)
     cost = None
@@ -268,7 +279,8 @@ def load_or_measure(model: LlamaForCausalLM, kv_cache: KVCache, swap: SwapEngine
         except (ValueError, RuntimeError, json.JSONDecodeError):
             cost = None  # a stale or damaged cache is measured again
     if cost is None:
-        cost = measure_cost_model(model, kv_cache, swap, Path(model_name).stem, kv_capacity_tokens)
+        cost = (measure() if measure is not None else
+                measure_cost_model(model, kv_cache, swap, Path(model_name).stem, kv_capacity_tokens))
         save_profile(cost, path)
     cost.kv_capacity_tokens = kv_capacity_tokens
     cost.saturation_tokens = saturation_tokens

@@ -48,6 +48,7 @@ import zmq.asyncio
 
 from infercept._core import UnknownRequestError
 from infercept.engine import EngineConfig
+from infercept.process_death import die_with_parent
 from infercept.sampling import SamplingParams
 from infercept.server.engine_loop import (EngineCore, EngineDeadError, EngineInfo, EngineStats,
                                           RequestHandle, Update, metrics_observer)
@@ -265,17 +266,6 @@ class _EngineProcess:
         self.context.term()
 
 
-def _die_with_parent() -> None:
-    """Asks Linux to SIGKILL this process when its parent exits (no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
 # The engine process's command (``-c``, not ``-m``: the package imports this module first).
 _ENTRY = "import sys; from infercept.server.engine_process import main; sys.exit(main())"
 
@@ -287,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: engine_process SPEC_JSON INPUT_ADDRESS OUTPUT_ADDRESS (started by "
               "infercept serve)", file=sys.stderr)
         return 2
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the server; it stops us
     logging.basicConfig(level=os.environ.get("INFERCEPT_ENGINE_LOG_LEVEL", "INFO").upper(),
                         format="engine: %(levelname)s %(name)s: %(message)s")
