@@ -99,10 +99,13 @@ class ModelRunner:
             tokens: list[int] = []
             self.last_logprobs = {}
             if ids:
-                self.processors.apply(logits, ids)
-                tokens = self.sampler.sample(logits, ids, [self._params[i] for i in ids]).tolist()
-                self.last_logprobs = self.processors.logprobs(logits, ids, tokens)
-                self.processors.accept(ids, tokens)
+                # The logits are inference tensors (the forward runs under inference mode).
+                with torch.inference_mode():
+                    self.processors.apply(logits, ids)
+                    tokens = self.sampler.sample(logits, ids,
+                                                 [self._params[i] for i in ids]).tolist()
+                    self.last_logprobs = self.processors.logprobs(logits, ids, tokens)
+                    self.processors.accept(ids, tokens)
         finally:
             # Even when the forward fails the copies must finish before their blocks change hands.
             stall_s = self.swap_engine.finish_step()
