@@ -39,11 +39,11 @@ ASK_HUMAN = {"type": "function", "function": {
     "name": "ask_human", "description": "Ask the user a question and wait for the answer.",
     "parameters": {"type": "object", "properties": {"question": {"type": "string"}},
                    "required": ["question"]}}}
-# Unrelated requests that arrive while 2 and 3 are paused and need the memory they hold.
-BACKGROUND = ["Write a long story about a lighthouse keeper.",
-              "Explain in detail how rain forms.", "Describe the history of the bicycle.",
-              "Write a long letter to a friend about a trip to the mountains."]
-
+# Unrelated requests that arrive while 2 and 3 are paused: distinct long prompts (about 13
+# blocks each, so the prefix cache cannot share them) that together want more than the pool.
+BACKGROUND = [f"Summarize these notes (set {i}): " + " ".join(
+    f"Note {i}.{j}: item {100 * i + j} was checked on day {j} and found in order."
+    for j in range(8)) for i in range(4)]
 
 def _forced_call(tool: dict[str, Any]) -> Any:
     """The grammar of one call to ``tool`` (what tool_choice='required' builds)."""
@@ -98,7 +98,7 @@ def run_engine_scenes(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str
         # Both are paused now; the background requests arrive and need memory.
         background = [engine.add_request(
             prompt_token_ids=render([{"role": "user", "content": q}]),
-            params=SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True))
+            params=SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
             for q in BACKGROUND]
         human_paused_at = time.monotonic()
         answered = False

@@ -96,7 +96,7 @@ class _OpenAIPenalties(transformers.LogitsProcessor):
         return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
-@pytest.mark.parametrize("presence, frequency", [(0.5, 0.7)])
+@pytest.mark.parametrize("presence, frequency", [(1.0, 1.5)])
 def test_presence_and_frequency_penalties_equal_the_openai_formula(engine, reference, chat_ids,
                                                                    presence, frequency):
     prompt = chat_ids[1]

@@ -74,8 +74,9 @@ async def next_update(handle: RequestHandle, request: Request) -> Update | None:
 async def _merged(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[Any]:
     """The items of several async generators as they come (one per choice when n > 1)."""
     if len(streams) == 1:
-        async for item in streams[0]:
-            yield item
+        async with contextlib.aclosing(streams[0]) as stream:  # type: ignore[type-var]
+            async for item in stream:
+                yield item
         return
     queue: asyncio.Queue[Any] = asyncio.Queue()
     done = object()
@@ -462,17 +463,20 @@ class OpenAIServer:
         streams = [self._chat_choice_events(h, i, request, response_id, model, conversation,
                                             with_logprobs) for i, h in enumerate(handles)]
         num_completion_tokens, cached = 0, 0
-        async for kind, value in _merged(streams):
-            if kind == "chunk":
-                yield _sse(value)
-            elif kind == "error":
-                yield _sse(value)
-                return  # _merged's cleanup closes the other choices (aborting them)
-            elif kind == "done":
-                update, handle = value
-                num_completion_tokens += update.num_generated_tokens - handle.generated_offset
-                if handle is handles[0]:
-                    cached = _num_cached_tokens(update, num_reused)
+        # Closed however this generator ends, so every unsettled choice is aborted at once.
+        async with contextlib.aclosing(_merged(streams)) as events:
+            async for kind, value in events:
+                if kind == "chunk":
+                    yield _sse(value)
+                elif kind == "error":
+                    yield _sse(value)
+                    return
+                elif kind == "done":
+                    update, handle = value
+                    num_completion_tokens += (update.num_generated_tokens
+                                              - handle.generated_offset)
+                    if handle is handles[0]:
+                        cached = _num_cached_tokens(update, num_reused)
         if include_usage:
             usage = p.usage(num_prompt_tokens, num_completion_tokens, cached)
             yield _sse(p.chat_chunk(response_id, model, None, usage_json=usage))
@@ -575,16 +579,17 @@ class OpenAIServer:
         streams = [self._completion_choice_events(h, i, request, response_id, model, echo,
                                                   with_logprobs) for i, h in enumerate(handles)]
         num_completion_tokens, cached = 0, 0
-        async for kind, value in _merged(streams):
-            if kind == "chunk":
-                yield _sse(value)
-            elif kind == "error":
-                yield _sse(value)
-                return
-            elif kind == "done":
-                num_completion_tokens += value.num_generated_tokens
-                if value.request_id == handles[0].request_id:
-                    cached = value.num_cached_tokens
+        async with contextlib.aclosing(_merged(streams)) as events:
+            async for kind, value in events:
+                if kind == "chunk":
+                    yield _sse(value)
+                elif kind == "error":
+                    yield _sse(value)
+                    return
+                elif kind == "done":
+                    num_completion_tokens += value.num_generated_tokens
+                    if value.request_id == handles[0].request_id:
+                        cached = value.num_cached_tokens
         if include_usage:
             usage = p.usage(num_prompt_tokens, num_completion_tokens, cached)
             yield _sse(p.completion(response_id, model, None, None, usage))
