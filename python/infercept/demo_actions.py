@@ -76,7 +76,7 @@ def run_engine_scenes(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str
     with LLMEngine(config, model=model, tokenizer=tokenizer,
                    tools=[calculator_tool(), SEARCH]) as engine:
         render = tokenizer.apply_chat_template
-        greedy = dict(temperature=0.0, max_tokens=48)
+        greedy = dict(temperature=0.0, max_tokens=64)
         fast = engine.add_request(prompt_token_ids=render(calculator_conversation(
             "What is 37 * 91?")), params=SamplingParams(**greedy))
         (fast_out,) = engine.run_until_done([fast])
@@ -93,7 +93,9 @@ def run_engine_scenes(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str
             prompt_token_ids=render([{"role": "user", "content": "Plan my weekend trip."}],
                                     tools=[ASK_HUMAN]),
             params=forced(ASK_HUMAN), client_tools=["ask_human"])
-        while not all(engine.get(r).intercepts for r in (slow, human)):
+        # A forced call always comes, but its arguments could run past max_tokens: then the
+        # request finishes without a pause, and the scene says so.
+        while not all(engine.get(r).intercepts or engine.get(r).finished for r in (slow, human)):
             engine.step()
         # Both are paused now; the background requests arrive and need memory.
         background = [engine.add_request(
@@ -103,8 +105,10 @@ def run_engine_scenes(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str
         human_paused_at = time.monotonic()
         answered = False
         while True:
-            if not answered and time.monotonic() - human_paused_at >= HUMAN_S:
-                engine.resume(human, "Saturday: hiking; Sunday: a museum.")
+            if not answered and (engine.get(human).finished
+                                 or time.monotonic() - human_paused_at >= HUMAN_S):
+                if engine.get(human).paused:
+                    engine.resume(human, "Saturday: hiking; Sunday: a museum.")
                 answered = True
             ids = [slow, human, *background]
             if answered and all(engine.get(r).finished for r in ids):
