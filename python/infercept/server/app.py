@@ -603,15 +603,16 @@ class OpenAIServer:
         settled = False
         num_sent = 0  # characters of text sent
         num_logprobs_sent = 0
+        logprob_offset = len(echo)  # text_offset of the next entry: the tokens' own strings
 
         def chunk(text: str, finish: str | None = None) -> tuple[str, Any]:
-            nonlocal num_logprobs_sent
+            nonlocal num_logprobs_sent, logprob_offset
             logprobs = None
             if with_logprobs:
-                offset = len(echo) + num_sent - len(text)
-                logprobs = self.logprob_format.completion(handle.logprobs[num_logprobs_sent:],
-                                                          offset)
+                entries = handle.logprobs[num_logprobs_sent:]
+                logprobs = self.logprob_format.completion(entries, logprob_offset)
                 num_logprobs_sent = len(handle.logprobs)
+                logprob_offset += sum(len(t) for t in logprobs["tokens"])
             return "chunk", p.completion(response_id, model, text, finish, index=index,
                                          logprobs=logprobs)
 
