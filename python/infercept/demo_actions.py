@@ -33,11 +33,15 @@ HUMAN_S = 3.0   # how long the "person" takes to answer
 SEARCH = Tool(name="web_search", fn=lambda query: (time.sleep(SEARCH_S), "Mount Everest is "
                                                    "8849 m high.")[1],
               description="Search the web.", expected_duration_s=SEARCH_S,
-              parameters={"type": "object", "properties": {"query": {"type": "string"}},
+              # Bounded strings: a small model can babble inside an open string, and the
+              # grammar then closes it at the bound.
+              parameters={"type": "object", "properties": {"query": {"type": "string",
+                                                                     "maxLength": 40}},
                           "required": ["query"]})
 ASK_HUMAN = {"type": "function", "function": {
     "name": "ask_human", "description": "Ask the user a question and wait for the answer.",
-    "parameters": {"type": "object", "properties": {"question": {"type": "string"}},
+    "parameters": {"type": "object", "properties": {"question": {"type": "string",
+                                                                 "maxLength": 60}},
                    "required": ["question"]}}}
 # Unrelated requests that arrive while 2 and 3 are paused: distinct long prompts (about 13
 # blocks each, so the prefix cache cannot share them) that together want more than the pool.
@@ -53,6 +57,9 @@ def _forced_call(tool: dict[str, Any]) -> Any:
 
 
 def _kv(output: RequestOutput) -> str:
+    if not output.intercepts:
+        return (f"  no pause: it finished ({output.finish_reason}) after "
+                f"{output.num_generated_tokens} tokens without completing a call")
     lines = []
     for call in output.intercepts:
         kv = " -> ".join(call.kv_actions) or "(none recorded)"
