@@ -36,12 +36,12 @@ SEARCH = Tool(name="web_search", fn=lambda query: (time.sleep(SEARCH_S), "Mount 
               # Bounded strings: a small model can babble inside an open string, and the
               # grammar then closes it at the bound.
               parameters={"type": "object", "properties": {"query": {"type": "string",
-                                                                     "maxLength": 40}},
+                                                                     "maxLength": 24}},
                           "required": ["query"]})
 ASK_HUMAN = {"type": "function", "function": {
     "name": "ask_human", "description": "Ask the user a question and wait for the answer.",
     "parameters": {"type": "object", "properties": {"question": {"type": "string",
-                                                                 "maxLength": 60}},
+                                                                 "maxLength": 32}},
                    "required": ["question"]}}}
 # Unrelated requests that arrive while 2 and 3 are paused: distinct long prompts (about 13
 # blocks each, so the prefix cache cannot share them) that together want more than the pool.
@@ -90,10 +90,13 @@ def run_engine_scenes(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str
         _show("1. a tool that answers in milliseconds (idle device)", fast_out)
 
         def forced(tool: dict[str, Any]) -> SamplingParams:
-            return SamplingParams(**greedy, structured_output=_forced_call(tool))
+            # Room for the call (its bounded arguments) and an answer after the tool's output.
+            return SamplingParams(temperature=0.0, max_tokens=128,
+                                  structured_output=_forced_call(tool))
 
         slow = engine.add_request(
-            prompt_token_ids=render([{"role": "user", "content": "How high is Mount Everest?"}],
+            prompt_token_ids=render([{"role": "user",
+                                      "content": "Search the web: how high is Mount Everest?"}],
                                     tools=[SEARCH.to_openai()]),
             params=forced(SEARCH.to_openai()))
         human = engine.add_request(

@@ -50,7 +50,8 @@ def test_repetition_penalty_matches_transformers():
     raw = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
     for row, (prompt, penalty) in enumerate(zip(prompts, penalties)):
         history = torch.tensor([prompt + [s[row] for s in steps]])
-        reference = transformers.RepetitionPenaltyLogitsProcessor(penalty)(history, raw[row:row + 1])
+        penalty_processor = transformers.RepetitionPenaltyLogitsProcessor(penalty)
+        reference = penalty_processor(history, raw[row:row + 1])
         torch.testing.assert_close(got[row:row + 1], reference)
 
 
