@@ -528,12 +528,15 @@ def test_n_choices_seeded_per_choice_reproduce(client):
 
 
 def test_penalties_logit_bias_and_min_tokens_over_the_wire(client, tokenizer):
-    messages = [{"role": "user", "content": "Write a poem about the sea."}]
-    kwargs = dict(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    # An answer that repeats itself, so every penalty has something to act on.
+    messages = [{"role": "user", "content": "Repeat the word hello ten times."}]
+    # ignore_eos: 24 tokens whatever the model says, so a short answer is followed by repeats.
+    kwargs = dict(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                  extra_body={"ignore_eos": True})
     plain = client.chat.completions.create(**kwargs).choices[0].message.content
     for extra in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
-                  {"extra_body": {"repetition_penalty": 1.8}}):
-        penalized = client.chat.completions.create(**kwargs, **extra).choices[0].message.content
+                  {"extra_body": {"ignore_eos": True, "repetition_penalty": 1.8}}):
+        penalized = client.chat.completions.create(**{**kwargs, **extra}).choices[0].message.content
         assert penalized != plain, extra
     banana = tokenizer.encode(" banana", add_special_tokens=False)[-1]
     forced = client.chat.completions.create(**{**kwargs, "max_tokens": 4},
