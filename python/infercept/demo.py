@@ -1,10 +1,11 @@
 """The main job: tool-using conversations on the embedded model, then the policies side by side.
 
-Part 1 runs a few arithmetic questions through the engine with a real calculator tool. The
-model (SmolLM2-135M-Instruct) is shown two worked examples of the ``<tool_call>`` format; the
-engine detects each call in the generated text, pauses the request while the tool runs, and
-the policy decides what happens to its KV meanwhile. Each conversation is printed with its
-calls and the KV states the policy chose.
+Part 1 shows each KV action the policy takes on a paused request, one conversation each
+(``demo_actions.py``): a calculator that answers in milliseconds (preserved), a search tool
+that takes seconds while other requests wait for memory (swapped), a human-in-the-loop wait
+(swapped or discarded), and a client tool round trip through the OpenAI server with the
+openai client and ``tool_choice="required"`` (resumed in place, no prefill). What it prints of
+the KV comes from the engine's records and the server's metrics.
 
 Part 2 replays a scaled-down slice of the paper's mixed workload (``../shared/workloads``) on
 the real engine under each policy, with scripted tool calls of the trace's durations (scaled
@@ -17,18 +18,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from infercept.engine import EngineConfig, LLMEngine, RequestOutput
-from infercept.llm import LLM
+from infercept.engine import EngineConfig, LLMEngine
 from infercept.bench.metrics import format_table, summarize
 from infercept.model import Tokenizer, load_model
 from infercept.model.loader import resolve_model_path
 from infercept.policy_names import POLICY_NAMES
 from infercept.bench.real_replay import replay
-from infercept.sampling import SamplingParams
-from infercept.tools import calculator_tool
 from infercept.bench.workload import load_trace, poisson_arrivals, scale_to_context
+from infercept.demo_actions import run_engine_scenes, run_server_scene
 
-QUESTIONS = ["What is 37 * 91?", "What is 1234 + 4321?", "What is 2 ** 20?", "What is 1000 - 1?"]
 POLICIES = list(POLICY_NAMES)
 
 
@@ -43,25 +41,6 @@ def calculator_conversation(question: str) -> list[dict[str, str]]:
                      {"role": "assistant", "content": f"<tool_call>{call}</tool_call><tool_response>"
                                                       f"{result}</tool_response>The answer is {result}."}]
     return messages + [{"role": "user", "content": question}]
-
-
-def print_conversation(question: str, output: RequestOutput) -> None:
-    print(f"\nuser: {question}")
-    print(f"assistant: {output.text}")
-    for call in output.tool_calls:
-        outcome = call.output if call.error is None else f"error: {call.error}"
-        kv = " -> ".join(call.kv_actions) or "(resumed before the next step)"
-        print(f"  intercept: {call.name}({call.arguments}) -> {outcome!r} after "
-              f"{1000 * (call.duration_s or 0):.1f} ms; KV while paused: {kv}")
-
-
-def run_conversations(llm: LLM) -> None:
-    print("== Part 1: tool calls through the engine "
-          f"(policy {llm.engine.config.policy}, model {llm.engine.model_name}) ==")
-    params = SamplingParams(temperature=0.0, max_tokens=64)
-    outputs = llm.chat([calculator_conversation(q) for q in QUESTIONS], params)
-    for question, output in zip(QUESTIONS, outputs):
-        print_conversation(question, output)
 
 
 def run_policies(model_path: Path | None, trace: Path, num_device_blocks: int, rate: float,
@@ -110,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=192, help="scale contexts to this many tokens")
     parser.add_argument("--num-device-blocks", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-replay", action="store_true")
+    parser.add_argument("--skip-replay", action="store_true", help="run part 1 only")
     args = parser.parse_args(argv)
 
-    with LLM(args.model, args.policy, tools=[calculator_tool()], num_device_blocks=256) as llm:
-        run_conversations(llm)
+    path = resolve_model_path(args.model)
+    model, tokenizer = load_model(path), Tokenizer.from_path(path)
+    print(f"== Part 1: what the policy ({args.policy}) does with a paused request's KV, on "
+          f"{path.name} ==")
+    run_engine_scenes(model, tokenizer, args.policy)
+    run_server_scene(model, tokenizer, args.policy)
     if args.skip_replay:
         return 0
     if not args.trace.is_file():

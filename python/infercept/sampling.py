@@ -16,6 +16,29 @@ _MAX_SEED = 2**64  # torch.Generator.manual_seed accepts seeds in [0, 2**64).
 # softmax), and the distribution is one-hot long before that anyway.
 _GREEDY_BELOW_TEMPERATURE = 1e-5
 
+# Limits a request's sampling surface stays within (the server answers 400 beyond them).
+# Every stop string is searched in the new text of every token, so their number and length
+# bound the per-token cost of the stop check (OpenAI itself allows 4 stop sequences).
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_STRING_CHARS = 256
+# Top alternatives per token (OpenAI's top_logprobs allows 0..20).
+MAX_LOGPROBS = 20
+# OpenAI's bounds for presence/frequency penalties and logit biases.
+MAX_ABS_PENALTY = 2.0
+MAX_ABS_LOGIT_BIAS = 100.0
+# logit_bias entries per request (OpenAI's limit is 300 tokens; we allow more, bounded).
+MAX_LOGIT_BIAS_ENTRIES = 1024
+# repetition_penalty: 1 is off; above 1 discourages, below 1 encourages repeats.
+MAX_REPETITION_PENALTY = 10.0
+
+
+def _check_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be finite")
+    return float(value)
+
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     # bool is an int subclass; True as a count is almost certainly a caller bug.
@@ -80,6 +103,21 @@ class SamplingParams:
         structured_output: Constrains the generated tokens to a JSON schema, a regex, a
             grammar, ... (see :class:`~infercept.structured_output.StructuredOutput` and
             docs/structured_outputs.md for how the constraint meets tool calls and pauses).
+        logprobs: Report each sampled token's log-probability and this many most likely
+            alternatives (0..20; None reports nothing). Values are the log_softmax of the
+            logits after penalties, logit_bias, min_tokens and a grammar's mask, before
+            temperature, top-k and top-p (``RequestOutput.logprobs``).
+        presence_penalty: OpenAI's: subtracted from the logit of every token generated at
+            least once ([-2, 2]; 0 is off).
+        frequency_penalty: OpenAI's: subtracted once per earlier generation of the token
+            ([-2, 2]; 0 is off).
+        repetition_penalty: HF/vLLM's: the logit of every token in the prompt or generated
+            so far is divided by it when positive, multiplied when negative ((0, 10]; 1 is
+            off). Tool outputs count as prompt.
+        logit_bias: Token id -> bias added to its logit; biases are clamped to [-100, 100]
+            (at most 1024 entries; the engine rejects ids outside the vocabulary).
+        min_tokens: EOS and ``stop_token_ids`` are masked, and stop strings ignored, until
+            this many tokens were generated (<= max_tokens).
     """
 
     temperature: float = 1.0
@@ -92,9 +130,16 @@ class SamplingParams:
     ignore_eos: bool = False
     intercepts: list[ScriptedIntercept] = field(default_factory=list)
     structured_output: StructuredOutput | None = None
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         self._validate_sampling()
+        self._validate_processors()
         self._validate_stopping()
         self._validate_intercepts()
         if self.structured_output is not None and not isinstance(self.structured_output,
@@ -106,6 +151,39 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """Whether this request takes the argmax (temperature 0, or below 1e-5)."""
         return self.temperature < _GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any penalty needs the token counts of this request."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    def _validate_processors(self) -> None:
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs={self.logprobs} is above the limit {MAX_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _check_number(name, getattr(self, name))
+            if abs(value) > MAX_ABS_PENALTY:
+                raise ValueError(f"{name}={value} is outside [-{MAX_ABS_PENALTY:g}, "
+                                 f"{MAX_ABS_PENALTY:g}]")
+        value = _check_number("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < value <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty={value} is outside (0, "
+                             f"{MAX_REPETITION_PENALTY:g}]")
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias={self.logit_bias!r} must be a dict of token id -> bias")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries, above the limit "
+                             f"{MAX_LOGIT_BIAS_ENTRIES}")
+        clamped: dict[int, float] = {}
+        for token_id, bias in self.logit_bias.items():
+            _check_int("logit_bias token id", token_id, 0)
+            bias = _check_number(f"logit_bias[{token_id}]", bias)
+            clamped[token_id] = min(MAX_ABS_LOGIT_BIAS, max(-MAX_ABS_LOGIT_BIAS, bias))
+        self.logit_bias = clamped
+        _check_int("min_tokens", self.min_tokens, 0)
 
     def _validate_sampling(self) -> None:
         t = self.temperature
@@ -131,15 +209,23 @@ class SamplingParams:
         _check_int("max_tokens", self.max_tokens, 1)
         if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)):
             raise ValueError(f"stop={self.stop!r} must be a list of strings")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop has {len(self.stop)} sequences, above the limit "
+                             f"{MAX_STOP_SEQUENCES}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop string {s!r} must be a non-empty str")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop string of {len(s)} characters is above the limit "
+                                 f"{MAX_STOP_STRING_CHARS}")
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be a list of ints")
         for token_id in self.stop_token_ids:
             _check_int("stop_token_ids entry", token_id, 0)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
+        if isinstance(self.min_tokens, int) and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is above max_tokens={self.max_tokens}")
 
     def _validate_intercepts(self) -> None:
         if not isinstance(self.intercepts, (list, tuple)):

@@ -437,3 +437,139 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(server):
         before["infercept_client_disconnects_total"] + 1)
     assert after['infercept_kv_blocks{state="used",tier="device"}'] == 0
     assert after['infercept_requests{state="running"}'] == 0
+
+
+# ---- the sampling surface: logprobs, n, penalties, logit_bias, min_tokens, limits ----------
+
+def test_completion_logprobs_equal_log_softmax_of_the_reference_logits(client, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch
+
+    from infercept.weights.default import default_model_path
+
+    prompt_ids = tokenizer.encode("The capital of France is")
+    out = client.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=6, temperature=0,
+                                    logprobs=3, extra_body={"ignore_eos": True})
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 6
+    assert "".join(logprobs.tokens) == out.choices[0].text
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(6)]
+    path = default_model_path()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()
+    with torch.no_grad():
+        generated = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=6,
+                                       do_sample=False,
+                                       attention_mask=torch.ones(1, len(prompt_ids)))[0]
+        logits = reference(generated.unsqueeze(0)).logits[0, len(prompt_ids) - 1:-1]
+    want = torch.log_softmax(logits, dim=1)
+    for step, token_id in enumerate(generated[len(prompt_ids):].tolist()):
+        assert logprobs.tokens[step] == tokenizer.decode([token_id])
+        assert logprobs.token_logprobs[step] == pytest.approx(float(want[step, token_id]),
+                                                              abs=2e-3)
+        top = logprobs.top_logprobs[step]
+        assert len(top) == 3 and max(top.values()) == pytest.approx(
+            logprobs.token_logprobs[step], abs=1e-6)  # greedy took the most likely
+        assert sorted(top.values(), reverse=True) == pytest.approx(
+            torch.topk(want[step], 3).values.tolist(), abs=2e-3)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt=prompt_ids, max_tokens=6, temperature=0, logprobs=3, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.token_logprobs] == logprobs.token_logprobs
+    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name a color."}],
+                  max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    full = client.chat.completions.create(**kwargs)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.logprob <= 0.0
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-6)
+        assert entry.bytes == list(entry.token.encode())
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(**{**kwargs, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
+def test_n_choices_seeded_per_choice_reproduce(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a fun fact."}],
+                  max_tokens=12, temperature=1.0, seed=11, n=3)
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in again.choices] == texts
+    assert len(set(texts)) > 1  # seed, seed + 1, seed + 2: different draws
+    # Choice 0 is what n=1 with the same seed samples.
+    single = client.chat.completions.create(**{**kwargs, "n": 1})
+    assert single.choices[0].message.content == texts[0]
+    assert 3 <= first.usage.completion_tokens <= 3 * 12  # summed over the choices
+    completions = client.completions.create(model=MODEL, prompt="Once upon a time", n=2,
+                                            max_tokens=8, temperature=1.0, seed=3)
+    assert [c.index for c in completions.choices] == [0, 1]
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", n=2,
+                                            max_tokens=8, temperature=1.0, seed=3, stream=True))
+    for index in (0, 1):
+        streamed = "".join(c.choices[0].text for c in chunks
+                           if c.choices and c.choices[0].index == index)
+        assert streamed == completions.choices[index].text
+    chat_chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    for index in range(3):
+        streamed = "".join(c.choices[0].delta.content or "" for c in chat_chunks
+                           if c.choices and c.choices[0].index == index)
+        assert streamed == texts[index]
+
+
+def test_penalties_logit_bias_and_min_tokens_over_the_wire(client, tokenizer):
+    # An answer that repeats itself, so every penalty has something to act on.
+    messages = [{"role": "user", "content": "Repeat the word hello ten times."}]
+    # ignore_eos: 24 tokens whatever the model says, so a short answer is followed by repeats.
+    kwargs = dict(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                  extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    for extra in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
+                  {"extra_body": {"ignore_eos": True, "repetition_penalty": 1.8}}):
+        penalized = client.chat.completions.create(**{**kwargs, **extra}).choices[0].message.content
+        assert penalized != plain, extra
+    banana = tokenizer.encode(" banana", add_special_tokens=False)[-1]
+    forced = client.chat.completions.create(**{**kwargs, "max_tokens": 4},
+                                            logit_bias={str(banana): 100})
+    assert forced.choices[0].message.content == " banana" * 4
+    short = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say only: yes"}], max_tokens=64,
+        temperature=0)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 20
+    longer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say only: yes"}], max_tokens=64,
+        temperature=0, extra_body={"min_tokens": 20})
+    assert longer.usage.completion_tokens >= 20
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"stop": [f"s{i}" for i in range(17)]}, ["17 stop sequences", "limit 16"]),
+    ({"stop": "x" * 300}, ["300 characters", "limit 256"]),
+    ({"logprobs": True, "top_logprobs": 21}, ["top_logprobs", "20"]),
+    ({"top_logprobs": 2}, ["top_logprobs needs logprobs"]),
+    ({"presence_penalty": 3.0}, ["presence_penalty", "2"]),
+    ({"n": 17}, ["n", "16"]),
+    ({"logit_bias": {"49152": 5}}, ["logit_bias token id 49152", "[0, 49152)"]),
+    ({"logit_bias": {"abc": 5}}, ["logit_bias key 'abc'"]),
+    ({"n": 2, "tools": [CALCULATOR]}, ["n=2 is not supported with tools"]),
+    ({"extra_body": {"min_tokens": 50}, "max_tokens": 10}, ["min_tokens=50", "max_tokens=10"]),
+])
+def test_bad_sampling_values_are_400s_naming_value_and_limit(server, client, kwargs, words):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       **{"max_tokens": 4, **kwargs})
+    for word in words:
+        assert word in str(refused.value)
+    ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=2, temperature=0)
+    assert ok.choices[0].finish_reason in ("stop", "length")

@@ -72,3 +72,22 @@ def test_chat_reports_cached_tokens_for_a_repeated_conversation(client):
                                            temperature=0)
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_n_choices_share_the_prompt_through_the_prefix_cache(server, client):
+    # A prompt nobody sent before (its own salt): choice 0 prefills it, and the other two
+    # choices are added once it has, so their prompt blocks come from the cache.
+    def hits() -> float:
+        return parse_metrics(httpx.get(f"{server.url}/metrics", timeout=30).text)[
+            "infercept_prefix_cache_hits_total"]
+
+    before = hits()
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=1.0,
+                                    seed=5, n=3, extra_body={"cache_salt": "n-choices"})
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert out.usage.prompt_tokens_details.cached_tokens == 0  # choice 0 computed the prompt
+    full_blocks = out.usage.prompt_tokens // 16 * 16
+    # Each sibling found every full block of the prompt but the one holding its last token
+    # (the last token is always computed, to sample from).
+    shared = (out.usage.prompt_tokens - 1) // 16 * 16
+    assert full_blocks >= 64 and hits() - before >= 2 * shared

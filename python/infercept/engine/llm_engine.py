@@ -82,9 +82,10 @@ class LLMEngine:
         self.model_name = path.name
         self.device = select_device(config.device)
         self.tokenizer = tokenizer or Tokenizer.from_path(path)
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         if config.tensor_parallel_size > 1:
             # One scheduler here, N ranks: this process is rank 0 (docs/tensor_parallel.md).
-            self.runner = TensorParallelExecutor(path, config, self.device, model)
+            self.runner = TensorParallelExecutor(path, config, self.device, model, eos)
             self.model = self.runner.model  # shard 0; self.runner.model_config is the whole
             self.kv_cache, self.swap_engine = self.runner.kv_cache, self.runner.swap_engine
             num_device_blocks = self.runner.num_device_blocks
@@ -96,7 +97,7 @@ class LLMEngine:
             self.kv_cache = KVCache(self.model.config, num_device_blocks, config.block_size,
                                     config.torch_dtype, self.device)
             self.swap_engine = SwapEngine(self.kv_cache, num_host_blocks)
-            self.runner = ModelRunner(self.model, self.kv_cache, self.swap_engine)
+            self.runner = ModelRunner(self.model, self.kv_cache, self.swap_engine, eos)
         model_config = self.model.config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         kv_capacity_tokens = num_device_blocks * config.block_size
@@ -171,8 +172,9 @@ class LLMEngine:
         Raises:
             ValueError: No prompt, an empty prompt, a token id outside the vocabulary, a
                 prompt that leaves no room within ``max_model_len``, one larger than the KV
-                pool, a cache_salt that is not a string, or a structured output the grammar
-                compiler rejects for this tokenizer.
+                pool, a cache_salt that is not a string, a logit_bias token id outside the
+                vocabulary, or a structured output the grammar compiler rejects for this
+                tokenizer.
         """
         params = params or SamplingParams()
         if cache_salt is not None and not isinstance(cache_salt, str):
@@ -190,6 +192,7 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
+        self._check_logit_bias(params)
         matcher = (self.grammars.build(params.structured_output)
                    if params.structured_output is not None else None)
         now = self.now()
@@ -202,7 +205,7 @@ class LLMEngine:
             output=output, params=params, token_ids=list(token_ids), server_tools=use_tools,
             client_tools=frozenset(client_tools),
             scripted=deque(sorted(params.intercepts, key=lambda i: i.after_tokens)))
-        self.runner.add_request(request_id, params)
+        self.runner.add_request(request_id, params, token_ids)
         return request_id
 
     def get(self, request_id: int) -> RequestOutput:
@@ -229,8 +232,9 @@ class LLMEngine:
                 (as given with ``raw=True``).
             token_ids: Exact tokens to append instead of text.
             params: New sampling for what follows (a server's follow-up request); its
-                ``max_tokens`` counts tokens generated from the resume on, as for a fresh
-                request, a seeded request restarts its generator, and its structured output
+                ``max_tokens`` and ``min_tokens`` count tokens generated from the resume on,
+                as for a fresh request (the penalties too: the context so far is their
+                prompt), a seeded request restarts its generator, and its structured output
                 (or none) governs the tokens from the resume on, from the grammar's start.
                 Without ``params`` the request keeps its grammar state: mid-grammar it goes on
                 constraining, and a grammar that ended (a tool call's ends at the call) no
@@ -257,11 +261,15 @@ class LLMEngine:
         else:
             tokens = [int(t) for t in token_ids]
         if params is not None:
+            self._check_logit_bias(params)
             matcher = (self.grammars.build(params.structured_output)
                        if params.structured_output is not None else None)
-            seq.params = dataclasses.replace(params,
-                                             max_tokens=len(seq.generated) + params.max_tokens)
-            self.runner.set_params(request_id, seq.params)
+            # Both token limits count from the resume on, as for a fresh request.
+            num_before = len(seq.generated)
+            seq.params = dataclasses.replace(
+                params, max_tokens=num_before + params.max_tokens,
+                min_tokens=num_before + params.min_tokens if params.min_tokens else 0)
+            self.runner.set_params(request_id, seq.params, seq.token_ids)
             self.grammars.release(request_id)
             if matcher is not None:
                 self.grammars.attach(request_id, matcher)
@@ -322,6 +330,9 @@ class LLMEngine:
                 if seq.output.first_token_s is None:  # first token: how much the cache served
                     seq.output.num_cached_tokens = cached
                 decision = seq.append_sampled(token, self.tokenizer, now, self.max_model_len)
+                logprob = self.runner.last_logprobs.get(request_id)
+                if logprob is not None:
+                    seq.output.logprobs.append(logprob)
                 grammar_error = self.grammars.accept(request_id, token)
                 touched[request_id] = seq
                 if decision.should_stop:
@@ -480,6 +491,7 @@ class LLMEngine:
         if self.grammars.is_complete(seq.request_id):
             self.grammars.release(seq.request_id)
         tail, num_replaced = seq.append_tool_tokens(tokens, self.tokenizer)
+        self.runner.note_context(seq.request_id, tokens)
         self.scheduler.resume(seq.request_id, tail, now, num_replaced)
 
     def _collect_pauses(self, touched: dict[int, Sequence]) -> None:
@@ -552,6 +564,12 @@ class LLMEngine:
     def _tool_tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(self.config.tool_response_format.format(output=text),
                                      add_special_tokens=False)
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
 
     def _seq(self, request_id: int) -> Sequence:
         seq = self._seqs.get(request_id)

@@ -5,17 +5,22 @@ The plan carries the forward's inputs as flat arrays built by the core (token id
 slot mapping, padded block tables, query starts, context lengths, logit rows), which become
 tensors without a per-request walk; the runner starts the plan's swaps on the swap engine, runs
 the model with a per-layer hook that waits for that layer's copies (DESIGN.md §3), masks the
-logits of rows under a grammar (structured outputs), samples, and returns a StepResult. Per request it keeps only what sampling needs (the sampling parameters
-and the generator), registered by the engine like vLLM v1's runner-side request states.
+logits of rows under a grammar (structured outputs), applies min_tokens, logit_bias and the
+penalties (``logits_processors.py``), samples, and returns a StepResult; the logprobs of the
+rows that ask for them wait in ``last_logprobs``. Per request it keeps only what sampling
+needs (the sampling parameters, the generator, penalty counts), registered by the engine like
+vLLM v1's runner-side request states.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from infercept._core import StepPlan, StepResult
+from infercept.engine.logits_processors import LogitsProcessors, TokenLogprob
 from infercept.engine.sampler import Sampler
 from infercept.engine.structured import GrammarMatchers
 from infercept.engine.swap import SwapEngine
@@ -24,9 +29,14 @@ from infercept.sampling import SamplingParams
 
 
 class ModelRunner:
-    """Runs plans on one model, one paged KV cache and one swap engine (the Executor protocol)."""
+    """Runs plans on one model, one paged KV cache and one swap engine (the Executor protocol).
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, swap_engine: SwapEngine) -> None:
+    Args:
+        eos_token_ids: The tokens ``min_tokens`` masks besides a request's stop tokens.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, swap_engine: SwapEngine,
+                 eos_token_ids: Iterable[int] = ()) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.swap_engine = swap_engine
@@ -36,22 +46,37 @@ class ModelRunner:
         # the runner masks the logits of their rows before sampling.
         self.grammars: GrammarMatchers | None = None
         self._params: dict[int, SamplingParams] = {}
+        self.processors = LogitsProcessors(model.config.vocab_size, eos_token_ids, self.device)
+        # request id -> the last step's sampled token with its logprob and top alternatives,
+        # for the requests whose params ask for logprobs (read by the engine after execute).
+        self.last_logprobs: dict[int, TokenLogprob] = {}
 
     # ---- per-request sampling state ---------------------------------------------------------
 
-    def add_request(self, request_id: int, params: SamplingParams) -> None:
-        """Registers how a request samples (before its first scheduled step)."""
+    def add_request(self, request_id: int, params: SamplingParams,
+                    prompt_token_ids: Sequence[int] = ()) -> None:
+        """Registers how a request samples (before its first scheduled step); the prompt
+        feeds repetition_penalty."""
         self._params[request_id] = params
+        self.processors.add(request_id, params, prompt_token_ids)
 
-    def set_params(self, request_id: int, params: SamplingParams) -> None:
-        """New sampling for what follows (a resumed request); a seeded one restarts its generator."""
+    def set_params(self, request_id: int, params: SamplingParams,
+                   context_token_ids: Sequence[int] = ()) -> None:
+        """New sampling for what follows (a resumed request); a seeded one restarts its
+        generator, and the penalties count the context so far as its prompt."""
         self._params[request_id] = params
         self.sampler.release(request_id)
+        self.processors.set_params(request_id, params, context_token_ids)
+
+    def note_context(self, request_id: int, token_ids: Sequence[int]) -> None:
+        """Tokens appended without sampling (a tool's output): prompt to repetition_penalty."""
+        self.processors.note_context(request_id, token_ids)
 
     def remove_request(self, request_id: int) -> None:
         """Forgets a finished or aborted request (no-op if unknown)."""
         self._params.pop(request_id, None)
         self.sampler.release(request_id)
+        self.processors.remove(request_id)
 
     # ---- the step ---------------------------------------------------------------------------
 
@@ -72,8 +97,15 @@ class ModelRunner:
             if masks is not None:
                 grammars.apply(masks, logits)  # type: ignore[union-attr]
             tokens: list[int] = []
+            self.last_logprobs = {}
             if ids:
-                tokens = self.sampler.sample(logits, ids, [self._params[i] for i in ids]).tolist()
+                # The logits are inference tensors (the forward runs under inference mode).
+                with torch.inference_mode():
+                    self.processors.apply(logits, ids)
+                    tokens = self.sampler.sample(logits, ids,
+                                                 [self._params[i] for i in ids]).tolist()
+                    self.last_logprobs = self.processors.logprobs(logits, ids, tokens)
+                    self.processors.accept(ids, tokens)
         finally:
             # Even when the forward fails the copies must finish before their blocks change hands.
             stall_s = self.swap_engine.finish_step()

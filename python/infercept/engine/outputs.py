@@ -57,6 +57,10 @@ class RequestOutput:
         arrival_s, first_token_s, finish_s: Engine-clock timestamps (seconds).
         tool_time_s: Seconds spent paused.
         num_cached_tokens: Prompt tokens whose KV came from the prefix cache (not prefilled).
+        logprobs: With ``SamplingParams.logprobs`` set, one entry per sampled token (tool
+            tokens have none): ``(token_id, logprob, ((top_id, top_logprob), ...))``, the top
+            ``logprobs`` alternatives most likely first (see ``logits_processors.py`` for
+            which logits they are taken from).
     """
 
     request_id: int
@@ -75,6 +79,7 @@ class RequestOutput:
     finish_s: float | None = None
     tool_time_s: float = 0.0
     num_cached_tokens: int = 0
+    logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
 
     @property
     def tool_calls(self) -> list[InterceptRecord]:

@@ -46,8 +46,12 @@ def check_stop(token_ids: Sequence[int], text: str, params: SamplingParams,
 
     Returns:
         The decision. Checks run in the order eos, stop token, stop string, length; a stop
-        string found on the last allowed token still trims the text.
+        string found on the last allowed token still trims the text. Before
+        ``params.min_tokens`` tokens only the length can stop a request (the sampler masks
+        EOS and stop tokens meanwhile; a stop string is ignored, as in vLLM).
     """
+    if len(token_ids) < params.min_tokens:
+        return StopDecision(False, None, text)
     last_token = token_ids[-1] if token_ids else None
     if last_token is not None:
         if not params.ignore_eos and eos_token_id is not None and last_token == eos_token_id:

@@ -27,6 +27,7 @@ import os
 import signal
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,8 @@ class TensorParallelExecutor:
     """
 
     def __init__(self, model_path: Path, config: EngineConfig, device: torch.device,
-                 model: LlamaForCausalLM | None = None) -> None:
+                 model: LlamaForCausalLM | None = None,
+                 eos_token_ids: Sequence[int] = ()) -> None:
         n = config.tensor_parallel_size
         if model is not None:
             model_config = model.config
@@ -140,7 +142,7 @@ class TensorParallelExecutor:
         self.model = self.shard.model
         self.kv_cache = self.shard.kv_cache
         self.swap_engine = self.shard.swap_engine
-        self.runner = ModelRunner(self.model, self.kv_cache, self.swap_engine)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.swap_engine, eos_token_ids)
 
     def _wait_loaded(self, store, deadline: float) -> None:  # noqa: ANN001 - a TCPStore
         """Returns once every worker has loaded its weights; raises if one exits first."""
@@ -162,13 +164,24 @@ class TensorParallelExecutor:
     def grammars(self, value) -> None:  # noqa: ANN001
         self.runner.grammars = value
 
-    def add_request(self, request_id: int, params: SamplingParams) -> None:
-        """Registers how a request samples (rank 0 alone samples)."""
-        self.runner.add_request(request_id, params)
+    @property
+    def last_logprobs(self) -> dict:
+        """Rank 0's logprobs of the last step's samples, as ModelRunner's."""
+        return self.runner.last_logprobs
 
-    def set_params(self, request_id: int, params: SamplingParams) -> None:
+    def add_request(self, request_id: int, params: SamplingParams,
+                    prompt_token_ids: Sequence[int] = ()) -> None:
+        """Registers how a request samples (rank 0 alone samples)."""
+        self.runner.add_request(request_id, params, prompt_token_ids)
+
+    def set_params(self, request_id: int, params: SamplingParams,
+                   context_token_ids: Sequence[int] = ()) -> None:
         """New sampling for a resumed request."""
-        self.runner.set_params(request_id, params)
+        self.runner.set_params(request_id, params, context_token_ids)
+
+    def note_context(self, request_id: int, token_ids: Sequence[int]) -> None:
+        """Tokens appended without sampling (a tool's output), for repetition_penalty."""
+        self.runner.note_context(request_id, token_ids)
 
     def remove_request(self, request_id: int) -> None:
         """Forgets a finished or aborted request."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -38,6 +39,7 @@ from infercept.server.chat_format import ChatRenderer, ContentStreamer, split_to
 from infercept.server.engine_loop import (EngineDeadError, EngineInfo, EngineLoop, RequestHandle,
                                           Update)
 from infercept.server.engine_process import EngineProcessClient, EngineSpec
+from infercept.server.logprobs import LogprobFormatter
 from infercept.server.metrics import CONTENT_TYPE, EngineSnapshot, ServerMetrics
 from infercept.server.response_store import (DEFAULT_MAX_STORED_RESPONSE_BYTES,
                                              DEFAULT_MAX_STORED_RESPONSES,
@@ -54,13 +56,55 @@ _DISCONNECT_POLL_S = 0.5
 
 async def next_update(handle: RequestHandle, request: Request) -> Update | None:
     """The request's next update, or None once the client has gone away (checked every
-    _DISCONNECT_POLL_S while the engine has nothing new)."""
+    _DISCONNECT_POLL_S while the engine has nothing new). Its logprobs join
+    ``handle.logprobs``."""
+    if handle.pending:
+        return handle.pending.popleft()
     while True:
         try:
-            return await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
+            update = await asyncio.wait_for(handle.updates.get(), _DISCONNECT_POLL_S)
         except TimeoutError:
             if await request.is_disconnected():
                 return None
+        else:
+            handle.logprobs.extend(update.logprobs)
+            return update
+
+
+async def _merged(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """The items of several async generators as they come (one per choice when n > 1)."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as stream:  # type: ignore[type-var]
+            async for item in stream:
+                yield item
+        return
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+        except Exception as exc:  # handed to the consumer
+            await queue.put(exc)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -146,6 +190,7 @@ class OpenAIServer:
         self.renderer = ChatRenderer(self.engine.tokenizer, self.store.call_text,
                                      config.tool_prompt)
         self.model_names = {config.served_model_name, info.model_name}
+        self.logprob_format = LogprobFormatter(self.engine.tokenizer)
         self.server_tool_schemas = info.tool_schemas
         self._expiry_task: asyncio.Task[None] | None = None
 
@@ -206,7 +251,12 @@ class OpenAIServer:
                 top_k=-1 if req.top_k is None else req.top_k,
                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
                 max_tokens=max_tokens, stop=req.stop_list, ignore_eos=req.ignore_eos,
-                structured_output=structured_output)
+                structured_output=structured_output, logprobs=req.num_logprobs,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=(1.0 if req.repetition_penalty is None
+                                    else req.repetition_penalty),
+                logit_bias=req.logit_bias_ids, min_tokens=req.min_tokens)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
 
@@ -261,6 +311,11 @@ class OpenAIServer:
         elif isinstance(choice, p.NamedToolChoice):
             client_tools = [choice.function.name]
             schemas = [s for s in schemas if s["function"]["name"] == choice.function.name]
+        is_followup = req.messages[-1].role == "tool"
+        if req.n > 1 and (client_tools or is_followup):
+            # Each choice could pause on its own call; one follow-up cannot resume n contexts.
+            raise BadRequestError(f"n={req.n} is not supported with tools or tool results "
+                                  "(n > 1 needs tool_choice='none' or no tools)", param="n")
         try:
             # A request's own tool shadows a server tool of the same name (the engine runs
             # client tools first).
@@ -274,22 +329,71 @@ class OpenAIServer:
         result_ids = [m.tool_call_id for m in req.messages if m.role == "tool" and m.tool_call_id]
         conversation = _Conversation(req.session_id, req.cache_salt)
         handle, num_reused = await self._start(prompt_ids, params, client_tools, conversation,
-                                               result_ids, req.messages[-1].role == "tool")
+                                               result_ids, is_followup)
+        handles = await self._add_siblings(handle, prompt_ids, params, req.n, client_tools,
+                                           conversation, request)
         response_id = p.new_id("chatcmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _EngineStreamingResponse(
-                self._stream_chat(handle, request, response_id, req.model, len(prompt_ids),
-                                  num_reused, conversation, include_usage),
+                self._stream_chat(handles, request, response_id, req.model, len(prompt_ids),
+                                  num_reused, conversation, include_usage,
+                                  req.num_logprobs is not None),
                 media_type="text/event-stream")
-        update = await self.next_final(handle, request)
-        if (failed := self.generation_failed(update)) is not None:
-            return failed
-        answer = update.text[handle.text_offset:]
-        usage = p.usage(len(prompt_ids), update.num_generated_tokens - handle.generated_offset,
-                        _num_cached_tokens(update, num_reused))
-        content, tool_calls, finish = self._chat_ending(update, answer, conversation)
-        return p.chat_completion(response_id, req.model, content, tool_calls, finish, usage)
+        updates = await self.next_finals(handles, request)
+        for update in updates:
+            if (failed := self.generation_failed(update)) is not None:
+                return failed
+        choices = []
+        for index, (handle, update) in enumerate(zip(handles, updates)):
+            content, tool_calls, finish = self._chat_ending(
+                update, update.text[handle.text_offset:], conversation)
+            logprobs = (self.logprob_format.chat(handle.logprobs)
+                        if req.num_logprobs is not None else None)
+            choices.append(p.chat_choice(index, content, tool_calls, finish, logprobs))
+        usage = p.usage(len(prompt_ids),
+                        sum(u.num_generated_tokens - h.generated_offset
+                            for h, u in zip(handles, updates)),
+                        _num_cached_tokens(updates[0], num_reused))
+        return p.chat_completion(response_id, req.model, choices, usage)
+
+    async def _add_siblings(self, first: RequestHandle, prompt_ids: list[int],
+                            params: SamplingParams, n: int, client_tools: list[str],
+                            conversation: _Conversation, request: Request
+                            ) -> list[RequestHandle]:
+        """The n - 1 other choices of a prompt, added once the first has prefilled it, so
+        they find its blocks in the prefix cache instead of computing them again. Choice i
+        samples with ``seed + i`` when a seed is given (reproducible per choice)."""
+        if n == 1:
+            return [first]
+        update = await next_update(first, request)
+        if update is None:
+            self.abort_for_disconnect(first)
+            raise ClientDisconnect()
+        first.pending.append(update)
+        handles = [first]
+        try:
+            for i in range(1, n):
+                seed = None if params.seed is None else (params.seed + i) % 2**64
+                handles.append(await self._add(prompt_ids, dataclasses.replace(params, seed=seed),
+                                               client_tools, conversation.cache_salt))
+        except BaseException:
+            for handle in handles:
+                self.engine_loop.abort(handle.request_id)
+            raise
+        return handles
+
+    async def next_finals(self, handles: Sequence[RequestHandle], request: Request
+                          ) -> list[Update]:
+        """Every choice's final update; all are aborted if the client goes away."""
+        if len(handles) == 1:
+            return [await self.next_final(handles[0], request)]
+        try:
+            return list(await asyncio.gather(*(self.next_final(h, request) for h in handles)))
+        except BaseException:
+            for handle in handles:
+                self.engine_loop.abort(handle.request_id)
+            raise
 
     async def _start(self, prompt_ids: list[int], params: SamplingParams,
                      client_tools: list[str], conversation: _Conversation,
@@ -349,13 +453,53 @@ class OpenAIServer:
         return (content or None, [p.tool_call_json(call_id, update.tool_name or "", arguments)],
                 "tool_calls")
 
-    async def _stream_chat(self, handle: RequestHandle, request: Request, response_id: str,
-                           model: str, num_prompt_tokens: int, num_reused: int,
-                           conversation: _Conversation, include_usage: bool
-                           ) -> AsyncIterator[str]:
+    async def _stream_chat(self, handles: list[RequestHandle], request: Request,
+                           response_id: str, model: str, num_prompt_tokens: int,
+                           num_reused: int, conversation: _Conversation, include_usage: bool,
+                           with_logprobs: bool) -> AsyncIterator[str]:
+        for index in range(len(handles)):
+            yield _sse(p.chat_chunk(response_id, model, {"role": "assistant", "content": ""},
+                                    index=index))
+        streams = [self._chat_choice_events(h, i, request, response_id, model, conversation,
+                                            with_logprobs) for i, h in enumerate(handles)]
+        num_completion_tokens, cached = 0, 0
+        # Closed however this generator ends, so every unsettled choice is aborted at once.
+        async with contextlib.aclosing(_merged(streams)) as events:
+            async for kind, value in events:
+                if kind == "chunk":
+                    yield _sse(value)
+                elif kind == "error":
+                    yield _sse(value)
+                    return
+                elif kind == "done":
+                    update, handle = value
+                    num_completion_tokens += (update.num_generated_tokens
+                                              - handle.generated_offset)
+                    if handle is handles[0]:
+                        cached = _num_cached_tokens(update, num_reused)
+        if include_usage:
+            usage = p.usage(num_prompt_tokens, num_completion_tokens, cached)
+            yield _sse(p.chat_chunk(response_id, model, None, usage_json=usage))
+        yield _sse("[DONE]")
+
+    async def _chat_choice_events(self, handle: RequestHandle, index: int, request: Request,
+                                  response_id: str, model: str, conversation: _Conversation,
+                                  with_logprobs: bool) -> AsyncIterator[tuple[str, Any]]:
+        """One choice's stream: ('chunk', chunk JSON)..., then ('done', (update, handle)) or
+        ('error', error JSON); aborts its request if closed before it settles."""
         settled = False  # the engine request finished or paused: nothing to abort
+        num_logprobs_sent = 0
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> tuple[str, Any]:
+            nonlocal num_logprobs_sent
+            logprobs = None
+            if with_logprobs:
+                logprobs = self.logprob_format.chat(handle.logprobs[num_logprobs_sent:])
+                num_logprobs_sent = len(handle.logprobs)
+            return "chunk", p.chat_chunk(response_id, model, delta, finish, index=index,
+                                         logprobs=logprobs)
+
         try:
-            yield _sse(p.chat_chunk(response_id, model, {"role": "assistant", "content": ""}))
             streamer = ContentStreamer()
             while True:
                 update = await next_update(handle, request)
@@ -364,30 +508,25 @@ class OpenAIServer:
                 answer = update.text[handle.text_offset:]
                 if update.finished and update.finish_reason == "error":
                     settled = True
-                    yield _sse(p.error_body(update.error or "generation failed",
-                                            error_type="server_error"))
-                    break
+                    yield "error", p.error_body(update.error or "generation failed",
+                                                error_type="server_error")
+                    return
                 if update.finished or update.paused:
                     settled = True
                     content, tool_calls, finish = self._chat_ending(update, answer,
                                                                     conversation)
                     piece = (content or "")[streamer.num_emitted:]
                     if piece:
-                        yield _sse(p.chat_chunk(response_id, model, {"content": piece}))
+                        yield chunk({"content": piece})
                     if tool_calls:
                         deltas = [{**c, "index": i} for i, c in enumerate(tool_calls)]
-                        yield _sse(p.chat_chunk(response_id, model, {"tool_calls": deltas}))
-                    yield _sse(p.chat_chunk(response_id, model, {}, finish))
-                    if include_usage:
-                        usage = p.usage(num_prompt_tokens,
-                                        update.num_generated_tokens - handle.generated_offset,
-                                        _num_cached_tokens(update, num_reused))
-                        yield _sse(p.chat_chunk(response_id, model, None, usage_json=usage))
-                    break
+                        yield chunk({"tool_calls": deltas})
+                    yield chunk({}, finish)
+                    yield "done", (update, handle)
+                    return
                 piece = streamer.delta(answer)
                 if piece:
-                    yield _sse(p.chat_chunk(response_id, model, {"content": piece}))
-            yield _sse("[DONE]")
+                    yield chunk({"content": piece})
         finally:
             if not settled:
                 self.abort_for_disconnect(handle)
@@ -407,54 +546,97 @@ class OpenAIServer:
                                   param="prompt")
         params = self.sampling_params(req, len(prompt_ids), req.max_tokens,
                                       self.structured_output(req))
-        handle, _ = await self._start(prompt_ids, params, [], _Conversation(None, req.cache_salt),
-                                      [], False)
+        conversation = _Conversation(None, req.cache_salt)
+        handle, _ = await self._start(prompt_ids, params, [], conversation, [], False)
+        handles = await self._add_siblings(handle, prompt_ids, params, req.n, [], conversation,
+                                           request)
         response_id = p.new_id("cmpl")
         echo = (self.engine.tokenizer.decode(prompt_ids) if isinstance(prompt, list)
                 else prompt) if req.echo else ""
+        with_logprobs = req.num_logprobs is not None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _EngineStreamingResponse(
-                self._stream_completion(handle, request, response_id, req.model, len(prompt_ids),
-                                        echo, include_usage),
+                self._stream_completion(handles, request, response_id, req.model,
+                                        len(prompt_ids), echo, include_usage, with_logprobs),
                 media_type="text/event-stream")
-        update = await self.next_final(handle, request)
-        if (failed := self.generation_failed(update)) is not None:
-            return failed
-        usage = p.usage(len(prompt_ids), update.num_generated_tokens, update.num_cached_tokens)
-        return p.completion(response_id, req.model, echo + update.text,
-                            p.FINISH_REASONS.get(update.finish_reason or "stop", "stop"), usage)
+        updates = await self.next_finals(handles, request)
+        for update in updates:
+            if (failed := self.generation_failed(update)) is not None:
+                return failed
+        choices = [p.completion_choice(
+            index, echo + update.text, p.FINISH_REASONS.get(update.finish_reason or "stop", "stop"),
+            self.logprob_format.completion(handle.logprobs, len(echo)) if with_logprobs else None)
+            for index, (handle, update) in enumerate(zip(handles, updates))]
+        usage = p.usage(len(prompt_ids), sum(u.num_generated_tokens for u in updates),
+                        updates[0].num_cached_tokens)
+        return p.completion(response_id, req.model, None, None, usage, choices=choices)
 
-    async def _stream_completion(self, handle: RequestHandle, request: Request, response_id: str,
-                                 model: str, num_prompt_tokens: int, echo: str,
-                                 include_usage: bool) -> AsyncIterator[str]:
+    async def _stream_completion(self, handles: list[RequestHandle], request: Request,
+                                 response_id: str, model: str, num_prompt_tokens: int,
+                                 echo: str, include_usage: bool, with_logprobs: bool
+                                 ) -> AsyncIterator[str]:
+        streams = [self._completion_choice_events(h, i, request, response_id, model, echo,
+                                                  with_logprobs) for i, h in enumerate(handles)]
+        num_completion_tokens, cached = 0, 0
+        async with contextlib.aclosing(_merged(streams)) as events:
+            async for kind, value in events:
+                if kind == "chunk":
+                    yield _sse(value)
+                elif kind == "error":
+                    yield _sse(value)
+                    return
+                elif kind == "done":
+                    num_completion_tokens += value.num_generated_tokens
+                    if value.request_id == handles[0].request_id:
+                        cached = value.num_cached_tokens
+        if include_usage:
+            usage = p.usage(num_prompt_tokens, num_completion_tokens, cached)
+            yield _sse(p.completion(response_id, model, None, None, usage))
+        yield _sse("[DONE]")
+
+    async def _completion_choice_events(self, handle: RequestHandle, index: int,
+                                        request: Request, response_id: str, model: str,
+                                        echo: str, with_logprobs: bool
+                                        ) -> AsyncIterator[tuple[str, Any]]:
+        """One choice's stream, as ``_chat_choice_events``."""
         settled = False
-        num_sent = 0
+        num_sent = 0  # characters of text sent
+        num_logprobs_sent = 0
+        logprob_offset = len(echo)  # text_offset of the next entry: the tokens' own strings
+
+        def chunk(text: str, finish: str | None = None) -> tuple[str, Any]:
+            nonlocal num_logprobs_sent, logprob_offset
+            logprobs = None
+            if with_logprobs:
+                entries = handle.logprobs[num_logprobs_sent:]
+                logprobs = self.logprob_format.completion(entries, logprob_offset)
+                num_logprobs_sent = len(handle.logprobs)
+                logprob_offset += sum(len(t) for t in logprobs["tokens"])
+            return "chunk", p.completion(response_id, model, text, finish, index=index,
+                                         logprobs=logprobs)
+
         try:
             if echo:
-                yield _sse(p.completion(response_id, model, echo, None))
+                yield "chunk", p.completion(response_id, model, echo, None, index=index)
             while True:
                 update = await next_update(handle, request)
                 if update is None:
                     return
                 if update.finished and update.finish_reason == "error":
                     settled = True
-                    yield _sse(p.error_body(update.error or "generation failed",
-                                            error_type="server_error"))
-                    break
+                    yield "error", p.error_body(update.error or "generation failed",
+                                                error_type="server_error")
+                    return
                 piece, num_sent = update.text[num_sent:], max(num_sent, len(update.text))
                 if update.finished:
                     settled = True
-                    finish = p.FINISH_REASONS.get(update.finish_reason or "stop", "stop")
-                    yield _sse(p.completion(response_id, model, piece, finish))
-                    if include_usage:
-                        usage = p.usage(num_prompt_tokens, update.num_generated_tokens,
-                                        update.num_cached_tokens)
-                        yield _sse(p.completion(response_id, model, None, None, usage))
-                    break
+                    yield chunk(piece, p.FINISH_REASONS.get(update.finish_reason or "stop",
+                                                            "stop"))
+                    yield "done", update
+                    return
                 if piece:
-                    yield _sse(p.completion(response_id, model, piece, None))
-            yield _sse("[DONE]")
+                    yield chunk(piece)
         finally:
             if not settled:
                 self.abort_for_disconnect(handle)

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from infercept._core import UnknownRequestError
@@ -57,6 +57,8 @@ class Update:
             from an engine without one).
         engine_died: The request ended because the engine (its process or thread) stopped:
             the server answers 503, not 500.
+        logprobs: The logprob entries of the tokens sampled since the request's previous
+            update (``RequestOutput.logprobs``; empty unless its params ask for them).
     """
 
     request_id: int
@@ -71,16 +73,18 @@ class Update:
     context_token_ids: tuple[int, ...] | None = None
     num_cached_tokens: int = 0
     engine_died: bool = False
+    logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] = ()
 
     @classmethod
-    def of(cls, output: RequestOutput) -> Update:
+    def of(cls, output: RequestOutput, logprobs_from: int = 0) -> Update:
         paused = output.paused and not output.finished
         call = output.intercepts[-1] if paused else None
         return cls(output.request_id, output.text, output.num_generated_tokens, output.finished,
                    output.finish_reason, paused, output.error,
                    call.name if call else None, dict(call.arguments) if call else None,
                    tuple(output.prompt_token_ids) + tuple(output.token_ids) if paused else None,
-                   getattr(output, "num_cached_tokens", 0))
+                   getattr(output, "num_cached_tokens", 0),
+                   logprobs=tuple(output.logprobs[logprobs_from:]))
 
 
 @dataclass
@@ -93,12 +97,18 @@ class RequestHandle:
         text_offset: Characters of ``Update.text`` that precede this HTTP request's answer
             (non-zero for a resumed context: earlier turns and the tool result).
         generated_offset: Generated tokens that precede this HTTP request's answer.
+        logprobs: This answer's logprob entries so far, gathered by ``app.next_update``.
+        pending: Updates already taken off ``updates`` and to be read again first (a
+            handler that waited for the first one).
     """
 
     request_id: int
     updates: asyncio.Queue[Update]
     text_offset: int = 0
     generated_offset: int = 0
+    logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(
+        default_factory=list)
+    pending: deque[Update] = field(default_factory=deque)
 
 
 class EngineDeadError(RuntimeError):
@@ -207,6 +217,7 @@ class EngineCore:
         self._timings: dict[int, _Timing] = {}
         self._live: set[int] = set()  # requests whose updates are emitted
         self._num_generated: dict[int, int] = {}
+        self._num_logprobs_sent: dict[int, int] = {}
         self.num_generated_tokens_total = 0
         self.num_prompt_tokens_total = 0
         self._rate_samples: deque[tuple[float, int]] = deque()
@@ -225,6 +236,7 @@ class EngineCore:
                                              **salt)
         self._live.add(request_id)
         self._num_generated[request_id] = 0
+        self._num_logprobs_sent[request_id] = 0
         self._timings[request_id] = _Timing(time.monotonic())
         self.num_prompt_tokens_total += len(tokens)
         return request_id
@@ -255,12 +267,14 @@ class EngineCore:
         else:
             self._live.add(request_id)
             self._num_generated[request_id] = output.num_generated_tokens
+            self._num_logprobs_sent[request_id] = len(output.logprobs)
         return len(output.text), output.num_generated_tokens
 
     def abort(self, request_id: int) -> None:
         """Aborts a request (live or paused) and frees its blocks; no-op if it is gone."""
         self._live.discard(request_id)
         self._num_generated.pop(request_id, None)
+        self._num_logprobs_sent.pop(request_id, None)
         self._timings.pop(request_id, None)
         try:
             self.engine.abort(request_id)
@@ -324,7 +338,8 @@ class EngineCore:
             num_new_tokens = max(0, output.num_generated_tokens - previous)
             self.num_generated_tokens_total += num_new_tokens
             self._num_generated[request_id] = output.num_generated_tokens
-            update = Update.of(output)
+            update = Update.of(output, self._num_logprobs_sent.get(request_id, 0))
+            self._num_logprobs_sent[request_id] = len(output.logprobs)
             timing = self._timings.get(request_id)
             if timing is not None and self._observe_fn is not None:
                 self._observe(output, update, timing, num_new_tokens, step_start_s, now)
@@ -374,6 +389,7 @@ class EngineCore:
     def _finish(self, request_id: int) -> None:
         self._live.discard(request_id)
         self._num_generated.pop(request_id, None)
+        self._num_logprobs_sent.pop(request_id, None)
         self._timings.pop(request_id, None)
         try:
             self.engine.release(request_id)

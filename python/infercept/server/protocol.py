@@ -12,8 +12,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from infercept.sampling import (MAX_ABS_PENALTY, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS,
+                                MAX_REPETITION_PENALTY, MAX_STOP_SEQUENCES, MAX_STOP_STRING_CHARS)
+
 # OpenAI's rule for function names.
 _FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+# Choices per request: each is an engine request (the prompt's blocks shared through the
+# prefix cache), so n multiplies the work; OpenAI allows 128.
+MAX_N = 16
 
 
 class FunctionDefinition(BaseModel):
@@ -140,12 +146,21 @@ class _SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
     ignore_eos: bool = False
+    presence_penalty: float | None = Field(default=None, ge=-MAX_ABS_PENALTY,
+                                           le=MAX_ABS_PENALTY)
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_ABS_PENALTY,
+                                            le=MAX_ABS_PENALTY)
+    # vLLM extensions (send with extra_body).
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    min_tokens: int = Field(default=0, ge=0)
+    # Token id (as a JSON string key) -> bias, clamped to [-100, 100].
+    logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     # OpenAI/vLLM extension: requests share prefix-cache entries (and paused contexts) only
     # with requests of the same salt, so tenants cannot probe each other's prompts by timing.
@@ -158,6 +173,41 @@ class _SamplingFields(BaseModel):
             # The 400 handler shows the value after this (except for an object).
             raise ValueError(f"cache_salt must be a non-empty string, not {type(value).__name__}")
         return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_within_limits(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"{len(stops)} stop sequences given, above the limit "
+                             f"{MAX_STOP_SEQUENCES}")
+        for stop in stops:
+            if len(stop) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"a stop sequence of {len(stop)} characters is above the "
+                                 f"limit {MAX_STOP_STRING_CHARS}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, value: dict[str, float] | None
+                                 ) -> dict[str, float] | None:
+        for key in value or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias key {key!r} is not a token id (a non-negative "
+                                 "integer)")
+        if value is not None and len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias has {len(value)} entries, above the limit "
+                             f"{MAX_LOGIT_BIAS_ENTRIES}")
+        return value
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per token to report (None: no logprobs)."""
+        return None
 
     @property
     def stop_list(self) -> list[str]:
@@ -176,9 +226,17 @@ class ChatCompletionRequest(_SamplingFields):
     # InferCept extra (send with extra_body): ties a tool-result follow-up to the paused
     # context of an earlier response; without it the server matches by token prefix alone.
     session_id: str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _check_tools(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
         names = [t.function.name for t in self.tools or []]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -202,6 +260,12 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
+    # Completions' logprobs is the number of top alternatives (OpenAI allows 0..5; 0..20 here).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         """The prompt, unwrapped from a one-element batch.
@@ -251,23 +315,27 @@ def tool_call_json(call_id: str, name: str, arguments: str, index: int | None = 
     return out
 
 
-def chat_completion(response_id: str, model: str, content: str | None,
-                    tool_calls: list[dict[str, Any]] | None, finish_reason: str,
-                    usage_json: dict[str, Any]) -> dict[str, Any]:
+def chat_choice(index: int, content: str | None, tool_calls: list[dict[str, Any]] | None,
+                finish_reason: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One entry of a chat completion's ``choices``."""
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if tool_calls:
         message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "finish_reason": finish_reason,
+            "logprobs": logprobs}
+
+
+def chat_completion(response_id: str, model: str, choices: list[dict[str, Any]],
+                    usage_json: dict[str, Any]) -> dict[str, Any]:
     return {"id": response_id, "object": "chat.completion", "created": int(time.time()),
-            "model": model, "usage": usage_json,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason,
-                         "logprobs": None}]}
+            "model": model, "usage": usage_json, "choices": choices}
 
 
 def chat_chunk(response_id: str, model: str, delta: dict[str, Any] | None,
-               finish_reason: str | None = None, usage_json: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                         "logprobs": None}]
+               finish_reason: str | None = None, usage_json: dict[str, Any] | None = None,
+               index: int = 0, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    choices = [] if delta is None else [{"index": index, "delta": delta,
+                                         "finish_reason": finish_reason, "logprobs": logprobs}]
     chunk = {"id": response_id, "object": "chat.completion.chunk", "created": int(time.time()),
              "model": model, "choices": choices}
     if usage_json is not None:
@@ -275,12 +343,20 @@ def chat_chunk(response_id: str, model: str, delta: dict[str, Any] | None,
     return chunk
 
 
+def completion_choice(index: int, text: str, finish_reason: str | None,
+                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
 def completion(response_id: str, model: str, text: str | None, finish_reason: str | None,
-               usage_json: dict[str, Any] | None = None, obj: str = "text_completion"
-               ) -> dict[str, Any]:
-    """A completion, or one streamed chunk of it (``text`` None: a usage-only chunk)."""
-    choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish_reason,
-                                        "logprobs": None}]
+               usage_json: dict[str, Any] | None = None, obj: str = "text_completion",
+               index: int = 0, logprobs: dict[str, Any] | None = None,
+               choices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A completion, or one streamed chunk of it (``text`` None: a usage-only chunk);
+    ``choices`` gives all of them at once (n > 1)."""
+    if choices is None:
+        choices = [] if text is None else [completion_choice(index, text, finish_reason,
+                                                             logprobs)]
     body = {"id": response_id, "object": obj, "created": int(time.time()), "model": model,
             "choices": choices}
     if usage_json is not None:
