@@ -14,10 +14,6 @@ int32_t blocks_for(int32_t num_tokens, int32_t block_size) {
 
 }  // namespace
 
-int32_t BlockTable::num_device_tokens(int32_t block_size) const {
-  return std::min(num_tokens, static_cast<int32_t>(device_blocks.size()) * block_size);
-}
-
 KvCacheManager::KvCacheManager(int32_t block_size, int32_t num_device_blocks, int32_t num_host_blocks)
     : block_size_(block_size),
       device_pool_(Tier::kDevice, num_device_blocks, block_size),
@@ -26,6 +22,7 @@ KvCacheManager::KvCacheManager(int32_t block_size, int32_t num_device_blocks, in
 BlockTable& KvCacheManager::add(RequestId request) {
   auto [it, inserted] = tables_.try_emplace(request);
   if (!inserted) throw StateError("request " + std::to_string(request) + " already has a block table");
+  it->second.request_id = request;
   return it->second;
 }
 
@@ -39,8 +36,7 @@ BlockTable& KvCacheManager::mutable_table(RequestId request) {
   return const_cast<BlockTable&>(static_cast<const KvCacheManager*>(this)->table(request));
 }
 
-int32_t KvCacheManager::num_blocks_to_append(RequestId request, int32_t num_tokens) const {
-  const BlockTable& t = table(request);
+int32_t KvCacheManager::num_blocks_to_append(const BlockTable& t, int32_t num_tokens) const {
   int32_t num_blocks = static_cast<int32_t>(t.device_blocks.size() + t.host_blocks.size());
   return std::max(0, blocks_for(t.num_tokens + num_tokens, block_size_) - num_blocks);
 }
@@ -49,18 +45,22 @@ bool KvCacheManager::can_append(RequestId request, int32_t num_tokens) const {
   return device_pool_.can_allocate(num_blocks_to_append(request, num_tokens));
 }
 
-int32_t KvCacheManager::append_tokens(RequestId request, int32_t num_tokens) {
+int32_t KvCacheManager::append_tokens(BlockTable& t, int32_t num_tokens) {
   if (num_tokens < 0) {
     throw InvalidArgumentError("cannot append " + std::to_string(num_tokens) + " tokens");
   }
-  BlockTable& t = mutable_table(request);
   if (!t.is_on_device()) {
-    throw StateError("request " + std::to_string(request) + " has " +
+    throw StateError("request " + std::to_string(t.request_id) + " has " +
                      std::to_string(t.host_blocks.size()) +
                      " blocks on the host; swap them in before appending");
   }
-  std::vector<BlockId> fresh = device_pool_.allocate(num_blocks_to_append(request, num_tokens));
-  t.device_blocks.insert(t.device_blocks.end(), fresh.begin(), fresh.end());
+  int32_t num_fresh = num_blocks_to_append(t, num_tokens);
+  if (num_fresh == 1 && device_pool_.num_free() > 0) {
+    t.device_blocks.push_back(device_pool_.allocate());  // a decode's new block: no temporary vector
+  } else if (num_fresh > 0) {
+    std::vector<BlockId> fresh = device_pool_.allocate(num_fresh);
+    t.device_blocks.insert(t.device_blocks.end(), fresh.begin(), fresh.end());
+  }
   t.num_tokens += num_tokens;
   int32_t num_recomputed = std::min(num_tokens, t.num_tokens_to_recompute);
   t.num_tokens_to_recompute -= num_recomputed;
@@ -237,8 +237,7 @@ int32_t KvCacheManager::adopt_cached_prefix(RequestId request, const CachedPrefi
   return t.num_tokens;
 }
 
-void KvCacheManager::cache_full_blocks(RequestId request, const TokenBlocks& tokens) {
-  BlockTable& t = mutable_table(request);
+void KvCacheManager::cache_full_blocks(BlockTable& t, const TokenBlocks& tokens) {
   int32_t num_full = std::min({t.num_device_tokens(block_size_) / block_size_, tokens.num_full_blocks(),
                                static_cast<int32_t>(t.device_blocks.size())});
   for (int32_t index = t.num_cached_blocks; index < num_full; ++index) {

@@ -118,6 +118,11 @@ void Scheduler::check_token_ids(const std::vector<TokenId>& token_ids, const cha
   }
 }
 
+Request* Scheduler::find_request(RequestId request) {
+  auto it = requests_.find(request);
+  return it == requests_.end() ? nullptr : &it->second;
+}
+
 Request& Scheduler::get(RequestId request) {
   auto it = requests_.find(request);
   if (it == requests_.end()) throw UnknownRequestError("unknown request id " + std::to_string(request));
@@ -275,6 +280,7 @@ void Scheduler::remove(RequestId request) {
   }
   kv_.free(request);
   requests_.erase(request);
+  ++num_removed_;
 }
 
 void Scheduler::release(Request& r, RequestState terminal) {
@@ -339,6 +345,11 @@ StepPlan Scheduler::schedule(double now_s) {
   memory_blocked_ = false;
   plan.now_s = now_s;
   moved_.clear();
+  scheduled_requests_.clear();
+  num_removed_at_schedule_ = num_removed_;
+  // At most max_running_requests are scheduled (admission keeps running + swapping in under it).
+  plan.scheduled.reserve(std::min<size_t>(static_cast<size_t>(config_.max_running_requests),
+                                          running_.size() + swapping_in_.size() + queue_.size()));
 
   expire_pins(plan);  // their memory is free for this step's batch
   int32_t token_budget = config_.max_batched_tokens;
@@ -362,13 +373,14 @@ void Scheduler::add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan) {
   s.request_id = r.id;
   s.num_computed_tokens = r.kv->num_tokens;
   s.num_new_tokens = num_new_tokens;
-  s.num_recompute_tokens = kv_.append_tokens(r.id, num_new_tokens);
+  s.num_recompute_tokens = kv_.append_tokens(*r.kv, num_new_tokens);
   s.samples = r.kv->num_tokens == r.num_tokens();
   plan.num_batched_tokens += num_new_tokens;
   plan.num_context_tokens += r.kv->num_tokens;
   plan.num_recompute_tokens += s.num_recompute_tokens;
   plan.num_sampling_requests += s.samples;
   plan.scheduled.push_back(std::move(s));
+  scheduled_requests_.push_back(&r);
   r.last_action_step = step_id_;
 }
 
@@ -378,7 +390,7 @@ void Scheduler::schedule_running(StepPlan& plan, int32_t& token_budget) {
     Request& r = *running_[i];
     int32_t num_new_tokens = std::min(r.num_uncomputed_tokens(), token_budget);
     if (num_new_tokens <= 0) continue;
-    if (!make_room(r, kv_.num_blocks_to_append(r.id, num_new_tokens), plan)) {
+    if (!make_room(r, kv_.num_blocks_to_append(*r.kv, num_new_tokens), plan)) {
       if (i < running_.size() && running_[i] != &r) --i;  // r left the list; revisit this slot
       continue;
     }
@@ -446,7 +458,7 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
 
     if (token_budget <= 0) return;
     int32_t num_new_tokens = std::min(r.num_uncomputed_tokens(), token_budget);
-    int32_t needed = kv_.num_blocks_to_append(r.id, num_new_tokens);
+    int32_t needed = kv_.num_blocks_to_append(*r.kv, num_new_tokens);
     if (!device.can_allocate(needed)) {
       memory_blocked_ = true;
       // Nothing else can free memory (no batch, no copies): paused contexts must give way,
@@ -653,19 +665,24 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
   update_allocation_rate(now_s);
 
   StepOutput out;
+  out.sampled.reserve(static_cast<size_t>(plan.num_sampling_requests));
   size_t sample_index = 0;
-  for (const ScheduledRequest& s : plan.scheduled) {
+  const bool none_removed = num_removed_ == num_removed_at_schedule_;
+  for (size_t i = 0; i < plan.scheduled.size(); ++i) {
+    const ScheduledRequest& s = plan.scheduled[i];
     size_t row = s.samples ? sample_index++ : 0;
-    auto it = requests_.find(s.request_id);
-    if (it == requests_.end() || !is_computing(it->second.state)) continue;  // aborted meanwhile
-    Request& r = it->second;
+    Request* found = none_removed && i < scheduled_requests_.size() && scheduled_requests_[i]->id == s.request_id
+                         ? scheduled_requests_[i]
+                         : find_request(s.request_id);
+    if (found == nullptr || !is_computing(found->state)) continue;  // aborted meanwhile
+    Request& r = *found;
     if (r.state == RequestState::kRecomputing && r.kv->num_tokens_to_recompute == 0) {
       r.transition(RequestState::kRunning);
     }
     if (r.has_token_ids() && s.samples && !sampled_ids.empty()) r.tokens.append(&sampled_ids[row], 1);
     if (r.cacheable) {
       int32_t num_cached_before = r.kv->num_cached_blocks;
-      kv_.cache_full_blocks(r.id, r.tokens);
+      kv_.cache_full_blocks(*r.kv, r.tokens);
       if (traits_->host_offload == HostOffload::kStoreOnCompute) {
         // Each block once its KV exists, as vLLM's OffloadingConnector stores computed blocks.
         for (int32_t i = num_cached_before; i < r.kv->num_cached_blocks; ++i) {
@@ -690,7 +707,7 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
     auto it = requests_.find(id);
     if (it == requests_.end()) continue;
     Request& r = it->second;
-    if (r.cacheable) kv_.cache_full_blocks(r.id, r.tokens);  // swapped-in blocks
+    if (r.cacheable) kv_.cache_full_blocks(*r.kv, r.tokens);  // swapped-in blocks
     if (r.state == RequestState::kSwappingOut && kv_.num_exclusive_blocks(*r.kv, Tier::kDevice) == 0) {
       r.transition(RequestState::kSwapped);
     } else if (r.state == RequestState::kSwappingIn && r.kv->host_blocks.empty()) {

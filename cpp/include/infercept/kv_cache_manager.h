@@ -35,8 +35,12 @@ struct BlockTable {
   int32_t num_tokens = 0;              // tokens whose KV is held, on either tier
   int32_t num_tokens_to_recompute = 0; // tokens whose KV was discarded and must be rebuilt
   int32_t num_cached_blocks = 0;       // leading device blocks already offered to the cache
+  RequestId request_id = -1;           // its owner (KvCacheManager::add sets it), for messages
 
-  int32_t num_device_tokens(int32_t block_size) const;
+  int32_t num_device_tokens(int32_t block_size) const {
+    int32_t capacity = static_cast<int32_t>(device_blocks.size()) * block_size;
+    return num_tokens < capacity ? num_tokens : capacity;
+  }
   int32_t num_host_tokens(int32_t block_size) const { return num_tokens - num_device_tokens(block_size); }
   bool is_on_device() const { return host_blocks.empty(); }
 };
@@ -72,12 +76,17 @@ class KvCacheManager {
   const BlockTable& table(RequestId request) const;
 
   /// Device blocks needed to append `num_tokens` tokens to the request's KV.
-  int32_t num_blocks_to_append(RequestId request, int32_t num_tokens) const;
+  int32_t num_blocks_to_append(RequestId request, int32_t num_tokens) const {
+    return num_blocks_to_append(table(request), num_tokens);
+  }
+  /// ... to a table this manager owns (the scheduler holds its requests' tables: no lookup).
+  int32_t num_blocks_to_append(const BlockTable& table, int32_t num_tokens) const;
   bool can_append(RequestId request, int32_t num_tokens) const;
 
   /// Appends `num_tokens` tokens of KV, allocating device blocks as blocks fill. The request
   /// must be wholly on the device. Returns how many of them rebuild discarded KV (recompute).
-  int32_t append_tokens(RequestId request, int32_t num_tokens);
+  int32_t append_tokens(RequestId request, int32_t num_tokens) { return append_tokens(mutable_table(request), num_tokens); }
+  int32_t append_tokens(BlockTable& table, int32_t num_tokens);
 
   /// Plans moving up to `max_blocks` of the request's exclusive blocks from the back of the
   /// device part to the host (a block another request shares is never moved for one owner).
@@ -107,7 +116,8 @@ class KvCacheManager {
   int32_t adopt_cached_prefix(RequestId request, const CachedPrefix& prefix);
   /// Registers the request's full device blocks with the cache once their KV is written; a
   /// block whose content another block already holds is swapped for that one (one copy kept).
-  void cache_full_blocks(RequestId request, const TokenBlocks& tokens);
+  void cache_full_blocks(RequestId request, const TokenBlocks& tokens) { cache_full_blocks(mutable_table(request), tokens); }
+  void cache_full_blocks(BlockTable& table, const TokenBlocks& tokens);
   /// Host offload: plans copying the cached device block `block` (referenced or evictable) to
   /// a host block (evicting the host's least recently used one if need be), `*copy` saying
   /// which. The copy keeps the block's content: a release of it waits for commit(), which

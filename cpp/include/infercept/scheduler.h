@@ -154,6 +154,7 @@ class Scheduler {
 
  private:
   Request& get(RequestId request);
+  Request* find_request(RequestId request);  // nullptr when unknown (removed)
   void enqueue(Request& r);
   void dequeue(Request& r);
   void add_running(Request& r);
@@ -234,6 +235,12 @@ class Scheduler {
   std::set<std::pair<double, RequestId>> queue_;  // (priority_s, id): new and resumable
   std::vector<Request*> intercepted_;    // tool pending, any KV location; unordered
   std::vector<std::pair<RequestId, int32_t>> moved_;  // blocks each request copies this step
+  // The records of the last plan's scheduled requests, in plan order (add_chunk() fills it),
+  // so build_batch() and update() need no lookup by id. update() trusts an entry only while
+  // no request has been removed since (remove() bumps num_removed_) and its id matches.
+  std::vector<Request*> scheduled_requests_;
+  int64_t num_removed_ = 0;
+  int64_t num_removed_at_schedule_ = 0;
   std::vector<std::pair<RequestId, std::string>> pending_aborts_;  // reported by update()
   SchedulerStats totals_;                // cumulative counters only
   // Device blocks allocated per second (EMA): the demand that evicts discarded contexts.
