@@ -73,6 +73,8 @@ void BlockPool::retain(BlockId block) {
                        std::to_string(block));
     }
     leave_eviction_order(block);  // a cache hit revives it
+  } else {
+    ++share_epoch_;  // a second (or further) owner
   }
   ++ref_counts_[block];
 }
@@ -83,6 +85,7 @@ void BlockPool::free(BlockId block) {
     throw BlockError("double free of " + std::string(to_string(tier_)) + " block " +
                      std::to_string(block));
   }
+  if (ref_counts_[block] > 1) ++share_epoch_;  // a co-owner leaves
   if (--ref_counts_[block] > 0) return;
   if (cached_[block]) make_evictable(block, false, now_s_);
   else free_list_.push_back(block);

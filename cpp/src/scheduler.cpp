@@ -320,14 +320,17 @@ void Scheduler::remove_running(Request& r) { erase_from(running_, &r); }
 void Scheduler::add_intercepted(Request& r) {
   r.intercepted_index = static_cast<int32_t>(intercepted_.size());
   intercepted_.push_back(&r);
+  intercepted_on_device_.push_back(1);
 }
 
 void Scheduler::remove_intercepted(Request& r) {
   // Swap with the last entry: O(1), the list has no order.
   Request* last = intercepted_.back();
   intercepted_[r.intercepted_index] = last;
+  intercepted_on_device_[r.intercepted_index] = intercepted_on_device_.back();
   last->intercepted_index = r.intercepted_index;
   intercepted_.pop_back();
+  intercepted_on_device_.pop_back();
   r.intercepted_index = -1;
 }
 
@@ -568,11 +571,11 @@ bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
     };
     Request* victim = nullptr;
     double longest_s = -1;
-    for (Request* r : intercepted_) {
-      if (!gives_way(*r)) continue;
-      double remaining_s = remaining_intercept_s(*r, plan.now_s);
-      if (remaining_s > longest_s) longest_s = remaining_s, victim = r;
-    }
+    for_each_paused_on_device([&](Request& r) {
+      if (!gives_way(r)) return;
+      double remaining_s = remaining_intercept_s(r, plan.now_s);
+      if (remaining_s > longest_s) longest_s = remaining_s, victim = &r;
+    });
     if (victim) {
       evict(*victim, plan);
       return true;
@@ -597,7 +600,7 @@ bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
 
 void Scheduler::evict(Request& victim, StepPlan& plan) {
   if (swap_out_whole(victim, plan)) return;
-  victim.transition(RequestState::kDiscarded);
+  move_paused(victim, RequestState::kDiscarded);
   discard(victim, &plan);
 }
 
@@ -606,7 +609,7 @@ bool Scheduler::swap_out_whole(Request& victim, StepPlan& plan) {
   bool can_swap = traits_->swaps && num_device_blocks > 0 && kv_.pool(Tier::kHost).can_allocate(num_device_blocks);
   if (!can_swap) return false;
   // The whole context at once: memory pressure is an emergency and cannot wait for a budget.
-  if (victim.state != RequestState::kSwappingOut) victim.transition(RequestState::kSwappingOut);
+  if (victim.state != RequestState::kSwappingOut) move_paused(victim, RequestState::kSwappingOut);
   std::vector<BlockCopy> copies = kv_.swap_out(victim.id, num_device_blocks, expected_next_use_s(victim, plan.now_s));
   moved_.emplace_back(victim.id, num_device_blocks);
   plan.swap_out.insert(plan.swap_out.end(), copies.begin(), copies.end());
@@ -709,7 +712,7 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
     Request& r = it->second;
     if (r.cacheable) kv_.cache_full_blocks(*r.kv, r.tokens);  // swapped-in blocks
     if (r.state == RequestState::kSwappingOut && kv_.num_exclusive_blocks(*r.kv, Tier::kDevice) == 0) {
-      r.transition(RequestState::kSwapped);
+      move_paused(r, RequestState::kSwapped);
     } else if (r.state == RequestState::kSwappingIn && r.kv->host_blocks.empty()) {
       erase_from(swapping_in_, &r);
       r.transition(r.kv->num_tokens_to_recompute > 0 ? RequestState::kRecomputing : RequestState::kRunning);
@@ -850,6 +853,22 @@ void Scheduler::check_invariants() const {
     num_queued += should_queue;
     num_pending += r.tool_pending;
     num_live += !is_terminal(r.state);
+  }
+  if (intercepted_on_device_.size() != intercepted_.size()) {
+    throw StateError("the intercepted list has " + std::to_string(intercepted_.size()) + " entries but " +
+                     std::to_string(intercepted_on_device_.size()) + " device flags");
+  }
+  for (size_t i = 0; i < intercepted_.size(); ++i) {
+    const Request& r = *intercepted_[i];
+    if (!intercepted_on_device_[i] && !r.kv->device_blocks.empty()) {
+      throw StateError("request " + std::to_string(r.id) + " (" + to_string(r.state) + ") holds " +
+                       std::to_string(r.kv->device_blocks.size()) +
+                       " device blocks but is marked as holding none while paused");
+    }
+    if (!paused_moved_ && r.state != r.reported_state) {
+      throw StateError("request " + std::to_string(r.id) + " moved to " + to_string(r.state) + " from " +
+                       to_string(r.reported_state) + " without move_paused(): the change would go unreported");
+    }
   }
   if (num_computing != running_.size() || num_swapping_in != swapping_in_.size() ||
       num_queued != queue_.size() || num_pending != intercepted_.size() || num_live != num_live_) {

@@ -70,6 +70,9 @@ void Scheduler::build_batch(StepPlan& plan) const {
 }
 
 void Scheduler::report_kv_changes(StepOutput& out) {
+  // Paused states change only through move_paused(): no move since the last report, no change.
+  if (!paused_moved_) return;
+  paused_moved_ = false;
   for (Request* r : intercepted_) {
     if (r->state == r->reported_state) continue;
     out.kv_changes.push_back({r->id, r->state});

@@ -36,6 +36,19 @@ struct BlockTable {
   int32_t num_tokens_to_recompute = 0; // tokens whose KV was discarded and must be rebuilt
   int32_t num_cached_blocks = 0;       // leading device blocks already offered to the cache
   RequestId request_id = -1;           // its owner (KvCacheManager::add sets it), for messages
+  uint64_t version = 0;                // bumped by every KvCacheManager change to the table
+
+  // KvCacheManager's memo of the device part's sharing (num_exclusive_blocks, shared_block_share),
+  // asked for every paused context every step: valid while the table's version and the device
+  // pool's share epoch stay what they were when it was taken.
+  struct SharingMemo {
+    uint64_t version = ~uint64_t{0};
+    uint64_t share_epoch = 0;
+    size_t num_blocks = 0;
+    int32_t num_exclusive = 0;
+    double share = 0;  // shared_block_share(table, num_exclusive)
+  };
+  mutable SharingMemo sharing_memo;
 
   int32_t num_device_tokens(int32_t block_size) const {
     int32_t capacity = static_cast<int32_t>(device_blocks.size()) * block_size;
@@ -151,7 +164,10 @@ class KvCacheManager {
   void check_invariants() const;
 
  private:
+  // Every change to a table goes through here or bumps `version` itself.
   BlockTable& mutable_table(RequestId request);
+  // The memo of `t`'s device sharing, brought up to date.
+  const BlockTable::SharingMemo& device_sharing(const BlockTable& t) const;
   BlockPool& mutable_pool(Tier tier) { return tier == Tier::kDevice ? device_pool_ : host_pool_; }
   // Frees now, or at commit() when a copy planned this iteration still touches the request.
   void release(RequestId request, Tier tier, BlockId block, double next_use_s);
