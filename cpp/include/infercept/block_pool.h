@@ -13,10 +13,10 @@
 #include <cstdint>
 #include <set>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 #include "infercept/block_hash.h"
+#include "infercept/block_index.h"
 #include "infercept/types.h"
 
 namespace infercept {
@@ -112,7 +112,7 @@ class BlockPool {
   std::vector<BlockHash> parents_;
   std::vector<int32_t> depths_;
   std::vector<TokenId> tokens_;
-  std::unordered_map<BlockHash, BlockId> index_;
+  BlockIndex index_;
   // Evictable blocks: where each sits (0 none, 1 lru_, 2 timed_) and under which key.
   std::vector<char> order_kind_;
   std::vector<EvictionKey> order_key_;
