@@ -73,6 +73,8 @@ void BlockPool::retain(BlockId block) {
                        std::to_string(block));
     }
     leave_eviction_order(block);  // a cache hit revives it
+  } else {
+    ++share_epoch_;  // a second (or further) owner
   }
   ++ref_counts_[block];
 }
@@ -83,6 +85,7 @@ void BlockPool::free(BlockId block) {
     throw BlockError("double free of " + std::string(to_string(tier_)) + " block " +
                      std::to_string(block));
   }
+  if (ref_counts_[block] > 1) ++share_epoch_;  // a co-owner leaves
   if (--ref_counts_[block] > 0) return;
   if (cached_[block]) make_evictable(block, false, now_s_);
   else free_list_.push_back(block);
@@ -135,7 +138,7 @@ bool BlockPool::cache(BlockId block, BlockHash hash, BlockHash parent, const Tok
   if (cached_[block]) {
     throw BlockError(std::string(to_string(tier_)) + " block " + std::to_string(block) + " is already cached");
   }
-  if (!index_.emplace(hash, block).second) return false;
+  if (!index_.insert(hash, block)) return false;
   cached_[block] = 1;
   hashes_[block] = hash;
   parents_[block] = parent;
@@ -151,9 +154,8 @@ void BlockPool::uncache(BlockId block) {
 }
 
 BlockId BlockPool::find(BlockHash hash, BlockHash parent, const TokenId* tokens) const {
-  auto it = index_.find(hash);
-  if (it == index_.end()) return kNoBlock;
-  BlockId block = it->second;
+  BlockId block = index_.find(hash);
+  if (block == BlockIndex::kNone) return kNoBlock;
   // A 64-bit key can collide: the content decides.
   if (parents_[block] != parent || !std::equal(tokens, tokens + block_size_, tokens_of(block))) return kNoBlock;
   return block;
@@ -195,8 +197,7 @@ void BlockPool::check_invariants() const {
     if (ref_counts_[block] > 0 && order_kind_[block] != 0) fail(block, "is referenced but in the eviction order");
     if (!cached_[block]) continue;
     ++num_cached;
-    auto it = index_.find(hashes_[block]);
-    if (it == index_.end() || it->second != block) fail(block, "is cached but the key index does not point at it");
+    if (index_.find(hashes_[block]) != block) fail(block, "is cached but the key index does not point at it");
     if (hash_block(parents_[block], tokens_of(block), block_size_) != hashes_[block]) {
       fail(block, "is cached under a key that does not match its tokens");
     }

@@ -66,7 +66,7 @@ void Scheduler::expire_pins(StepPlan& plan) {
   // A pin whose TTL has passed ends as vLLM's requests do: its blocks go to the prefix cache.
   for (Request* r : intercepted_) {
     if (r->state != RequestState::kPreserved || r->pin_until_s < 0 || r->pin_until_s > plan.now_s) continue;
-    r->transition(RequestState::kDiscarded);
+    move_paused(*r, RequestState::kDiscarded);
     discard(*r, &plan);
   }
 }
@@ -75,15 +75,15 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
   if (traits_->on_intercept == InterceptAction::kSwap) {
     // The baseline moves each paused context out whole, ignoring the budget (its exclusive
     // blocks: a prefix shared with running requests stays where they need it).
-    for (Request* r : intercepted_) {
-      int32_t num_exclusive = kv_.num_exclusive_blocks(*r->kv, Tier::kDevice);
-      if (r->state != RequestState::kSwappingOut || num_exclusive == 0) continue;
-      std::vector<BlockCopy> copies = kv_.swap_out(r->id, num_exclusive, expected_next_use_s(*r, plan.now_s));
-      if (copies.empty()) continue;  // host pool full: the context stays on the device for now
-      moved_.emplace_back(r->id, static_cast<int32_t>(copies.size()));
+    for_each_paused_on_device([&](Request& r) {
+      int32_t num_exclusive = kv_.num_exclusive_blocks(*r.kv, Tier::kDevice);
+      if (r.state != RequestState::kSwappingOut || num_exclusive == 0) return;
+      std::vector<BlockCopy> copies = kv_.swap_out(r.id, num_exclusive, expected_next_use_s(r, plan.now_s));
+      if (copies.empty()) return;  // host pool full: the context stays on the device for now
+      moved_.emplace_back(r.id, static_cast<int32_t>(copies.size()));
       plan.swap_out.insert(plan.swap_out.end(), copies.begin(), copies.end());
-      r->last_action_step = step_id_;
-    }
+      r.last_action_step = step_id_;
+    });
     return;
   }
   // The others decided at the intercept (or, continuum, decide when the pin expires).
@@ -107,13 +107,14 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
   // swap or discard frees memory nobody uses and only delays the resume.
   const double spare_blocks = kv_.pool(Tier::kDevice).num_free();
   std::vector<Candidate> swappable;
-  for (Request* r : intercepted_) {
-    if (r->kv->device_blocks.empty() || r->last_action_step == step_id_) continue;
+  for_each_paused_on_device([&](Request& paused) {
+    Request* r = &paused;
+    if (r->last_action_step == step_id_) return;
     // Only what it holds alone is the request's to keep, move or give up: blocks it shares
     // with others stay whatever it does (DESIGN.md §2 with a prefix cache, docs/prefix_cache.md).
     int32_t num_exclusive = kv_.num_exclusive_blocks(*r->kv, Tier::kDevice);
     int64_t device_tokens = num_exclusive_device_tokens(*r, num_exclusive);
-    if (device_tokens == 0) continue;
+    if (device_tokens == 0) return;
     double remaining_s = remaining_intercept_s(*r, plan.now_s);
     int64_t recompute_tokens = expected_recompute_tokens(*r, num_exclusive, remaining_s);
     int64_t wanted_tokens = device_tokens;
@@ -122,7 +123,7 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
       wanted_tokens = std::min<int64_t>(
           device_tokens, static_cast<int64_t>(std::ceil(std::max(0.0, shortfall_blocks))) * config_.block_size);
     }
-    if (wanted_tokens == 0) continue;  // nobody needs its memory before it returns: keep it
+    if (wanted_tokens == 0) return;  // nobody needs its memory before it returns: keep it
     Candidate c;
     c.request = r;
     c.preserve = preserve_waste(cost_, wanted_tokens, remaining_s);
@@ -136,10 +137,10 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
     if (worth_swapping) {
       swappable.push_back(c);
     } else if (c.discard < c.preserve) {
-      r->transition(RequestState::kDiscarded);
+      move_paused(*r, RequestState::kDiscarded);
       discard(*r, &plan);
     }
-  }
+  });
 
   // The most wasteful go out first, as far as the budget reaches; the rest take the cheaper of
   // discard and preserve.
@@ -155,7 +156,7 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
       if (!copies.empty()) {
         // Swapped too: blocks it shared became its own when the others let go.
         if (r->state == RequestState::kPreserved || r->state == RequestState::kSwapped) {
-          r->transition(RequestState::kSwappingOut);
+          move_paused(*r, RequestState::kSwappingOut);
         }
         swap_budget -= static_cast<int64_t>(copies.size());
         moved_.emplace_back(r->id, static_cast<int32_t>(copies.size()));
@@ -165,7 +166,7 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
       }
     }
     if (c.discard < c.preserve) {
-      r->transition(RequestState::kDiscarded);
+      move_paused(*r, RequestState::kDiscarded);
       discard(*r, &plan);
     }
   }

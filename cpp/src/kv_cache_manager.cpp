@@ -12,11 +12,33 @@ int32_t blocks_for(int32_t num_tokens, int32_t block_size) {
   return (num_tokens + block_size - 1) / block_size;
 }
 
-}  // namespace
-
-int32_t BlockTable::num_device_tokens(int32_t block_size) const {
-  return std::min(num_tokens, static_cast<int32_t>(device_blocks.size()) * block_size);
+// The blocks no other owner references: a suffix of `blocks`. Sharing is a prefix of the
+// table (keys chain, and cache_full_blocks keeps one copy of each content), so reference
+// counts never rise along it: binary search for the first block held once. O(log n).
+int32_t count_exclusive(const std::vector<BlockId>& blocks, const BlockPool& p) {
+  if (blocks.empty() || p.ref_count(blocks.front()) == 1) return static_cast<int32_t>(blocks.size());  // nothing shared
+  if (p.ref_count(blocks.back()) > 1) return 0;  // all shared
+  auto first_exclusive = std::partition_point(blocks.begin(), blocks.end(),
+                                              [&](BlockId block) { return p.ref_count(block) > 1; });
+  return static_cast<int32_t>(blocks.end() - first_exclusive);
 }
+
+// Of the shared blocks (all but the last `num_exclusive`), the share: each counts 1 / its
+// owners. Reference counts form a few runs of equal values: one binary search per run.
+double share_of(const std::vector<BlockId>& blocks, int32_t num_exclusive, const BlockPool& p) {
+  int32_t num_shared = static_cast<int32_t>(blocks.size()) - num_exclusive;
+  double share = 0;
+  auto it = blocks.begin(), end = blocks.begin() + num_shared;
+  while (it != end) {
+    int32_t count = p.ref_count(*it);
+    auto run_end = std::partition_point(it, end, [&](BlockId block) { return p.ref_count(block) >= count; });
+    share += static_cast<double>(run_end - it) / count;
+    it = run_end;
+  }
+  return share;
+}
+
+}  // namespace
 
 KvCacheManager::KvCacheManager(int32_t block_size, int32_t num_device_blocks, int32_t num_host_blocks)
     : block_size_(block_size),
@@ -26,6 +48,7 @@ KvCacheManager::KvCacheManager(int32_t block_size, int32_t num_device_blocks, in
 BlockTable& KvCacheManager::add(RequestId request) {
   auto [it, inserted] = tables_.try_emplace(request);
   if (!inserted) throw StateError("request " + std::to_string(request) + " already has a block table");
+  it->second.request_id = request;
   return it->second;
 }
 
@@ -36,11 +59,12 @@ const BlockTable& KvCacheManager::table(RequestId request) const {
 }
 
 BlockTable& KvCacheManager::mutable_table(RequestId request) {
-  return const_cast<BlockTable&>(static_cast<const KvCacheManager*>(this)->table(request));
+  BlockTable& t = const_cast<BlockTable&>(static_cast<const KvCacheManager*>(this)->table(request));
+  ++t.version;
+  return t;
 }
 
-int32_t KvCacheManager::num_blocks_to_append(RequestId request, int32_t num_tokens) const {
-  const BlockTable& t = table(request);
+int32_t KvCacheManager::num_blocks_to_append(const BlockTable& t, int32_t num_tokens) const {
   int32_t num_blocks = static_cast<int32_t>(t.device_blocks.size() + t.host_blocks.size());
   return std::max(0, blocks_for(t.num_tokens + num_tokens, block_size_) - num_blocks);
 }
@@ -49,18 +73,23 @@ bool KvCacheManager::can_append(RequestId request, int32_t num_tokens) const {
   return device_pool_.can_allocate(num_blocks_to_append(request, num_tokens));
 }
 
-int32_t KvCacheManager::append_tokens(RequestId request, int32_t num_tokens) {
+int32_t KvCacheManager::append_tokens(BlockTable& t, int32_t num_tokens) {
   if (num_tokens < 0) {
     throw InvalidArgumentError("cannot append " + std::to_string(num_tokens) + " tokens");
   }
-  BlockTable& t = mutable_table(request);
+  ++t.version;
   if (!t.is_on_device()) {
-    throw StateError("request " + std::to_string(request) + " has " +
+    throw StateError("request " + std::to_string(t.request_id) + " has " +
                      std::to_string(t.host_blocks.size()) +
                      " blocks on the host; swap them in before appending");
   }
-  std::vector<BlockId> fresh = device_pool_.allocate(num_blocks_to_append(request, num_tokens));
-  t.device_blocks.insert(t.device_blocks.end(), fresh.begin(), fresh.end());
+  int32_t num_fresh = num_blocks_to_append(t, num_tokens);
+  if (num_fresh == 1 && device_pool_.num_free() > 0) {
+    t.device_blocks.push_back(device_pool_.allocate());  // a decode's new block: no temporary vector
+  } else if (num_fresh > 0) {
+    std::vector<BlockId> fresh = device_pool_.allocate(num_fresh);
+    t.device_blocks.insert(t.device_blocks.end(), fresh.begin(), fresh.end());
+  }
   t.num_tokens += num_tokens;
   int32_t num_recomputed = std::min(num_tokens, t.num_tokens_to_recompute);
   t.num_tokens_to_recompute -= num_recomputed;
@@ -237,8 +266,8 @@ int32_t KvCacheManager::adopt_cached_prefix(RequestId request, const CachedPrefi
   return t.num_tokens;
 }
 
-void KvCacheManager::cache_full_blocks(RequestId request, const TokenBlocks& tokens) {
-  BlockTable& t = mutable_table(request);
+void KvCacheManager::cache_full_blocks(BlockTable& t, const TokenBlocks& tokens) {
+  ++t.version;
   int32_t num_full = std::min({t.num_device_tokens(block_size_) / block_size_, tokens.num_full_blocks(),
                                static_cast<int32_t>(t.device_blocks.size())});
   for (int32_t index = t.num_cached_blocks; index < num_full; ++index) {
@@ -267,31 +296,26 @@ void KvCacheManager::touch_cached(const TokenBlocks& tokens, double next_use_s) 
 }
 
 int32_t KvCacheManager::num_exclusive_blocks(const BlockTable& t, Tier tier) const {
-  const auto& blocks = tier == Tier::kDevice ? t.device_blocks : t.host_blocks;
-  const BlockPool& p = pool(tier);
-  // Sharing is a prefix of the table (keys chain, and cache_full_blocks keeps one copy of
-  // each content), so reference counts never rise along it: binary search for the first
-  // block held once. O(log n) on the scheduler's hot path.
-  if (blocks.empty() || p.ref_count(blocks.front()) == 1) return static_cast<int32_t>(blocks.size());  // nothing shared
-  if (p.ref_count(blocks.back()) > 1) return 0;  // all shared
-  auto first_exclusive = std::partition_point(blocks.begin(), blocks.end(),
-                                              [&](BlockId block) { return p.ref_count(block) > 1; });
-  return static_cast<int32_t>(blocks.end() - first_exclusive);
+  if (tier == Tier::kDevice) return device_sharing(t).num_exclusive;
+  return count_exclusive(t.host_blocks, host_pool_);
 }
 
 double KvCacheManager::shared_block_share(const BlockTable& t, int32_t num_exclusive) const {
-  const auto& blocks = t.device_blocks;
-  int32_t num_shared = static_cast<int32_t>(blocks.size()) - num_exclusive;
-  // Reference counts form a few runs of equal values: one binary search per run.
-  double share = 0;
-  auto it = blocks.begin(), end = blocks.begin() + num_shared;
-  while (it != end) {
-    int32_t count = device_pool_.ref_count(*it);
-    auto run_end = std::partition_point(it, end, [&](BlockId block) { return device_pool_.ref_count(block) >= count; });
-    share += static_cast<double>(run_end - it) / count;
-    it = run_end;
+  const BlockTable::SharingMemo& memo = device_sharing(t);
+  return num_exclusive == memo.num_exclusive ? memo.share : share_of(t.device_blocks, num_exclusive, device_pool_);
+}
+
+const BlockTable::SharingMemo& KvCacheManager::device_sharing(const BlockTable& t) const {
+  BlockTable::SharingMemo& memo = t.sharing_memo;
+  if (memo.version != t.version || memo.share_epoch != device_pool_.share_epoch() ||
+      memo.num_blocks != t.device_blocks.size()) {
+    memo.version = t.version;
+    memo.share_epoch = device_pool_.share_epoch();
+    memo.num_blocks = t.device_blocks.size();
+    memo.num_exclusive = count_exclusive(t.device_blocks, device_pool_);
+    memo.share = share_of(t.device_blocks, memo.num_exclusive, device_pool_);
   }
-  return share;
+  return memo;
 }
 
 void KvCacheManager::check_invariants() const {

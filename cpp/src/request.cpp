@@ -22,19 +22,6 @@ const char* to_string(RequestState state) {
   return "unknown";
 }
 
-bool is_intercepted(RequestState state) {
-  return state == RequestState::kPreserved || state == RequestState::kSwappingOut ||
-         state == RequestState::kSwapped || state == RequestState::kDiscarded;
-}
-
-bool is_computing(RequestState state) {
-  return state == RequestState::kRunning || state == RequestState::kRecomputing;
-}
-
-bool is_terminal(RequestState state) {
-  return state == RequestState::kFinished || state == RequestState::kAborted;
-}
-
 bool can_transition(RequestState from, RequestState to) {
   using S = RequestState;
   if (is_terminal(from)) return false;

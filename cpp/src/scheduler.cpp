@@ -118,6 +118,11 @@ void Scheduler::check_token_ids(const std::vector<TokenId>& token_ids, const cha
   }
 }
 
+Request* Scheduler::find_request(RequestId request) {
+  auto it = requests_.find(request);
+  return it == requests_.end() ? nullptr : &it->second;
+}
+
 Request& Scheduler::get(RequestId request) {
   auto it = requests_.find(request);
   if (it == requests_.end()) throw UnknownRequestError("unknown request id " + std::to_string(request));
@@ -275,6 +280,7 @@ void Scheduler::remove(RequestId request) {
   }
   kv_.free(request);
   requests_.erase(request);
+  ++num_removed_;
 }
 
 void Scheduler::release(Request& r, RequestState terminal) {
@@ -314,14 +320,17 @@ void Scheduler::remove_running(Request& r) { erase_from(running_, &r); }
 void Scheduler::add_intercepted(Request& r) {
   r.intercepted_index = static_cast<int32_t>(intercepted_.size());
   intercepted_.push_back(&r);
+  intercepted_on_device_.push_back(1);
 }
 
 void Scheduler::remove_intercepted(Request& r) {
   // Swap with the last entry: O(1), the list has no order.
   Request* last = intercepted_.back();
   intercepted_[r.intercepted_index] = last;
+  intercepted_on_device_[r.intercepted_index] = intercepted_on_device_.back();
   last->intercepted_index = r.intercepted_index;
   intercepted_.pop_back();
+  intercepted_on_device_.pop_back();
   r.intercepted_index = -1;
 }
 
@@ -339,6 +348,11 @@ StepPlan Scheduler::schedule(double now_s) {
   memory_blocked_ = false;
   plan.now_s = now_s;
   moved_.clear();
+  scheduled_requests_.clear();
+  num_removed_at_schedule_ = num_removed_;
+  // At most max_running_requests are scheduled (admission keeps running + swapping in under it).
+  plan.scheduled.reserve(std::min<size_t>(static_cast<size_t>(config_.max_running_requests),
+                                          running_.size() + swapping_in_.size() + queue_.size()));
 
   expire_pins(plan);  // their memory is free for this step's batch
   int32_t token_budget = config_.max_batched_tokens;
@@ -362,13 +376,14 @@ void Scheduler::add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan) {
   s.request_id = r.id;
   s.num_computed_tokens = r.kv->num_tokens;
   s.num_new_tokens = num_new_tokens;
-  s.num_recompute_tokens = kv_.append_tokens(r.id, num_new_tokens);
+  s.num_recompute_tokens = kv_.append_tokens(*r.kv, num_new_tokens);
   s.samples = r.kv->num_tokens == r.num_tokens();
   plan.num_batched_tokens += num_new_tokens;
   plan.num_context_tokens += r.kv->num_tokens;
   plan.num_recompute_tokens += s.num_recompute_tokens;
   plan.num_sampling_requests += s.samples;
   plan.scheduled.push_back(std::move(s));
+  scheduled_requests_.push_back(&r);
   r.last_action_step = step_id_;
 }
 
@@ -378,7 +393,7 @@ void Scheduler::schedule_running(StepPlan& plan, int32_t& token_budget) {
     Request& r = *running_[i];
     int32_t num_new_tokens = std::min(r.num_uncomputed_tokens(), token_budget);
     if (num_new_tokens <= 0) continue;
-    if (!make_room(r, kv_.num_blocks_to_append(r.id, num_new_tokens), plan)) {
+    if (!make_room(r, kv_.num_blocks_to_append(*r.kv, num_new_tokens), plan)) {
       if (i < running_.size() && running_[i] != &r) --i;  // r left the list; revisit this slot
       continue;
     }
@@ -446,7 +461,7 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
 
     if (token_budget <= 0) return;
     int32_t num_new_tokens = std::min(r.num_uncomputed_tokens(), token_budget);
-    int32_t needed = kv_.num_blocks_to_append(r.id, num_new_tokens);
+    int32_t needed = kv_.num_blocks_to_append(*r.kv, num_new_tokens);
     if (!device.can_allocate(needed)) {
       memory_blocked_ = true;
       // Nothing else can free memory (no batch, no copies): paused contexts must give way,
@@ -556,11 +571,11 @@ bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
     };
     Request* victim = nullptr;
     double longest_s = -1;
-    for (Request* r : intercepted_) {
-      if (!gives_way(*r)) continue;
-      double remaining_s = remaining_intercept_s(*r, plan.now_s);
-      if (remaining_s > longest_s) longest_s = remaining_s, victim = r;
-    }
+    for_each_paused_on_device([&](Request& r) {
+      if (!gives_way(r)) return;
+      double remaining_s = remaining_intercept_s(r, plan.now_s);
+      if (remaining_s > longest_s) longest_s = remaining_s, victim = &r;
+    });
     if (victim) {
       evict(*victim, plan);
       return true;
@@ -585,7 +600,7 @@ bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
 
 void Scheduler::evict(Request& victim, StepPlan& plan) {
   if (swap_out_whole(victim, plan)) return;
-  victim.transition(RequestState::kDiscarded);
+  move_paused(victim, RequestState::kDiscarded);
   discard(victim, &plan);
 }
 
@@ -594,7 +609,7 @@ bool Scheduler::swap_out_whole(Request& victim, StepPlan& plan) {
   bool can_swap = traits_->swaps && num_device_blocks > 0 && kv_.pool(Tier::kHost).can_allocate(num_device_blocks);
   if (!can_swap) return false;
   // The whole context at once: memory pressure is an emergency and cannot wait for a budget.
-  if (victim.state != RequestState::kSwappingOut) victim.transition(RequestState::kSwappingOut);
+  if (victim.state != RequestState::kSwappingOut) move_paused(victim, RequestState::kSwappingOut);
   std::vector<BlockCopy> copies = kv_.swap_out(victim.id, num_device_blocks, expected_next_use_s(victim, plan.now_s));
   moved_.emplace_back(victim.id, num_device_blocks);
   plan.swap_out.insert(plan.swap_out.end(), copies.begin(), copies.end());
@@ -653,19 +668,24 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
   update_allocation_rate(now_s);
 
   StepOutput out;
+  out.sampled.reserve(static_cast<size_t>(plan.num_sampling_requests));
   size_t sample_index = 0;
-  for (const ScheduledRequest& s : plan.scheduled) {
+  const bool none_removed = num_removed_ == num_removed_at_schedule_;
+  for (size_t i = 0; i < plan.scheduled.size(); ++i) {
+    const ScheduledRequest& s = plan.scheduled[i];
     size_t row = s.samples ? sample_index++ : 0;
-    auto it = requests_.find(s.request_id);
-    if (it == requests_.end() || !is_computing(it->second.state)) continue;  // aborted meanwhile
-    Request& r = it->second;
+    Request* found = none_removed && i < scheduled_requests_.size() && scheduled_requests_[i]->id == s.request_id
+                         ? scheduled_requests_[i]
+                         : find_request(s.request_id);
+    if (found == nullptr || !is_computing(found->state)) continue;  // aborted meanwhile
+    Request& r = *found;
     if (r.state == RequestState::kRecomputing && r.kv->num_tokens_to_recompute == 0) {
       r.transition(RequestState::kRunning);
     }
     if (r.has_token_ids() && s.samples && !sampled_ids.empty()) r.tokens.append(&sampled_ids[row], 1);
     if (r.cacheable) {
       int32_t num_cached_before = r.kv->num_cached_blocks;
-      kv_.cache_full_blocks(r.id, r.tokens);
+      kv_.cache_full_blocks(*r.kv, r.tokens);
       if (traits_->host_offload == HostOffload::kStoreOnCompute) {
         // Each block once its KV exists, as vLLM's OffloadingConnector stores computed blocks.
         for (int32_t i = num_cached_before; i < r.kv->num_cached_blocks; ++i) {
@@ -690,9 +710,9 @@ StepOutput Scheduler::update(const StepPlan& plan, const StepResult& result, dou
     auto it = requests_.find(id);
     if (it == requests_.end()) continue;
     Request& r = it->second;
-    if (r.cacheable) kv_.cache_full_blocks(r.id, r.tokens);  // swapped-in blocks
+    if (r.cacheable) kv_.cache_full_blocks(*r.kv, r.tokens);  // swapped-in blocks
     if (r.state == RequestState::kSwappingOut && kv_.num_exclusive_blocks(*r.kv, Tier::kDevice) == 0) {
-      r.transition(RequestState::kSwapped);
+      move_paused(r, RequestState::kSwapped);
     } else if (r.state == RequestState::kSwappingIn && r.kv->host_blocks.empty()) {
       erase_from(swapping_in_, &r);
       r.transition(r.kv->num_tokens_to_recompute > 0 ? RequestState::kRecomputing : RequestState::kRunning);
@@ -833,6 +853,22 @@ void Scheduler::check_invariants() const {
     num_queued += should_queue;
     num_pending += r.tool_pending;
     num_live += !is_terminal(r.state);
+  }
+  if (intercepted_on_device_.size() != intercepted_.size()) {
+    throw StateError("the intercepted list has " + std::to_string(intercepted_.size()) + " entries but " +
+                     std::to_string(intercepted_on_device_.size()) + " device flags");
+  }
+  for (size_t i = 0; i < intercepted_.size(); ++i) {
+    const Request& r = *intercepted_[i];
+    if (!intercepted_on_device_[i] && !r.kv->device_blocks.empty()) {
+      throw StateError("request " + std::to_string(r.id) + " (" + to_string(r.state) + ") holds " +
+                       std::to_string(r.kv->device_blocks.size()) +
+                       " device blocks but is marked as holding none while paused");
+    }
+    if (!paused_moved_ && r.state != r.reported_state) {
+      throw StateError("request " + std::to_string(r.id) + " moved to " + to_string(r.state) + " from " +
+                       to_string(r.reported_state) + " without move_paused(): the change would go unreported");
+    }
   }
   if (num_computing != running_.size() || num_swapping_in != swapping_in_.size() ||
       num_queued != queue_.size() || num_pending != intercepted_.size() || num_live != num_live_) {

@@ -9,23 +9,26 @@ namespace infercept {
 void Scheduler::build_batch(StepPlan& plan) const {
   StepBatch& b = plan.batch;
   const size_t num_seqs = plan.scheduled.size();
+  const size_t num_sampling = static_cast<size_t>(plan.num_sampling_requests);
   const int32_t block_size = config_.block_size;
-  // Per request (always: O(B), and the simulator samples from the sampling rows).
+  // add_chunk() recorded each scheduled request's record in plan order: no lookups here.
+  const std::vector<Request*>& reqs = scheduled_requests_;
+  // Per request (always: O(B), and the simulator samples from the sampling rows). Every array
+  // is sized once and written by index.
   b.request_ids.resize(num_seqs);
   b.query_start.resize(num_seqs + 1);
   b.query_lens.resize(num_seqs);
   b.context_lens.resize(num_seqs);
-  b.logit_rows.clear();
-  b.sampling_request_ids.clear();
-  b.sampling_positions.clear();
-  b.num_cached_tokens.clear();
-  std::vector<const Request*> reqs(num_seqs);
+  b.logit_rows.resize(num_sampling);
+  b.sampling_request_ids.resize(num_sampling);
+  b.sampling_positions.resize(num_sampling);
+  b.num_cached_tokens.resize(num_sampling);
   int32_t max_blocks = 0;
+  size_t sample = 0;
   b.query_start[0] = 0;
   for (size_t i = 0; i < num_seqs; ++i) {
     const ScheduledRequest& s = plan.scheduled[i];
-    const Request& r = requests_.at(s.request_id);
-    reqs[i] = &r;
+    const Request& r = *reqs[i];
     const int32_t end = s.num_computed_tokens + s.num_new_tokens;
     b.request_ids[i] = s.request_id;
     b.query_lens[i] = s.num_new_tokens;
@@ -33,10 +36,11 @@ void Scheduler::build_batch(StepPlan& plan) const {
     b.query_start[i + 1] = b.query_start[i] + s.num_new_tokens;
     max_blocks = std::max(max_blocks, static_cast<int32_t>(r.kv->device_blocks.size()));
     if (s.samples) {
-      b.logit_rows.push_back(b.query_start[i + 1] - 1);
-      b.sampling_request_ids.push_back(s.request_id);
-      b.sampling_positions.push_back(end);
-      b.num_cached_tokens.push_back(r.num_cached_tokens);
+      b.logit_rows[sample] = b.query_start[i + 1] - 1;
+      b.sampling_request_ids[sample] = s.request_id;
+      b.sampling_positions[sample] = end;
+      b.num_cached_tokens[sample] = r.num_cached_tokens;
+      ++sample;
     }
   }
   if (!config_.build_batch) return;
@@ -46,7 +50,9 @@ void Scheduler::build_batch(StepPlan& plan) const {
   b.positions.resize(b.input_ids.size());
   b.slot_mapping.resize(b.input_ids.size());
   b.max_blocks = max_blocks;
-  b.block_tables.assign(num_seqs * static_cast<size_t>(max_blocks), 0);
+  // Each row written once: the table, then its zero padding.
+  b.block_tables.clear();
+  b.block_tables.reserve(num_seqs * static_cast<size_t>(max_blocks));
   int64_t row = 0;
   for (size_t i = 0; i < num_seqs; ++i) {
     const ScheduledRequest& s = plan.scheduled[i];
@@ -58,11 +64,15 @@ void Scheduler::build_batch(StepPlan& plan) const {
       b.positions[row] = pos;
       b.slot_mapping[row] = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
     }
-    std::copy(table.begin(), table.end(), b.block_tables.begin() + static_cast<std::ptrdiff_t>(i * max_blocks));
+    b.block_tables.insert(b.block_tables.end(), table.begin(), table.end());
+    b.block_tables.insert(b.block_tables.end(), static_cast<size_t>(max_blocks) - table.size(), 0);
   }
 }
 
 void Scheduler::report_kv_changes(StepOutput& out) {
+  // Paused states change only through move_paused(): no move since the last report, no change.
+  if (!paused_moved_) return;
+  paused_moved_ = false;
   for (Request* r : intercepted_) {
     if (r->state == r->reported_state) continue;
     out.kv_changes.push_back({r->id, r->state});

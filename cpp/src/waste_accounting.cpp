@@ -26,13 +26,12 @@ void Scheduler::account_time(double now_s) {
   // A block shared by k owners is charged 1/k to each paused one: it counts once when all its
   // owners are paused, and only in part while a running request also uses it. Blocks nobody
   // references are cached free capacity and cost nothing.
-  for (Request* r : intercepted_) {
-    if (r->kv->device_blocks.empty()) continue;
-    int32_t num_exclusive = kv_.num_exclusive_blocks(*r->kv, Tier::kDevice);
-    double tokens = static_cast<double>(num_exclusive_device_tokens(*r, num_exclusive)) +
-                    kv_.shared_block_share(*r->kv, num_exclusive) * config_.block_size;
-    if (tokens > 0) charge(*r, tokens);
-  }
+  for_each_paused_on_device([&](Request& r) {
+    int32_t num_exclusive = kv_.num_exclusive_blocks(*r.kv, Tier::kDevice);
+    double tokens = static_cast<double>(num_exclusive_device_tokens(r, num_exclusive)) +
+                    kv_.shared_block_share(*r.kv, num_exclusive) * config_.block_size;
+    if (tokens > 0) charge(r, tokens);
+  });
   // ... and so do the blocks this step copies out for them: they are freed when the step ends.
   // (A paused context only ever moves out, once per step; the moved blocks lead its host part,
   // and only the context's last block can be partial.)

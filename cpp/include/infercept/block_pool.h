@@ -13,10 +13,10 @@
 #include <cstdint>
 #include <set>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 #include "infercept/block_hash.h"
+#include "infercept/block_index.h"
 #include "infercept/types.h"
 
 namespace infercept {
@@ -76,6 +76,10 @@ class BlockPool {
   int32_t num_cached() const { return static_cast<int32_t>(index_.size()); }
   int64_t num_evictions() const { return num_evictions_; }
   int64_t num_allocations() const { return num_allocations_; }
+  /// Changes whenever a referenced block gains or loses a co-owner (a reference count moves
+  /// from or to above one): while it stands, every table's shared and exclusive parts stand
+  /// too, unless the table itself changed.
+  uint64_t share_epoch() const { return share_epoch_; }
   int32_t block_size() const { return block_size_; }
   Tier tier() const { return tier_; }
 
@@ -108,7 +112,7 @@ class BlockPool {
   std::vector<BlockHash> parents_;
   std::vector<int32_t> depths_;
   std::vector<TokenId> tokens_;
-  std::unordered_map<BlockHash, BlockId> index_;
+  BlockIndex index_;
   // Evictable blocks: where each sits (0 none, 1 lru_, 2 timed_) and under which key.
   std::vector<char> order_kind_;
   std::vector<EvictionKey> order_key_;
@@ -116,6 +120,7 @@ class BlockPool {
   std::set<EvictionKey> timed_;
   int64_t num_evictions_ = 0;
   int64_t num_allocations_ = 0;
+  uint64_t share_epoch_ = 0;
 };
 
 }  // namespace infercept

@@ -35,8 +35,25 @@ struct BlockTable {
   int32_t num_tokens = 0;              // tokens whose KV is held, on either tier
   int32_t num_tokens_to_recompute = 0; // tokens whose KV was discarded and must be rebuilt
   int32_t num_cached_blocks = 0;       // leading device blocks already offered to the cache
+  RequestId request_id = -1;           // its owner (KvCacheManager::add sets it), for messages
+  uint64_t version = 0;                // bumped by every KvCacheManager change to the table
 
-  int32_t num_device_tokens(int32_t block_size) const;
+  // KvCacheManager's memo of the device part's sharing (num_exclusive_blocks, shared_block_share),
+  // asked for every paused context every step: valid while the table's version and the device
+  // pool's share epoch stay what they were when it was taken.
+  struct SharingMemo {
+    uint64_t version = ~uint64_t{0};
+    uint64_t share_epoch = 0;
+    size_t num_blocks = 0;
+    int32_t num_exclusive = 0;
+    double share = 0;  // shared_block_share(table, num_exclusive)
+  };
+  mutable SharingMemo sharing_memo;
+
+  int32_t num_device_tokens(int32_t block_size) const {
+    int32_t capacity = static_cast<int32_t>(device_blocks.size()) * block_size;
+    return num_tokens < capacity ? num_tokens : capacity;
+  }
   int32_t num_host_tokens(int32_t block_size) const { return num_tokens - num_device_tokens(block_size); }
   bool is_on_device() const { return host_blocks.empty(); }
 };
@@ -72,12 +89,17 @@ class KvCacheManager {
   const BlockTable& table(RequestId request) const;
 
   /// Device blocks needed to append `num_tokens` tokens to the request's KV.
-  int32_t num_blocks_to_append(RequestId request, int32_t num_tokens) const;
+  int32_t num_blocks_to_append(RequestId request, int32_t num_tokens) const {
+    return num_blocks_to_append(table(request), num_tokens);
+  }
+  /// ... to a table this manager owns (the scheduler holds its requests' tables: no lookup).
+  int32_t num_blocks_to_append(const BlockTable& table, int32_t num_tokens) const;
   bool can_append(RequestId request, int32_t num_tokens) const;
 
   /// Appends `num_tokens` tokens of KV, allocating device blocks as blocks fill. The request
   /// must be wholly on the device. Returns how many of them rebuild discarded KV (recompute).
-  int32_t append_tokens(RequestId request, int32_t num_tokens);
+  int32_t append_tokens(RequestId request, int32_t num_tokens) { return append_tokens(mutable_table(request), num_tokens); }
+  int32_t append_tokens(BlockTable& table, int32_t num_tokens);
 
   /// Plans moving up to `max_blocks` of the request's exclusive blocks from the back of the
   /// device part to the host (a block another request shares is never moved for one owner).
@@ -107,7 +129,8 @@ class KvCacheManager {
   int32_t adopt_cached_prefix(RequestId request, const CachedPrefix& prefix);
   /// Registers the request's full device blocks with the cache once their KV is written; a
   /// block whose content another block already holds is swapped for that one (one copy kept).
-  void cache_full_blocks(RequestId request, const TokenBlocks& tokens);
+  void cache_full_blocks(RequestId request, const TokenBlocks& tokens) { cache_full_blocks(mutable_table(request), tokens); }
+  void cache_full_blocks(BlockTable& table, const TokenBlocks& tokens);
   /// Host offload: plans copying the cached device block `block` (referenced or evictable) to
   /// a host block (evicting the host's least recently used one if need be), `*copy` saying
   /// which. The copy keeps the block's content: a release of it waits for commit(), which
@@ -141,7 +164,10 @@ class KvCacheManager {
   void check_invariants() const;
 
  private:
+  // Every change to a table goes through here or bumps `version` itself.
   BlockTable& mutable_table(RequestId request);
+  // The memo of `t`'s device sharing, brought up to date.
+  const BlockTable::SharingMemo& device_sharing(const BlockTable& t) const;
   BlockPool& mutable_pool(Tier tier) { return tier == Tier::kDevice ? device_pool_ : host_pool_; }
   // Frees now, or at commit() when a copy planned this iteration still touches the request.
   void release(RequestId request, Tier tier, BlockId block, double next_use_s);

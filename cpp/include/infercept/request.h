@@ -34,10 +34,17 @@ enum class RequestState : uint8_t {
 const char* to_string(RequestState state);
 bool can_transition(RequestState from, RequestState to);
 /// Preserved, swapping out, swapped or discarded.
-bool is_intercepted(RequestState state);
+inline bool is_intercepted(RequestState state) {
+  return state == RequestState::kPreserved || state == RequestState::kSwappingOut ||
+         state == RequestState::kSwapped || state == RequestState::kDiscarded;
+}
 /// Running or recomputing: the request takes part in the forward pass.
-bool is_computing(RequestState state);
-bool is_terminal(RequestState state);
+inline bool is_computing(RequestState state) {
+  return state == RequestState::kRunning || state == RequestState::kRecomputing;
+}
+inline bool is_terminal(RequestState state) {
+  return state == RequestState::kFinished || state == RequestState::kAborted;
+}
 
 /// Bookkeeping for one request. Token counts: prompt + generated + tool-returned = num_tokens;
 /// of those, the KV of `kv->num_tokens` exists (device or host) and the rest waits to be

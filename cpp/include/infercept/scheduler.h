@@ -154,12 +154,33 @@ class Scheduler {
 
  private:
   Request& get(RequestId request);
+  Request* find_request(RequestId request);  // nullptr when unknown (removed)
   void enqueue(Request& r);
   void dequeue(Request& r);
   void add_running(Request& r);
   void remove_running(Request& r);
   void add_intercepted(Request& r);
   void remove_intercepted(Request& r);
+  // Calls f(Request&) for each paused context (tool pending) that holds device blocks, in
+  // intercepted_ order: the passes of account_time, decide_intercepted and reclaim.
+  template <class F>
+  void for_each_paused_on_device(F&& f) {
+    for (size_t i = 0; i < intercepted_.size(); ++i) {
+      if (!intercepted_on_device_[i]) continue;
+      Request* r = intercepted_[i];
+      if (r->kv->device_blocks.empty()) {
+        intercepted_on_device_[i] = 0;
+        continue;
+      }
+      f(*r);
+    }
+  }
+  // r.transition(to) for a paused or resuming request's KV move; report_kv_changes() looks
+  // for what changed only after one of these.
+  void move_paused(Request& r, RequestState to) {
+    r.transition(to);
+    paused_moved_ = true;
+  }
   void release(Request& r, RequestState terminal);
   void discard(Request& r, StepPlan* plan);
   // The request, which must be paused on a tool (StateError otherwise).
@@ -233,7 +254,20 @@ class Scheduler {
   std::vector<Request*> swapping_in_;    // admitted, KV coming back, by priority
   std::set<std::pair<double, RequestId>> queue_;  // (priority_s, id): new and resumable
   std::vector<Request*> intercepted_;    // tool pending, any KV location; unordered
+  // [intercepted_.size()]: 0 once that context's device part is known to be empty. A paused
+  // context never regains device blocks while its tool runs (swap-ins, prefix adoption and
+  // appends are for queued and running requests), so the per-step passes over paused
+  // contexts skip those entries without loading their records.
+  std::vector<uint8_t> intercepted_on_device_;
+  // A paused request changed state (move_paused) since report_kv_changes() last looked.
+  bool paused_moved_ = false;
   std::vector<std::pair<RequestId, int32_t>> moved_;  // blocks each request copies this step
+  // The records of the last plan's scheduled requests, in plan order (add_chunk() fills it),
+  // so build_batch() and update() need no lookup by id. update() trusts an entry only while
+  // no request has been removed since (remove() bumps num_removed_) and its id matches.
+  std::vector<Request*> scheduled_requests_;
+  int64_t num_removed_ = 0;
+  int64_t num_removed_at_schedule_ = 0;
   std::vector<std::pair<RequestId, std::string>> pending_aborts_;  // reported by update()
   SchedulerStats totals_;                // cumulative counters only
   // Device blocks allocated per second (EMA): the demand that evicts discarded contexts.
