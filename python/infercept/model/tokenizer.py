@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from infercept.weights.errors import WeightsNotFoundError
+from infercept.weights.errors import InvalidWeightsError, WeightsNotFoundError
 
 
 class Tokenizer:
@@ -29,6 +29,8 @@ class Tokenizer:
 
         Raises:
             WeightsNotFoundError: ``path`` does not exist.
+            InvalidWeightsError: a ``.gguf`` file transformers cannot read (corrupt, truncated,
+                an unknown version), naming the file.
         """
         from transformers import AutoTokenizer
 
@@ -37,8 +39,11 @@ class Tokenizer:
             raise WeightsNotFoundError(f"tokenizer path {path} does not exist")
         if path.is_dir():
             return cls(AutoTokenizer.from_pretrained(path, local_files_only=True))
-        return cls(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
-                                                 local_files_only=True))
+        try:
+            return cls(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                     local_files_only=True))
+        except (ValueError, OSError, KeyError) as exc:
+            raise InvalidWeightsError(f"cannot read the tokenizer from {path}: {exc}") from exc
 
     @property
     def hf_tokenizer(self) -> Any:
