@@ -18,13 +18,14 @@ from infercept.bench.plots import plot_latency, plot_waste
 
 
 def load_rows(path: Path) -> list[dict]:
-    """The rows of a results file: a list of rows, or a payload with a "rows" list; a row names
-    its policy under "policy" (or "system", for peers such as real vLLM)."""
+    """The rows of a results file: a list of rows, or a payload with a "rows" list. A row is
+    labelled by its "system" where it has one (bench_vs_vllm.py: "infercept vllm-v1" is our
+    policy, "vllm ..." the real engine), else by its "policy"."""
     data = json.loads(path.read_text())
     rows = data["rows"] if isinstance(data, dict) else data
     out = []
     for row in rows:
-        if "policy" not in row and "system" in row:
+        if "system" in row:
             row = {**row, "policy": row["system"]}
         if "policy" in row and "rate" in row and "normalized_latency" in row:
             out.append(row)
