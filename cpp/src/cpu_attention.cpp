@@ -12,6 +12,7 @@
 #include <omp.h>
 #endif
 
+#include "cpu_attention_avx2.h"
 #include "infercept/attention_args.h"
 #include "infercept/errors.h"
 
@@ -200,16 +201,47 @@ void check_paged_decode_problem(const PagedDecodeProblem& p) {
 
 void paged_decode_attention(const PagedDecodeProblem& p) {
   check_paged_decode_problem(p);
-  const int64_t num_tasks = p.num_seqs * p.num_kv_heads;
-  if (num_tasks == 0) return;
   const int64_t group = p.num_heads / p.num_kv_heads;
+  const bool avx2_fits = detail::cpu_has_avx2_fma() && p.head_dim % 8 == 0;
+  if (p.impl == CpuAttentionImpl::kAvx2 && !avx2_fits) {
+    fail(std::string("impl=kAvx2 needs a CPU with AVX2 and FMA (") +
+         (detail::cpu_has_avx2_fma() ? "present" : "absent") +
+         ") and head_dim % 8 == 0 (head_dim=" + std::to_string(p.head_dim) + ")");
+  }
+  if (p.num_seqs == 0) return;
+#ifdef _OPENMP
+  const int max_threads = omp_get_max_threads();
+#else
+  const int max_threads = 1;
+#endif
+  if (avx2_fits && p.impl != CpuAttentionImpl::kPortable) {
+    // A task is a whole sequence when there are enough to keep every thread busy (its blocks
+    // are then read whole, in address order), else one (sequence, KV head) pair.
+    const bool per_sequence = p.num_seqs >= 2 * max_threads;
+    const int64_t heads_per_task = per_sequence ? p.num_kv_heads : 1;
+    const int64_t num_tasks = p.num_seqs * (p.num_kv_heads / heads_per_task);
+    const int num_threads = num_tasks > 1 ? max_threads : 1;
+    const int64_t floats = detail::avx2_scratch_floats(heads_per_task * group, p.block_size);
+    std::vector<float> scratch(static_cast<size_t>(num_threads) * floats);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+#endif
+    for (int64_t task = 0; task < num_tasks; ++task) {
+#ifdef _OPENMP
+      float* mine = scratch.data() + omp_get_thread_num() * floats;
+#else
+      float* mine = scratch.data();
+#endif
+      const int64_t tasks_per_seq = p.num_kv_heads / heads_per_task;
+      const int64_t kv_begin = task % tasks_per_seq * heads_per_task;
+      detail::attend_avx2(p, task / tasks_per_seq, kv_begin, kv_begin + heads_per_task, mine);
+    }
+    return;
+  }
+  const int64_t num_tasks = p.num_seqs * p.num_kv_heads;
   // Scratch for every thread is allocated here, before the parallel region, because nothing
   // may throw inside it. Tasks differ in context length, so they are handed out dynamically.
-#ifdef _OPENMP
-  const int num_threads = num_tasks > 1 ? omp_get_max_threads() : 1;
-#else
-  const int num_threads = 1;
-#endif
+  const int num_threads = num_tasks > 1 ? max_threads : 1;
   std::vector<Scratch> scratches(num_threads, Scratch(group, p.block_size));
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
@@ -247,6 +279,8 @@ void paged_decode_attention(const TensorView& out, const TensorView& query,
   p.scale = scale;
   paged_decode_attention(p);
 }
+
+bool cpu_attention_has_avx2() { return detail::cpu_has_avx2_fma(); }
 
 bool cpu_attention_has_openmp() {
 #ifdef _OPENMP

@@ -22,7 +22,8 @@ struct Case {
 // Builds random caches, shuffled (non-contiguous) block tables and queries; runs the kernel (the
 // raw-pointer layer, or the tensor adapter over views of the same buffers) and a
 // double-precision reference; returns the largest absolute difference.
-double max_error(const Case& c, uint32_t seed, bool through_views = false) {
+double max_error(const Case& c, uint32_t seed, bool through_views = false,
+                 CpuAttentionImpl impl = CpuAttentionImpl::kAuto) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
   const int64_t num_seqs = static_cast<int64_t>(c.context_lens.size());
@@ -68,6 +69,7 @@ double max_error(const Case& c, uint32_t seed, bool through_views = false) {
   p.max_blocks = max_blocks;
   p.num_blocks = num_blocks;
   p.scale = scale;
+  p.impl = impl;
   if (through_views) {
     const Device cpu;
     const auto f32 = ScalarType::kFloat32, i32 = ScalarType::kInt32;
@@ -115,16 +117,44 @@ double max_error(const Case& c, uint32_t seed, bool through_views = false) {
   return worst;
 }
 
+// The bodies the running CPU can take: the portable loops always, AVX2+FMA where present.
+std::vector<CpuAttentionImpl> impls_here() {
+  if (cpu_attention_has_avx2()) return {CpuAttentionImpl::kPortable, CpuAttentionImpl::kAvx2};
+  return {CpuAttentionImpl::kPortable};
+}
+
 TEST(CpuAttention, MatchesReferenceOverAwkwardShapes) {
   const std::vector<int32_t> lens = {1, 15, 16, 17, 100, 1000, 33};
-  for (auto [heads, kv_heads] : {std::pair{4, 4}, {9, 3}, {8, 2}}) {
-    for (int64_t head_dim : {64, 128, 40}) {
-      for (int64_t block_size : {16, 5}) {
-        Case c{heads, kv_heads, head_dim, block_size, lens};
-        EXPECT_LT(max_error(c, 7), 1e-5)
-            << "heads=" << heads << " kv_heads=" << kv_heads << " head_dim=" << head_dim
-            << " block_size=" << block_size;
+  for (CpuAttentionImpl impl : impls_here()) {
+    for (auto [heads, kv_heads] : {std::pair{4, 4}, {9, 3}, {8, 2}, {12, 1}}) {
+      // 40 and 200 leave a remainder after the AVX2 body's 64-float chunks.
+      for (int64_t head_dim : {64, 40, 200, 8}) {
+        for (int64_t block_size : {16, 5}) {
+          Case c{heads, kv_heads, head_dim, block_size, lens};
+          EXPECT_LT(max_error(c, 7, false, impl), 1e-5)
+              << "impl=" << static_cast<int>(impl) << " heads=" << heads
+              << " kv_heads=" << kv_heads << " head_dim=" << head_dim
+              << " block_size=" << block_size;
+        }
       }
+    }
+  }
+}
+
+TEST(CpuAttention, AutoTakesThePortableLoopsWhereAvx2CannotRun) {
+  // head_dim 36 is no multiple of 8: kAuto must still be right, and kAvx2 refuses it.
+  Case c{9, 3, 36, 16, {1, 17, 100}};
+  EXPECT_LT(max_error(c, 5), 1e-5);
+  EXPECT_THROW(max_error(c, 5, false, CpuAttentionImpl::kAvx2), InvalidArgumentError);
+}
+
+TEST(CpuAttention, FewSequencesSplitByKvHead) {
+  // One or two sequences are too few to give each thread whole ones: the tasks are then
+  // (sequence, KV head) pairs, on both bodies.
+  for (CpuAttentionImpl impl : impls_here()) {
+    for (std::vector<int32_t> lens : {std::vector<int32_t>{1000}, {100, 33}}) {
+      Case c{9, 3, 64, 16, lens};
+      EXPECT_LT(max_error(c, 11, false, impl), 1e-5) << "impl=" << static_cast<int>(impl);
     }
   }
 }

@@ -24,6 +24,11 @@ namespace infercept {
 ///   context_lens [num_seqs]              tokens of each sequence in the cache, >= 1
 /// Query heads h * group .. h * group + group - 1 share KV head h (group = num_heads /
 /// num_kv_heads), as in grouped-query attention.
+/// Which body computes the attention: kAuto takes AVX2+FMA intrinsics when the running CPU
+/// has them and head_dim is a multiple of 8, else the portable loops; the other two force one
+/// (tests compare them; kAvx2 where it cannot run throws).
+enum class CpuAttentionImpl { kAuto, kPortable, kAvx2 };
+
 struct PagedDecodeProblem {
   float* out = nullptr;
   const float* query = nullptr;
@@ -39,6 +44,7 @@ struct PagedDecodeProblem {
   int64_t max_blocks = 0;
   int64_t num_blocks = 0;
   float scale = 1.0f;  ///< Softmax scale, usually head_dim ** -0.5.
+  CpuAttentionImpl impl = CpuAttentionImpl::kAuto;
 };
 
 /// Throws InvalidArgumentError, naming the value and the limit it broke, unless the sizes are
@@ -49,8 +55,9 @@ void check_paged_decode_problem(const PagedDecodeProblem& problem);
 
 /// Checks `problem` (as above), then writes `out`: for each sequence s and query head q,
 /// softmax(scale * K_s q_s) V_s over the sequence's context_len cached tokens, computed with a
-/// streaming (online) softmax in float32. Parallel over (sequence, KV head) pairs with OpenMP
-/// when the library was built with it. Throws InvalidArgumentError; on a throw `out` is
+/// streaming (online) softmax in float32. Parallel with OpenMP when the library was built with
+/// it: over sequences when there are at least two per thread (the AVX2 body), else over
+/// (sequence, KV head) pairs. Throws InvalidArgumentError; on a throw `out` is
 /// unchanged.
 void paged_decode_attention(const PagedDecodeProblem& problem);
 
@@ -65,6 +72,9 @@ void paged_decode_attention(const TensorView& out, const TensorView& query,
                             const TensorView& key_cache, const TensorView& value_cache,
                             const TensorView& block_tables, const TensorView& context_lens,
                             float scale);
+
+/// Whether kAuto takes the AVX2+FMA body on this CPU for a head_dim that is a multiple of 8.
+bool cpu_attention_has_avx2();
 
 /// Whether the kernel was built with OpenMP (and so runs its (sequence, KV head) pairs on
 /// several threads).
