@@ -54,6 +54,7 @@ def measure_profile(request: ProfileRequest, model=None) -> tuple[CostModel, Pat
     device = select_device(request.device)
     torch_dtype = DTYPES[request.dtype]
     model = (model or load_model(path, torch_dtype)).to(device)
+    model.process_weights_after_loading()
     kv_cache = KVCache(model.config, request.num_device_blocks, request.block_size, torch_dtype, device)
     swap = SwapEngine(kv_cache, request.num_device_blocks)
     capacity = request.kv_capacity_tokens or request.num_device_blocks * request.block_size

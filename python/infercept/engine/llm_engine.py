@@ -92,6 +92,7 @@ class LLMEngine:
             num_host_blocks = self.runner.num_host_blocks
         else:
             self.model = (model or load_model(path, config.torch_dtype)).to(self.device)
+            self.model.process_weights_after_loading()
             num_device_blocks, num_host_blocks = config.pool_sizes(
                 self.model.config.kv_bytes_per_token(config.torch_dtype))
             self.kv_cache = KVCache(self.model.config, num_device_blocks, config.block_size,

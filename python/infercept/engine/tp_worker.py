@@ -77,6 +77,7 @@ class RankShard:
         self.group = group
         self.model = build_shard(config, shard, group.world_size, group.all_reduce_,
                                  dtype).to(device)
+        self.model.process_weights_after_loading()
         self.kv_cache = KVCache(self.model.config, num_device_blocks, block_size, dtype, device)
         self.swap_engine = SwapEngine(self.kv_cache, num_host_blocks)
 

@@ -23,10 +23,10 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from infercept.model.config import ModelConfig
+from infercept.model.linear import Linear
 from infercept.model.llama import LlamaForCausalLM
 
 # Weights split by output rows (dim 0) and by input columns (dim 1); all others are replicated.
@@ -73,19 +73,20 @@ def shard_weights(weights: Mapping[str, torch.Tensor], rank: int,
     return shard
 
 
-class AllReduceLinear(nn.Module):
+class AllReduceLinear(Linear):
     """A row-parallel linear (input split across ranks, no bias): ``x @ W.T`` summed across ranks.
 
-    x: ``[T, in/N]`` -> ``[T, out]``, the same on every rank after ``all_reduce``.
+    x: ``[T, in/N]`` -> ``[T, out]``, the same on every rank after ``all_reduce``. Packed for
+    oneDNN like any :class:`Linear` by ``process_weights_after_loading``.
     """
 
     def __init__(self, weight: torch.Tensor, all_reduce: Callable[[torch.Tensor], None]) -> None:
-        super().__init__()
+        super().__init__(weight.shape[1], weight.shape[0])
         self.weight = nn.Parameter(weight, requires_grad=False)
         self._all_reduce = all_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = super().forward(x)
         self._all_reduce(out)  # in place: the partial sums become the full output
         return out
 
