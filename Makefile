@@ -32,10 +32,11 @@ setup: build/.setup-done
 install: setup
 	$(PIP) install -q --no-build-isolation .
 
-# The standalone CMake build: GoogleTest unit tests and microbenchmarks for ctest.
+# The standalone CMake build: GoogleTest unit tests and microbenchmarks for ctest. Without its
+# own copy of the Python module: the wheel (`install`) compiles the bindings, and only once.
 build-cpp: setup
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DINFERCEPT_BUILD_TESTS=ON \
-	  -DINFERCEPT_CUDA=$(INFERCEPT_CUDA) >/dev/null
+	  -DINFERCEPT_BUILD_PYTHON_MODULE=OFF -DINFERCEPT_CUDA=$(INFERCEPT_CUDA) >/dev/null
 	cmake --build $(CMAKE_BUILD) -j $(JOBS)
 
 test-cpp: build-cpp

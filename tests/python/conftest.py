@@ -37,3 +37,36 @@ def tokenizer():
     from infercept.model import Tokenizer
     from infercept.weights.default import default_model_path
     return Tokenizer.from_path(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """transformers' Llama on the embedded SmolLM2 GGUF (float32, eval): the reference of the
+    model, engine and sampling tests, loaded (dequantised) once per session, not per module."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate")
+    import torch
+    from infercept.weights.default import default_model_path
+    path = default_model_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(hf_reference):
+    """greedy(prompt_ids, max_new_tokens) -> transformers' greedy continuation (token ids),
+    memoised for the session: the model and engine tests compare against the same four prompts'
+    48 tokens, so ``generate`` runs once for both."""
+    import torch
+    done: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+    def greedy(ids: list[int], max_new_tokens: int) -> list[int]:
+        key = (tuple(ids), max_new_tokens)
+        if key not in done:
+            with torch.no_grad():
+                out = hf_reference.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                            do_sample=False, attention_mask=torch.ones(1, len(ids)))
+            done[key] = out[0, len(ids):].tolist()
+        return list(done[key])
+
+    return greedy

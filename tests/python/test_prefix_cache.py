@@ -1,7 +1,8 @@
 """The prefix cache on the real engine: output with the cache on equals output with it off and
-each request run alone, under every policy, with a shared system prompt, random intercepts,
-aborts and a pool small enough to evict; hits are reported per request and in the stats; salts
-keep tenants apart; bad input is refused and nothing leaks.
+each request run alone, under every policy (vllm-0.2, which has no prefix cache, runs once),
+with a shared system prompt, random intercepts, aborts and a pool small enough to evict; hits
+are reported per request and in the stats; salts keep tenants apart; bad input is refused and
+nothing leaks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from engine_checks import assert_all_memory_returned  # noqa: E402
 POLICIES = list(POLICY_NAMES)
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 SYSTEM = ("You are a careful assistant for a team of field geologists. Answer in plain words, "
-          "cite the rock type, the likely age and one way to check it in the field. ") * 10
+          "cite the rock type, the likely age and one way to check it in the field. ") * 5
+# The pool is sized to the prompts (about 13 blocks of 16 tokens each, 11 of them the shared
+# system prompt): fewer than two contexts fit, so admission waits, cached blocks are evicted
+# and paused contexts give way; a prompt is longer than one step's token budget, so it
+# prefills in chunks (on top of a cached prefix where it has one).
+DEVICE_BLOCKS, HOST_BLOCKS, STEP_TOKENS = 26, 34, 128
 
 
 def make(model, tokenizer, policy="infercept", **kwargs) -> LLMEngine:
@@ -33,7 +39,7 @@ def make(model, tokenizer, policy="infercept", **kwargs) -> LLMEngine:
 
 @pytest.fixture(scope="module")
 def workload(model, tokenizer):
-    """Eight requests over one 300+-token system prompt, with seeded intercepts, each one's
+    """Eight requests over one 180+-token system prompt, with seeded intercepts, each one's
     tokens when run alone, and which requests are aborted after how many tokens."""
     rng = random.Random(7)
     rocks = ["basalt", "granite", "slate", "marble", "chalk", "gneiss", "obsidian", "shale"]
@@ -41,7 +47,8 @@ def workload(model, tokenizer):
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": f"We found {rocks[i]} near a river bend. What is it?"}])
         for i in range(8)]
-    assert all(len(p) > 300 for p in prompts)
+    # Each prompt prefills in chunks, and two contexts with their outputs overflow the pool.
+    assert all(STEP_TOKENS < len(p) and 2 * (len(p) + 14) > DEVICE_BLOCKS * 16 for p in prompts)
     params = []
     for _ in range(8):
         at = rng.randint(3, 8)
@@ -72,11 +79,13 @@ def run_with_aborts(engine: LLMEngine, prompts, params, aborts):
 def test_cache_on_equals_cache_off_and_each_request_alone(model, tokenizer, workload, policy):
     prompts, params, aborts, alone = workload
     results = {}
-    for caching in (True, False):
-        # 48 blocks of 16 tokens: fewer than the eight contexts need together, so admission
-        # waits, cached blocks are evicted and paused contexts give way.
-        engine = make(model, tokenizer, policy, num_device_blocks=48, num_host_blocks=64,
-                      max_batched_tokens=256, enable_prefix_caching=caching)
+    # vllm-0.2 has no prefix cache whatever the flag (the core's caching() is off for it), so a
+    # cache-off run would repeat its cache-on run step for step: it runs once, flag on, and
+    # must report no hits.
+    for caching in (True,) if policy == "vllm-0.2" else (True, False):
+        engine = make(model, tokenizer, policy, num_device_blocks=DEVICE_BLOCKS,
+                      num_host_blocks=HOST_BLOCKS, max_batched_tokens=STEP_TOKENS,
+                      enable_prefix_caching=caching)
         outputs = run_with_aborts(engine, prompts, params, aborts)
         results[caching] = [o.token_ids for o in outputs]
         for i, (out, want) in enumerate(zip(outputs, alone)):
@@ -89,13 +98,15 @@ def test_cache_on_equals_cache_off_and_each_request_alone(model, tokenizer, work
         stats = engine.stats
         if caching and policy != "vllm-0.2":
             assert stats["prefix_cache_hits"] > 0, stats
+            assert stats["num_device_evictions"] > 0, stats  # the pool is tight enough to evict
         else:
             assert stats["prefix_cache_hits"] == 0, stats
         assert_all_memory_returned(engine)
         engine.shutdown()
     # Aborted requests stop at a step boundary that differs between runs: compared as prefixes above.
     kept = [i for i in range(len(prompts)) if i not in aborts]
-    assert [results[True][i] for i in kept] == [results[False][i] for i in kept]
+    if False in results:
+        assert [results[True][i] for i in kept] == [results[False][i] for i in kept]
 
 
 def test_a_shared_system_prompt_is_prefilled_once_and_reported(model, tokenizer):

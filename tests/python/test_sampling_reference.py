@@ -17,17 +17,14 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate")
 
 from infercept import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from infercept.weights.default import default_model_path  # noqa: E402
 from engine_checks import assert_all_memory_returned  # noqa: E402
 
 PROMPTS = ["List some facts about the planet Mars.", "Write a poem about the sea."]
 
 
 @pytest.fixture(scope="module")
-def reference():
-    path = default_model_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()
+def reference(hf_reference):
+    return hf_reference  # loaded once per session (conftest.py)
 
 
 @pytest.fixture(scope="module")
