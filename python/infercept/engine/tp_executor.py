@@ -22,6 +22,7 @@ breaks the collective at once (its sockets close), and one that hangs runs into 
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -44,6 +45,8 @@ from infercept.model import LlamaForCausalLM
 from infercept.model.loader import load_weights
 from infercept.model.sharding import check_tensor_parallel_size, shard_config, shard_weights
 from infercept.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 # Workers import torch and load their shard before they answer; on a busy machine that takes
@@ -79,7 +82,8 @@ class TensorParallelExecutor:
         model_path: The weights, loaded here once; each worker gets its shard in shared memory.
         config: The engine's configuration (``tensor_parallel_size`` >= 2).
         device: Rank 0's device (``select_device(config.device)``).
-        model: Already loaded from ``model_path`` (rank 0 shards it instead of loading again).
+        model: Already loaded from ``model_path`` (rank 0 shards it instead of loading again;
+            a model already packed for oneDNN has no plain weights, so those are loaded again).
 
     Attributes:
         model_config: The full model's architecture (``model.config`` is shard 0's).
@@ -95,9 +99,9 @@ class TensorParallelExecutor:
                  model: LlamaForCausalLM | None = None,
                  eos_token_ids: Sequence[int] = ()) -> None:
         n = config.tensor_parallel_size
-        if model is not None:
+        if model is not None and not model.is_packed:
             model_config = model.config
-            weights = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+            weights = {k: v.detach().to("cpu") for k, v in model.hf_state_dict().items()}
         else:
             model_config, weights = load_weights(model_path, config.torch_dtype)
         check_tensor_parallel_size(model_config, n)
@@ -116,6 +120,16 @@ class TensorParallelExecutor:
         store = connect_store("127.0.0.1", 0, 0, n, startup_s)
         context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // n)
+        self._threads_before: int | None = None  # restored by shutdown()
+        if devices[0].type == "cpu" and torch.get_num_threads() > threads:
+            # N ranks on one CPU share its cores: rank 0 (this process) keeping all of them
+            # oversubscribes the CPU, and each all-reduce then waits on a descheduled rank
+            # (an N=2 step on 2 cores took 506 ms instead of 32, docs/tensor_parallel.md).
+            logger.warning("tensor parallelism on the CPU: torch threads of this process "
+                           "%d -> %d (%d cores / %d ranks)", torch.get_num_threads(), threads,
+                           os.cpu_count() or 1, n)
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
         self._workers = []
         for rank in range(1, n):
             spec = WorkerSpec(model_config, rank, n, store.port, str(devices[rank]),
@@ -272,6 +286,9 @@ class TensorParallelExecutor:
             self._error = "the tensor-parallel engine was shut down"
         _stop_processes(self._workers)
         self._finalizer.detach()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
 
 def _stop_processes(processes: list[multiprocessing.process.BaseProcess]) -> None:

@@ -179,6 +179,33 @@ class LlamaForCausalLM(nn.Module):
             if head.pack():
                 self._packed_tied_head = head
 
+    @property
+    def is_packed(self) -> bool:
+        """Whether some layer dropped its plain weight for a packed copy."""
+        return any(m.is_packed for m in self.modules() if isinstance(m, Linear))
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under HF's names (stacked layers split back, views, no copy).
+
+        Raises:
+            RuntimeError: The model is packed (its plain weights are gone): load them again.
+        """
+        if self.is_packed:
+            raise RuntimeError("the model's weights are packed for oneDNN "
+                               "(process_weights_after_loading); load the checkpoint again")
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in self.state_dict().items():
+            for fused, parts in _STACKED.items():
+                prefix, dot, suffix = name.rpartition(f"{fused}.")
+                if dot:
+                    pieces = tensor.split(list(_stacked_row_counts(self, fused)))
+                    out.update((f"{prefix}{part}.{suffix}", piece)
+                               for part, piece in zip(parts, pieces))
+                    break
+            else:
+                out[name] = tensor
+        return out
+
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """``[R, hidden]`` -> ``[R, vocab]`` logits in the weights' dtype."""
         if self._packed_tied_head is not None:
