@@ -42,8 +42,13 @@ double Scheduler::recompute_time_s(int64_t num_tokens) const {
   const int64_t chunk = config_.max_batched_tokens;
   int64_t num_full = num_tokens / chunk;
   int64_t rest = num_tokens % chunk;
-  return static_cast<double>(num_full) * cost_.forward_time_s(static_cast<double>(chunk)) +
-         (rest > 0 ? cost_.forward_time_s(static_cast<double>(rest)) : 0.0);
+  // Each chunk also attends over the context rebuilt so far (the profile's attention term):
+  // chunk k of the full ones reads k*chunk tokens, the last one all of them.
+  double full = static_cast<double>(num_full);
+  double attended_tokens = static_cast<double>(chunk) * full * (full + 1) / 2 + (rest > 0 ? num_tokens : 0);
+  return full * cost_.forward_time_s(static_cast<double>(chunk)) +
+         (rest > 0 ? cost_.forward_time_s(static_cast<double>(rest)) : 0.0) +
+         cost_.attention_s_per_context_token * attended_tokens;
 }
 
 double Scheduler::pin_ttl_s(const Request& r) const {

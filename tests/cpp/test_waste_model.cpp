@@ -77,6 +77,20 @@ TEST(WasteEquations, MoreChunksCostTheOthersTheFixedForwardTimeAgain) {
   EXPECT_GT(chunked_discard_waste(round_model(), 100, 300, 10), chunked_discard_waste(round_model(), 100, 300, 4));
 }
 
+TEST(WasteEquations, AnAttentionTermLengthensTheRecomputeByTheContextItRereads) {
+  // a = 0.01 ms per context token attended. C = 100, C_other = 300.
+  CostModel model = round_model();
+  model.attention_s_per_context_token = 0.01e-3;
+  // One go: T_fwd(100) + a*100 = 20 ms + 1 ms = 21 ms; 0.021 * (100 + 300) * 1000 = 8,400.
+  expect_near_relative(discard_waste(model, 100, 300), 8400);
+  // n = 4 chunks of 25: they read 25 + 50 + 75 + 100 = 250 = 100 * 5 / 2 tokens, A = 2.5 ms.
+  //   own:    (20 + 2.5) ms * 100 * 1000 / 2 = 1,125
+  //   others: (4 * 12.5 + 2.5) ms * 300 * 1000 = 0.0525 * 300,000 = 15,750
+  expect_near_relative(chunked_discard_waste(model, 100, 300, 4), 16875);
+  // One chunk reads the context once, as the one-go discard does.
+  expect_near_relative(chunked_discard_waste(model, 100, 300, 1), 0.021 * 100 * 1000 / 2 + 0.021 * 300 * 1000);
+}
+
 TEST(WasteEquations, ShortInterceptsFavourPreserveAndLongOnesDiscard) {
   // Preserve beats 4-chunk discard (16,000 B*s) while T_INT * 100 * 1000 < 16,000: T_INT < 0.16 s.
   const double discard = chunked_discard_waste(round_model(), 100, 300, 4);

@@ -211,7 +211,8 @@ class Scheduler {
   // intercept_policy.cpp, continuum: the TTL to pin `r` for (0: do not pin) and the expiry.
   double pin_ttl_s(const Request& r) const;
   void expire_pins(StepPlan& plan);
-  // Seconds to recompute `num_tokens` in chunks of the token budget (the cost model's T_fwd).
+  // Seconds to recompute `num_tokens` in chunks of the token budget (the cost model's T_fwd,
+  // plus each chunk's attention over the context rebuilt so far).
   double recompute_time_s(int64_t num_tokens) const;
 
   void add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan);
