@@ -120,9 +120,8 @@ class ReplayEngine:
                     self._arrive(payload, now_s, progress)
                 else:
                     self._tool_returns(payload, now_s, progress)
-            step = self._loop.step()  # the requests' token limits decide their finishes
-            output = step.output
-            if step.result is None:
+            _, result, output, now_s = self._loop.step()  # the token limits decide finishes
+            if result is None:
                 # Two empty plans in a row with nothing to wait for is a stall.
                 for request_id, reason in zip(output.aborted, output.abort_reasons):
                     aborted[progress[request_id].request.request_id] = reason
@@ -136,7 +135,6 @@ class ReplayEngine:
                         "requests and nothing schedulable; this is a scheduler bug")
                 continue
             num_idle_plans = 0
-            now_s = step.now_s
             num_steps += 1
             if self._awaiting_first_token:
                 self._note_resumed_ttfts(output.sampled, now_s, progress)

@@ -340,9 +340,8 @@ class LLMEngine:
             finished.extend(self._accept_tokens(plan, result, sampling_ids, now, touched))
             return finished
 
-        step = self._loop.step(decide_finished)
-        step_output = step.output
-        if step.result is None:
+        plan, result, step_output, _ = self._loop.step(decide_finished)
+        if result is None:
             # Nothing ran, but planning may have given up on a request (it outgrew the pool):
             # the empty plan's update reports it.
             self._report_aborts(step_output, touched)
@@ -352,7 +351,6 @@ class LLMEngine:
             self._touched = {}
             return [s.output for s in touched.values()]
 
-        plan, result = step.plan, step.result
         self.last_step = StepTiming(plan.num_batched_tokens, plan.num_context_tokens,
                                     result.duration_s, result.swap_stall_s)
         self.num_steps += 1

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from infercept._core import InvalidArgumentError, Scheduler, StepOutput, StepPlan, StepResult
 from infercept.engine.executor import Executor
@@ -82,8 +81,10 @@ class CoreEvents:
         self._resume_tokens: list = []  # list[int] per request, or an int count (counts only)
         self._resume_replaced: list[int] = []
 
-    def __len__(self) -> int:
-        return len(self._intercept_ids) + len(self._resume_ids)
+    @property
+    def pending(self) -> bool:
+        """Whether anything is queued."""
+        return bool(self._intercept_ids or self._resume_ids)
 
     def intercept(self, request_id: int, now_s: float, expected_duration_s: float = -1.0,
                   tool_name: str = "",
@@ -136,23 +137,6 @@ class CoreEvents:
                     self._on_error(request_id, error)
 
 
-@dataclass
-class Step:
-    """One pass of the loop.
-
-    Attributes:
-        plan: What the scheduler planned.
-        result: What the executor reported; None when the plan was empty (nothing ran).
-        output: What ``update()`` reported.
-        now_s: The clock when the step was applied.
-    """
-
-    plan: StepPlan
-    result: StepResult | None
-    output: StepOutput
-    now_s: float
-
-
 class StepLoop:
     """Drives one scheduler and one executor under one clock, a step at a time.
 
@@ -171,23 +155,32 @@ class StepLoop:
         self.events = events
 
     def step(self, decide_finished: Callable[[StepPlan, StepResult, float], list[int]] | None = None
-             ) -> Step:
+             ) -> tuple[StepPlan, StepResult | None, StepOutput, float]:
         """Flushes the queued core events, then schedules, executes and applies one step.
 
         Args:
             decide_finished: Given the plan, the executor's result and the clock after it, the
                 requests that stop now (``result.finished``); None: none do (the core's token
                 limits decide).
+
+        Returns:
+            ``(plan, result, output, now_s)``: what the scheduler planned, what the executor
+            reported (None when the plan was empty and nothing ran), what ``update()``
+            reported, and the clock when the step was applied. A plain tuple: the simulator
+            runs this tens of thousands of times a simulated minute.
         """
-        self.events.flush()
-        plan = self.scheduler.schedule(self.clock.now())
+        events = self.events
+        if events._intercept_ids or events._resume_ids:  # most steps queue nothing
+            events.flush()
+        scheduler = self.scheduler
+        plan = scheduler.schedule(self.clock.now())
         if plan.is_empty():
             # Applied like any plan: planning may have moved blocks without a copy (a swap-in
             # whose blocks were still cached on the device) or given up on a request.
             now_s = self.clock.now()
-            return Step(plan, None, self.scheduler.update(plan, StepResult(0.0), now_s), now_s)
+            return plan, None, scheduler.update(plan, StepResult(0.0), now_s), now_s
         result = self.executor.execute(plan)
         now_s = self.clock.advance(result.duration_s)
         if decide_finished is not None:
             result.finished = decide_finished(plan, result, now_s)
-        return Step(plan, result, self.scheduler.update(plan, result, now_s), now_s)
+        return plan, result, scheduler.update(plan, result, now_s), now_s
