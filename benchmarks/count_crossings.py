@@ -4,10 +4,14 @@ A crossing is one call into ``infercept._core`` from Python: a method call or a 
 on a core object (the scheduler, the native swap engine, a plan, a request record, a block
 copy, ...). The script wraps the engine's scheduler and native swap engine in counting proxies
 (and every core object they hand out), runs B decoding requests while P others sit paused on
-a long scripted tool call, and prints crossings per step in that steady state. It runs against
-whatever ``infercept`` is importable, so the same file counts before and after a change:
+a long scripted tool call, and prints crossings per step in that steady state. With
+``--tool-every K`` each decoding request also calls a (scripted, instant) tool every K tokens,
+staggered, so about B/K requests pause and B/K resume in every step: the steady state of the
+resume and intercept traffic. It runs against whatever ``infercept`` is importable, so the same
+file counts before and after a change:
 
     python benchmarks/count_crossings.py --batch 32 --paused 8
+    python benchmarks/count_crossings.py --batch 32 --paused 8 --tool-every 4
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ def main() -> None:
     parser.add_argument("--paused", type=int, default=8, help="requests paused on a tool (P)")
     parser.add_argument("--policy", default="infercept")
     parser.add_argument("--steps", type=int, default=6, help="steady-state steps measured")
+    parser.add_argument("--tool-every", type=int, default=0, metavar="K",
+                        help="decoding requests call an instant scripted tool every K tokens (0: never)")
     args = parser.parse_args()
 
     engine = LLMEngine(EngineConfig(policy=args.policy, num_device_blocks=2048,
@@ -98,7 +104,14 @@ def main() -> None:
     for i in range(args.paused):
         engine.add_request(prompt + f" {i}", pause)
     for i in range(args.batch):
-        engine.add_request(prompt + f" number {i}", decode)
+        params = decode
+        if args.tool_every:
+            # Staggered: request i pauses after tokens i % K + 1, then every K tokens after its
+            # resume turn's first token; each pause lasts 0 s (resumed at the next step).
+            k = args.tool_every
+            params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=64, intercepts=[
+                ScriptedIntercept(after, 0.0, num_tokens=2) for after in range(i % k + 1, 64, k)])
+        engine.add_request(prompt + f" number {i}", params)
     # Warm up: prefill everything and let the paused ones pause.
     for _ in range(6):
         engine.step()
@@ -119,6 +132,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "batch": args.batch, "paused": args.paused, "policy": args.policy,
         "num_layers": engine.model.config.num_layers,
+        "tool_every": args.tool_every,
         "crossings_per_step": per_step,
         "by_call_per_step": {k: round(v / args.steps, 1) for k, v in sorted(names.items(),
                                                                             key=lambda kv: -kv[1])},

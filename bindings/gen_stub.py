@@ -8,6 +8,10 @@ compares only the names the build has.
 
     python bindings/gen_stub.py           # regenerate (make stubs)
     python bindings/gen_stub.py --check   # exit 1 when stale (the tests run this)
+
+Regenerating from a build without CUDA keeps the committed declarations of the names that
+build lacks (and the committed ``__all__`` and ``cuda_compiled``), so the stub still covers a
+CUDA build; those declarations are regenerated only by a CUDA build.
 """
 
 from __future__ import annotations
@@ -45,12 +49,50 @@ def stale_names(committed: str, generated: str) -> list[str]:
     return sorted(name for name, text in want.items() if have.get(name) != text)
 
 
+def keep_missing(committed: str, generated: str) -> str:
+    """``generated`` plus the committed top-level declarations it lacks (a build without CUDA
+    lacks the CUDA-only names), each after the declaration that precedes it in ``committed``;
+    ``__all__`` lists every name either declares and ``cuda_compiled`` stays as committed."""
+    have, old = _definitions(generated), _definitions(committed)
+    missing = [name for name in old if name not in have]
+    if not missing:
+        return generated
+    lines = generated.splitlines(keepends=True)
+    tree = ast.parse(generated)
+    ends = {node.name: node.end_lineno for node in tree.body
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+    order = list(old)
+    inserts: dict[int, list[str]] = {}
+    for name in missing:
+        before = [n for n in order[:order.index(name)] if n in ends]
+        at = ends[before[-1]] if before else 0
+        inserts.setdefault(at, []).append(old[name] + "\n")
+    out: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        out.append(line)
+        out.extend(inserts.get(number, []))
+    merged = "".join(inserts.get(0, [])) + "".join(out)
+    lines_of = {attribute: [next((l for l in text.splitlines() if l.startswith(attribute + ":")), None)
+                            for text in (committed, merged)] for attribute in ("__all__", "cuda_compiled")}
+    old_all, new_all = lines_of["__all__"]
+    if old_all and new_all:  # every name either build declares
+        names = sorted(set(ast.literal_eval(old_all.split("=", 1)[1].strip())) |
+                       set(ast.literal_eval(new_all.split("=", 1)[1].strip())))
+        merged = merged.replace(new_all, f"__all__: list[str] = {names!r}")
+    old_cuda, new_cuda = lines_of["cuda_compiled"]
+    if old_cuda and new_cuda:
+        merged = merged.replace(new_cuda, old_cuda)
+    return merged
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail when the stub is stale")
     args = parser.parse_args()
     generated = generate()
     if not args.check:
+        if STUB.exists():
+            generated = keep_missing(STUB.read_text(), generated)
         STUB.write_text(generated)
         print(f"wrote {STUB}")
         return 0

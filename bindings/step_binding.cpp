@@ -43,30 +43,32 @@ py::array_t<BlockId> copies_view(const py::object& owner, const std::vector<Bloc
 }  // namespace
 
 void bind_step(py::module_& m) {
-  py::class_<ScheduledRequest>(m, "ScheduledRequest")
+  py::class_<ScheduledRequest>(m, "ScheduledRequest", "One request of a plan: tokens already computed, new ones this step, of them recomputed, and whether it samples.")
       .def_readonly("request_id", &ScheduledRequest::request_id)
       .def_readonly("num_computed_tokens", &ScheduledRequest::num_computed_tokens)
       .def_readonly("num_new_tokens", &ScheduledRequest::num_new_tokens)
-      .def_readonly("num_recompute_tokens", &ScheduledRequest::num_recompute_tokens)
-      .def_readonly("samples", &ScheduledRequest::samples);
+      .def_readonly("num_recompute_tokens", &ScheduledRequest::num_recompute_tokens, "of the new tokens, those computed before (a discarded context rebuilt)")
+      .def_readonly("samples", &ScheduledRequest::samples, "whether the step reaches the end of its context (it draws a token)");
 
-  py::class_<StepPlan> plan(m, "StepPlan");
+  py::class_<StepPlan> plan(m, "StepPlan",
+                           "What schedule() decided for one iteration: the scheduled requests, the block copies, the "
+                           "step's counts and the forward's inputs as flat arrays (numpy views over the plan, no copy).");
   plan.def_readonly("step_id", &StepPlan::step_id)
       .def_readonly("now_s", &StepPlan::now_s)
-      .def_readonly("scheduled", &StepPlan::scheduled)
-      .def_readonly("swap_out", &StepPlan::swap_out)
-      .def_readonly("swap_in", &StepPlan::swap_in)
-      .def_readonly("preempted", &StepPlan::preempted)
-      .def_readonly("discarded", &StepPlan::discarded)
-      .def_readonly("num_batched_tokens", &StepPlan::num_batched_tokens)
-      .def_readonly("num_context_tokens", &StepPlan::num_context_tokens)
-      .def_readonly("num_recompute_tokens", &StepPlan::num_recompute_tokens)
-      .def_readonly("num_sampling_requests", &StepPlan::num_sampling_requests)
-      .def_readonly("swap_budget_tokens", &StepPlan::swap_budget_tokens)
+      .def_readonly("scheduled", &StepPlan::scheduled, "the scheduled requests (a list copy; the flat arrays are cheaper)")
+      .def_readonly("swap_out", &StepPlan::swap_out, "device -> host block copies to run this step")
+      .def_readonly("swap_in", &StepPlan::swap_in, "host -> device block copies to run this step")
+      .def_readonly("preempted", &StepPlan::preempted, "requests paused this step for want of memory")
+      .def_readonly("discarded", &StepPlan::discarded, "paused requests whose KV this step freed")
+      .def_readonly("num_batched_tokens", &StepPlan::num_batched_tokens, "B: tokens the forward computes")
+      .def_readonly("num_context_tokens", &StepPlan::num_context_tokens, "tokens the batch attends over, in all")
+      .def_readonly("num_recompute_tokens", &StepPlan::num_recompute_tokens, "of the batched tokens, those computed before")
+      .def_readonly("num_sampling_requests", &StepPlan::num_sampling_requests, "S: requests that draw a token")
+      .def_readonly("swap_budget_tokens", &StepPlan::swap_budget_tokens, "N_i: tokens of copies the forward can hide")
       .def_property_readonly("num_swap_out_blocks", [](const StepPlan& p) { return p.swap_out.size(); })
       .def_property_readonly("num_swap_in_blocks", [](const StepPlan& p) { return p.swap_in.size(); })
       .def_property_readonly("num_scheduled", [](const StepPlan& p) { return p.scheduled.size(); })
-      .def("is_empty", &StepPlan::is_empty);
+      .def("is_empty", &StepPlan::is_empty, "nothing to compute and no copies (update() must still apply it)");
   def_array(plan, "request_ids", &StepBatch::request_ids, "[B] int64 scheduled requests, in plan order");
   def_array(plan, "input_ids", &StepBatch::input_ids, "[T] int64 token ids of the new tokens (0 for counts-only requests)");
   def_array(plan, "positions", &StepBatch::positions, "[T] int64 context position of each new token");
@@ -93,28 +95,28 @@ void bind_step(py::module_& m) {
           "swap_in_blocks", [](const py::object& self) { return copies_view(self, self.cast<const StepPlan&>().swap_in); },
           "[N, 2] int32 (host src, device dst) per block copied in");
 
-  py::class_<StepResult>(m, "StepResult")
+  py::class_<StepResult>(m, "StepResult", "What the executor reports for one plan (the Executor protocol's return): sampled tokens, duration, swap stall; the engine fills finished.")
       .def(py::init([](double duration_s, double swap_stall_s, std::vector<RequestId> finished,
                        std::vector<int32_t> sampled_token_ids) {
              return StepResult{duration_s, swap_stall_s, std::move(finished), std::move(sampled_token_ids)};
            }),
            py::arg("duration_s"), py::arg("swap_stall_s") = 0.0, py::arg("finished") = std::vector<RequestId>{},
            py::arg("sampled_token_ids") = std::vector<int32_t>{})
-      .def_readwrite("duration_s", &StepResult::duration_s)
-      .def_readwrite("swap_stall_s", &StepResult::swap_stall_s)
-      .def_readwrite("finished", &StepResult::finished)
+      .def_readwrite("duration_s", &StepResult::duration_s, "the step's time: forward, copies and sampling")
+      .def_readwrite("swap_stall_s", &StepResult::swap_stall_s, "of it, time the forward waited on copies")
+      .def_readwrite("finished", &StepResult::finished, "requests that stop now (the engine's stop rules)")
       .def_readwrite("sampled_token_ids", &StepResult::sampled_token_ids,
                      "[plan.num_sampling_requests] the token each sampling request drew, in plan order");
 
-  py::class_<KvStateChange>(m, "KvStateChange")
+  py::class_<KvStateChange>(m, "KvStateChange", "A paused request's KV move: preserved, swapping_out, swapped or discarded.")
       .def_readonly("request_id", &KvStateChange::request_id)
       .def_readonly("state", &KvStateChange::state);
 
-  py::class_<StepOutput>(m, "StepOutput")
-      .def_readonly("sampled", &StepOutput::sampled)
-      .def_readonly("reached_limit", &StepOutput::reached_limit)
-      .def_readonly("aborted", &StepOutput::aborted)
-      .def_readonly("abort_reasons", &StepOutput::abort_reasons)
+  py::class_<StepOutput>(m, "StepOutput", "What update() tells the caller: everything it needs, so it never polls request states.")
+      .def_readonly("sampled", &StepOutput::sampled, "requests that gained a generated token")
+      .def_readonly("reached_limit", &StepOutput::reached_limit, "... and reached their generated-token limit")
+      .def_readonly("aborted", &StepOutput::aborted, "requests the scheduler had to give up on")
+      .def_readonly("abort_reasons", &StepOutput::abort_reasons, "[len(aborted)] why, naming the limit")
       .def_readonly("kv_changes", &StepOutput::kv_changes,
                     "paused requests whose KV moved since intercept() or the last update() said");
 }

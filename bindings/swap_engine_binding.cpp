@@ -61,7 +61,7 @@ std::vector<BlockCopy> to_block_copies(const py::iterable& items, const char* na
 }  // namespace
 
 void bind_swap_engine(py::module_& m) {
-  py::class_<SwapStepStats>(m, "SwapStepStats")
+  py::class_<SwapStepStats>(m, "SwapStepStats", "What one step's copies did. Returned by finish_step().")
       .def_readonly("num_bytes", &SwapStepStats::num_bytes)
       .def_readonly("num_blocks_out", &SwapStepStats::num_blocks_out)
       .def_readonly("num_blocks_in", &SwapStepStats::num_blocks_in)
@@ -75,7 +75,7 @@ void bind_swap_engine(py::module_& m) {
                ", stall_s=" + std::to_string(s.stall_s) + ", drain_s=" + std::to_string(s.drain_s) + ")";
       });
 
-  py::class_<SwapCounters>(m, "SwapCounters")
+  py::class_<SwapCounters>(m, "SwapCounters", "Totals since construction, over the steps that finished without error.")
       .def_readonly("num_bytes_out", &SwapCounters::num_bytes_out)
       .def_readonly("num_bytes_in", &SwapCounters::num_bytes_in)
       .def_readonly("num_blocks_out", &SwapCounters::num_blocks_out)
@@ -83,7 +83,9 @@ void bind_swap_engine(py::module_& m) {
 
   // The interface: methods every backend shares. Blocking calls release the GIL so that other
   // Python threads (the tool runtime) run while the model runner waits on copies.
-  py::class_<SwapEngine>(m, "SwapEngine")
+  py::class_<SwapEngine>(m, "SwapEngine",
+                          "Moves KV blocks between the device cache and the engine's host pool, one layer at a time. "
+                          "One thread drives a step; counters may be read from any thread.")
       .def_property_readonly("num_layers", [](const SwapEngine& e) { return e.config().num_layers; })
       .def_property_readonly("block_bytes", [](const SwapEngine& e) { return e.config().block_bytes; })
       .def_property_readonly("num_device_blocks", [](const SwapEngine& e) { return e.config().num_device_blocks; })
@@ -93,7 +95,9 @@ void bind_swap_engine(py::module_& m) {
           [](SwapEngine& e, int32_t layer, uintptr_t key_ptr, uintptr_t value_ptr) {
             e.register_device_layer(layer, reinterpret_cast<void*>(key_ptr), reinterpret_cast<void*>(value_ptr));
           },
-          py::arg("layer"), py::arg("key_ptr"), py::arg("value_ptr"))
+          py::arg("layer"), py::arg("key_ptr"), py::arg("value_ptr"),
+          "Records where layer `layer`'s device K and V caches start (every layer, before a step with copies). "
+          "InvalidArgumentError for a layer out of range or a null pointer, StateError while a step is in flight.")
       .def(
           "begin_step",
           [](SwapEngine& e, const py::iterable& swap_out, const py::iterable& swap_in) {
@@ -102,7 +106,9 @@ void bind_swap_engine(py::module_& m) {
             py::gil_scoped_release release;
             e.begin_step(out, in);
           },
-          py::arg("swap_out"), py::arg("swap_in"))
+          py::arg("swap_out"), py::arg("swap_in"),
+          "Checks both lists (BlockCopy or (src, dst) pairs) and starts the copies: per layer the swap-ins, then the "
+          "swap-outs. StateError when the previous step was not finished or a layer is not registered (nothing copied).")
       .def(
           "begin_plan",
           [](SwapEngine& e, const StepPlan& plan) {
@@ -110,19 +116,26 @@ void bind_swap_engine(py::module_& m) {
             e.begin_step(plan.swap_out, plan.swap_in);
           },
           py::arg("plan"), "begin_step(plan.swap_out, plan.swap_in) without converting the lists")
-      .def("wait_layer", &SwapEngine::wait_layer, py::arg("layer"), py::call_guard<py::gil_scoped_release>())
-      .def("finish_step", &SwapEngine::finish_step, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("is_step_in_flight", &SwapEngine::is_step_in_flight)
-      .def_property_readonly("counters", &SwapEngine::counters)
+      .def("wait_layer", &SwapEngine::wait_layer, py::arg("layer"), py::call_guard<py::gil_scoped_release>(),
+           "Blocks until layer `layer`'s copies of the current step are done (at once outside a step); rethrows the "
+           "copy worker's error if it failed at or before this layer.")
+      .def("finish_step", &SwapEngine::finish_step, py::call_guard<py::gil_scoped_release>(),
+           "Waits for every layer and ends the step; returns its SwapStepStats (empty outside a step). Rethrows the "
+           "copy worker's error (the step is ended either way).")
+      .def_property_readonly("is_step_in_flight", &SwapEngine::is_step_in_flight,
+                             "Whether a step has begun and not yet finished.")
+      .def_property_readonly("counters", &SwapEngine::counters, "SwapCounters since construction.")
       .def(
           "host_block",
           [](const SwapEngine& e, int32_t layer, bool is_value, BlockId block) {
             const auto* p = reinterpret_cast<const char*>(e.host_block_ptr(layer, is_value, block));
             return py::bytes(p, static_cast<size_t>(e.config().block_bytes));
           },
-          py::arg("layer"), py::arg("is_value"), py::arg("block"));
+          py::arg("layer"), py::arg("is_value"), py::arg("block"),
+          "A copy of one host block of one layer's K (is_value False) or V cache, block_bytes bytes (tests; not "
+          "during a step).");
 
-  py::class_<CpuSwapEngine, SwapEngine>(m, "CpuSwapEngine")
+  py::class_<CpuSwapEngine, SwapEngine>(m, "CpuSwapEngine", "The CPU backend: a copy worker thread over a host pool of num_layers * 2 * num_host_blocks * block_bytes bytes.")
       .def(py::init([](int32_t num_layers, int64_t block_bytes, int32_t num_device_blocks, int32_t num_host_blocks) {
              SwapEngineConfig config;
              config.num_layers = num_layers;

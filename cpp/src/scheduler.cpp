@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <unordered_set>
 
 #include "infercept/errors.h"
 
@@ -173,6 +174,41 @@ RequestState Scheduler::intercept(RequestId request, double now_s, double expect
   add_intercepted(r);
   r.reported_state = r.state;
   return r.state;
+}
+
+std::vector<RequestState> Scheduler::intercept_batch(const std::vector<InterceptEvent>& events) {
+  std::unordered_set<RequestId> seen;
+  for (const InterceptEvent& e : events) {
+    const Request& r = get(e.request);
+    if (r.state != RequestState::kRunning || r.num_uncomputed_tokens() != 1) {
+      throw StateError("request " + std::to_string(e.request) + " cannot be intercepted while " +
+                       to_string(r.state) + " with " + std::to_string(r.num_uncomputed_tokens()) +
+                       " uncomputed tokens; only a running request that has just sampled can");
+    }
+    if (!seen.insert(e.request).second) {
+      throw InvalidArgumentError("request " + std::to_string(e.request) + " is intercepted twice in one batch");
+    }
+  }
+  std::vector<RequestState> states;
+  states.reserve(events.size());
+  for (const InterceptEvent& e : events) {
+    states.push_back(intercept(e.request, e.now_s, e.expected_duration_s, e.tool_name));
+  }
+  return states;
+}
+
+std::vector<std::string> Scheduler::resume_batch(const std::vector<ResumeEvent>& events) {
+  std::vector<std::string> errors(events.size());
+  for (size_t i = 0; i < events.size(); ++i) {
+    const ResumeEvent& e = events[i];
+    try {
+      if (e.num_tool_tokens >= 0) resume(e.request, e.num_tool_tokens, e.now_s);
+      else resume(e.request, e.tool_token_ids, e.now_s, e.num_replaced_tokens);
+    } catch (const Error& error) {
+      errors[i] = error.what();
+    }
+  }
+  return errors;
 }
 
 Request& Scheduler::paused_on_tool(RequestId request) {

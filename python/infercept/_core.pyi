@@ -23,6 +23,8 @@ class InvalidArgumentError(ValueError):
     pass
 class Tier:
     """
+    Where a KV block lives: the device pool or the host (swap) pool.
+    
     Members:
     
       DEVICE
@@ -68,6 +70,8 @@ class Tier:
         ...
 class Policy:
     """
+    An intercept policy: one row of the core's policy table (docs/baselines.md).
+    
     Members:
     
       VLLM_0_2
@@ -97,10 +101,14 @@ class Policy:
     __members__: typing.ClassVar[dict[str, Policy]]
     @staticmethod
     def all() -> list[Policy]:
-        ...
+        """
+        Every policy, in the table's order.
+        """
     @staticmethod
     def parse(name: str) -> Policy:
-        ...
+        """
+        The policy named `name` (its label, e.g. 'infercept'); ValueError naming the known ones otherwise.
+        """
     @typing.overload
     def __eq__(self, other: Policy) -> bool:
         ...
@@ -131,21 +139,29 @@ class Policy:
         ...
     @property
     def label(self) -> str:
-        ...
+        """
+        The policy's name as the CLI and the results spell it.
+        """
     @property
     def name(self) -> str:
         ...
     @property
     def swaps(self) -> bool:
-        ...
+        """
+        Whether the policy moves paused KV to the host pool.
+        """
     @property
     def uses_prefix_cache(self) -> bool:
-        ...
+        """
+        Whether the policy finds and keeps KV by content (the prefix cache).
+        """
     @property
     def value(self) -> int:
         ...
 class RequestState:
     """
+    Where a request is in its life: waiting -> running -> finished; running -> intercepted {preserved, swapping_out, swapped, discarded} -> resuming {swapping_in, recomputing} -> running; any live state -> aborted.
+    
     Members:
     
       WAITING
@@ -209,7 +225,9 @@ class RequestState:
         ...
     @property
     def label(self) -> str:
-        ...
+        """
+        The state's name in lower case ('preserved', 'swapping_out', ...).
+        """
     @property
     def name(self) -> str:
         ...
@@ -217,48 +235,88 @@ class RequestState:
     def value(self) -> int:
         ...
 class BlockPool:
+    """
+    Hands out block ids [0, num_blocks) of one tier. Misuse (freeing a free block, an id out of range, allocating from an empty pool) raises BlockError or OutOfBlocksError and leaves the pool unchanged.
+    """
     def __init__(self, tier: Tier, num_blocks: typing.SupportsInt | typing.SupportsIndex, block_size: typing.SupportsInt | typing.SupportsIndex = 16) -> None:
-        ...
+        """
+        `block_size`: tokens per block, what a cached block's content is compared over.
+        """
     def allocate(self) -> int:
-        ...
+        """
+        Takes one block with reference count 1: a free one, else the next evictable one (which then leaves the cache).
+        """
     def allocate_many(self, num_blocks: typing.SupportsInt | typing.SupportsIndex) -> list[int]:
-        ...
+        """
+        Takes `num_blocks` blocks, all or none.
+        """
     def can_allocate(self, num_blocks: typing.SupportsInt | typing.SupportsIndex) -> bool:
-        ...
+        """
+        Whether `num_blocks` blocks fit in the free capacity (free plus evictable).
+        """
     def check_invariants(self) -> None:
-        ...
+        """
+        Raises BlockError unless every unreferenced block is free or evictable (once), evictable iff cached, and the key index matches the blocks' content.
+        """
     def free(self, block: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
+        """
+        Drops one reference. At zero a cached block becomes evictable; any other block is free.
+        """
     def is_cached(self, block: typing.SupportsInt | typing.SupportsIndex) -> bool:
-        ...
+        """
+        Whether the block's content is registered in the prefix cache.
+        """
     def is_evictable(self, block: typing.SupportsInt | typing.SupportsIndex) -> bool:
-        ...
+        """
+        Whether the block is cached with no reference (free capacity the cache may give up).
+        """
     def ref_count(self, block: typing.SupportsInt | typing.SupportsIndex) -> int:
-        ...
+        """
+        The block's owners (0: free or evictable).
+        """
     def retain(self, block: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
+        """
+        Adds a reference (another owner, or a cache hit that revives an evictable block).
+        """
     @property
     def num_blocks(self) -> int:
-        ...
+        """
+        The pool's size.
+        """
     @property
     def num_cached(self) -> int:
-        ...
+        """
+        Blocks whose content is registered in the prefix cache.
+        """
     @property
     def num_evictable(self) -> int:
-        ...
+        """
+        Cached blocks with no reference.
+        """
     @property
     def num_evictions(self) -> int:
-        ...
+        """
+        Cached blocks given up for an allocation so far.
+        """
     @property
     def num_free(self) -> int:
-        ...
+        """
+        Free capacity: truly free blocks plus evictable cached ones.
+        """
     @property
     def num_used(self) -> int:
-        ...
+        """
+        Blocks with at least one reference.
+        """
     @property
     def tier(self) -> Tier:
-        ...
+        """
+        The pool's tier.
+        """
 class BlockCopy:
+    """
+    One block copy of a swap: (src, dst) block ids, device to host or host to device.
+    """
     def __init__(self, src: typing.SupportsInt | typing.SupportsIndex, dst: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def __repr__(self) -> str:
@@ -270,6 +328,9 @@ class BlockCopy:
     def src(self) -> int:
         ...
 class BlockTable:
+    """
+    A request's KV blocks on each tier and how many tokens they hold.
+    """
     @property
     def device_blocks(self) -> list[int]:
         ...
@@ -278,16 +339,27 @@ class BlockTable:
         ...
     @property
     def num_tokens(self) -> int:
-        ...
+        """
+        Tokens whose KV exists (device or host).
+        """
     @property
     def num_tokens_to_recompute(self) -> int:
-        ...
+        """
+        Of the tokens to compute, those computed before (a discarded context's).
+        """
 class AffineFit:
+    """
+    seconds = intercept_s + slope_s_per_token * num_tokens, fitted by least squares.
+    """
     @staticmethod
     def fit(samples: collections.abc.Sequence[tuple[typing.SupportsFloat | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex]]) -> AffineFit:
-        ...
+        """
+        Least-squares line through (num_tokens, seconds) samples; needs two distinct token counts.
+        """
     def __call__(self, num_tokens: typing.SupportsFloat | typing.SupportsIndex) -> float:
-        ...
+        """
+        Seconds for `num_tokens` tokens.
+        """
     def __init__(self) -> None:
         ...
     @property
@@ -306,41 +378,72 @@ class AffineFit:
     def slope_s_per_token(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
 class CostModel:
-    forward: AffineFit
+    """
+    T_fwd, T_swap and the memory facts the scheduler needs, for one model on one machine.
+    """
     name: str
     source: str
-    swap: AffineFit
     @staticmethod
     def builtin(name: str) -> CostModel:
-        ...
+        """
+        A profile built from the InferCept paper's constants; `name` is one of builtin_names() (a '+attn' suffix adds an attention term).
+        """
     @staticmethod
     def builtin_names() -> list[str]:
-        ...
+        """
+        The names builtin() takes.
+        """
     @staticmethod
     def from_json(text: str) -> CostModel:
-        ...
+        """
+        Parses a profile; raises InvalidArgumentError naming the missing or bad field.
+        """
     @staticmethod
     def load(path: str) -> CostModel:
-        ...
+        """
+        from_json of the file at `path`.
+        """
     def __init__(self) -> None:
         ...
     def forward_time_s(self, num_tokens: typing.SupportsFloat | typing.SupportsIndex) -> float:
-        ...
+        """
+        T_fwd of `num_tokens` batched tokens, attention term excluded.
+        """
     def save(self, path: str) -> None:
-        ...
+        """
+        Writes to_json() to `path`.
+        """
     def step_time_s(self, num_tokens: typing.SupportsFloat | typing.SupportsIndex, num_context_tokens: typing.SupportsFloat | typing.SupportsIndex) -> float:
-        ...
+        """
+        T_fwd of a step that computes `num_tokens` and attends over `num_context_tokens` in all.
+        """
     def swap_budget_tokens(self, num_batched_tokens: typing.SupportsInt | typing.SupportsIndex, num_context_tokens: typing.SupportsInt | typing.SupportsIndex = 0) -> int:
-        ...
+        """
+        N_i with T_swap(N_i) = T_fwd(B_i): tokens one iteration of B_i tokens can hide a copy behind.
+        """
     def swap_time_s(self, num_tokens: typing.SupportsFloat | typing.SupportsIndex) -> float:
-        ...
+        """
+        T_swap of `num_tokens` tokens' KV in one direction.
+        """
     def to_json(self) -> str:
-        ...
+        """
+        The profile as JSON (what from_json and load read).
+        """
     @property
     def attention_s_per_context_token(self) -> float:
-        ...
+        """
+        Seconds per context token the batch attends to (reading its KV); 0 in the paper's model.
+        """
     @attention_s_per_context_token.setter
     def attention_s_per_context_token(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def forward(self) -> AffineFit:
+        """
+        T_fwd's affine fit (used when fewer than two forward_points).
+        """
+    @forward.setter
+    def forward(self, arg0: AffineFit) -> None:
         ...
     @property
     def forward_points(self) -> list[tuple[float, float]]:
@@ -352,23 +455,40 @@ class CostModel:
         ...
     @property
     def kv_bytes_per_token(self) -> int:
-        ...
+        """
+        M: KV bytes of one token, all layers.
+        """
     @kv_bytes_per_token.setter
     def kv_bytes_per_token(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     @property
     def kv_capacity_tokens(self) -> int:
-        ...
+        """
+        Tokens of KV the device pool holds.
+        """
     @kv_capacity_tokens.setter
     def kv_capacity_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     @property
     def saturation_tokens(self) -> int:
-        ...
+        """
+        S: batched tokens past which a forward is compute-bound (the token budget).
+        """
     @saturation_tokens.setter
     def saturation_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
+    @property
+    def swap(self) -> AffineFit:
+        """
+        T_swap's affine fit over the tokens copied in one direction.
+        """
+    @swap.setter
+    def swap(self, arg0: AffineFit) -> None:
+        ...
 class WasteCounters:
+    """
+    Wasted device memory-time by cause, byte-seconds.
+    """
     @property
     def preserved_idle_byte_s(self) -> float:
         ...
@@ -382,6 +502,9 @@ class WasteCounters:
     def total_byte_s(self) -> float:
         ...
 class WasteLedger:
+    """
+    The run's waste by cause and the device capacity over the same time (DESIGN.md waste model).
+    """
     def as_dict(self) -> dict:
         """
         Byte-seconds per cause, their total, and the capacity (device bytes x time)
@@ -400,6 +523,9 @@ class WasteLedger:
     def waste_fraction(self) -> float:
         ...
 class ScheduledRequest:
+    """
+    One request of a plan: tokens already computed, new ones this step, of them recomputed, and whether it samples.
+    """
     @property
     def num_computed_tokens(self) -> int:
         ...
@@ -408,16 +534,25 @@ class ScheduledRequest:
         ...
     @property
     def num_recompute_tokens(self) -> int:
-        ...
+        """
+        of the new tokens, those computed before (a discarded context rebuilt)
+        """
     @property
     def request_id(self) -> int:
         ...
     @property
     def samples(self) -> bool:
-        ...
+        """
+        whether the step reaches the end of its context (it draws a token)
+        """
 class StepPlan:
+    """
+    What schedule() decided for one iteration: the scheduled requests, the block copies, the step's counts and the forward's inputs as flat arrays (numpy views over the plan, no copy).
+    """
     def is_empty(self) -> bool:
-        ...
+        """
+        nothing to compute and no copies (update() must still apply it)
+        """
     @property
     def block_tables(self) -> numpy.typing.NDArray[numpy.int32]:
         """
@@ -430,7 +565,9 @@ class StepPlan:
         """
     @property
     def discarded(self) -> list[int]:
-        ...
+        """
+        paused requests whose KV this step freed
+        """
     @property
     def input_ids(self) -> numpy.typing.NDArray[numpy.int64]:
         """
@@ -446,7 +583,9 @@ class StepPlan:
         ...
     @property
     def num_batched_tokens(self) -> int:
-        ...
+        """
+        B: tokens the forward computes
+        """
     @property
     def num_cached_tokens(self) -> numpy.typing.NDArray[numpy.int32]:
         """
@@ -454,13 +593,19 @@ class StepPlan:
         """
     @property
     def num_context_tokens(self) -> int:
-        ...
+        """
+        tokens the batch attends over, in all
+        """
     @property
     def num_recompute_tokens(self) -> int:
-        ...
+        """
+        of the batched tokens, those computed before
+        """
     @property
     def num_sampling_requests(self) -> int:
-        ...
+        """
+        S: requests that draw a token
+        """
     @property
     def num_scheduled(self) -> int:
         ...
@@ -477,7 +622,9 @@ class StepPlan:
         """
     @property
     def preempted(self) -> list[int]:
-        ...
+        """
+        requests paused this step for want of memory
+        """
     @property
     def query_lens(self) -> numpy.typing.NDArray[numpy.int32]:
         """
@@ -505,7 +652,9 @@ class StepPlan:
         """
     @property
     def scheduled(self) -> list[ScheduledRequest]:
-        ...
+        """
+        the scheduled requests (a list copy; the flat arrays are cheaper)
+        """
     @property
     def slot_mapping(self) -> numpy.typing.NDArray[numpy.int64]:
         """
@@ -516,10 +665,14 @@ class StepPlan:
         ...
     @property
     def swap_budget_tokens(self) -> int:
-        ...
+        """
+        N_i: tokens of copies the forward can hide
+        """
     @property
     def swap_in(self) -> list[BlockCopy]:
-        ...
+        """
+        host -> device block copies to run this step
+        """
     @property
     def swap_in_blocks(self) -> numpy.typing.NDArray[numpy.int32]:
         """
@@ -527,24 +680,33 @@ class StepPlan:
         """
     @property
     def swap_out(self) -> list[BlockCopy]:
-        ...
+        """
+        device -> host block copies to run this step
+        """
     @property
     def swap_out_blocks(self) -> numpy.typing.NDArray[numpy.int32]:
         """
         [N, 2] int32 (device src, host dst) per block copied out
         """
 class StepResult:
+    """
+    What the executor reports for one plan (the Executor protocol's return): sampled tokens, duration, swap stall; the engine fills finished.
+    """
     def __init__(self, duration_s: typing.SupportsFloat | typing.SupportsIndex, swap_stall_s: typing.SupportsFloat | typing.SupportsIndex = 0.0, finished: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], sampled_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = []) -> None:
         ...
     @property
     def duration_s(self) -> float:
-        ...
+        """
+        the step's time: forward, copies and sampling
+        """
     @duration_s.setter
     def duration_s(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
     @property
     def finished(self) -> list[int]:
-        ...
+        """
+        requests that stop now (the engine's stop rules)
+        """
     @finished.setter
     def finished(self, arg0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> None:
         ...
@@ -558,11 +720,16 @@ class StepResult:
         ...
     @property
     def swap_stall_s(self) -> float:
-        ...
+        """
+        of it, time the forward waited on copies
+        """
     @swap_stall_s.setter
     def swap_stall_s(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
 class KvStateChange:
+    """
+    A paused request's KV move: preserved, swapping_out, swapped or discarded.
+    """
     @property
     def request_id(self) -> int:
         ...
@@ -570,12 +737,19 @@ class KvStateChange:
     def state(self) -> RequestState:
         ...
 class StepOutput:
+    """
+    What update() tells the caller: everything it needs, so it never polls request states.
+    """
     @property
     def abort_reasons(self) -> list[str]:
-        ...
+        """
+        [len(aborted)] why, naming the limit
+        """
     @property
     def aborted(self) -> list[int]:
-        ...
+        """
+        requests the scheduler had to give up on
+        """
     @property
     def kv_changes(self) -> list[KvStateChange]:
         """
@@ -583,29 +757,44 @@ class StepOutput:
         """
     @property
     def reached_limit(self) -> list[int]:
-        ...
+        """
+        ... and reached their generated-token limit
+        """
     @property
     def sampled(self) -> list[int]:
-        ...
+        """
+        requests that gained a generated token
+        """
 class Request:
+    """
+    Bookkeeping for one request (a copy). Tokens: prompt + generated + tool-returned = num_tokens; the KV of num_computed_tokens of them exists (device or host).
+    """
     @property
     def arrival_s(self) -> float:
-        ...
+        """
+        Original arrival: the FCFS key, unless the policy requeues as new.
+        """
     @property
     def block_hashes(self) -> list[int]:
         ...
     @property
     def cacheable(self) -> bool:
-        ...
+        """
+        Entered with token ids (not counts only): it reads and feeds the prefix cache.
+        """
     @property
     def device_blocks(self) -> list[int]:
         ...
     @property
     def expected_duration_s(self) -> float:
-        ...
+        """
+        The caller's estimate of the intercept; < 0 when unknown.
+        """
     @property
     def generated_token_limit(self) -> int:
-        ...
+        """
+        update() reports the request once num_generated_tokens reaches this (0: never).
+        """
     @property
     def host_blocks(self) -> list[int]:
         ...
@@ -614,7 +803,9 @@ class Request:
         ...
     @property
     def num_cached_tokens(self) -> int:
-        ...
+        """
+        Prompt tokens whose KV came from the prefix cache at the first admission.
+        """
     @property
     def num_computed_tokens(self) -> int:
         ...
@@ -641,10 +832,14 @@ class Request:
         ...
     @property
     def pin_until_s(self) -> float:
-        ...
+        """
+        continuum: the pinned KV is released then (< 0: not pinned).
+        """
     @property
     def priority_s(self) -> float:
-        ...
+        """
+        Queue key: arrival_s, or the resume time (policies that queue a resume as a new arrival).
+        """
     @property
     def state(self) -> RequestState:
         ...
@@ -653,17 +848,25 @@ class Request:
         ...
     @property
     def tool_pending(self) -> bool:
-        ...
+        """
+        Intercepted, and its tool has not returned.
+        """
     @property
     def waste(self) -> WasteCounters:
-        ...
+        """
+        Device memory-time this request caused to be wasted.
+        """
 class SchedulerConfig:
-    enable_prefix_caching: bool
+    """
+    What the scheduler runs under: policy, pool sizes, token budget, limits.
+    """
     policy: Policy
     def __init__(self) -> None:
         ...
     def validate(self) -> None:
-        ...
+        """
+        Raises InvalidArgumentError naming the first bad field.
+        """
     @property
     def block_size(self) -> int:
         ...
@@ -687,14 +890,26 @@ class SchedulerConfig:
     def demand_aware_preserve(self, arg0: bool) -> None:
         ...
     @property
-    def max_batched_tokens(self) -> int:
+    def enable_prefix_caching(self) -> bool:
+        """
+        Keep full blocks' KV findable by content after their owners let go (off under vllm-0.2 whatever this says).
+        """
+    @enable_prefix_caching.setter
+    def enable_prefix_caching(self, arg0: bool) -> None:
         ...
+    @property
+    def max_batched_tokens(self) -> int:
+        """
+        S: tokens per iteration, decodes and prefill chunks together.
+        """
     @max_batched_tokens.setter
     def max_batched_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     @property
     def max_context_tokens(self) -> int:
-        ...
+        """
+        Largest context a request may reach (the model's window); 0: only the pool limits it.
+        """
     @max_context_tokens.setter
     def max_context_tokens(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
@@ -718,11 +933,16 @@ class SchedulerConfig:
         ...
     @property
     def vocab_size(self) -> int:
-        ...
+        """
+        Token ids must lie in [0, vocab_size); 0 leaves them unchecked.
+        """
     @vocab_size.setter
     def vocab_size(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
 class SchedulerStats:
+    """
+    Counts by state and cumulative counters (swaps, recompute, prefix cache), for metrics and logs.
+    """
     @property
     def num_aborted(self) -> int:
         ...
@@ -793,62 +1013,119 @@ class SchedulerStats:
     def prefix_cache_queries(self) -> int:
         ...
 class Scheduler:
+    """
+    The iteration-level scheduler: which requests compute how many tokens, which paused contexts are preserved, swapped or discarded, and which resume. Bookkeeping over block ids only; time is an argument.
+    """
     def __init__(self, config: SchedulerConfig, cost: CostModel) -> None:
         ...
     def abort(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
+        """
+        Ends a request in any live state and frees its blocks.
+        """
     @typing.overload
     def add_request(self, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], arrival_s: typing.SupportsFloat | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex = 0, cache_salt: str = '') -> int:
-        ...
+        """
+        Queues a new request and returns its id. `generated_token_limit` > 0 makes update() report the request when it has generated that many tokens; its blocks are found by the prefix cache of the same `cache_salt`.
+        """
     @typing.overload
     def add_request(self, num_prompt_tokens: typing.SupportsInt | typing.SupportsIndex, arrival_s: typing.SupportsFloat | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex = 0) -> int:
-        ...
+        """
+        Counts only, no token ids (the simulator): the request never touches the prefix cache.
+        """
     def block_table(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> BlockTable:
-        ...
+        """
+        A copy of the request's block table.
+        """
     def check_invariants(self) -> None:
-        ...
+        """
+        Raises unless blocks are conserved and every request's table agrees with its state (tests).
+        """
     def contains(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> bool:
-        ...
+        """
+        Whether the scheduler holds a record of the request (live, or ended and not removed).
+        """
     def finish(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
+        """
+        Ends a running request normally and frees its blocks.
+        """
     def intercept(self, request_id: typing.SupportsInt | typing.SupportsIndex, now_s: typing.SupportsFloat | typing.SupportsIndex, expected_duration_s: typing.SupportsFloat | typing.SupportsIndex = -1.0, tool_name: str = '') -> RequestState:
         """
-        Pauses a request that has just sampled; returns the state the policy put its KV in
+        Pauses a running request that has just sampled (it called a tool); the policy decides what happens to its KV. `expected_duration_s` < 0: unknown (estimated from the time elapsed). `tool_name` lets resume() record the duration per tool (continuum's TTL). Returns the state the policy put the request in; later moves come in StepOutput.kv_changes.
+        """
+    def intercept_batch(self, request_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], now_s: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], expected_duration_s: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], tool_names: collections.abc.Sequence[str]) -> list[str]:
+        """
+        intercept() for every request of the lists at once, all or nothing (a bad one raises before any applies); returns the label of each request's KV state (RequestState.label), in order
         """
     def ledger(self) -> WasteLedger:
-        ...
+        """
+        A copy of the waste ledger so far.
+        """
     def pool(self, tier: Tier) -> BlockPool:
         """
         The tier's block pool (reference counts, the prefix cache), read-only.
         """
     def remaining_intercept_s(self, request: Request, now_s: typing.SupportsFloat | typing.SupportsIndex) -> float:
-        ...
+        """
+        Expected remaining intercept time of a paused request: the caller's hint, else an estimate from the time already elapsed.
+        """
     def remove(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
+        """
+        Drops a finished or aborted request's record.
+        """
     def request(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> Request:
-        ...
+        """
+        A copy of the request's record; UnknownRequestError if there is none.
+        """
     @typing.overload
     def resume(self, request_id: typing.SupportsInt | typing.SupportsIndex, tool_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], now_s: typing.SupportsFloat | typing.SupportsIndex, num_replaced_tokens: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
-        ...
+        """
+        The tool returned `tool_token_ids`: queue the request to resume. The last `num_replaced_tokens` tokens (not yet computed) are dropped first and their replacement leads `tool_token_ids`.
+        """
     @typing.overload
     def resume(self, request_id: typing.SupportsInt | typing.SupportsIndex, num_tool_tokens: typing.SupportsInt | typing.SupportsIndex, now_s: typing.SupportsFloat | typing.SupportsIndex) -> None:
-        ...
+        """
+        Counts only, for a counts-only request.
+        """
+    @typing.overload
+    def resume_batch(self, request_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], now_s: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], tool_token_ids: collections.abc.Sequence[collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]], num_replaced_tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> list[str]:
+        """
+        resume() for every request of the lists in order; returns each one's error message ("" when it resumed): a failure does not stop the others, and one over the context or pool limit aborted its request
+        """
+    @typing.overload
+    def resume_batch(self, request_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], now_s: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex], num_tool_tokens: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> list[str]:
+        """
+        Counts only: resume() of counts-only requests by their tool token counts, as the lists' other overload
+        """
     def schedule(self, now_s: typing.SupportsFloat | typing.SupportsIndex) -> StepPlan:
-        ...
+        """
+        Plans one iteration at time `now_s`. The previous plan must have been applied by update() (an empty one too); StateError otherwise.
+        """
     def set_expected_duration(self, request_id: typing.SupportsInt | typing.SupportsIndex, expected_duration_s: typing.SupportsFloat | typing.SupportsIndex) -> None:
-        ...
+        """
+        Updates the caller's estimate of an ongoing intercept (e.g. a learned tool duration).
+        """
     def set_generated_token_limit(self, request_id: typing.SupportsInt | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
+        """
+        update() reports the request once it has generated this many tokens (0: never).
+        """
     def stats(self) -> SchedulerStats:
-        ...
+        """
+        Counts by state and the cumulative counters now.
+        """
     def update(self, plan: StepPlan, result: StepResult, now_s: typing.SupportsFloat | typing.SupportsIndex) -> StepOutput:
-        ...
+        """
+        Applies a finished iteration: commits copies and tokens, accounts waste; returns what changed (StepOutput).
+        """
     @property
     def config(self) -> SchedulerConfig:
-        ...
+        """
+        The configuration it runs under.
+        """
     @property
     def cost(self) -> CostModel:
-        ...
+        """
+        The cost model it sizes swaps and waste by.
+        """
     @property
     def num_free_device_blocks(self) -> int:
         ...
@@ -857,8 +1134,13 @@ class Scheduler:
         ...
     @property
     def num_live_requests(self) -> int:
-        ...
+        """
+        Requests not finished or aborted.
+        """
 class SwapStepStats:
+    """
+    What one step's copies did. Returned by finish_step().
+    """
     def __repr__(self) -> str:
         ...
     @property
@@ -880,6 +1162,9 @@ class SwapStepStats:
     def stall_s(self) -> float:
         ...
 class SwapCounters:
+    """
+    Totals since construction, over the steps that finished without error.
+    """
     @property
     def num_blocks_in(self) -> int:
         ...
@@ -893,29 +1178,46 @@ class SwapCounters:
     def num_bytes_out(self) -> int:
         ...
 class SwapEngine:
+    """
+    Moves KV blocks between the device cache and the engine's host pool, one layer at a time. One thread drives a step; counters may be read from any thread.
+    """
     def begin_plan(self, plan: StepPlan) -> None:
         """
         begin_step(plan.swap_out, plan.swap_in) without converting the lists
         """
     def begin_step(self, swap_out: collections.abc.Iterable, swap_in: collections.abc.Iterable) -> None:
-        ...
+        """
+        Checks both lists (BlockCopy or (src, dst) pairs) and starts the copies: per layer the swap-ins, then the swap-outs. StateError when the previous step was not finished or a layer is not registered (nothing copied).
+        """
     def finish_step(self) -> SwapStepStats:
-        ...
+        """
+        Waits for every layer and ends the step; returns its SwapStepStats (empty outside a step). Rethrows the copy worker's error (the step is ended either way).
+        """
     def host_block(self, layer: typing.SupportsInt | typing.SupportsIndex, is_value: bool, block: typing.SupportsInt | typing.SupportsIndex) -> bytes:
-        ...
+        """
+        A copy of one host block of one layer's K (is_value False) or V cache, block_bytes bytes (tests; not during a step).
+        """
     def register_device_layer(self, layer: typing.SupportsInt | typing.SupportsIndex, key_ptr: typing.SupportsInt | typing.SupportsIndex, value_ptr: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
+        """
+        Records where layer `layer`'s device K and V caches start (every layer, before a step with copies). InvalidArgumentError for a layer out of range or a null pointer, StateError while a step is in flight.
+        """
     def wait_layer(self, layer: typing.SupportsInt | typing.SupportsIndex) -> None:
-        ...
+        """
+        Blocks until layer `layer`'s copies of the current step are done (at once outside a step); rethrows the copy worker's error if it failed at or before this layer.
+        """
     @property
     def block_bytes(self) -> int:
         ...
     @property
     def counters(self) -> SwapCounters:
-        ...
+        """
+        SwapCounters since construction.
+        """
     @property
     def is_step_in_flight(self) -> bool:
-        ...
+        """
+        Whether a step has begun and not yet finished.
+        """
     @property
     def num_device_blocks(self) -> int:
         ...
@@ -926,6 +1228,9 @@ class SwapEngine:
     def num_layers(self) -> int:
         ...
 class CpuSwapEngine(SwapEngine):
+    """
+    The CPU backend: a copy worker thread over a host pool of num_layers * 2 * num_host_blocks * block_bytes bytes.
+    """
     def __init__(self, num_layers: typing.SupportsInt | typing.SupportsIndex, block_bytes: typing.SupportsInt | typing.SupportsIndex, num_device_blocks: typing.SupportsInt | typing.SupportsIndex, num_host_blocks: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
 class CudaSwapEngine(SwapEngine):
@@ -943,9 +1248,13 @@ class CudaSwapEngine(SwapEngine):
     def max_copy_ctas(self) -> int:
         ...
 def can_transition(src: RequestState, dst: RequestState) -> bool:
-    ...
+    """
+    Whether a request may move from state `src` to `dst`.
+    """
 def chunked_discard_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, other_tokens: typing.SupportsInt | typing.SupportsIndex, num_chunks: typing.SupportsInt | typing.SupportsIndex) -> float:
-    ...
+    """
+    Equation 4, byte-seconds: T_fwd(C)*C*M/2 + n*T_fwd(C/n)*C_other*M (recompute in n chunks).
+    """
 def cpu_attention_has_openmp() -> bool:
     """
     Whether paged_decode_attention was built with OpenMP (multi-threaded).
@@ -963,7 +1272,9 @@ def cuda_write_kv_cache(key: typing.Any, value: typing.Any, key_cache: typing.An
     Writes new K/V [num_tokens, num_kv_heads, head_dim] into the paged caches [num_blocks, block_size, num_kv_heads, head_dim] at slot_mapping [num_tokens] int64 (negative: skipped), enqueued on `stream` (a cudaStream_t as int). Tensors (DLPack producers or capsules) on one CUDA device, contiguous, one of float32/float16/bfloat16. Raises InvalidArgumentError (a ValueError) naming the tensor that breaks this.
     """
 def discard_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, other_tokens: typing.SupportsInt | typing.SupportsIndex) -> float:
-    ...
+    """
+    Equation 1, byte-seconds: T_fwd(C)*C*M + T_fwd(C)*C_other*M (recompute in one go, and everyone held up by it).
+    """
 def hash_block(parent: typing.SupportsInt | typing.SupportsIndex, token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> int:
     """
     The key of a full block chained from `parent`.
@@ -979,8 +1290,12 @@ def paged_decode_attention(out: typing.Any, query: typing.Any, key_cache: typing
     Tensors (torch, numpy, any DLPack producer, or DLPack capsules), CPU and contiguous: out (written) and query [num_seqs, num_heads, head_dim] float32, key/value caches [num_blocks, block_size, num_kv_heads, head_dim] float32, block_tables [num_seqs, max_blocks] int32, context_lens [num_seqs] int32. Releases the GIL. Raises InvalidArgumentError (a ValueError) naming the tensor on a wrong dtype, device, shape or layout, and on bad sizes, context lengths or block ids.
     """
 def preserve_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, intercept_s: typing.SupportsFloat | typing.SupportsIndex) -> float:
-    ...
+    """
+    Equation 2, byte-seconds: T_INT*C*M (the context held idle on the device for the intercept).
+    """
 def swap_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, batch_tokens: typing.SupportsInt | typing.SupportsIndex) -> float:
-    ...
+    """
+    Equation 3, byte-seconds: 2*T_swap(C)*C_batch*M (the batch stalled while the context goes out and back).
+    """
 __version__: str = '0.1.0'
 cuda_compiled: bool = True

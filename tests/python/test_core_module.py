@@ -124,3 +124,58 @@ def test_waste_ledger_dict_and_fractions() -> None:
     assert f["waste_fraction"] == pytest.approx(d["total_byte_s"] / d["capacity_byte_s"])
     assert f["waste_fraction"] == pytest.approx(ledger.waste_fraction)
     assert f["preserve_waste_fraction"] > 0
+
+
+def _decoding_core(policy: str, num_requests: int) -> tuple[_core.Scheduler, list[int]]:
+    """A core whose requests have each just sampled (each may be intercepted now)."""
+    config = _core.SchedulerConfig()
+    config.num_device_blocks = 64
+    config.num_host_blocks = 64
+    config.block_size = 4
+    config.policy = _core.Policy.parse(policy)
+    core = _core.Scheduler(config, _core.CostModel.builtin("gptj-6b-a100"))
+    ids = [core.add_request(list(range(1 + i, 10 + i)), 0.0) for i in range(num_requests)]
+    plan = core.schedule(0.0)
+    core.update(plan, _core.StepResult(0.1, 0.0, [], [5] * plan.num_sampling_requests), 0.1)
+    return core, ids
+
+
+@pytest.mark.parametrize("policy", ["preserve", "discard", "swap"])
+def test_batched_intercepts_and_resumes_match_one_call_each(policy: str) -> None:
+    one, ids = _decoding_core(policy, 3)
+    batch, _ = _decoding_core(policy, 3)
+    states = [one.intercept(i, 0.1, 1.0 + i, "search").label for i in ids]
+    assert batch.intercept_batch(ids, [0.1] * 3, [1.0 + i for i in ids], ["search"] * 3) == states
+    for core in (one, batch):
+        plan = core.schedule(0.1)
+        core.update(plan, _core.StepResult(0.01), 0.5)
+    for i in ids:
+        one.resume(i, [7, 8], 0.5)
+    assert batch.resume_batch(ids, [0.5] * 3, [[7, 8]] * 3, [0] * 3) == ["", "", ""]
+    for core in (one, batch):
+        core.check_invariants()
+    assert [one.request(i).token_ids for i in ids] == [batch.request(i).token_ids for i in ids]
+    assert [one.request(i).state for i in ids] == [batch.request(i).state for i in ids]
+    assert one.stats().num_waiting == batch.stats().num_waiting == 3
+
+
+def test_intercept_batch_is_all_or_nothing() -> None:
+    core, ids = _decoding_core("preserve", 2)
+    with pytest.raises(ValueError, match="intercepted twice"):
+        core.intercept_batch([ids[0], ids[0]], [0.1] * 2, [-1.0] * 2, [""] * 2)
+    assert core.stats().num_intercepted == 0
+    core.intercept(ids[1], 0.1)
+    with pytest.raises(_core.StateError, match=f"request {ids[1]} cannot be intercepted"):
+        core.intercept_batch(ids, [0.1] * 2, [-1.0] * 2, [""] * 2)
+    assert core.stats().num_intercepted == 1 and core.request(ids[0]).state == _core.RequestState.RUNNING
+    with pytest.raises(ValueError, match=r"one entry per request id \(2\), got one of 1"):
+        core.intercept_batch(ids, [0.1], [-1.0] * 2, [""] * 2)
+
+
+def test_resume_batch_reports_each_failure_and_resumes_the_rest() -> None:
+    core, ids = _decoding_core("preserve", 2)
+    core.intercept_batch(ids, [0.1] * 2, [1.0] * 2, [""] * 2)
+    errors = core.resume_batch(ids, [0.2] * 2, [[7] * 400, [7]], [0, 0])
+    assert "over the device pool of 64 blocks" in errors[0] and errors[1] == ""
+    assert core.request(ids[0]).state == _core.RequestState.ABORTED
+    assert core.request(ids[1]).state != _core.RequestState.ABORTED and not core.request(ids[1]).tool_pending

@@ -75,6 +75,26 @@ struct SchedulerStats {
   int64_t num_stored_blocks = 0;        // cumulative: of num_swap_out_blocks, host offload stores
 };
 
+/// One tool call to pause for: intercept()'s arguments, queued by the engine loop and sent
+/// with the step's others in one call (intercept_batch).
+struct InterceptEvent {
+  RequestId request = 0;
+  double now_s = 0;
+  double expected_duration_s = -1;  // < 0: unknown
+  std::string tool_name;
+};
+
+/// One tool return: resume()'s arguments, sent with the step's others in one call
+/// (resume_batch). A request with token ids gives `tool_token_ids`; a counts-only one gives
+/// `num_tool_tokens` (>= 0) instead.
+struct ResumeEvent {
+  RequestId request = 0;
+  double now_s = 0;
+  std::vector<TokenId> tool_token_ids;
+  int32_t num_tool_tokens = -1;  // >= 0: counts only
+  int32_t num_replaced_tokens = 0;
+};
+
 class Scheduler {
  public:
   Scheduler(const SchedulerConfig& config, const CostModel& cost);
@@ -103,6 +123,16 @@ class Scheduler {
               int32_t num_replaced_tokens = 0);
   /// Counts only, for a counts-only request.
   void resume(RequestId request, int32_t num_tool_tokens, double now_s);
+
+  /// intercept() for each event in order, all or nothing: every event is checked first (a
+  /// running request that has just sampled, named once), and a bad one throws before any
+  /// applies. Returns each request's state, in event order.
+  std::vector<RequestState> intercept_batch(const std::vector<InterceptEvent>& events);
+
+  /// resume() for each event in order. One that fails does not stop the rest: its error message
+  /// is returned at its index ("" for the ones that resumed). A resume over the context limit
+  /// or the device pool has aborted its request, as resume() does.
+  std::vector<std::string> resume_batch(const std::vector<ResumeEvent>& events);
 
   /// Updates the caller's estimate of an ongoing intercept (e.g. a learned tool duration).
   void set_expected_duration(RequestId request, double expected_duration_s);

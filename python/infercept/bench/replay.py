@@ -19,24 +19,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from infercept._core import CostModel, Policy, Scheduler, SchedulerConfig, StepResult
+from infercept._core import CostModel, Policy, Scheduler, SchedulerConfig
 from infercept.engine.executor import Executor
+from infercept.engine.step_loop import CoreEvents, StepLoop, VirtualClock
 from infercept.bench.metrics import RequestRecord
 from infercept.bench.token_ids import SIM_VOCAB_SIZE, prompt_token_ids, tool_token_ids
 from infercept.bench.workload import WorkloadRequest
-
-
-def _intercept_tool_keyword() -> str | None:
-    """The keyword by which this core's ``Scheduler.intercept`` takes a tool name, if it does.
-
-    Per-tool policies (Continuum's TTL) learn durations by tool name; a core built without them
-    takes no name, and the workload's names are then only reported.
-    """
-    doc = Scheduler.intercept.__doc__ or ""
-    return next((name for name in ("tool_name", "tool") if f" {name}:" in doc), None)
-
-
-_TOOL_KEYWORD = _intercept_tool_keyword()
 
 
 @dataclass
@@ -89,7 +77,10 @@ class ReplayEngine:
     def __init__(self, config: SchedulerConfig, cost: CostModel, executor: Executor,
                  check_invariants: bool = False, token_ids: bool | None = None, seed: int = 0) -> None:
         self.scheduler = Scheduler(config, cost)
-        self._executor = executor
+        # The engine loop of the real engine, under a virtual clock: resumes and intercepts
+        # queue in _events and cross to the core once per step each.
+        self._events = CoreEvents(self.scheduler)
+        self._loop = StepLoop(self.scheduler, executor, VirtualClock(), self._events)
         self._check = check_invariants
         self._policy = config.policy
         self._token_ids = getattr(executor, "token_ids", False) if token_ids is None else token_ids
@@ -117,48 +108,46 @@ class ReplayEngine:
         progress: dict[int, _Progress] = {}
         aborted: dict[str, str] = {}
         limit_s = math.inf if max_time_s is None else max_time_s
-        now_s = 0.0
+        clock = self._loop.clock
         num_steps = 0
         num_idle_plans = 0  # empty plans in a row at one time
 
-        while (events or core.num_live_requests) and now_s < limit_s:
+        while (events or core.num_live_requests) and clock.now_s < limit_s:
+            now_s = clock.now_s
             while events and events[0][0] <= now_s:
                 _, _, kind, payload = heapq.heappop(events)
                 if kind == "arrive":
                     self._arrive(payload, now_s, progress)
                 else:
                     self._tool_returns(payload, now_s, progress)
-            plan = core.schedule(now_s)
-            if plan.is_empty():
-                # Applied like any plan: planning may have moved blocks without a copy (a
-                # swap-in whose blocks were still cached on the device) or given up on a
-                # request. Two empty plans in a row with nothing to wait for is a stall.
-                output = core.update(plan, StepResult(0.0), now_s)
+            _, result, output, now_s = self._loop.step()  # the token limits decide finishes
+            if result is None:
+                # Two empty plans in a row with nothing to wait for is a stall.
                 for request_id, reason in zip(output.aborted, output.abort_reasons):
                     aborted[progress[request_id].request.request_id] = reason
                 num_idle_plans += 1
                 if events:
-                    now_s = min(max(now_s, events[0][0]), limit_s)  # idle until the next event or the cut
+                    # Idle until the next event or the cut.
+                    clock.now_s = min(max(clock.now_s, events[0][0]), limit_s)
                 elif num_idle_plans > 1 and core.num_live_requests:
                     raise RuntimeError(
-                        f"replay stalled at t={now_s:.3f}s with {core.num_live_requests} live requests "
-                        "and nothing schedulable; this is a scheduler bug")
+                        f"replay stalled at t={clock.now_s:.3f}s with {core.num_live_requests} live "
+                        "requests and nothing schedulable; this is a scheduler bug")
                 continue
             num_idle_plans = 0
-            result = self._executor.execute(plan)
-            now_s += result.duration_s
-            output = core.update(plan, result, now_s)
             num_steps += 1
             if self._awaiting_first_token:
                 self._note_resumed_ttfts(output.sampled, now_s, progress)
             for request_id in output.reached_limit:
                 self._segment_done(request_id, now_s, progress, events, seq)
+            self._events.flush()  # the step's intercepts, in one call
             for request_id, reason in zip(output.aborted, output.abort_reasons):
                 aborted[progress[request_id].request.request_id] = reason
             if self._check:
                 core.check_invariants()
             if on_step is not None:
                 on_step(now_s)
+        now_s = clock.now_s
 
         records = [self._record(core, rid, p) for rid, p in progress.items()]
         ledger = core.ledger()
@@ -171,6 +160,7 @@ class ReplayEngine:
 
     def _arrive(self, request: WorkloadRequest, now_s: float, progress: dict[int, _Progress]) -> None:
         # Limit 1 first: the first token's time is the request's TTFT.
+        self._events.flush()  # the core's calls stay in the order the events came
         if self._token_ids:
             prompt = prompt_token_ids(request, self._seed, self._vocab_size)
             request_id = self.scheduler.add_request(prompt, request.arrival_s, 1)
@@ -191,15 +181,13 @@ class ReplayEngine:
             return
         segment = state.request.segments[state.segment]
         if segment.tool_duration_s is None:
+            self._events.flush()  # intercepts queued before this finish go first
             core.finish(request_id)
             state.finish_s = now_s
             return
         # The model has called its tool: pause for the tool's time, hinting the duration as a
         # caller with a learned estimate would.
-        if _TOOL_KEYWORD is not None and segment.tool is not None:
-            core.intercept(request_id, now_s, segment.tool_duration_s, **{_TOOL_KEYWORD: segment.tool})
-        else:
-            core.intercept(request_id, now_s, segment.tool_duration_s)
+        self._events.intercept(request_id, now_s, segment.tool_duration_s, segment.tool or "")
         state.intercept_start_s = now_s
         heapq.heappush(events, (now_s + segment.tool_duration_s, next(seq), "resume", request_id))
 
@@ -209,10 +197,10 @@ class ReplayEngine:
         segment = state.request.segments[state.segment]
         state.tool_time_s += now_s - state.intercept_start_s
         if self._token_ids:
-            core.resume(request_id, tool_token_ids(state.request, state.segment, self._seed,
-                                                   self._vocab_size), now_s)
+            self._events.resume(request_id, tool_token_ids(state.request, state.segment, self._seed,
+                                                           self._vocab_size), now_s)
         else:
-            core.resume(request_id, segment.tool_tokens, now_s)
+            self._events.resume(request_id, segment.tool_tokens, now_s)
         state.segment += 1
         state.segment_end_tokens += state.request.segments[state.segment].completion_tokens
         core.set_generated_token_limit(request_id, state.segment_end_tokens)

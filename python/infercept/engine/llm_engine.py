@@ -1,15 +1,18 @@
 """The engine loop over the native scheduler and the real model runner (DESIGN.md §3).
 
-One ``step()``:
+One ``step()`` is one pass of the shared loop (``step_loop.StepLoop``, which the simulator's
+replay drives too) with the engine's work around it:
 
-    tool runtime and scripted timers: finished pauses -> scheduler.resume(req, tool tokens)
-    scheduler.schedule(now)            -> StepPlan
-    runner.execute(plan)               -> StepResult: sampled tokens, timings (swaps pipelined
+    tool runtime and scripted timers: finished pauses -> resumes queued (CoreEvents)
+    [StepLoop.step]
+      queued resumes                   -> scheduler.resume_batch (one call)
+      scheduler.schedule(now)          -> StepPlan
+      runner.execute(plan)             -> StepResult: sampled tokens, timings (swaps pipelined
                                           per layer with the forward; structured rows' grammar
                                           masks computed on a helper thread meanwhile)
-    detokenize, stop check, grammar    -> result.finished
-    scheduler.update(plan, result)     (append tokens, free, account waste)
-    tool-call parser / scripted points -> scheduler.intercept(req, expected duration)
+      detokenize, stop check, grammar  -> result.finished
+      scheduler.update(plan, result)   (append tokens, free, account waste)
+    tool-call parser / scripted points -> intercepts queued, then scheduler.intercept_batch
     tool runtime: launch the call (the engine keeps stepping while it runs)
 
 While a request is paused the policy decides, per iteration, whether its KV is preserved on
@@ -25,13 +28,14 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence as SequenceT
 
-from infercept._core import (CostModel, Policy, Scheduler, SchedulerConfig, StepOutput, StepResult,
-                             UnknownRequestError)
+from infercept._core import (CostModel, Policy, RequestState, Scheduler, SchedulerConfig, StepOutput,
+                             StepPlan, StepResult, UnknownRequestError)
 from infercept.engine.config import EngineConfig
 from infercept.engine.model_runner import ModelRunner
 from infercept.engine.outputs import InterceptRecord, RequestOutput
 from infercept.engine.profiler import load_or_measure
 from infercept.engine.sequence import Sequence
+from infercept.engine.step_loop import CoreEvents, StepLoop, WallClock
 from infercept.backend import select_device
 from infercept.engine.swap import SwapEngine
 from infercept.engine.tp_executor import TensorParallelExecutor
@@ -128,7 +132,11 @@ class LLMEngine:
         scheduler_config.max_context_tokens = self.max_model_len
         scheduler_config.enable_prefix_caching = config.enable_prefix_caching
         scheduler_config.vocab_size = model_config.vocab_size
-        self.scheduler = Scheduler(scheduler_config, self.cost_model)
+        scheduler = Scheduler(scheduler_config, self.cost_model)
+        # Resumes and intercepts queue here and cross to the core once per step each.
+        self._events = CoreEvents(scheduler, on_error=self._resume_failed)
+        self._clock = WallClock()
+        self._loop = StepLoop(scheduler, self.runner, self._clock, self._events)
 
         if isinstance(tools, ToolRegistry):
             self.tools = tools
@@ -142,14 +150,26 @@ class LLMEngine:
         self.runner.grammars = self.grammars
         self._seqs: dict[int, Sequence] = {}
         self._timers: list[tuple[float, int, int]] = []  # (resume_at_s, request_id, after_tokens)
-        self._start_s = time.monotonic()
+        # Requests changed outside a step's own work (a resume the core refused at a flush),
+        # reported by the next step.
+        self._touched: dict[int, Sequence] = {}
         self.num_steps = 0
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The native core (shared by the loop and its event queue)."""
+        return self._loop.scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Scheduler) -> None:
+        # Benchmarks wrap it (benchmarks/count_crossings.py): every user must see the wrapper.
+        self._loop.scheduler = self._events.scheduler = scheduler
 
     # ---- requests ------------------------------------------------------------------------
 
     def now(self) -> float:
         """Seconds on the engine clock (since construction)."""
-        return time.monotonic() - self._start_s
+        return self._clock.now()
 
     def register_tool(self, tool: Tool | object, **kwargs: object) -> Tool:
         """Registers a server-side tool (a ``Tool`` or a callable plus ``name=``, ...)."""
@@ -220,6 +240,11 @@ class LLMEngine:
         self._check_live(seq)
         self._pause(seq, InterceptRecord("client", len(seq.generated), name=name,
                                          expected_duration_s=expected_duration_s))
+        try:
+            self._events.flush()  # the caller's call: a request that cannot pause raises here
+        except Exception:
+            seq.output.intercepts.pop()
+            raise
 
     def resume(self, request_id: int, tool_output: str | None = None, *,
                token_ids: SequenceT[int] | None = None, raw: bool = False,
@@ -306,44 +331,29 @@ class LLMEngine:
         """
         if isinstance(self.runner, TensorParallelExecutor):
             self.runner.check_workers()  # a failed engine plans nothing it cannot run
-        touched: dict[int, Sequence] = {}
+        touched, self._touched = self._touched, {}
         self._collect_pauses(touched)
-        plan = self.scheduler.schedule(self.now())
-        if plan.is_empty():
-            # Nothing to run, but planning may have given up on a request (it outgrew the pool):
-            # an empty update reports it.
-            step_output = self.scheduler.update(plan, StepResult(0.0), self.now())
+        sampling_ids: list[int] = []
+        finished: list[int] = []
+
+        def decide_finished(plan: StepPlan, result: StepResult, now: float) -> list[int]:
+            sampling_ids.extend(plan.sampling_request_ids.tolist())
+            finished.extend(self._accept_tokens(plan, result, sampling_ids, now, touched))
+            return finished
+
+        plan, result, step_output, _ = self._loop.step(decide_finished)
+        if result is None:
+            # Nothing ran, but planning may have given up on a request (it outgrew the pool):
+            # the empty plan's update reports it.
             self._report_aborts(step_output, touched)
             self._record_kv_actions(step_output)
             self._wait_for_events()
+            touched.update(self._touched)
+            self._touched = {}
             return [s.output for s in touched.values()]
 
-        result = self.runner.execute(plan)
         self.last_step = StepTiming(plan.num_batched_tokens, plan.num_context_tokens,
                                     result.duration_s, result.swap_stall_s)
-        now = self.now()
-        finished: list[int] = []
-        sampling_ids = plan.sampling_request_ids.tolist()
-        if sampling_ids:
-            num_cached = plan.num_cached_tokens.tolist()
-            for request_id, token, cached in zip(sampling_ids, result.sampled_token_ids, num_cached):
-                seq = self._seqs[request_id]
-                if seq.output.first_token_s is None:  # first token: how much the cache served
-                    seq.output.num_cached_tokens = cached
-                decision = seq.append_sampled(token, self.tokenizer, now, self.max_model_len)
-                logprob = self.runner.last_logprobs.get(request_id)
-                if logprob is not None:
-                    seq.output.logprobs.append(logprob)
-                grammar_error = self.grammars.accept(request_id, token)
-                touched[request_id] = seq
-                if decision.should_stop:
-                    finished.append(request_id)
-                    seq.finish(decision.reason or "stop", now)
-                elif grammar_error is not None:  # the mask should make this impossible
-                    finished.append(request_id)
-                    seq.finish("error", now, grammar_error)
-        result.finished = finished
-        step_output = self.scheduler.update(plan, result, now)
         self.num_steps += 1
         for request_id in finished:
             self._forget(request_id)
@@ -353,9 +363,37 @@ class LLMEngine:
             seq = self._seqs[request_id]
             if not seq.output.finished:
                 self._maybe_pause(seq)
+        self._events.flush()  # the step's intercepts (and resumes of failed calls), one call each
         if self.config.check_invariants:
             self.check_invariants()
+        touched.update(self._touched)
+        self._touched = {}
         return [s.output for s in touched.values()]
+
+    def _accept_tokens(self, plan: StepPlan, result: StepResult, sampling_ids: list[int],
+                       now: float, touched: dict[int, Sequence]) -> list[int]:
+        """Appends each sampled token (detokenize, stop check, grammar); returns who stops."""
+        finished: list[int] = []
+        if not sampling_ids:
+            return finished
+        num_cached = plan.num_cached_tokens.tolist()
+        for request_id, token, cached in zip(sampling_ids, result.sampled_token_ids, num_cached):
+            seq = self._seqs[request_id]
+            if seq.output.first_token_s is None:  # first token: how much the cache served
+                seq.output.num_cached_tokens = cached
+            decision = seq.append_sampled(token, self.tokenizer, now, self.max_model_len)
+            logprob = self.runner.last_logprobs.get(request_id)
+            if logprob is not None:
+                seq.output.logprobs.append(logprob)
+            grammar_error = self.grammars.accept(request_id, token)
+            touched[request_id] = seq
+            if decision.should_stop:
+                finished.append(request_id)
+                seq.finish(decision.reason or "stop", now)
+            elif grammar_error is not None:  # the mask should make this impossible
+                finished.append(request_id)
+                seq.finish("error", now, grammar_error)
+        return finished
 
     def _report_aborts(self, step_output: StepOutput, touched: dict[int, Sequence]) -> None:
         """Ends the requests the scheduler gave up on (e.g. a context that outgrew the pool)."""
@@ -376,6 +414,7 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         """Raises unless blocks are conserved and every live request's tokens match the core."""
+        self._events.flush()
         self.scheduler.check_invariants()
         for seq in self._seqs.values():
             if seq.output.finished:
@@ -470,11 +509,12 @@ class LLMEngine:
         now = self.now()
         expected = record.expected_duration_s
         # The tool's name lets the core learn its durations (continuum's TTL comes from them).
-        state = self.scheduler.intercept(seq.request_id, now, -1.0 if expected is None else expected,
-                                         record.name)
+        # Queued: the step's intercepts cross in one call, and the policy's first KV state
+        # comes back to this record then.
+        self._events.intercept(seq.request_id, now, -1.0 if expected is None else expected,
+                               record.name, on_state=lambda state: self._note_record(record, state))
         seq.paused_at_s = now
         seq.output.intercepts.append(record)
-        self._note_kv_action(seq, state.label)
 
     def _end_pause(self, seq: Sequence, tokens: list[int], now: float, output: str | None = None,
                    error: str | None = None) -> None:
@@ -493,7 +533,21 @@ class LLMEngine:
             self.grammars.release(seq.request_id)
         tail, num_replaced = seq.append_tool_tokens(tokens, self.tokenizer)
         self.runner.note_context(seq.request_id, tokens)
-        self.scheduler.resume(seq.request_id, tail, now, num_replaced)
+        self._events.resume(seq.request_id, tail, now, num_replaced)
+
+    def _resume_failed(self, request_id: int, error: str) -> None:
+        """A queued resume the core refused (a context over the pool): the request ends."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.output.finished:
+            return
+        if self.scheduler.request(request_id).state not in (RequestState.FINISHED,
+                                                             RequestState.ABORTED):
+            self.scheduler.abort(request_id)  # refused before it changed anything
+        if self._tool_runtime is not None:
+            self._tool_runtime.cancel(request_id)
+        seq.finish("error", self.now(), error)
+        self._forget(request_id)
+        self._touched[request_id] = seq
 
     def _collect_pauses(self, touched: dict[int, Sequence]) -> None:
         """Resumes requests whose tool finished or whose scripted pause ran out."""
@@ -552,7 +606,12 @@ class LLMEngine:
     @staticmethod
     def _note_kv_action(seq: Sequence, state: str) -> None:
         record = seq.open_intercept
-        if record is not None and (not record.kv_actions or record.kv_actions[-1] != state):
+        if record is not None:
+            LLMEngine._note_record(record, state)
+
+    @staticmethod
+    def _note_record(record: InterceptRecord, state: str) -> None:
+        if not record.kv_actions or record.kv_actions[-1] != state:
             record.kv_actions.append(state)
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -584,6 +643,9 @@ class LLMEngine:
 
     def _terminate(self, seq: Sequence, reason: str, now: float, error: str | None = None) -> None:
         """Ends a live request early: frees its blocks, cancels its tool call."""
+        self._events.flush()  # a pause or resume of it still queued goes first
+        if seq.output.finished:
+            return  # the flush ended it (a resume the core refused)
         self.scheduler.abort(seq.request_id)
         if self._tool_runtime is not None:
             self._tool_runtime.cancel(seq.request_id)
@@ -605,6 +667,7 @@ class LLMEngine:
     @property
     def stats(self) -> dict[str, float]:
         """Scheduler counters and the waste breakdown (fractions of device memory-time)."""
+        self._events.flush()
         s = self.scheduler.stats()
         return {
             "num_running": s.num_running, "num_waiting": s.num_waiting,
