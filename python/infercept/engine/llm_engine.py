@@ -172,11 +172,14 @@ class LLMEngine:
         Raises:
             ValueError: No prompt, an empty prompt, a token id outside the vocabulary, a
                 prompt that leaves no room within ``max_model_len``, one larger than the KV
-                pool, a cache_salt that is not a string, a logit_bias token id outside the
+                pool, ``params.n`` above 1, a cache_salt that is not a string, a logit_bias token id outside the
                 vocabulary, or a structured output the grammar compiler rejects for this
                 tokenizer.
         """
         params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: add_request runs one choice; add each with "
+                             "params.for_choice(i) (LLM.generate and the server fan n out)")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError(f"cache_salt={cache_salt!r} must be a string or None")
         if (prompt is None) == (prompt_token_ids is None):

@@ -61,6 +61,8 @@ class RequestOutput:
             tokens have none): ``(token_id, logprob, ((top_id, top_logprob), ...))``, the top
             ``logprobs`` alternatives most likely first (see ``logits_processors.py`` for
             which logits they are taken from).
+        other_choices: With ``SamplingParams.n > 1`` in the LLM API, the prompt's choices
+            1..n-1 (this output is choice 0); see ``choices``.
     """
 
     request_id: int
@@ -80,6 +82,12 @@ class RequestOutput:
     tool_time_s: float = 0.0
     num_cached_tokens: int = 0
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
+    other_choices: list[RequestOutput] = field(default_factory=list)
+
+    @property
+    def choices(self) -> list[RequestOutput]:
+        """The prompt's ``n`` completions in order: this one, then ``other_choices``."""
+        return [self, *self.other_choices]
 
     @property
     def tool_calls(self) -> list[InterceptRecord]:

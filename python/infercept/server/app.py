@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
@@ -362,8 +361,8 @@ class OpenAIServer:
                             conversation: _Conversation, request: Request
                             ) -> list[RequestHandle]:
         """The n - 1 other choices of a prompt, added once the first has prefilled it, so
-        they find its blocks in the prefix cache instead of computing them again. Choice i
-        samples with ``seed + i`` when a seed is given (reproducible per choice)."""
+        they find its blocks in the prefix cache instead of computing them again (as
+        ``LLM.generate`` does). Choice i samples with ``SamplingParams.for_choice(i)``."""
         if n == 1:
             return [first]
         update = await next_update(first, request)
@@ -374,9 +373,8 @@ class OpenAIServer:
         handles = [first]
         try:
             for i in range(1, n):
-                seed = None if params.seed is None else (params.seed + i) % 2**64
-                handles.append(await self._add(prompt_ids, dataclasses.replace(params, seed=seed),
-                                               client_tools, conversation.cache_salt))
+                handles.append(await self._add(prompt_ids, params.for_choice(i), client_tools,
+                                               conversation.cache_salt))
         except BaseException:
             for handle in handles:
                 self.engine_loop.abort(handle.request_id)
