@@ -244,9 +244,10 @@ void bind_scheduler(py::module_& m) {
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init<const SchedulerConfig&, const CostModel&>(), py::arg("config"), py::arg("cost"))
       .def("add_request",
-           py::overload_cast<const std::vector<TokenId>&, double, int32_t, const std::string&>(&Scheduler::add_request),
+           py::overload_cast<const std::vector<TokenId>&, double, int32_t, const std::string&, bool>(
+               &Scheduler::add_request),
            py::arg("prompt_token_ids"), py::arg("arrival_s"), py::arg("generated_token_limit") = 0,
-           py::arg("cache_salt") = "")
+           py::arg("cache_salt") = "", py::arg("skip_reading_prefix_cache") = false)
       .def("add_request", py::overload_cast<int32_t, double, int32_t>(&Scheduler::add_request),
            py::arg("num_prompt_tokens"), py::arg("arrival_s"), py::arg("generated_token_limit") = 0)
       .def("intercept", &Scheduler::intercept, py::arg("request_id"), py::arg("now_s"),

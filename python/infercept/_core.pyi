@@ -798,7 +798,7 @@ class Scheduler:
     def abort(self, request_id: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     @typing.overload
-    def add_request(self, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], arrival_s: typing.SupportsFloat | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex = 0, cache_salt: str = '') -> int:
+    def add_request(self, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], arrival_s: typing.SupportsFloat | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex = 0, cache_salt: str = '', skip_reading_prefix_cache: bool = False) -> int:
         ...
     @typing.overload
     def add_request(self, num_prompt_tokens: typing.SupportsInt | typing.SupportsIndex, arrival_s: typing.SupportsFloat | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex = 0) -> int:

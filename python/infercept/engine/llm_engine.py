@@ -199,7 +199,11 @@ class LLMEngine:
         matcher = (self.grammars.build(params.structured_output)
                    if params.structured_output is not None else None)
         now = self.now()
-        request_id = self.scheduler.add_request(token_ids, now, 0, cache_salt or "")
+        # Prompt logprobs need the logits of every prompt position: no prefix-cache hits for
+        # the prompt (its blocks still feed the cache), as in vLLM.
+        request_id = self.scheduler.add_request(
+            token_ids, now, 0, cache_salt or "",
+            skip_reading_prefix_cache=params.prompt_logprobs is not None)
         if matcher is not None:
             self.grammars.attach(request_id, matcher)
         output = RequestOutput(request_id=request_id, prompt=prompt,
@@ -332,6 +336,7 @@ class LLMEngine:
                 seq = self._seqs[request_id]
                 if seq.output.first_token_s is None:  # first token: how much the cache served
                     seq.output.num_cached_tokens = cached
+                    seq.output.prompt_logprobs = self.runner.take_prompt_logprobs(request_id)
                 decision = seq.append_sampled(token, self.tokenizer, now, self.max_model_len)
                 logprob = self.runner.last_logprobs.get(request_id)
                 if logprob is not None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from infercept.server.chat_format import ChatRenderer, ContentStreamer, split_to
 from infercept.server.engine_loop import (EngineDeadError, EngineInfo, EngineLoop, RequestHandle,
                                           Update)
 from infercept.server.engine_process import EngineProcessClient, EngineSpec
-from infercept.server.logprobs import LogprobFormatter
+from infercept.server.logprobs import LogprobFormatter, join_completion_logprobs
 from infercept.server.metrics import CONTENT_TYPE, EngineSnapshot, ServerMetrics
 from infercept.server.response_store import (DEFAULT_MAX_STORED_RESPONSE_BYTES,
                                              DEFAULT_MAX_STORED_RESPONSES,
@@ -56,7 +57,7 @@ _DISCONNECT_POLL_S = 0.5
 async def next_update(handle: RequestHandle, request: Request) -> Update | None:
     """The request's next update, or None once the client has gone away (checked every
     _DISCONNECT_POLL_S while the engine has nothing new). Its logprobs join
-    ``handle.logprobs``."""
+    ``handle.logprobs`` (and its prompt logprobs ``handle.prompt_logprobs``)."""
     if handle.pending:
         return handle.pending.popleft()
     while True:
@@ -67,6 +68,8 @@ async def next_update(handle: RequestHandle, request: Request) -> Update | None:
                 return None
         else:
             handle.logprobs.extend(update.logprobs)
+            if update.prompt_logprobs is not None:
+                handle.prompt_logprobs = update.prompt_logprobs
             return update
 
 
@@ -544,6 +547,10 @@ class OpenAIServer:
                                   param="prompt")
         params = self.sampling_params(req, len(prompt_ids), req.max_tokens,
                                       self.structured_output(req))
+        with_logprobs = req.num_logprobs is not None
+        if req.echo and with_logprobs:
+            # OpenAI's echo with logprobs scores the prompt too (choice 0 computes it).
+            params = dataclasses.replace(params, prompt_logprobs=req.num_logprobs)
         conversation = _Conversation(None, req.cache_salt)
         handle, _ = await self._start(prompt_ids, params, [], conversation, [], False)
         handles = await self._add_siblings(handle, prompt_ids, params, req.n, [], conversation,
@@ -551,31 +558,46 @@ class OpenAIServer:
         response_id = p.new_id("cmpl")
         echo = (self.engine.tokenizer.decode(prompt_ids) if isinstance(prompt, list)
                 else prompt) if req.echo else ""
-        with_logprobs = req.num_logprobs is not None
+
+        def echo_logprobs() -> dict[str, Any] | None:
+            """The echoed prompt's logprobs (choice 0's, the same for every choice)."""
+            if not (echo and with_logprobs) or handles[0].prompt_logprobs is None:
+                return None
+            return self.logprob_format.prompt(handles[0].prompt_logprobs, prompt_ids)
+
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _EngineStreamingResponse(
                 self._stream_completion(handles, request, response_id, req.model,
-                                        len(prompt_ids), echo, include_usage, with_logprobs),
+                                        len(prompt_ids), echo, include_usage, with_logprobs,
+                                        echo_logprobs),
                 media_type="text/event-stream")
         updates = await self.next_finals(handles, request)
         for update in updates:
             if (failed := self.generation_failed(update)) is not None:
                 return failed
-        choices = [p.completion_choice(
-            index, echo + update.text, p.FINISH_REASONS.get(update.finish_reason or "stop", "stop"),
-            self.logprob_format.completion(handle.logprobs, len(echo)) if with_logprobs else None)
-            for index, (handle, update) in enumerate(zip(handles, updates))]
+        choices = []
+        for index, (handle, update) in enumerate(zip(handles, updates)):
+            logprobs = None
+            if with_logprobs:
+                logprobs = self.logprob_format.completion(handle.logprobs, len(echo))
+                if (prompt_part := echo_logprobs()) is not None:
+                    logprobs = join_completion_logprobs(prompt_part, logprobs)
+            choices.append(p.completion_choice(
+                index, echo + update.text,
+                p.FINISH_REASONS.get(update.finish_reason or "stop", "stop"), logprobs))
         usage = p.usage(len(prompt_ids), sum(u.num_generated_tokens for u in updates),
                         updates[0].num_cached_tokens)
         return p.completion(response_id, req.model, None, None, usage, choices=choices)
 
     async def _stream_completion(self, handles: list[RequestHandle], request: Request,
                                  response_id: str, model: str, num_prompt_tokens: int,
-                                 echo: str, include_usage: bool, with_logprobs: bool
+                                 echo: str, include_usage: bool, with_logprobs: bool,
+                                 echo_logprobs: Callable[[], dict[str, Any] | None]
                                  ) -> AsyncIterator[str]:
         streams = [self._completion_choice_events(h, i, request, response_id, model, echo,
-                                                  with_logprobs) for i, h in enumerate(handles)]
+                                                  with_logprobs, echo_logprobs)
+                   for i, h in enumerate(handles)]
         num_completion_tokens, cached = 0, 0
         async with contextlib.aclosing(_merged(streams)) as events:
             async for kind, value in events:
@@ -595,9 +617,11 @@ class OpenAIServer:
 
     async def _completion_choice_events(self, handle: RequestHandle, index: int,
                                         request: Request, response_id: str, model: str,
-                                        echo: str, with_logprobs: bool
+                                        echo: str, with_logprobs: bool,
+                                        echo_logprobs: Callable[[], dict[str, Any] | None]
                                         ) -> AsyncIterator[tuple[str, Any]]:
-        """One choice's stream, as ``_chat_choice_events``."""
+        """One choice's stream, as ``_chat_choice_events``; an echo comes first, with the
+        prompt's logprobs when asked (so it waits for the first update, which brings them)."""
         settled = False
         num_sent = 0  # characters of text sent
         num_logprobs_sent = 0
@@ -616,7 +640,15 @@ class OpenAIServer:
 
         try:
             if echo:
-                yield "chunk", p.completion(response_id, model, echo, None, index=index)
+                logprobs = None
+                if with_logprobs:
+                    first = await next_update(handle, request)
+                    if first is None:
+                        return
+                    handle.pending.appendleft(first)
+                    logprobs = echo_logprobs()
+                yield "chunk", p.completion(response_id, model, echo, None, index=index,
+                                            logprobs=logprobs)
             while True:
                 update = await next_update(handle, request)
                 if update is None:
