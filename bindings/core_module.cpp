@@ -327,10 +327,11 @@ void bind_scheduler(py::module_& m) {
                          "only; time is an argument.")
       .def(py::init<const SchedulerConfig&, const CostModel&>(), py::arg("config"), py::arg("cost"))
       .def("add_request",
-           py::overload_cast<const std::vector<TokenId>&, double, int32_t, const std::string&>(&Scheduler::add_request),
+           py::overload_cast<const std::vector<TokenId>&, double, int32_t, const std::string&, bool>(
+               &Scheduler::add_request),
            py::arg("prompt_token_ids"), py::arg("arrival_s"), py::arg("generated_token_limit") = 0,
-           py::arg("cache_salt") = "",
-           "Queues a new request and returns its id. `generated_token_limit` > 0 makes update() report the request when it has generated that many tokens; its blocks are found by the prefix cache of the same `cache_salt`.")
+           py::arg("cache_salt") = "", py::arg("skip_reading_prefix_cache") = false,
+           "Queues a new request and returns its id. `generated_token_limit` > 0 makes update() report the request when it has generated that many tokens; its blocks are found by the prefix cache of the same `cache_salt`. `skip_reading_prefix_cache`: compute the whole prompt even where it is cached (prompt logprobs need every position's logits); its blocks still enter the cache.")
       .def("add_request", py::overload_cast<int32_t, double, int32_t>(&Scheduler::add_request),
            py::arg("num_prompt_tokens"), py::arg("arrival_s"), py::arg("generated_token_limit") = 0,
            "Counts only, no token ids (the simulator): the request never touches the prefix cache.")

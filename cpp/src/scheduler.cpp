@@ -95,7 +95,8 @@ RequestId Scheduler::add_request(int32_t num_prompt_tokens, double arrival_s, in
 }
 
 RequestId Scheduler::add_request(const std::vector<TokenId>& prompt_token_ids, double arrival_s,
-                                 int32_t generated_token_limit, const std::string& cache_salt) {
+                                 int32_t generated_token_limit, const std::string& cache_salt,
+                                 bool skip_reading_prefix_cache) {
   check_token_ids(prompt_token_ids, "prompt");
   if (prompt_token_ids.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max() / 2)) {
     throw InvalidArgumentError("prompt of " + std::to_string(prompt_token_ids.size()) + " tokens is too long");
@@ -105,6 +106,7 @@ RequestId Scheduler::add_request(const std::vector<TokenId>& prompt_token_ids, d
   r.tokens = TokenBlocks(config_.block_size, hash_salt(cache_salt));
   r.tokens.append(prompt_token_ids);
   r.cacheable = caching();
+  r.skip_reading_prefix_cache = skip_reading_prefix_cache;
   return id;
 }
 
@@ -469,7 +471,10 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
     if (static_cast<int32_t>(running_.size() + swapping_in_.size()) >= config_.max_running_requests) return;
     Request& r = get(queue_.begin()->second);
     if (r.last_action_step == step_id_) return;  // preempted this step: its copies are in flight
-    if (r.cacheable && r.kv->num_tokens == 0) reuse_cached_prefix(r, token_budget, swap_in_budget_blocks);
+    const bool can_read_cache = !(r.skip_reading_prefix_cache && r.num_generated_tokens == 0);
+    if (r.cacheable && can_read_cache && r.kv->num_tokens == 0) {
+      reuse_cached_prefix(r, token_budget, swap_in_budget_blocks);
+    }
 
     if (!r.kv->host_blocks.empty()) {
       // Swapped out (wholly or partly): bring it back within the swap budget.

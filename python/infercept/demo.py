@@ -3,7 +3,8 @@
 Part 1 shows each KV action the policy takes on a paused request, one conversation each
 (``demo_actions.py``): a calculator that answers in milliseconds (preserved), a search tool
 that takes seconds while other requests wait for memory (swapped), a human-in-the-loop wait
-(swapped or discarded), and a client tool round trip through the OpenAI server with the
+(swapped or discarded), a short chat waiting for its user with the device full and no host
+pool (discarded: recomputing it costs less than holding it), and a client tool round trip through the OpenAI server with the
 openai client and ``tool_choice="required"`` (resumed in place, no prefill). What it prints of
 the KV comes from the engine's records and the server's metrics.
 
@@ -25,7 +26,7 @@ from infercept.model.loader import resolve_model_path
 from infercept.policy_names import POLICY_NAMES
 from infercept.bench.real_replay import replay
 from infercept.bench.workload import load_trace, poisson_arrivals, scale_to_context
-from infercept.demo_actions import run_engine_scenes, run_server_scene
+from infercept.demo_actions import run_discard_scene, run_engine_scenes, run_server_scene
 
 POLICIES = list(POLICY_NAMES)
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== Part 1: what the policy ({args.policy}) does with a paused request's KV, on "
           f"{path.name} ==")
     run_engine_scenes(model, tokenizer, args.policy)
+    run_discard_scene(model, tokenizer, args.policy)
     run_server_scene(model, tokenizer, args.policy)
     if args.skip_replay:
         return 0

@@ -5,7 +5,10 @@
    the paused KV to the host pool (or drops it for recompute) and brings it back after.
 3. A human-in-the-loop wait (the caller answers after seconds, ``resume``) under the same
    pressure: swapped or discarded.
-4. A client tool through the OpenAI server (in-process on loopback) with the official openai
+4. A short chat waiting seconds for its user while the device is full, on an engine with no
+   host pool to swap to: holding its few blocks the whole wait wastes more (memory x time)
+   than recomputing its few tokens costs the running batch, so min-waste discards it.
+5. A client tool through the OpenAI server (in-process on loopback) with the official openai
    client and ``tool_choice="required"``: the follow-up carrying the result resumes the paused
    request in place, so its prompt is not prefilled again.
 
@@ -30,6 +33,9 @@ from infercept.tools.calculator import calculate
 
 SEARCH_S = 2.0  # the slow tool's latency
 HUMAN_S = 3.0   # how long the "person" takes to answer
+# Scene 4: what its caller expects a person to take (the hint), and when the person answers.
+HUMAN_EXPECTED_S = 30.0
+HUMAN_LONG_S = 8.0
 SEARCH = Tool(name="web_search", fn=lambda query: (time.sleep(SEARCH_S), "Mount Everest is "
                                                    "8849 m high.")[1],
               description="Search the web.", expected_duration_s=SEARCH_S,
@@ -136,6 +142,44 @@ def run_engine_scenes(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str
               f"(device pool {num_device_blocks} blocks of {config.block_size} tokens)")
 
 
+def run_discard_scene(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str,
+                      num_device_blocks: int = 40) -> None:
+    """Scene 4: a short context paused for a long human wait, the device full, no host pool
+    (``num_host_blocks=0``: no swap). The policy weighs keeping its blocks against recomputing
+    it (DESIGN.md §2: preserve waste = its memory x the expected wait; discard waste = the
+    recompute's forward time x the batch it delays) and the engine reports what it chose."""
+    config = EngineConfig(policy=policy, num_device_blocks=num_device_blocks, num_host_blocks=0,
+                          max_batched_tokens=256)
+    with LLMEngine(config, model=model, tokenizer=tokenizer) as engine:
+        render = tokenizer.apply_chat_template
+        short = engine.add_request(
+            prompt_token_ids=render([{"role": "user", "content": "Book me a table."}]),
+            params=SamplingParams(temperature=0.0, max_tokens=32))
+        while len(engine.get(short).token_ids) < 4 and not engine.get(short).finished:
+            engine.step()
+        # The caller pauses it to ask its user, expecting an answer in about HUMAN_EXPECTED_S
+        # (the hint the scheduler plans with); the person answers after HUMAN_LONG_S.
+        engine.intercept(short, expected_duration_s=HUMAN_EXPECTED_S, name="ask_human")
+        background = [engine.add_request(
+            prompt_token_ids=render([{"role": "user", "content": q}]),
+            params=SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+            for q in BACKGROUND]
+        paused_at = time.monotonic()
+        answered = False
+        ids = [short, *background]
+        while not (answered and all(engine.get(r).finished for r in ids)):
+            if not answered and time.monotonic() - paused_at >= HUMAN_LONG_S:
+                engine.resume(short, "Two people at 8 pm, please.")
+                answered = True
+            engine.step()
+        num_context = len(engine.get(short).prompt_token_ids) + 4
+        _show(f"4. a {num_context}-token chat waiting for its user (expected "
+              f"{HUMAN_EXPECTED_S:g} s), the device full and no host pool", engine.get(short))
+        stats = engine.stats
+        print(f"\n  engine: {int(stats['num_recomputed_tokens'])} tokens recomputed, "
+              f"{int(stats['num_swap_out_blocks'])} blocks swapped out (host pool: 0 blocks)")
+
+
 def _free_port() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -144,7 +188,7 @@ def _free_port() -> socket.socket:
 
 
 def run_server_scene(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str) -> None:
-    """Scene 4: a client tool round trip through the OpenAI server."""
+    """Scene 5: a client tool round trip through the OpenAI server."""
     import httpx
     import openai
     import uvicorn
@@ -173,7 +217,7 @@ def run_server_scene(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str)
                                                temperature=0, max_tokens=64)
         (call,) = first.choices[0].message.tool_calls
         result = calculate(json.loads(call.function.arguments)["expression"])
-        print(f"\n[4. a client tool through the OpenAI server ({url}, openai client, "
+        print(f"\n[5. a client tool through the OpenAI server ({url}, openai client, "
               f"tool_choice='required')]\n  call: {call.function.name}"
               f"({call.function.arguments}) -> the client runs it: {result}")
         messages += [first.choices[0].message.model_dump(exclude_none=True),

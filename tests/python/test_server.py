@@ -480,6 +480,58 @@ def test_completion_logprobs_equal_log_softmax_of_the_reference_logits(client, t
     assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
 
 
+def test_completion_echo_returns_the_prompt_with_its_logprobs(client, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch
+
+    from infercept.weights.default import default_model_path
+
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    prompt_ids = tokenizer.encode(prompt)
+    num_prompt = len(prompt_ids)
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=2,
+                  echo=True, extra_body={"ignore_eos": True})
+    out = client.completions.create(**kwargs)
+    choice, logprobs = out.choices[0], out.choices[0].logprobs
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == num_prompt + 3
+    # OpenAI's shape: the first prompt token has no context, so no logprob and no alternatives.
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.tokens[:num_prompt] == [tokenizer.decode([t]) for t in prompt_ids]
+    assert logprobs.text_offset[:num_prompt] == [
+        sum(len(t) for t in logprobs.tokens[:i]) for i in range(num_prompt)]
+    assert logprobs.text_offset[num_prompt] == len(prompt)
+    path = default_model_path()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(reference(torch.tensor([prompt_ids])).logits[0], dim=1)
+    for position in range(1, num_prompt):
+        row = want[position - 1]
+        assert logprobs.token_logprobs[position] == pytest.approx(
+            float(row[prompt_ids[position]]), abs=2e-3)
+        top = logprobs.top_logprobs[position]
+        assert len(top) == 2 and sorted(top.values(), reverse=True) == pytest.approx(
+            torch.topk(row, 2).values.tolist(), abs=2e-3)
+    # Streamed: the echo chunk carries the prompt's entries, then the tokens' follow.
+    chunks = [c for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.token_logprobs] == logprobs.token_logprobs
+    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+    # Without logprobs echo only prepends the prompt; n > 1 echoes it on every choice.
+    plain = client.completions.create(**{**kwargs, "logprobs": None})
+    assert plain.choices[0].text == choice.text and plain.choices[0].logprobs is None
+    both = client.completions.create(**{**kwargs, "n": 2})
+    assert [c.logprobs.token_logprobs[:num_prompt] for c in both.choices] == [
+        logprobs.token_logprobs[:num_prompt]] * 2
+    assert all(c.text.startswith(prompt) for c in both.choices)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(**{**kwargs, "logprobs": 21})
+    assert "logprobs" in str(refused.value) and "20" in str(refused.value)
+
+
 def test_chat_logprobs_streamed_and_not(client):
     kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name a color."}],
                   max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)

@@ -76,6 +76,9 @@ struct Request {
   TokenBlocks tokens;
   bool cacheable = false;
   bool admitted_once = false;         // num_cached_tokens is set at the first admission
+  /// Until it first samples the request takes no prefix-cache hits (it still feeds the cache):
+  /// prompt logprobs need the logits of every prompt position, as in vLLM.
+  bool skip_reading_prefix_cache = false;
   int32_t num_cached_tokens = 0;      // prompt tokens whose KV came from the cache at that admission
   int64_t last_lookup_step = -1;      // the step of the last admission lookup, and what it found:
   int32_t num_lookup_hit_tokens = 0;

@@ -102,8 +102,11 @@ class Scheduler {
   /// Queues a new request and returns its id. `generated_token_limit` > 0 makes update()
   /// report the request when it has generated that many tokens. Its blocks are found by, and
   /// reuse, the prefix cache of the same `cache_salt` ("" is shared by every unsalted request).
+  /// With `skip_reading_prefix_cache` it finds no cached prefix until it has sampled once (its
+  /// own blocks are still cached for others): prompt logprobs need every prompt position.
   RequestId add_request(const std::vector<TokenId>& prompt_token_ids, double arrival_s,
-                        int32_t generated_token_limit = 0, const std::string& cache_salt = "");
+                        int32_t generated_token_limit = 0, const std::string& cache_salt = "",
+                        bool skip_reading_prefix_cache = false);
   /// Counts only, no token ids (the simulator): the request never touches the prefix cache.
   RequestId add_request(int32_t num_prompt_tokens, double arrival_s, int32_t generated_token_limit = 0);
 

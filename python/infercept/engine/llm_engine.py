@@ -193,11 +193,14 @@ class LLMEngine:
         Raises:
             ValueError: No prompt, an empty prompt, a token id outside the vocabulary, a
                 prompt that leaves no room within ``max_model_len``, one larger than the KV
-                pool, a cache_salt that is not a string, a logit_bias token id outside the
+                pool, ``params.n`` above 1, a cache_salt that is not a string, a logit_bias token id outside the
                 vocabulary, or a structured output the grammar compiler rejects for this
                 tokenizer.
         """
         params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: add_request runs one choice; add each with "
+                             "params.for_choice(i) (LLM.generate and the server fan n out)")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError(f"cache_salt={cache_salt!r} must be a string or None")
         if (prompt is None) == (prompt_token_ids is None):
@@ -217,7 +220,11 @@ class LLMEngine:
         matcher = (self.grammars.build(params.structured_output)
                    if params.structured_output is not None else None)
         now = self.now()
-        request_id = self.scheduler.add_request(token_ids, now, 0, cache_salt or "")
+        # Prompt logprobs need the logits of every prompt position: no prefix-cache hits for
+        # the prompt (its blocks still feed the cache), as in vLLM.
+        request_id = self.scheduler.add_request(
+            token_ids, now, 0, cache_salt or "",
+            skip_reading_prefix_cache=params.prompt_logprobs is not None)
         if matcher is not None:
             self.grammars.attach(request_id, matcher)
         output = RequestOutput(request_id=request_id, prompt=prompt,
@@ -381,6 +388,7 @@ class LLMEngine:
             seq = self._seqs[request_id]
             if seq.output.first_token_s is None:  # first token: how much the cache served
                 seq.output.num_cached_tokens = cached
+                seq.output.prompt_logprobs = self.runner.take_prompt_logprobs(request_id)
             decision = seq.append_sampled(token, self.tokenizer, now, self.max_model_len)
             logprob = self.runner.last_logprobs.get(request_id)
             if logprob is not None:

@@ -7,7 +7,9 @@ tensors without a per-request walk; the runner starts the plan's swaps on the sw
 the model with a per-layer hook that waits for that layer's copies (DESIGN.md §3), masks the
 logits of rows under a grammar (structured outputs), applies min_tokens, logit_bias and the
 penalties (``logits_processors.py``), samples, and returns a StepResult; the logprobs of the
-rows that ask for them wait in ``last_logprobs``. Per request it keeps only what sampling
+rows that ask for them wait in ``last_logprobs``. The head also runs on the prompt rows of
+requests asking for prompt logprobs (``prompt_logprobs.py``), read with
+``take_prompt_logprobs``. Per request it keeps only what sampling
 needs (the sampling parameters, the generator, penalty counts), registered by the engine like
 vLLM v1's runner-side request states.
 """
@@ -17,10 +19,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from infercept._core import StepPlan, StepResult
 from infercept.engine.logits_processors import LogitsProcessors, TokenLogprob
+from infercept.engine.prompt_logprobs import PromptLogprobs
 from infercept.engine.sampler import Sampler
 from infercept.engine.structured import GrammarMatchers
 from infercept.engine.swap import SwapEngine
@@ -50,6 +54,7 @@ class ModelRunner:
         # request id -> the last step's sampled token with its logprob and top alternatives,
         # for the requests whose params ask for logprobs (read by the engine after execute).
         self.last_logprobs: dict[int, TokenLogprob] = {}
+        self.prompt_logprobs = PromptLogprobs()
 
     # ---- per-request sampling state ---------------------------------------------------------
 
@@ -59,6 +64,13 @@ class ModelRunner:
         feeds repetition_penalty."""
         self._params[request_id] = params
         self.processors.add(request_id, params, prompt_token_ids)
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs.add(request_id, params.prompt_logprobs, prompt_token_ids)
+
+    def take_prompt_logprobs(self, request_id: int) -> list[TokenLogprob | None] | None:
+        """A request's prompt logprobs once its prompt is prefilled (None if it did not ask);
+        one entry per prompt token, the first None."""
+        return self.prompt_logprobs.take(request_id)
 
     def set_params(self, request_id: int, params: SamplingParams,
                    context_token_ids: Sequence[int] = ()) -> None:
@@ -77,6 +89,7 @@ class ModelRunner:
         self._params.pop(request_id, None)
         self.sampler.release(request_id)
         self.processors.remove(request_id)
+        self.prompt_logprobs.remove(request_id)
 
     # ---- the step ---------------------------------------------------------------------------
 
@@ -93,7 +106,13 @@ class ModelRunner:
         masks = grammars.begin_masks(ids) if grammars is not None else None
         self.swap_engine.begin_plan(plan)
         try:
-            logits = self._forward(plan)
+            prompt_rows, prompt_targets = self.prompt_logprobs.rows(plan)
+            logits = self._forward(plan, prompt_rows)
+            if len(prompt_rows):
+                num_sampling = len(ids)
+                with torch.inference_mode():
+                    self.prompt_logprobs.record(logits[num_sampling:], prompt_targets)
+                logits = logits[:num_sampling]
             if masks is not None:
                 grammars.apply(masks, logits)  # type: ignore[union-attr]
             tokens: list[int] = []
@@ -112,12 +131,16 @@ class ModelRunner:
         duration_s = time.perf_counter() - start_s
         return StepResult(duration_s, min(stall_s, duration_s), [], tokens)
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor:
-        """``[plan.num_sampling_requests, vocab]`` float32 logits of the sampling rows."""
+    def _forward(self, plan: StepPlan, extra_rows: np.ndarray) -> torch.Tensor:
+        """``[plan.num_sampling_requests + len(extra_rows), vocab]`` float32 logits: the
+        sampling rows, then ``extra_rows`` (flat token rows, for prompt logprobs)."""
         if plan.num_scheduled == 0:
             return torch.empty(0, self.model.config.vocab_size)
         metadata = PagedAttentionMetadata.from_plan(plan, self.kv_cache.block_size, self.device)
         ids = torch.from_numpy(plan.input_ids).to(self.device)
-        rows = torch.from_numpy(plan.logit_rows).to(self.device)
+        logit_rows = plan.logit_rows
+        if len(extra_rows):
+            logit_rows = np.concatenate([logit_rows, extra_rows])
+        rows = torch.from_numpy(logit_rows).to(self.device)
         return self.model(ids, metadata.positions, metadata, self.kv_cache,
                           logits_indices=rows, before_layer=self.swap_engine.wait_layer)

@@ -61,6 +61,11 @@ class RequestOutput:
             tokens have none): ``(token_id, logprob, ((top_id, top_logprob), ...))``, the top
             ``logprobs`` alternatives most likely first (see ``logits_processors.py`` for
             which logits they are taken from).
+        prompt_logprobs: With ``SamplingParams.prompt_logprobs`` set, once the prompt is
+            prefilled: one entry per prompt token, ``None`` for the first, else ``(token_id,
+            logprob, top)`` as in ``logprobs`` (the raw model's log_softmax).
+        other_choices: With ``SamplingParams.n > 1`` in the LLM API, the prompt's choices
+            1..n-1 (this output is choice 0); see ``choices``.
     """
 
     request_id: int
@@ -80,6 +85,13 @@ class RequestOutput:
     tool_time_s: float = 0.0
     num_cached_tokens: int = 0
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]] | None] | None = None
+    other_choices: list[RequestOutput] = field(default_factory=list)
+
+    @property
+    def choices(self) -> list[RequestOutput]:
+        """The prompt's ``n`` completions in order: this one, then ``other_choices``."""
+        return [self, *self.other_choices]
 
     @property
     def tool_calls(self) -> list[InterceptRecord]:

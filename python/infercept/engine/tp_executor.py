@@ -188,6 +188,10 @@ class TensorParallelExecutor:
         """Registers how a request samples (rank 0 alone samples)."""
         self.runner.add_request(request_id, params, prompt_token_ids)
 
+    def take_prompt_logprobs(self, request_id: int) -> list | None:
+        """Rank 0's prompt logprobs of a prefilled request, as ModelRunner's."""
+        return self.runner.take_prompt_logprobs(request_id)
+
     def set_params(self, request_id: int, params: SamplingParams,
                    context_token_ids: Sequence[int] = ()) -> None:
         """New sampling for a resumed request."""

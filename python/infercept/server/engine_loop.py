@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 from infercept._core import UnknownRequestError
 from infercept.engine import LLMEngine, RequestOutput
+from infercept.engine.logits_processors import TokenLogprob
 from infercept.sampling import SamplingParams
 from infercept.server.metrics import TOOL_KINDS, ServerMetrics
 
@@ -59,6 +60,8 @@ class Update:
             the server answers 503, not 500.
         logprobs: The logprob entries of the tokens sampled since the request's previous
             update (``RequestOutput.logprobs``; empty unless its params ask for them).
+        prompt_logprobs: ``RequestOutput.prompt_logprobs``, carried once: by the first
+            update with a sampled token of a request whose params ask for them.
     """
 
     request_id: int
@@ -74,9 +77,11 @@ class Update:
     num_cached_tokens: int = 0
     engine_died: bool = False
     logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @classmethod
-    def of(cls, output: RequestOutput, logprobs_from: int = 0) -> Update:
+    def of(cls, output: RequestOutput, logprobs_from: int = 0,
+           with_prompt_logprobs: bool = False) -> Update:
         paused = output.paused and not output.finished
         call = output.intercepts[-1] if paused else None
         return cls(output.request_id, output.text, output.num_generated_tokens, output.finished,
@@ -84,7 +89,9 @@ class Update:
                    call.name if call else None, dict(call.arguments) if call else None,
                    tuple(output.prompt_token_ids) + tuple(output.token_ids) if paused else None,
                    getattr(output, "num_cached_tokens", 0),
-                   logprobs=tuple(output.logprobs[logprobs_from:]))
+                   logprobs=tuple(output.logprobs[logprobs_from:]),
+                   prompt_logprobs=(tuple(output.prompt_logprobs) if with_prompt_logprobs
+                                    and output.prompt_logprobs is not None else None))
 
 
 @dataclass
@@ -98,6 +105,7 @@ class RequestHandle:
             (non-zero for a resumed context: earlier turns and the tool result).
         generated_offset: Generated tokens that precede this HTTP request's answer.
         logprobs: This answer's logprob entries so far, gathered by ``app.next_update``.
+        prompt_logprobs: The prompt's logprob entries once an update brought them.
         pending: Updates already taken off ``updates`` and to be read again first (a
             handler that waited for the first one).
     """
@@ -108,6 +116,7 @@ class RequestHandle:
     generated_offset: int = 0
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(
         default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     pending: deque[Update] = field(default_factory=deque)
 
 
@@ -338,7 +347,9 @@ class EngineCore:
             num_new_tokens = max(0, output.num_generated_tokens - previous)
             self.num_generated_tokens_total += num_new_tokens
             self._num_generated[request_id] = output.num_generated_tokens
-            update = Update.of(output, self._num_logprobs_sent.get(request_id, 0))
+            # The prompt's logprobs ride on the request's first sampled token's update.
+            update = Update.of(output, self._num_logprobs_sent.get(request_id, 0),
+                               with_prompt_logprobs=previous == 0 < output.num_generated_tokens)
             self._num_logprobs_sent[request_id] = len(output.logprobs)
             timing = self._timings.get(request_id)
             if timing is not None and self._observe_fn is not None:

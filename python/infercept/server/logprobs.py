@@ -2,7 +2,9 @@
 
 Chat: ``choices[i].logprobs = {"content": [{"token", "logprob", "bytes", "top_logprobs":
 [{"token", "logprob", "bytes"}]}], "refusal": None}``. Completions: ``{"tokens",
-"token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``. A token's string is
+"token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``; with ``echo`` the
+prompt's tokens come first, the first with a null logprob and null top_logprobs (it has no
+context). A token's string is
 its own decode (a piece of a multi-byte character reads as U+FFFD, as in vLLM); ``bytes``
 are that string's UTF-8.
 """
@@ -53,6 +55,22 @@ class LogprobFormatter:
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs,
                 "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+    def prompt(self, entries: Sequence[TokenLogprob | None], prompt_token_ids: Sequence[int]
+               ) -> dict[str, Any]:
+        """The prompt part of an echoed completion's logprobs (offsets from 0): ``entries``
+        as ``RequestOutput.prompt_logprobs``, one per prompt token, the first None."""
+        first = {"tokens": [self.token_text(prompt_token_ids[0])], "token_logprobs": [None],
+                 "top_logprobs": [None], "text_offset": [0]}
+        rest = self.completion([e for e in entries[1:] if e is not None], len(first["tokens"][0]))
+        return join_completion_logprobs(first, rest)
+
+
+def join_completion_logprobs(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Completion logprobs of consecutive pieces of text, as one (their lists concatenated)."""
+    return {key: [item for part in parts for item in part[key]]
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 def _finite(logprob: float) -> float:

@@ -12,14 +12,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infercept.sampling import (MAX_ABS_PENALTY, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS,
+from infercept.sampling import (MAX_ABS_PENALTY, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N,
                                 MAX_REPETITION_PENALTY, MAX_STOP_SEQUENCES, MAX_STOP_STRING_CHARS)
 
 # OpenAI's rule for function names.
 _FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
-# Choices per request: each is an engine request (the prompt's blocks shared through the
-# prefix cache), so n multiplies the work; OpenAI allows 128.
-MAX_N = 16
 
 
 class FunctionDefinition(BaseModel):

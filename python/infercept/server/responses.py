@@ -33,8 +33,9 @@ from infercept._core import UnknownRequestError
 from infercept.sampling import SamplingParams
 from infercept.server import protocol as p
 from infercept.server import responses_protocol as rp
-from infercept.server.app import (BadRequestError, OpenAIServer, _EngineStreamingResponse,
-                                  next_update)
+from infercept.server.errors import BadRequestError
+from infercept.server.openai_server import OpenAIServer
+from infercept.server.streaming import EngineStreamingResponse, next_update
 from infercept.server.chat_format import ContentStreamer, split_tool_call
 from infercept.server.engine_loop import RequestHandle, Update
 from infercept.server.protocol import ChatMessage
@@ -123,8 +124,8 @@ class ResponsesAPI:
         handle = await self._start(turn, previous, new_messages, params, client_tools,
                                    req.cache_salt)
         if req.stream:
-            return _EngineStreamingResponse(self._stream(turn, req, handle, request),
-                                            media_type="text/event-stream")
+            return EngineStreamingResponse(self._stream(turn, req, handle, request),
+                                           media_type="text/event-stream")
         update = await server.next_final(handle, request)
         if (failed := server.generation_failed(update)) is not None:
             return failed

@@ -184,3 +184,11 @@ class PausedContextStore:
 
     def call_text(self, call_id: str) -> str | None:
         return self._call_texts.get(call_id)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """What ties a request to paused contexts: its session id and its tenant's cache salt."""
+
+    session_id: str | None
+    cache_salt: str | None
