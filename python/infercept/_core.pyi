@@ -1023,9 +1023,9 @@ class Scheduler:
         Ends a request in any live state and frees its blocks.
         """
     @typing.overload
-    def add_request(self, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], arrival_s: typing.SupportsFloat | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex = 0, cache_salt: str = '') -> int:
+    def add_request(self, prompt_token_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], arrival_s: typing.SupportsFloat | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex = 0, cache_salt: str = '', skip_reading_prefix_cache: bool = False) -> int:
         """
-        Queues a new request and returns its id. `generated_token_limit` > 0 makes update() report the request when it has generated that many tokens; its blocks are found by the prefix cache of the same `cache_salt`.
+        Queues a new request and returns its id. `generated_token_limit` > 0 makes update() report the request when it has generated that many tokens; its blocks are found by the prefix cache of the same `cache_salt`. `skip_reading_prefix_cache`: compute the whole prompt even where it is cached (prompt logprobs need every position's logits); its blocks still enter the cache.
         """
     @typing.overload
     def add_request(self, num_prompt_tokens: typing.SupportsInt | typing.SupportsIndex, arrival_s: typing.SupportsFloat | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex = 0) -> int:
