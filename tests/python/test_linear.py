@@ -68,3 +68,22 @@ def test_packed_model_logits_equal_unpacked() -> None:
     logits = [model(ids, metadata.positions, metadata, KVCache(model.config, 4, 16))
               for model in (plain, packed)]
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=2e-4)
+
+
+def test_hf_state_dict_gives_back_the_checkpoint() -> None:
+    """Stacking at load and splitting in hf_state_dict are inverses, name for name, bit for bit;
+    a packed model (plain weights gone) refuses."""
+    from infercept.model.loader import load_model, load_weights
+    from infercept.weights.default import default_model_path
+
+    _, checkpoint = load_weights(default_model_path(), torch.float32)
+    model = load_model()
+    state = model.hf_state_dict()
+    expected = {n for n in checkpoint
+                if not (model.config.tie_word_embeddings and n == "lm_head.weight")}
+    assert set(state) == expected
+    for name in expected:
+        assert torch.equal(state[name], checkpoint[name]), name
+    model.process_weights_after_loading()
+    with pytest.raises(RuntimeError, match="load the checkpoint again"):
+        model.hf_state_dict()

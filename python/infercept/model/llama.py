@@ -176,9 +176,12 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.pack()
         if self.config.tie_word_embeddings and self._packed_tied_head is None:
-            table = self.model.embed_tokens.weight
-            head = Linear(self.config.hidden_size, self.config.vocab_size).to(table.device)
-            head.weight = torch.nn.Parameter(table.detach().clone(), requires_grad=False)
+            # Built on meta and handed the table itself: packing reorders it into a new
+            # tensor and drops the head's reference, so no vocab x hidden buffer is spent.
+            with torch.device("meta"):
+                head = Linear(self.config.hidden_size, self.config.vocab_size)
+            head.weight = torch.nn.Parameter(self.model.embed_tokens.weight.detach(),
+                                             requires_grad=False)
             if head.pack():
                 self._packed_tied_head = head
 
@@ -198,15 +201,12 @@ class LlamaForCausalLM(nn.Module):
                                "(process_weights_after_loading); load the checkpoint again")
         out: dict[str, torch.Tensor] = {}
         for name, tensor in self.state_dict().items():
-            for fused, parts in _STACKED.items():
-                prefix, dot, suffix = name.rpartition(f"{fused}.")
-                if dot:
-                    pieces = tensor.split(list(_stacked_row_counts(self, fused)))
-                    out.update((f"{prefix}{part}.{suffix}", piece)
-                               for part, piece in zip(parts, pieces))
-                    break
-            else:
+            parts = _checkpoint_parts(self, name)
+            if parts is None:
                 out[name] = tensor
+            else:
+                names, rows = zip(*parts)
+                out.update(zip(names, tensor.split(list(rows))))
         return out
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,18 +266,26 @@ def _stacked_row_counts(model: LlamaForCausalLM, fused: str) -> tuple[int, ...]:
     return (c.intermediate_size, c.intermediate_size)
 
 
+def _checkpoint_parts(model: LlamaForCausalLM, name: str) -> list[tuple[str, int]] | None:
+    """A stacked parameter's checkpoint names with their row counts, in row order (e.g.
+    ``...qkv_proj.weight`` -> q, k, v_proj's); None for a parameter stored as is."""
+    for fused, parts in _STACKED.items():
+        prefix, dot, suffix = name.rpartition(f"{fused}.")
+        if dot and suffix in ("weight", "bias"):
+            return [(f"{prefix}{part}.{suffix}", rows)
+                    for part, rows in zip(parts, _stacked_row_counts(model, fused))]
+    return None
+
+
 def _hf_parameter_shapes(model: LlamaForCausalLM) -> dict[str, torch.Size]:
     """The HF checkpoint names and shapes that ``model`` loads (stacked layers split back)."""
     shapes: dict[str, torch.Size] = {}
     for name, param in model.named_parameters():
-        for fused, parts in _STACKED.items():
-            prefix, dot, suffix = name.rpartition(f"{fused}.")
-            if dot and suffix in ("weight", "bias"):
-                for part, rows in zip(parts, _stacked_row_counts(model, fused)):
-                    shapes[f"{prefix}{part}.{suffix}"] = torch.Size((rows, *param.shape[1:]))
-                break
-        else:
+        parts = _checkpoint_parts(model, name)
+        if parts is None:
             shapes[name] = param.shape
+        else:
+            shapes.update((part, torch.Size((rows, *param.shape[1:]))) for part, rows in parts)
     return shapes
 
 
