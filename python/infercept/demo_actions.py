@@ -114,10 +114,7 @@ def run_engine_scenes(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str
         while not all(engine.get(r).intercepts or engine.get(r).finished for r in (slow, human)):
             engine.step()
         # Both are paused now; the background requests arrive and need memory.
-        background = [engine.add_request(
-            prompt_token_ids=render([{"role": "user", "content": q}]),
-            params=SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
-            for q in BACKGROUND]
+        background = _add_background(engine, tokenizer)
         human_paused_at = time.monotonic()
         answered = False
         while True:
@@ -142,6 +139,14 @@ def run_engine_scenes(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str
               f"(device pool {num_device_blocks} blocks of {config.block_size} tokens)")
 
 
+def _add_background(engine: LLMEngine, tokenizer: Tokenizer) -> list[int]:
+    """Adds the BACKGROUND chats that fill the device while a scene's request is paused."""
+    return [engine.add_request(
+        prompt_token_ids=tokenizer.apply_chat_template([{"role": "user", "content": q}]),
+        params=SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+        for q in BACKGROUND]
+
+
 def run_discard_scene(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str,
                       num_device_blocks: int = 40) -> None:
     """Scene 4: a short context paused for a long human wait, the device full, no host pool
@@ -160,10 +165,7 @@ def run_discard_scene(model: LlamaForCausalLM, tokenizer: Tokenizer, policy: str
         # The caller pauses it to ask its user, expecting an answer in about HUMAN_EXPECTED_S
         # (the hint the scheduler plans with); the person answers after HUMAN_LONG_S.
         engine.intercept(short, expected_duration_s=HUMAN_EXPECTED_S, name="ask_human")
-        background = [engine.add_request(
-            prompt_token_ids=render([{"role": "user", "content": q}]),
-            params=SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
-            for q in BACKGROUND]
+        background = _add_background(engine, tokenizer)
         paused_at = time.monotonic()
         answered = False
         ids = [short, *background]
