@@ -23,9 +23,8 @@ def _logits(num_rows: int, seed: int = 0) -> torch.Tensor:
 def _filtered(logits: torch.Tensor, temperature: float = 1.0, top_k: int = -1,
               top_p: float = 1.0) -> torch.Tensor:
     """Row 0's filtered distribution in vocabulary order. logits: [1, V] -> [V]."""
-    probs, token_ids = filter_probs(logits, torch.tensor([temperature]), torch.tensor([top_k]),
-                                    torch.tensor([top_p]))
-    return torch.zeros(logits.shape[1]).scatter(0, token_ids[0], probs[0])
+    return filter_probs(logits, torch.tensor([temperature]), torch.tensor([top_k]),
+                        torch.tensor([top_p]))[0]
 
 
 # --- SamplingParams validation ------------------------------------------------------------
@@ -176,6 +175,46 @@ def test_sampled_token_is_always_in_the_kept_set(rows):
     tokens = Sampler().sample(logits, list(range(len(rows))), params)
     for i, (t, k, p) in enumerate(rows):
         assert _filtered(logits[i:i + 1], t, k, p)[tokens[i]] > 0
+
+
+def _reference_filtered(logits: torch.Tensor, temperature: float, top_k: int,
+                        top_p: float) -> torch.Tensor:
+    """top-k / top-p over a full stable sort of the vocabulary. logits: [V] -> [V]."""
+    probs = torch.softmax(logits.float() / temperature, dim=0)
+    sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if 0 < top_k < len(probs):
+        keep[top_k:] = False
+    if top_p < 1:
+        keep &= (torch.cumsum(sorted_probs, dim=0) - sorted_probs) < top_p
+    keep[0] = True
+    kept = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+    return torch.zeros_like(probs).scatter(0, order, kept / kept.sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.05, 4.0), st.sampled_from([-1, 1, 3, 63, 64, 65, 200, 999, 1000, 1500]),
+       st.floats(0.05, 1.0), st.integers(0, 2**16), st.booleans())
+def test_candidates_equal_a_full_sort(temperature, top_k, top_p, seed, quantized):
+    # A vocabulary of 1000: nuclei and top-k cuts land before, at and past the 64 first
+    # candidates (high temperatures flatten the row), and past the whole vocabulary.
+    # Quantized logits make ties, which must be broken by token id as a stable sort does.
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(seed)) * 3
+    if quantized:
+        logits = logits.round()
+    got = _filtered(logits, temperature, top_k, top_p)
+    want = _reference_filtered(logits[0], temperature, top_k, top_p)
+    assert torch.equal(got > 0, want > 0)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_rows_that_keep_everything_sample_every_token():
+    # No top-k, top-p 1: inverse CDF over the vocabulary in id order, no token excluded.
+    logits = torch.zeros(1, 8)
+    sampler = Sampler()
+    params = [SamplingParams(temperature=1.0, seed=5)]
+    seen = {int(sampler.sample(logits, ["r"], params)[0]) for _ in range(400)}
+    assert seen == set(range(8))
 
 
 # --- check_stop ---------------------------------------------------------------------------
