@@ -18,7 +18,8 @@ from infercept.server.chat_format import ContentStreamer, split_tool_call
 from infercept.server.engine_loop import RequestHandle, Update
 from infercept.server.errors import BadRequestError
 from infercept.server.sessions import Conversation
-from infercept.server.streaming import EngineStreamingResponse, next_update, sse, stream_choices
+from infercept.server.streaming import (EngineStreamingResponse, SettledUpdates, sse,
+                                        stream_choices)
 
 
 class ChatHandlers:
@@ -131,7 +132,6 @@ class ChatHandlers:
                                   with_logprobs: bool) -> AsyncIterator[tuple[str, Any]]:
         """One choice's stream: ('chunk', chunk JSON)..., then ('done', (update, handle)) or
         ('error', error JSON); aborts its request if closed before it settles."""
-        settled = False  # the engine request finished or paused: nothing to abort
         num_logprobs_sent = 0
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> tuple[str, Any]:
@@ -143,20 +143,15 @@ class ChatHandlers:
             return "chunk", p.chat_chunk(response_id, model, delta, finish, index=index,
                                          logprobs=logprobs)
 
-        try:
-            streamer = ContentStreamer()
-            while True:
-                update = await next_update(handle, request)
-                if update is None:
-                    return
+        streamer = ContentStreamer()
+        async with SettledUpdates(handle, request, self.abort_for_disconnect) as updates:
+            async for update in updates:
                 answer = update.text[handle.text_offset:]
                 if update.finished and update.finish_reason == "error":
-                    settled = True
                     yield "error", p.error_body(update.error or "generation failed",
                                                 error_type="server_error")
                     return
                 if update.finished or update.paused:
-                    settled = True
                     content, tool_calls, finish = self._chat_ending(update, answer,
                                                                     conversation)
                     piece = (content or "")[streamer.num_emitted:]
@@ -171,9 +166,6 @@ class ChatHandlers:
                 piece = streamer.delta(answer)
                 if piece:
                     yield chunk({"content": piece})
-        finally:
-            if not settled:
-                self.abort_for_disconnect(handle)
 
 
 def num_cached_tokens(update: Update, num_reused: int) -> int:

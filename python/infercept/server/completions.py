@@ -16,7 +16,8 @@ from infercept.server.engine_loop import RequestHandle, Update
 from infercept.server.errors import BadRequestError
 from infercept.server.logprobs import join_completion_logprobs
 from infercept.server.sessions import Conversation
-from infercept.server.streaming import EngineStreamingResponse, next_update, stream_choices
+from infercept.server.streaming import (EngineStreamingResponse, SettledUpdates, next_update,
+                                        stream_choices)
 
 
 class CompletionHandlers:
@@ -112,7 +113,6 @@ class CompletionHandlers:
                                         ) -> AsyncIterator[tuple[str, Any]]:
         """One choice's stream, as ``_chat_choice_events``; an echo comes first, with the
         prompt's logprobs when asked (so it waits for the first update, which brings them)."""
-        settled = False
         num_sent = 0  # characters of text sent
         num_logprobs_sent = 0
         logprob_offset = len(echo)  # text_offset of the next entry: the tokens' own strings
@@ -128,10 +128,11 @@ class CompletionHandlers:
             return "chunk", p.completion(response_id, model, text, finish, index=index,
                                          logprobs=logprobs)
 
-        try:
+        async with SettledUpdates(handle, request, self.abort_for_disconnect) as updates:
             if echo:
                 logprobs = None
                 if with_logprobs:
+                    # A peek, put back for the loop below (which has not started yet).
                     first = await next_update(handle, request)
                     if first is None:
                         return
@@ -139,24 +140,16 @@ class CompletionHandlers:
                     logprobs = echo_logprobs()
                 yield "chunk", p.completion(response_id, model, echo, None, index=index,
                                             logprobs=logprobs)
-            while True:
-                update = await next_update(handle, request)
-                if update is None:
-                    return
+            async for update in updates:
                 if update.finished and update.finish_reason == "error":
-                    settled = True
                     yield "error", p.error_body(update.error or "generation failed",
                                                 error_type="server_error")
                     return
                 piece, num_sent = update.text[num_sent:], max(num_sent, len(update.text))
                 if update.finished:
-                    settled = True
                     yield chunk(piece, p.FINISH_REASONS.get(update.finish_reason or "stop",
                                                             "stop"))
                     yield "done", update
                     return
                 if piece:
                     yield chunk(piece)
-        finally:
-            if not settled:
-                self.abort_for_disconnect(handle)

@@ -35,7 +35,7 @@ from infercept.server import protocol as p
 from infercept.server import responses_protocol as rp
 from infercept.server.errors import BadRequestError
 from infercept.server.openai_server import OpenAIServer
-from infercept.server.streaming import EngineStreamingResponse, next_update
+from infercept.server.streaming import EngineStreamingResponse, SettledUpdates
 from infercept.server.chat_format import ContentStreamer, split_tool_call
 from infercept.server.engine_loop import RequestHandle, Update
 from infercept.server.protocol import ChatMessage
@@ -236,7 +236,6 @@ class ResponsesAPI:
         """The event stream of one response (OpenAI's event types and order)."""
         server = self.server
         events = _EventWriter()
-        settled = False  # the engine request finished or paused: nothing to abort
         message_id, call_item_id = rp.new_item_id("msg"), rp.new_item_id("fc")
         message_open = False
 
@@ -250,19 +249,15 @@ class ResponsesAPI:
             return events.write("response.output_text.delta", item_id=message_id, output_index=0,
                                 content_index=0, delta=piece, logprobs=[])
 
-        try:
+        async with SettledUpdates(handle, request, server.abort_for_disconnect) as updates:
             snapshot = rp.response_json(turn.response_id, req, turn.created_at, "in_progress",
                                         [], None)
             yield events.write("response.created", response=snapshot)
             yield events.write("response.in_progress", response=snapshot)
             streamer = ContentStreamer()
-            while True:
-                update = await next_update(handle, request)
-                if update is None:
-                    return
+            async for update in updates:
                 answer = update.text[handle.text_offset:]
                 if update.finished and update.finish_reason == "error":
-                    settled = True
                     error = {"code": "server_error",
                              "message": update.error or "generation failed"}
                     failed = rp.response_json(turn.response_id, req, turn.created_at, "failed",
@@ -278,7 +273,6 @@ class ResponsesAPI:
                                 yield event
                         yield text_delta(piece)
                     continue
-                settled = True
                 ending = self._ending(update, answer, turn, req)
                 piece = ending.content[streamer.num_emitted:]
                 if piece or (ending.content and not message_open):
@@ -318,9 +312,6 @@ class ResponsesAPI:
                               else "response.completed")
                 yield events.write(final_type, response=body)
                 return
-        finally:
-            if not settled:
-                server.abort_for_disconnect(handle)
 
     # ---- stored responses ----------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""Streaming pieces the endpoints share: a request's next update, the merge of n choices'
-event streams into one SSE response, and the response class that aborts what it leaves.
+"""Streaming pieces the endpoints share: a request's updates until it settles (aborting it when
+its client goes first), the merge of n choices' event streams into one SSE response, and the
+response class that aborts what it leaves.
 
 Each endpoint turns one choice's engine updates into events, ``('chunk', json)``... then
 ``('done', value)`` or ``('error', json)`` (``chat.py``, ``completions.py``);
@@ -41,6 +42,38 @@ async def next_update(handle: RequestHandle, request: Request) -> Update | None:
             if update.prompt_logprobs is not None:
                 handle.prompt_logprobs = update.prompt_logprobs
             return update
+
+
+class SettledUpdates:
+    """One engine request's updates, up to and including the one that settles it (finished,
+    failed or paused), as an async iterator; used as ``async with`` around everything a
+    handler streams for the request. If the block is left before the request settled (the
+    client went away, or the handler's own stream was closed), ``abort(handle)`` runs so the
+    engine stops generating for nobody."""
+
+    def __init__(self, handle: RequestHandle, request: Request,
+                 abort: Callable[[RequestHandle], None]) -> None:
+        self.handle, self.request, self.abort = handle, request, abort
+        self.settled = False
+
+    async def __aenter__(self) -> SettledUpdates:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if not self.settled:
+            self.abort(self.handle)
+
+    def __aiter__(self) -> SettledUpdates:
+        return self
+
+    async def __anext__(self) -> Update:
+        if self.settled:
+            raise StopAsyncIteration
+        update = await next_update(self.handle, self.request)
+        if update is None:  # the client has gone away
+            raise StopAsyncIteration
+        self.settled = update.finished or update.paused
+        return update
 
 
 async def merged(streams: Sequence[AsyncIterator[Any]]) -> AsyncIterator[Any]:
