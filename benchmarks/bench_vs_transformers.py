@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 import transformers
 
 from infercept import EngineConfig, LLMEngine, SamplingParams
+from infercept.bench.command import cpu_description
 from infercept.weights.default import default_model_path
 
 PROMPT_TOKENS = 256
@@ -30,12 +29,7 @@ NEW_TOKENS = 128
 
 
 def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return f"{cpu_description()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def prompts(batch: int, vocab: int, seed: int = 0, num_tokens: int = PROMPT_TOKENS) -> list[list[int]]:

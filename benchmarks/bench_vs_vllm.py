@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infercept.bench.command import (_add_workload_arguments, load_templates, machine_description,
-                                     write_json)
+from infercept.bench.command import (_add_workload_arguments, cpu_description, load_templates,
+                                     machine_description, write_json)
 from infercept.bench.metrics import RequestRecord, format_table, highest_sustained_rate, summarize
 from infercept.bench.real_replay import to_engine_request
 from infercept.bench.runner import BenchSetup, _load, run_one
@@ -60,13 +60,8 @@ COLUMNS = ["system", "rate", "completed_rps", "normalized_latency", "mean_ttft_s
 
 
 def cpu_model() -> str:
-    """The CPU's model name and core count (/proc/cpuinfo), for the report."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores"
+    """The CPU for the report (``cpu_description``: model, family, vector ISA, cores)."""
+    return cpu_description()
 
 
 def vllm_programs(requests: list[WorkloadRequest], vocab_size: int, seed: int,

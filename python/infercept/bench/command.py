@@ -38,6 +38,29 @@ DEFAULT_PROGRAMS = 200
 FIXED_POLICIES = tuple(p for p in POLICY_NAMES if p != "infercept")
 
 
+def cpu_description() -> str:
+    """The CPU as recorded beside every figure: its model name, x86 family/model, the vector
+    instruction sets that decide which kernels run (AVX2, AVX-512, AMX), and the core count.
+    The machine changes between sessions, so the figures must say which one they came from."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
+    flags = set(fields.get("flags", "").split())
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+                                   ("amx_tile", "AMX")) if flag in flags] or ["no AVX2"]
+    family = (f" (family {fields['cpu family']} model {fields['model']})"
+              if "cpu family" in fields and "model" in fields else "")
+    return (f"{fields.get('model name', 'unknown CPU')}{family}, {', '.join(isa)}, "
+            f"{os.cpu_count()} cores")
+
+
 def machine_description() -> dict[str, str]:
     """The platform and the first lines of ``lscpu`` (where it exists)."""
     try:
