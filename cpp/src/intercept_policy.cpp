@@ -76,6 +76,44 @@ void Scheduler::expire_pins(StepPlan& plan) {
   }
 }
 
+void Scheduler::evict_by_waste(Request& victim, StepPlan& plan, int32_t num_blocks_short) {
+  const int32_t block_size = config_.block_size;
+  int32_t num_exclusive = kv_.num_exclusive_blocks(*victim.kv, Tier::kDevice);
+  int32_t num_swappable = std::min(num_exclusive, kv_.pool(Tier::kHost).num_free());
+  int32_t num_wanted = std::clamp(num_blocks_short, 1, std::max(1, num_exclusive));
+  int64_t num_planned = static_cast<int64_t>(plan.swap_out.size());
+  int64_t budget_left = std::max<int64_t>(0, swap_budget_blocks(plan) - num_planned);
+  auto discard_victim = [&] {
+    move_paused(victim, RequestState::kDiscarded);
+    discard(victim, &plan);
+  };
+  if (num_swappable < num_wanted) return discard_victim();  // the host cannot take what is short
+  if (num_wanted <= budget_left) {
+    // The forward hides it: the tail goes out, as far as the budget reaches (what is freed
+    // beyond the shortage spares the next steps the same pressure).
+    return swap_out_tail(victim, static_cast<int32_t>(std::min<int64_t>(num_swappable, budget_left)), plan);
+  }
+  // Past the budget the batch waits for the copies the forward cannot hide (eq. 3 for one way:
+  // the swap-in comes back within a later step's budget). Discarding frees the blocks at once
+  // and costs their recompute (eq. 4): what is short now is evicted at once (nothing else is
+  // free), and what the demand takes before the tool returns (expected_recompute_tokens).
+  double stall_s = std::max(0.0, cost_.swap_time_s(static_cast<double>((num_planned + num_wanted) * block_size)) -
+                                     cost_.step_time_s(static_cast<double>(plan.num_batched_tokens),
+                                                       static_cast<double>(plan.num_context_tokens)));
+  int64_t batch_tokens = num_running_tokens();
+  double stall_waste = stall_s * static_cast<double>(batch_tokens) * static_cast<double>(cost_.kv_bytes_per_token);
+  double remaining_s = victim.tool_pending ? remaining_intercept_s(victim, plan.now_s) : 0.0;
+  int64_t recompute_tokens = std::min<int64_t>(
+      victim.kv->num_tokens,
+      std::max<int64_t>(expected_recompute_tokens(victim, num_exclusive, remaining_s),
+                        static_cast<int64_t>(num_wanted) * block_size + victim.kv->num_tokens % block_size));
+  int64_t chunk_tokens = std::max<int64_t>(1, config_.max_batched_tokens - static_cast<int64_t>(running_.size()));
+  int64_t num_chunks = (recompute_tokens + chunk_tokens - 1) / chunk_tokens;
+  double discard_waste = chunked_discard_waste(cost_, recompute_tokens, batch_tokens, num_chunks);
+  if (discard_waste < stall_waste) return discard_victim();
+  swap_out_tail(victim, num_wanted, plan);
+}
+
 void Scheduler::decide_intercepted(StepPlan& plan) {
   if (traits_->on_intercept == InterceptAction::kSwap) {
     // The baseline moves each paused context out whole, ignoring the budget (its exclusive
@@ -101,7 +139,8 @@ void Scheduler::decide_intercepted(StepPlan& plan) {
     Request* request;
     bool operator<(const Candidate& other) const { return min_waste < other.min_waste; }
   };
-  int64_t swap_budget = swap_budget_blocks(plan);
+  // What memory pressure already moved out this step (evict_by_waste) counts against N_i.
+  int64_t swap_budget = swap_budget_blocks(plan) - static_cast<int64_t>(plan.swap_out.size());
   int64_t other_tokens = num_running_tokens();
   // Recompute chunks ride along with the decodes: what the budget leaves after one token each.
   int64_t chunk_tokens = std::max<int64_t>(1, config_.max_batched_tokens - static_cast<int64_t>(running_.size()));

@@ -450,7 +450,8 @@ void Scheduler::schedule_swapping_in(StepPlan& plan, int64_t& swap_in_budget_blo
     // A full device pool with nothing running or being freed: only paused or lower-priority
     // contexts can give way, or the swap-in would wait forever.
     while (device.num_free() == 0 && running_.empty() && kv_.num_device_blocks_releasing() == 0 &&
-           reclaim_intercepted(plan, r)) {
+           reclaim_intercepted(plan, r, static_cast<int32_t>(std::min<int64_t>(swap_in_budget_blocks,
+                                                                               r->kv->host_blocks.size())))) {
     }
     size_t num_host_blocks = r->kv->host_blocks.size();
     std::vector<BlockCopy> copies = kv_.swap_in(r->id, static_cast<int32_t>(swap_in_budget_blocks));
@@ -466,10 +467,18 @@ void Scheduler::schedule_swapping_in(StepPlan& plan, int64_t& swap_in_budget_blo
 
 void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swap_in_budget_blocks) {
   const BlockPool& device = kv_.pool(Tier::kDevice);
-  // Strict FCFS over the queue: when the head cannot start, nothing behind it does.
-  while (!queue_.empty()) {
+  // FCFS over the queue: when the head cannot start, nothing behind it does, with one
+  // exception. A swapped context held back only by this step's swap-in budget (the copy link,
+  // not memory) keeps its place and the device room its host blocks need, and those behind it
+  // that need no copy may start in the room left: else the batch idles behind the link.
+  int64_t num_reserved_blocks = 0;
+  bool skipped = false;
+  std::pair<double, RequestId> last_skipped;
+  while (true) {
+    auto it = skipped ? queue_.upper_bound(last_skipped) : queue_.begin();
+    if (it == queue_.end()) return;
     if (static_cast<int32_t>(running_.size() + swapping_in_.size()) >= config_.max_running_requests) return;
-    Request& r = get(queue_.begin()->second);
+    Request& r = get(it->second);
     if (r.last_action_step == step_id_) return;  // preempted this step: its copies are in flight
     const bool can_read_cache = !(r.skip_reading_prefix_cache && r.num_generated_tokens == 0);
     if (r.cacheable && can_read_cache && r.kv->num_tokens == 0) {
@@ -482,9 +491,18 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
       int32_t num_moves = static_cast<int32_t>(
           std::min<int64_t>({swap_in_budget_blocks, static_cast<int64_t>(r.kv->host_blocks.size()),
                              static_cast<int64_t>(device.num_free())}));
+      int64_t num_room = static_cast<int64_t>(device.num_free()) - num_reserved_blocks;
+      if (swap_in_budget_blocks <= 0 && num_room >= static_cast<int64_t>(r.kv->host_blocks.size())) {
+        num_reserved_blocks += static_cast<int64_t>(r.kv->host_blocks.size());
+        skipped = true;
+        last_skipped = *it;
+        continue;
+      }
       if (num_moves <= 0) {
         bool idle = running_.empty() && swapping_in_.empty() && kv_.num_device_blocks_releasing() == 0;
-        if (swap_in_budget_blocks > 0 && idle && reclaim_intercepted(plan, &r)) continue;
+        int32_t num_wanted = static_cast<int32_t>(
+            std::min<int64_t>(swap_in_budget_blocks, static_cast<int64_t>(r.kv->host_blocks.size())));
+        if (swap_in_budget_blocks > 0 && idle && reclaim_intercepted(plan, &r, num_wanted)) continue;
         memory_blocked_ = memory_blocked_ || device.num_free() == 0;
         return;
       }
@@ -503,12 +521,13 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
     if (token_budget <= 0) return;
     int32_t num_new_tokens = std::min(r.num_uncomputed_tokens(), token_budget);
     int32_t needed = kv_.num_blocks_to_append(*r.kv, num_new_tokens);
-    if (!device.can_allocate(needed)) {
+    if (!device.can_allocate(needed + static_cast<int32_t>(num_reserved_blocks))) {
       memory_blocked_ = true;
+      if (num_reserved_blocks > 0) return;  // the room left is the skipped contexts'
       // Nothing else can free memory (no batch, no copies): paused contexts must give way,
       // or the engine would wait forever.
       bool idle = running_.empty() && swapping_in_.empty() && kv_.num_device_blocks_releasing() == 0;
-      if (idle && reclaim_intercepted(plan, &r)) continue;
+      if (idle && reclaim_intercepted(plan, &r, needed - device.num_free())) continue;
       if (idle && num_blocks(r.num_tokens()) > config_.num_device_blocks) {
         // Alone, nothing left to reclaim, and its context cannot fit even in an empty pool
         // (it grew while preempted): waiting would never end.
@@ -582,7 +601,8 @@ bool Scheduler::make_room(Request& r, int32_t needed, StepPlan& plan) {
   while (!device.can_allocate(needed)) {
     // Blocks that this step's swap-outs release will do: wait one step for them.
     if (device.num_free() + kv_.num_device_blocks_releasing() >= needed) return false;
-    if (reclaim_intercepted(plan, &r)) continue;
+    int32_t num_short = needed - device.num_free() - kv_.num_device_blocks_releasing();
+    if (reclaim_intercepted(plan, &r, num_short)) continue;
     Request* victim = running_.back();
     if (victim == &r && running_.size() == 1) {
       // Alone and still too big: the context has outgrown the whole pool.
@@ -599,10 +619,11 @@ bool Scheduler::make_room(Request& r, int32_t needed, StepPlan& plan) {
   return true;
 }
 
-bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
+bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep, int32_t num_blocks_short) {
   // First the contexts whose tools are still running, longest expected wait first; then the
   // resumable ones in the queue and those swapping in, lowest priority first. Each is evicted:
-  // moved to the host whole where the policy swaps and the host has room, else discarded.
+  // moved to the host whole where the policy swaps and the host has room, else discarded;
+  // min-waste instead frees what is short by its equations (evict_by_waste).
   // A context whose device blocks are all shared frees nothing by going, so it goes only when
   // no other can (the last of several paused sharers then frees the shared blocks).
   for (bool need_exclusive : {true, false}) {
@@ -618,25 +639,33 @@ bool Scheduler::reclaim_intercepted(StepPlan& plan, const Request* keep) {
       if (remaining_s > longest_s) longest_s = remaining_s, victim = &r;
     });
     if (victim) {
-      evict(*victim, plan);
+      evict_under_pressure(*victim, plan, num_blocks_short);
       return true;
     }
     for (auto it = queue_.rbegin(); it != queue_.rend(); ++it) {
       Request& r = get(it->second);
       if (!gives_way(r)) continue;
-      evict(r, plan);  // stays queued, by its original arrival
+      evict_under_pressure(r, plan, num_blocks_short);  // stays queued, by its original arrival
       return true;
     }
     for (auto it = swapping_in_.rbegin(); it != swapping_in_.rend(); ++it) {
       Request& r = **it;
       if (!gives_way(r)) continue;
       erase_from(swapping_in_, &r);
-      evict(r, plan);
+      evict_under_pressure(r, plan, num_blocks_short);
       enqueue(r);
       return true;
     }
   }
   return false;
+}
+
+void Scheduler::evict_under_pressure(Request& victim, StepPlan& plan, int32_t num_blocks_short) {
+  if (traits_->on_intercept == InterceptAction::kMinWaste) {
+    evict_by_waste(victim, plan, num_blocks_short);
+  } else {
+    evict(victim, plan);
+  }
 }
 
 void Scheduler::evict(Request& victim, StepPlan& plan) {
@@ -650,12 +679,16 @@ bool Scheduler::swap_out_whole(Request& victim, StepPlan& plan) {
   bool can_swap = traits_->swaps && num_device_blocks > 0 && kv_.pool(Tier::kHost).can_allocate(num_device_blocks);
   if (!can_swap) return false;
   // The whole context at once: memory pressure is an emergency and cannot wait for a budget.
+  swap_out_tail(victim, num_device_blocks, plan);
+  return true;
+}
+
+void Scheduler::swap_out_tail(Request& victim, int32_t num_blocks, StepPlan& plan) {
   if (victim.state != RequestState::kSwappingOut) move_paused(victim, RequestState::kSwappingOut);
-  std::vector<BlockCopy> copies = kv_.swap_out(victim.id, num_device_blocks, expected_next_use_s(victim, plan.now_s));
-  moved_.emplace_back(victim.id, num_device_blocks);
+  std::vector<BlockCopy> copies = kv_.swap_out(victim.id, num_blocks, expected_next_use_s(victim, plan.now_s));
+  moved_.emplace_back(victim.id, static_cast<int32_t>(copies.size()));
   plan.swap_out.insert(plan.swap_out.end(), copies.begin(), copies.end());
   victim.last_action_step = step_id_;
-  return true;
 }
 
 void Scheduler::preempt(Request& victim, StepPlan& plan) {

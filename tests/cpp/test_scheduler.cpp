@@ -337,6 +337,39 @@ TEST(MemoryPressure, MinWasteMovesAPreservedContextToTheHostRatherThanDiscarding
   EXPECT_EQ(sim.request(paused).num_preemptions, 0);
 }
 
+TEST(MemoryPressure, MinWasteFreesOnlyWhatTheStepLacksWithinTheBudget) {
+  // A 4000-token context (250 blocks) preserved for a 0.1 s tool (shorter than its 147 ms round
+  // trip), and a request that fills the rest of the pool and keeps decoding. When its decode
+  // needs a block, min-waste swaps the paused tail out within the step's budget (the forward
+  // hides it) instead of the whole context at once (which would stall the batch ~60 ms).
+  constexpr int32_t kNumDeviceBlocks = 300;
+  SchedulerConfig config = make_config(Policy::kInfercept, kNumDeviceBlocks);
+  config.demand_aware_preserve = true;
+  Sim sim{config};
+  RequestId paused = sim.s.add_request(4000, 0);
+  sim.run_until_sampled(paused);
+  sim.s.intercept(paused, sim.now_s, 0.1);
+  ASSERT_EQ(sim.request(paused).state, RequestState::kPreserved);
+  RequestId filler = sim.s.add_request(49 * kBlockSize + 15, sim.now_s, /*generated_token_limit=*/8);
+  bool reclaimed = false;
+  for (int i = 0; i < 20 && !reclaimed; ++i) {
+    Sim::Step st = sim.step();
+    if (sim.request(paused).state == RequestState::kPreserved) continue;
+    reclaimed = true;
+    EXPECT_FALSE(contains(st.plan.discarded, paused));
+    EXPECT_EQ(sim.request(paused).state, RequestState::kSwappingOut);
+    EXPECT_GE(st.plan.swap_out.size(), 1u);
+    EXPECT_LE(st.plan.swap_out.size() * kBlockSize, static_cast<size_t>(st.plan.swap_budget_tokens));
+    EXPECT_LT(st.plan.swap_out.size(), 250u);
+  }
+  ASSERT_TRUE(reclaimed);
+  EXPECT_EQ(sim.request(filler).num_preemptions, 0);
+  sim.run_until([&] { return sim.request(filler).state == RequestState::kFinished; });
+  sim.s.resume(paused, 3, sim.now_s);
+  sim.run_until_sampled(paused, 2);
+  EXPECT_EQ(sim.s.stats().num_recomputed_tokens, 0);
+}
+
 TEST(MemoryPressure, AResumableContextThatGivesWayGoesToTheHostRatherThanBeingDiscarded) {
   // Two paused requests return from their tools at once. The earlier arrival heads the queue
   // and needs memory that the later one's preserved context holds; with host room, that

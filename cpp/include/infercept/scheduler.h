@@ -257,9 +257,19 @@ class Scheduler {
   // Frees device blocks for `needed` (evicting idle paused contexts, then preempting running
   // requests below `r` in priority). Returns false when `r` must wait.
   bool make_room(Request& r, int32_t needed, StepPlan& plan);
-  // Frees one paused context's device blocks (never `keep`'s): swapped out whole where the
-  // policy swaps and the host has room, else discarded; false when none is left.
-  bool reclaim_intercepted(StepPlan& plan, const Request* keep);
+  // Frees one paused context's device blocks (never `keep`'s) toward `num_blocks_short`, the
+  // blocks the caller lacks: evict_under_pressure() on the victim; false when none is left.
+  bool reclaim_intercepted(StepPlan& plan, const Request* keep, int32_t num_blocks_short);
+  // evict() for every policy but min-waste, which takes evict_by_waste().
+  void evict_under_pressure(Request& victim, StepPlan& plan, int32_t num_blocks_short);
+  // min-waste under memory pressure: frees the `num_blocks_short` blocks a step lacks by the
+  // cheapest of the waste equations (intercept_policy.cpp): the tail swapped out within the
+  // step's budget N_i, beyond it (the batch stalls on the rest, eq. 3), or the context
+  // discarded (eq. 4, its expected recompute).
+  void evict_by_waste(Request& victim, StepPlan& plan, int32_t num_blocks_short);
+  // Swaps the last `num_blocks` of `victim`'s exclusive device blocks (fewer if the host is
+  // short) out in this step.
+  void swap_out_tail(Request& victim, int32_t num_blocks, StepPlan& plan);
   void preempt(Request& victim, StepPlan& plan);
   // swap and infercept: moves all of `victim`'s device blocks to the host in this step if the
   // host pool has room; false (nothing done) otherwise.
