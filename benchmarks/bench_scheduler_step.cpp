@@ -32,10 +32,21 @@ constexpr int kMeasuredSteps = 2000;
 
 constexpr int kSystemTokens = 256;
 
+// A C++ engine loop hands each applied plan back (schedule_into), so the step's arrays are
+// allocated once; INFERCEPT_BENCH_FRESH_PLANS=1 takes a new plan every step instead, as the
+// Python binding does (its plans own numpy views of their arrays).
+const bool kFreshPlans = std::getenv("INFERCEPT_BENCH_FRESH_PLANS") != nullptr;
+
 void step(Scheduler& scheduler, double& now_s, double step_s) {
-  StepPlan plan = scheduler.schedule(now_s);
+  static StepPlan reused_plan;
+  static StepResult reused_result;
+  StepPlan fresh_plan;
+  StepResult fresh_result;
+  StepPlan& plan = kFreshPlans ? fresh_plan : reused_plan;
+  StepResult& result = kFreshPlans ? fresh_result : reused_result;
+  scheduler.schedule_into(now_s, plan);
   now_s += step_s;
-  StepResult result{step_s, 0, {}};
+  result.duration_s = step_s;
   result.sampled_token_ids.assign(plan.num_sampling_requests, 7);
   scheduler.update(plan, result, now_s);
 }
@@ -113,8 +124,9 @@ void run(const char* mix, double expected_duration_s, double step_s, bool with_t
   std::printf("  preemptions %lld, recomputed tokens %lld, prefix cache hits %lld of %lld tokens\n",
               (long long)stats.num_preemptions, (long long)stats.num_recomputed_tokens,
               (long long)stats.prefix_cache_hits, (long long)stats.prefix_cache_queries);
-  std::printf("  %.1f us per step over %d steps (goal: < 50 us); CPU time %.1f us per step\n",
-              elapsed_us / kMeasuredSteps, kMeasuredSteps, cpu_us / kMeasuredSteps);
+  std::printf("  %.1f us per step over %d steps (goal: < 50 us); CPU time %.1f us per step (%s plans)\n",
+              elapsed_us / kMeasuredSteps, kMeasuredSteps, cpu_us / kMeasuredSteps,
+              kFreshPlans ? "fresh" : "reused");
   scheduler.check_invariants();
 }
 

@@ -37,7 +37,7 @@ TokenBlocks::TokenBlocks(int32_t block_size, BlockHash root) : block_size_(block
   if (block_size <= 0) throw InvalidArgumentError("block_size must be positive, got " + std::to_string(block_size));
 }
 
-void TokenBlocks::append(const TokenId* tokens, size_t num_tokens) {
+void TokenBlocks::append_and_hash(const TokenId* tokens, size_t num_tokens) {
   tokens_.insert(tokens_.end(), tokens, tokens + num_tokens);
   while (static_cast<size_t>(num_full_blocks() + 1) * block_size_ <= tokens_.size()) {
     int32_t index = num_full_blocks();

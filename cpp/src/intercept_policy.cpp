@@ -16,12 +16,6 @@ double Scheduler::remaining_intercept_s(const Request& r, double now_s) const {
   return elapsed_s;
 }
 
-int64_t Scheduler::num_exclusive_device_tokens(const Request& r, int32_t num_exclusive) const {
-  int32_t num_shared = static_cast<int32_t>(r.kv->device_blocks.size()) - num_exclusive;
-  return std::max<int64_t>(0, r.kv->num_device_tokens(config_.block_size) -
-                                  static_cast<int64_t>(num_shared) * config_.block_size);
-}
-
 int64_t Scheduler::expected_recompute_tokens(const Request& r, int32_t num_exclusive, double remaining_s) const {
   int64_t context_tokens = r.kv->num_tokens;
   if (!r.cacheable) return context_tokens;  // no cache: a discard loses everything

@@ -64,11 +64,6 @@ BlockTable& KvCacheManager::mutable_table(RequestId request) {
   return t;
 }
 
-int32_t KvCacheManager::num_blocks_to_append(const BlockTable& t, int32_t num_tokens) const {
-  int32_t num_blocks = static_cast<int32_t>(t.device_blocks.size() + t.host_blocks.size());
-  return std::max(0, blocks_for(t.num_tokens + num_tokens, block_size_) - num_blocks);
-}
-
 bool KvCacheManager::can_append(RequestId request, int32_t num_tokens) const {
   return device_pool_.can_allocate(num_blocks_to_append(request, num_tokens));
 }
@@ -266,10 +261,9 @@ int32_t KvCacheManager::adopt_cached_prefix(RequestId request, const CachedPrefi
   return t.num_tokens;
 }
 
-void KvCacheManager::cache_full_blocks(BlockTable& t, const TokenBlocks& tokens) {
+void KvCacheManager::cache_new_full_blocks(BlockTable& t, const TokenBlocks& tokens) {
   ++t.version;
-  int32_t num_full = std::min({t.num_device_tokens(block_size_) / block_size_, tokens.num_full_blocks(),
-                               static_cast<int32_t>(t.device_blocks.size())});
+  int32_t num_full = num_full_blocks(t, tokens);
   for (int32_t index = t.num_cached_blocks; index < num_full; ++index) {
     BlockId& block = t.device_blocks[index];
     if (device_pool_.is_cached(block)) continue;
@@ -295,26 +289,21 @@ void KvCacheManager::touch_cached(const TokenBlocks& tokens, double next_use_s) 
   }
 }
 
-int32_t KvCacheManager::num_exclusive_blocks(const BlockTable& t, Tier tier) const {
-  if (tier == Tier::kDevice) return device_sharing(t).num_exclusive;
+int32_t KvCacheManager::num_exclusive_host_blocks(const BlockTable& t) const {
   return count_exclusive(t.host_blocks, host_pool_);
 }
 
-double KvCacheManager::shared_block_share(const BlockTable& t, int32_t num_exclusive) const {
-  const BlockTable::SharingMemo& memo = device_sharing(t);
-  return num_exclusive == memo.num_exclusive ? memo.share : share_of(t.device_blocks, num_exclusive, device_pool_);
+double KvCacheManager::device_share(const BlockTable& t, int32_t num_exclusive) const {
+  return share_of(t.device_blocks, num_exclusive, device_pool_);
 }
 
-const BlockTable::SharingMemo& KvCacheManager::device_sharing(const BlockTable& t) const {
+const BlockTable::SharingMemo& KvCacheManager::refresh_device_sharing(const BlockTable& t) const {
   BlockTable::SharingMemo& memo = t.sharing_memo;
-  if (memo.version != t.version || memo.share_epoch != device_pool_.share_epoch() ||
-      memo.num_blocks != t.device_blocks.size()) {
-    memo.version = t.version;
-    memo.share_epoch = device_pool_.share_epoch();
-    memo.num_blocks = t.device_blocks.size();
-    memo.num_exclusive = count_exclusive(t.device_blocks, device_pool_);
-    memo.share = share_of(t.device_blocks, memo.num_exclusive, device_pool_);
-  }
+  memo.version = t.version;
+  memo.share_epoch = device_pool_.share_epoch();
+  memo.num_blocks = t.device_blocks.size();
+  memo.num_exclusive = count_exclusive(t.device_blocks, device_pool_);
+  memo.share = share_of(t.device_blocks, memo.num_exclusive, device_pool_);
   return memo;
 }
 

@@ -356,32 +356,47 @@ void Scheduler::add_running(Request& r) { insert_by_priority(running_, &r); }
 void Scheduler::remove_running(Request& r) { erase_from(running_, &r); }
 
 void Scheduler::add_intercepted(Request& r) {
-  r.intercepted_index = static_cast<int32_t>(intercepted_.size());
+  const size_t i = intercepted_.size();
+  r.intercepted_index = static_cast<int32_t>(i);
   intercepted_.push_back(&r);
-  intercepted_on_device_.push_back(1);
+  intercepted_kv_.push_back(r.kv);
+  if (i % 64 == 0) intercepted_on_device_.push_back(0);
+  intercepted_on_device_[i / 64] |= uint64_t{1} << (i % 64);
 }
 
 void Scheduler::remove_intercepted(Request& r) {
-  // Swap with the last entry: O(1), the list has no order.
-  Request* last = intercepted_.back();
-  intercepted_[r.intercepted_index] = last;
-  intercepted_on_device_[r.intercepted_index] = intercepted_on_device_.back();
-  last->intercepted_index = r.intercepted_index;
+  // Move the last entry into the hole: O(1), the list has no order.
+  const size_t i = static_cast<size_t>(r.intercepted_index);
+  const size_t last = intercepted_.size() - 1;
+  Request* moved = intercepted_[last];
+  intercepted_[i] = moved;
+  intercepted_kv_[i] = intercepted_kv_[last];
+  const uint64_t last_bit = (intercepted_on_device_[last / 64] >> (last % 64)) & 1;
+  intercepted_on_device_[i / 64] = (intercepted_on_device_[i / 64] & ~(uint64_t{1} << (i % 64))) | (last_bit << (i % 64));
+  intercepted_on_device_[last / 64] &= ~(uint64_t{1} << (last % 64));
+  moved->intercepted_index = static_cast<int32_t>(i);
   intercepted_.pop_back();
-  intercepted_on_device_.pop_back();
+  intercepted_kv_.pop_back();
+  if (last % 64 == 0) intercepted_on_device_.pop_back();
   r.intercepted_index = -1;
 }
 
 // ---- one iteration ------------------------------------------------------------------------
 
 StepPlan Scheduler::schedule(double now_s) {
+  StepPlan plan;
+  schedule_into(now_s, plan);
+  return plan;
+}
+
+void Scheduler::schedule_into(double now_s, StepPlan& plan) {
   if (updated_step_id_ != step_id_) {
     throw StateError("schedule() called before update() applied the plan of step " + std::to_string(step_id_) +
                      "; every plan, an empty one too, must be applied before the next is made");
   }
   account_time(now_s);
   kv_.set_now(now_s);
-  StepPlan plan;
+  plan.clear();
   plan.step_id = ++step_id_;
   memory_blocked_ = false;
   plan.now_s = now_s;
@@ -406,7 +421,6 @@ StepPlan Scheduler::schedule(double now_s) {
   store_computed_blocks(plan);
   decide_intercepted(plan);
   build_batch(plan);
-  return plan;
 }
 
 void Scheduler::add_chunk(Request& r, int32_t num_new_tokens, StepPlan& plan) {
@@ -431,7 +445,9 @@ void Scheduler::schedule_running(StepPlan& plan, int32_t& token_budget) {
     Request& r = *running_[i];
     int32_t num_new_tokens = std::min(r.num_uncomputed_tokens(), token_budget);
     if (num_new_tokens <= 0) continue;
-    if (!make_room(r, kv_.num_blocks_to_append(*r.kv, num_new_tokens), plan)) {
+    int32_t needed = kv_.num_blocks_to_append(*r.kv, num_new_tokens);
+    // make_room() would return at once: skip the call (most steps, for most of the batch).
+    if (!kv_.pool(Tier::kDevice).can_allocate(needed) && !make_room(r, needed, plan)) {
       if (i < running_.size() && running_[i] != &r) --i;  // r left the list; revisit this slot
       continue;
     }
@@ -928,13 +944,21 @@ void Scheduler::check_invariants() const {
     num_pending += r.tool_pending;
     num_live += !is_terminal(r.state);
   }
-  if (intercepted_on_device_.size() != intercepted_.size()) {
+  if (intercepted_on_device_.size() != (intercepted_.size() + 63) / 64 || intercepted_kv_.size() != intercepted_.size()) {
     throw StateError("the intercepted list has " + std::to_string(intercepted_.size()) + " entries but " +
-                     std::to_string(intercepted_on_device_.size()) + " device flags");
+                     std::to_string(intercepted_kv_.size()) + " tables and " +
+                     std::to_string(intercepted_on_device_.size()) + " words of device flags");
+  }
+  if (intercepted_.size() % 64 != 0 && intercepted_on_device_.back() >> (intercepted_.size() % 64) != 0) {
+    throw StateError("device flags are set past the end of the intercepted list");
   }
   for (size_t i = 0; i < intercepted_.size(); ++i) {
     const Request& r = *intercepted_[i];
-    if (!intercepted_on_device_[i] && !r.kv->device_blocks.empty()) {
+    if (intercepted_kv_[i] != r.kv) {
+      throw StateError("request " + std::to_string(r.id) + " sits in the intercepted list beside another table");
+    }
+    const bool marked_on_device = (intercepted_on_device_[i / 64] >> (i % 64)) & 1;
+    if (!marked_on_device && !r.kv->device_blocks.empty()) {
       throw StateError("request " + std::to_string(r.id) + " (" + to_string(r.state) + ") holds " +
                        std::to_string(r.kv->device_blocks.size()) +
                        " device blocks but is marked as holding none while paused");

@@ -23,23 +23,35 @@ void Scheduler::build_batch(StepPlan& plan) const {
   b.sampling_request_ids.resize(num_sampling);
   b.sampling_positions.resize(num_sampling);
   b.num_cached_tokens.resize(num_sampling);
+  // Raw pointers below: through the vectors themselves the compiler reloads each one's data
+  // pointer after every store (it cannot rule out that a store hit it).
+  const ScheduledRequest* scheduled = plan.scheduled.data();
+  Request* const* records = reqs.data();
+  int64_t* request_ids = b.request_ids.data();
+  int64_t* query_start = b.query_start.data();
+  int32_t* query_lens = b.query_lens.data();
+  int32_t* context_lens = b.context_lens.data();
+  int64_t* logit_rows = b.logit_rows.data();
+  int64_t* sampling_request_ids = b.sampling_request_ids.data();
+  int32_t* sampling_positions = b.sampling_positions.data();
+  int32_t* num_cached_tokens = b.num_cached_tokens.data();
   int32_t max_blocks = 0;
   size_t sample = 0;
-  b.query_start[0] = 0;
+  query_start[0] = 0;
   for (size_t i = 0; i < num_seqs; ++i) {
-    const ScheduledRequest& s = plan.scheduled[i];
-    const Request& r = *reqs[i];
+    const ScheduledRequest& s = scheduled[i];
+    const Request& r = *records[i];
     const int32_t end = s.num_computed_tokens + s.num_new_tokens;
-    b.request_ids[i] = s.request_id;
-    b.query_lens[i] = s.num_new_tokens;
-    b.context_lens[i] = end;
-    b.query_start[i + 1] = b.query_start[i] + s.num_new_tokens;
+    request_ids[i] = s.request_id;
+    query_lens[i] = s.num_new_tokens;
+    context_lens[i] = end;
+    query_start[i + 1] = query_start[i] + s.num_new_tokens;
     max_blocks = std::max(max_blocks, static_cast<int32_t>(r.kv->device_blocks.size()));
     if (s.samples) {
-      b.logit_rows[sample] = b.query_start[i + 1] - 1;
-      b.sampling_request_ids[sample] = s.request_id;
-      b.sampling_positions[sample] = end;
-      b.num_cached_tokens[sample] = r.num_cached_tokens;
+      logit_rows[sample] = query_start[i + 1] - 1;
+      sampling_request_ids[sample] = s.request_id;
+      sampling_positions[sample] = end;
+      num_cached_tokens[sample] = r.num_cached_tokens;
       ++sample;
     }
   }
@@ -50,19 +62,28 @@ void Scheduler::build_batch(StepPlan& plan) const {
   b.positions.resize(b.input_ids.size());
   b.slot_mapping.resize(b.input_ids.size());
   b.max_blocks = max_blocks;
+  int64_t* input_ids = b.input_ids.data();
+  int64_t* positions = b.positions.data();
+  int64_t* slot_mapping = b.slot_mapping.data();
   // Each row written once: the table, then its zero padding.
   b.block_tables.clear();
   b.block_tables.reserve(num_seqs * static_cast<size_t>(max_blocks));
   int64_t row = 0;
   for (size_t i = 0; i < num_seqs; ++i) {
-    const ScheduledRequest& s = plan.scheduled[i];
-    const Request& r = *reqs[i];
+    const ScheduledRequest& s = scheduled[i];
+    const Request& r = *records[i];
     const std::vector<BlockId>& table = r.kv->device_blocks;
     const TokenId* tokens = r.has_token_ids() ? r.tokens.tokens().data() : nullptr;
-    for (int32_t pos = s.num_computed_tokens; pos < b.context_lens[i]; ++pos, ++row) {
-      b.input_ids[row] = tokens ? tokens[pos] : 0;
-      b.positions[row] = pos;
-      b.slot_mapping[row] = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+    auto write_token = [&](int32_t pos) {
+      input_ids[row] = tokens ? tokens[pos] : 0;
+      positions[row] = pos;
+      slot_mapping[row] = static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+      ++row;
+    };
+    if (s.num_new_tokens == 1) {
+      write_token(s.num_computed_tokens);  // a decode: most rows, and no loop to set up
+    } else {
+      for (int32_t pos = s.num_computed_tokens; pos < context_lens[i]; ++pos) write_token(pos);
     }
     b.block_tables.insert(b.block_tables.end(), table.begin(), table.end());
     b.block_tables.insert(b.block_tables.end(), static_cast<size_t>(max_blocks) - table.size(), 0);

@@ -27,7 +27,14 @@ class TokenBlocks {
   TokenBlocks(int32_t block_size, BlockHash root);
 
   /// Appends tokens; hashes every block they complete.
-  void append(const TokenId* tokens, size_t num_tokens);
+  void append(const TokenId* tokens, size_t num_tokens) {
+    // Inline, a sampled token that leaves its block short of full (most steps) is one push.
+    if (num_tokens == 1 && tokens_.size() + 1 < (hashes_.size() + 1) * static_cast<size_t>(block_size_)) {
+      tokens_.push_back(*tokens);
+      return;
+    }
+    append_and_hash(tokens, num_tokens);
+  }
   void append(const std::vector<TokenId>& tokens) { append(tokens.data(), tokens.size()); }
   /// Drops the last `num_tokens` tokens (and the keys of blocks no longer full).
   void truncate_back(int32_t num_tokens);
@@ -45,6 +52,9 @@ class TokenBlocks {
   BlockHash root() const { return root_; }
 
  private:
+  // append() when the tokens may complete a block.
+  void append_and_hash(const TokenId* tokens, size_t num_tokens);
+
   int32_t block_size_ = 1;
   BlockHash root_ = 0;
   std::vector<TokenId> tokens_;

@@ -93,7 +93,11 @@ class KvCacheManager {
     return num_blocks_to_append(table(request), num_tokens);
   }
   /// ... to a table this manager owns (the scheduler holds its requests' tables: no lookup).
-  int32_t num_blocks_to_append(const BlockTable& table, int32_t num_tokens) const;
+  int32_t num_blocks_to_append(const BlockTable& table, int32_t num_tokens) const {
+    const int32_t num_blocks = static_cast<int32_t>(table.device_blocks.size() + table.host_blocks.size());
+    const int32_t num_needed = (table.num_tokens + num_tokens + block_size_ - 1) / block_size_;
+    return num_needed > num_blocks ? num_needed - num_blocks : 0;
+  }
   bool can_append(RequestId request, int32_t num_tokens) const;
 
   /// Appends `num_tokens` tokens of KV, allocating device blocks as blocks fill. The request
@@ -130,7 +134,11 @@ class KvCacheManager {
   /// Registers the request's full device blocks with the cache once their KV is written; a
   /// block whose content another block already holds is swapped for that one (one copy kept).
   void cache_full_blocks(RequestId request, const TokenBlocks& tokens) { cache_full_blocks(mutable_table(request), tokens); }
-  void cache_full_blocks(BlockTable& table, const TokenBlocks& tokens);
+  void cache_full_blocks(BlockTable& table, const TokenBlocks& tokens) {
+    // Inline, the common case (a decode whose block has not filled) returns before any call;
+    // it leaves the table as it is, so its version need not move.
+    if (num_full_blocks(table, tokens) > table.num_cached_blocks) cache_new_full_blocks(table, tokens);
+  }
   /// Host offload: plans copying the cached device block `block` (referenced or evictable) to
   /// a host block (evicting the host's least recently used one if need be), `*copy` saying
   /// which. The copy keeps the block's content: a release of it waits for commit(), which
@@ -141,10 +149,15 @@ class KvCacheManager {
   void touch_cached(const TokenBlocks& tokens, double next_use_s);
   /// The request's blocks on `tier` that no other owner references (a suffix of that part).
   int32_t num_exclusive_blocks(RequestId request, Tier tier) const { return num_exclusive_blocks(table(request), tier); }
-  int32_t num_exclusive_blocks(const BlockTable& table, Tier tier) const;
+  int32_t num_exclusive_blocks(const BlockTable& table, Tier tier) const {
+    return tier == Tier::kDevice ? device_sharing(table).num_exclusive : num_exclusive_host_blocks(table);
+  }
   /// Of the table's shared device blocks (all but the last `num_exclusive`), its share: each
   /// block counts 1 / its owners.
-  double shared_block_share(const BlockTable& table, int32_t num_exclusive) const;
+  double shared_block_share(const BlockTable& table, int32_t num_exclusive) const {
+    const BlockTable::SharingMemo& memo = device_sharing(table);
+    return num_exclusive == memo.num_exclusive ? memo.share : device_share(table, num_exclusive);
+  }
   void set_now(double now_s);
 
   /// Frees the request's blocks and forgets it.
@@ -166,8 +179,26 @@ class KvCacheManager {
  private:
   // Every change to a table goes through here or bumps `version` itself.
   BlockTable& mutable_table(RequestId request);
-  // The memo of `t`'s device sharing, brought up to date.
-  const BlockTable::SharingMemo& device_sharing(const BlockTable& t) const;
+  // Of the table's device blocks, how many are full of KV whose tokens are known.
+  int32_t num_full_blocks(const BlockTable& t, const TokenBlocks& tokens) const {
+    int32_t num_full = t.num_device_tokens(block_size_) / block_size_;  // <= device_blocks.size()
+    return num_full < tokens.num_full_blocks() ? num_full : tokens.num_full_blocks();
+  }
+  // cache_full_blocks() past its first uncached full block.
+  void cache_new_full_blocks(BlockTable& table, const TokenBlocks& tokens);
+  // The memo of `t`'s device sharing, brought up to date. Inline: the paused-context passes
+  // ask it for every paused context every step, and it is almost always still valid.
+  const BlockTable::SharingMemo& device_sharing(const BlockTable& t) const {
+    const BlockTable::SharingMemo& memo = t.sharing_memo;
+    if (memo.version == t.version && memo.share_epoch == device_pool_.share_epoch() &&
+        memo.num_blocks == t.device_blocks.size()) {
+      return memo;
+    }
+    return refresh_device_sharing(t);
+  }
+  const BlockTable::SharingMemo& refresh_device_sharing(const BlockTable& t) const;
+  int32_t num_exclusive_host_blocks(const BlockTable& t) const;
+  double device_share(const BlockTable& t, int32_t num_exclusive) const;
   BlockPool& mutable_pool(Tier tier) { return tier == Tier::kDevice ? device_pool_ : host_pool_; }
   // Frees now, or at commit() when a copy planned this iteration still touches the request.
   void release(RequestId request, Tier tier, BlockId block, double next_use_s);

@@ -155,6 +155,11 @@ class Scheduler {
   /// update() (an empty one too: planning may have moved blocks without a copy, or given up
   /// on a request); StateError otherwise.
   StepPlan schedule(double now_s);
+  /// schedule() into `plan`, a plan the caller has applied (or a new one) and hands back:
+  /// it is cleared but its arrays keep their capacity, so a C++ caller's steady state does not
+  /// allocate the step's arrays again. (Python's plans own numpy views of their arrays, so
+  /// the binding always makes a new one.)
+  void schedule_into(double now_s, StepPlan& plan);
 
   /// Applies a finished iteration: commits copies and tokens, accounts waste.
   StepOutput update(const StepPlan& plan, const StepResult& result, double now_s);
@@ -195,17 +200,20 @@ class Scheduler {
   void add_intercepted(Request& r);
   void remove_intercepted(Request& r);
   // Calls f(Request&) for each paused context (tool pending) that holds device blocks, in
-  // intercepted_ order: the passes of account_time, decide_intercepted and reclaim.
+  // intercepted_ order: the passes of account_time, decide_intercepted and reclaim. Walks the
+  // set bits of intercepted_on_device_ (most paused contexts hold none) and looks at the table
+  // through intercepted_kv_, so an entry whose device part has gone costs no Request load.
   template <class F>
   void for_each_paused_on_device(F&& f) {
-    for (size_t i = 0; i < intercepted_.size(); ++i) {
-      if (!intercepted_on_device_[i]) continue;
-      Request* r = intercepted_[i];
-      if (r->kv->device_blocks.empty()) {
-        intercepted_on_device_[i] = 0;
-        continue;
+    for (size_t word = 0; word < intercepted_on_device_.size(); ++word) {
+      for (uint64_t bits = intercepted_on_device_[word]; bits != 0; bits &= bits - 1) {
+        const size_t i = word * 64 + static_cast<size_t>(__builtin_ctzll(bits));
+        if (intercepted_kv_[i]->device_blocks.empty()) {
+          intercepted_on_device_[word] &= ~(uint64_t{1} << (i % 64));
+          continue;
+        }
+        f(*intercepted_[i]);
       }
-      f(*r);
     }
   }
   // r.transition(to) for a paused or resuming request's KV move; report_kv_changes() looks
@@ -231,7 +239,11 @@ class Scheduler {
   void leave_queue(Request& r, double now_s);
   // Exclusive device tokens of a paused context: what preserving it holds back from others.
   // `num_exclusive`: its exclusive device blocks (KvCacheManager::num_exclusive_blocks).
-  int64_t num_exclusive_device_tokens(const Request& r, int32_t num_exclusive) const;
+  int64_t num_exclusive_device_tokens(const Request& r, int32_t num_exclusive) const {
+    int32_t num_shared = static_cast<int32_t>(r.kv->device_blocks.size()) - num_exclusive;
+    int64_t tokens = r.kv->num_device_tokens(config_.block_size) - static_cast<int64_t>(num_shared) * config_.block_size;
+    return tokens > 0 ? tokens : 0;
+  }
   // Of a context's tokens, those a discard is expected to make us recompute (eq. 1/4's C).
   int64_t expected_recompute_tokens(const Request& r, int32_t num_exclusive, double remaining_s) const;
 
@@ -298,11 +310,13 @@ class Scheduler {
   std::vector<Request*> swapping_in_;    // admitted, KV coming back, by priority
   std::set<std::pair<double, RequestId>> queue_;  // (priority_s, id): new and resumable
   std::vector<Request*> intercepted_;    // tool pending, any KV location; unordered
-  // [intercepted_.size()]: 0 once that context's device part is known to be empty. A paused
-  // context never regains device blocks while its tool runs (swap-ins, prefix adoption and
-  // appends are for queued and running requests), so the per-step passes over paused
-  // contexts skip those entries without loading their records.
-  std::vector<uint8_t> intercepted_on_device_;
+  std::vector<BlockTable*> intercepted_kv_;  // [intercepted_.size()]: each entry's r->kv
+  // Bit i of word i / 64 (ceil(intercepted_.size() / 64) words; bits past the end are 0):
+  // clear once that context's device part is known to be empty. A paused context never
+  // regains device blocks while its tool runs (swap-ins, prefix adoption and appends are for
+  // queued and running requests), so the per-step passes over paused contexts skip those
+  // entries without loading their records.
+  std::vector<uint64_t> intercepted_on_device_;
   // A paused request changed state (move_paused) since report_kv_changes() last looked.
   bool paused_moved_ = false;
   std::vector<std::pair<RequestId, int32_t>> moved_;  // blocks each request copies this step

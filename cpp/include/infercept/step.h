@@ -42,6 +42,16 @@ struct StepBatch {
   std::vector<int64_t> sampling_request_ids;  // [S]
   std::vector<int32_t> sampling_positions;    // [S] context position the sampled token takes
   std::vector<int32_t> num_cached_tokens;     // [S] prompt tokens the prefix cache served at admission
+
+  /// Empties every array, keeping its capacity (a plan handed back to Scheduler::schedule_into).
+  void clear() {
+    for (auto* v : {&request_ids, &input_ids, &positions, &slot_mapping, &query_start, &logit_rows,
+                    &sampling_request_ids}) {
+      v->clear();
+    }
+    for (auto* v : {&query_lens, &context_lens, &block_tables, &sampling_positions, &num_cached_tokens}) v->clear();
+    max_blocks = 0;
+  }
 };
 
 /// Everything the executor does in one iteration. Swaps run alongside the forward (pipelined
@@ -62,6 +72,22 @@ struct StepPlan {
   StepBatch batch;
 
   bool is_empty() const { return scheduled.empty() && swap_out.empty() && swap_in.empty(); }
+  /// Back to a default plan, keeping the arrays' capacity.
+  void clear() {
+    step_id = 0;
+    now_s = 0;
+    scheduled.clear();
+    swap_out.clear();
+    swap_in.clear();
+    preempted.clear();
+    discarded.clear();
+    num_batched_tokens = 0;
+    num_context_tokens = 0;
+    num_recompute_tokens = 0;
+    num_sampling_requests = 0;
+    swap_budget_tokens = 0;
+    batch.clear();
+  }
 };
 
 /// What the executor reports back.
