@@ -59,11 +59,6 @@ COLUMNS = ["system", "rate", "completed_rps", "normalized_latency", "mean_ttft_s
            "p99_latency_s", "num_finished", "num_requests", "prefix_cache_hit_rate"]
 
 
-def cpu_model() -> str:
-    """The CPU for the report (``cpu_description``: model, family, vector ISA, cores)."""
-    return cpu_description()
-
-
 def vllm_programs(requests: list[WorkloadRequest], vocab_size: int, seed: int,
                   tokenizer: Any) -> list[dict]:
     """The arrivals as the driver's programs: the exact ids infercept's replay feeds its engine."""
@@ -219,7 +214,7 @@ def main() -> int:
                "dtype": "float32", "prefix_caching": True,
                "infercept_host_blocks": setup.num_host_blocks, "vllm_host_tier": "none"}
     payload: dict[str, Any] = {"command": " ".join(["python"] + sys.argv), "workload": workload,
-                               "machine": machine_description(), "cpu": cpu_model(),
+                               "machine": machine_description(), "cpu": cpu_description(),
                                "commit": commit,
                                "matched": matched, "complete": False, "rows": []}
     args.out_dir.mkdir(parents=True, exist_ok=True)
