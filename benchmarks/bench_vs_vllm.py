@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infercept.bench.command import (_add_workload_arguments, cpu_description, load_templates,
-                                     machine_description, write_json)
+from infercept.bench.command import (_add_workload_arguments, calibrate, cpu_description,
+                                     load_templates, machine_description, write_json)
 from infercept.bench.metrics import RequestRecord, format_table, highest_sustained_rate, summarize
 from infercept.bench.real_replay import to_engine_request
 from infercept.bench.runner import BenchSetup, _load, run_one
@@ -126,6 +126,25 @@ def vllm_row(result: dict, rate: float, duration_s: float) -> dict:
     return row
 
 
+def calibration_markdown(report: dict) -> list[str]:
+    """The simulator's error on InferCept's rows: summary per cost model, then per row."""
+    lines = ["", "Simulator calibration (the same requests on `--executor sim`, this profile): T_fwd "
+             f"model vs measured runner time {100 * report['forward_model_error']:+.1f}%, engine "
+             f"overhead outside the runner {1e3 * report['step_overhead_s']:.2f} ms per busy step.", "",
+             "| cost model | policy | rate | real s/tok | sim s/tok | error | real req/s | sim req/s | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label in ("profile", "profile+overhead"):
+        errors = report[label]["errors"]
+        for row in errors["rows"]:
+            lines.append(f"| {label} | {row['policy']} | {row['rate']:g} | "
+                         f"{row['real_normalized_latency']:.4g} | {row['sim_normalized_latency']:.4g} | "
+                         f"{100 * row['normalized_latency_error']:+.1f}% | {row['real_completed_rps']:.4g} | "
+                         f"{row['sim_completed_rps']:.4g} | {100 * row['completed_rps_error']:+.1f}% |")
+        lines.append(f"| {label} | mean abs | | | | {100 * errors['normalized_latency']['mean_abs']:.1f}% "
+                     f"| | | {100 * errors['completed_rps']['mean_abs']:.1f}% |")
+    return lines
+
+
 def markdown(payload: dict, rows: list[dict]) -> str:
     lines = [f"# Real vLLM vs InferCept: {payload['workload']}", "",
              f"Command: `{payload['command']}`", "",
@@ -145,6 +164,8 @@ def markdown(payload: dict, rows: list[dict]) -> str:
                   + ", ".join(f"{p} {r:.3g}" for p, r in payload["sustained_rps"].items())]
         if payload.get("infercept_over_vllm") is not None:
             lines.append(f"infercept / real vLLM (sustained rate): {payload['infercept_over_vllm']:.2f}x")
+    if "calibration" in payload:
+        lines += calibration_markdown(payload["calibration"])
     lines += ["", "normalized_latency: (finish - arrival - tool time) / output tokens, over finished "
               "requests; completed_rps: finished / drained run; resumed TTFT: tool return to the "
               "turn's first token; vLLM's prefix_cache_hit_rate: cached / prompt tokens over its "
@@ -180,6 +201,8 @@ def main() -> int:
                         help="normalized latency bound (s/token) for the sustained-rate ratio")
     parser.add_argument("--vllm-venv", type=Path, default=vllm_side.DEFAULT_VENV)
     parser.add_argument("--no-vllm", action="store_true", help="InferCept only")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also rerun InferCept's rows on the simulator and report its error")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="vs_vllm")
     args = parser.parse_args()
@@ -269,6 +292,12 @@ def main() -> int:
         ours, theirs = sustained.get("infercept infercept"), sustained.get(VLLM_LABEL)
         if ours is not None and theirs and not math.isnan(ours) and not math.isnan(theirs):
             payload["infercept_over_vllm"] = ours / theirs
+    if args.calibrate:
+        ours = [r for r in rows if r["system"] != VLLM_LABEL]
+        grid = argparse.Namespace(rates=args.rates, policies=policies, no_progress=True,
+                                  timeline_policy=policies[0] if policies else "")
+        report = calibrate(templates, grid, setup, ours)
+        payload["calibration"] = {k: v for k, v in report.items() if k not in ("mean_runner_s", "mean_step_s")}
     payload["complete"] = True
     save()
     print(format_table(rows, COLUMNS))
