@@ -133,7 +133,7 @@ def calibration_markdown(report: dict) -> list[str]:
              f"overhead outside the runner {1e3 * report['step_overhead_s']:.2f} ms per busy step.", "",
              "| cost model | policy | rate | real s/tok | sim s/tok | error | real req/s | sim req/s | error |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for label in ("profile", "profile+overhead"):
+    for label in [k for k in report if isinstance(report[k], dict) and "errors" in report[k]]:
         errors = report[label]["errors"]
         for row in errors["rows"]:
             lines.append(f"| {label} | {row['policy']} | {row['rate']:g} | "
@@ -143,6 +143,13 @@ def calibration_markdown(report: dict) -> list[str]:
         lines.append(f"| {label} | mean abs | | | | {100 * errors['normalized_latency']['mean_abs']:.1f}% "
                      f"| | | {100 * errors['completed_rps']['mean_abs']:.1f}% |")
     return lines
+
+
+def rate_text(rate: float | None) -> str:
+    """A sustained rate; NaN (or null, read back from JSON) means below the lowest rate run."""
+    if rate is None or math.isnan(rate):
+        return "below the lowest rate run"
+    return f"{rate:.3g}"
 
 
 def markdown(payload: dict, rows: list[dict]) -> str:
@@ -161,7 +168,7 @@ def markdown(payload: dict, rows: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if "sustained_rps" in payload:
         lines += ["", f"Highest rate with normalized latency <= {payload['threshold']:g} s/token: "
-                  + ", ".join(f"{p} {r:.3g}" for p, r in payload["sustained_rps"].items())]
+                  + ", ".join(f"{p} {rate_text(r)}" for p, r in payload["sustained_rps"].items())]
         if payload.get("infercept_over_vllm") is not None:
             lines.append(f"infercept / real vLLM (sustained rate): {payload['infercept_over_vllm']:.2f}x")
     if "calibration" in payload:
@@ -171,6 +178,33 @@ def markdown(payload: dict, rows: list[dict]) -> str:
               "turn's first token; vLLM's prefix_cache_hit_rate: cached / prompt tokens over its "
               "requests (every turn is one)."]
     return "\n".join(lines) + "\n"
+
+
+def calibration_grid(args: argparse.Namespace, policies: list[str]) -> argparse.Namespace:
+    """What ``calibrate``'s grid runner reads of the command line."""
+    return argparse.Namespace(rates=args.rates, policies=policies, no_progress=True,
+                              timeline_policy=policies[0] if policies else "")
+
+
+def recalibrate(json_path: Path, templates: list, policies: list[str], setup: Any,
+                args: argparse.Namespace) -> int:
+    """Redoes the simulator calibration of a finished run from its file.
+
+    The file keeps no busy steps, so the run's forward-model error and step overhead are read
+    from its earlier calibration; the simulated rows are recomputed (same requests, same
+    profile), so a new cost model can be tried without the real runs.
+    """
+    import json
+    payload = json.loads(json_path.read_text())
+    if "calibration" not in payload:
+        raise SystemExit(f"{json_path} has no calibration: run with --calibrate first")
+    ours = [r for r in payload["rows"] if r["system"] != VLLM_LABEL and r["policy"] in policies]
+    measured = {k: payload["calibration"][k] for k in ("forward_model_error", "step_overhead_s")}
+    payload["calibration"] = calibrate(templates, calibration_grid(args, policies), setup, ours, measured)
+    write_json(json_path, payload)
+    json_path.with_suffix(".md").write_text(markdown(payload, payload["rows"]))
+    print(f"rewrote {json_path} and {json_path.with_suffix('.md')}")
+    return 0
 
 
 def main() -> int:
@@ -203,6 +237,9 @@ def main() -> int:
     parser.add_argument("--no-vllm", action="store_true", help="InferCept only")
     parser.add_argument("--calibrate", action="store_true",
                         help="also rerun InferCept's rows on the simulator and report its error")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="run nothing real: redo the calibration of the rows in OUT_DIR/NAME.json "
+                             "(written by this command with the same arguments and --calibrate)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="vs_vllm")
     args = parser.parse_args()
@@ -211,7 +248,7 @@ def main() -> int:
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown:
         parser.error(f"--policies {unknown} not among {list(POLICY_NAMES)}")
-    if not args.no_vllm:
+    if not (args.no_vllm or args.recalibrate):
         vllm_side.vllm_python(args.vllm_venv)  # fail before any run if the venv is missing
 
     import subprocess
@@ -249,6 +286,8 @@ def main() -> int:
         write_json(json_path, payload)
         json_path.with_suffix(".md").write_text(markdown(payload, rows))
 
+    if args.recalibrate:
+        return recalibrate(json_path, templates, policies, setup, args)
     vocab = _load(setup)[0].config.vocab_size  # as run_real draws the prompts
     arrivals = {rate: poisson_arrivals(templates, rate, args.duration, args.seed) for rate in args.rates}
     if not args.no_vllm:
@@ -294,10 +333,8 @@ def main() -> int:
             payload["infercept_over_vllm"] = ours / theirs
     if args.calibrate:
         ours = [r for r in rows if r["system"] != VLLM_LABEL]
-        grid = argparse.Namespace(rates=args.rates, policies=policies, no_progress=True,
-                                  timeline_policy=policies[0] if policies else "")
-        report = calibrate(templates, grid, setup, ours)
-        payload["calibration"] = {k: v for k, v in report.items() if k not in ("mean_runner_s", "mean_step_s")}
+        grid = calibration_grid(args, policies)
+        payload["calibration"] = calibrate(templates, grid, setup, ours)
     payload["complete"] = True
     save()
     print(format_table(rows, COLUMNS))

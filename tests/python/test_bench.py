@@ -8,7 +8,8 @@ import math
 import pytest
 
 from infercept._core import CostModel
-from infercept.bench.calibrate import calibration_errors, relative_error, step_overhead_s, with_step_overhead
+from infercept.bench.calibrate import (calibration_errors, relative_error, step_overhead_s,
+                                       with_forward_scale, with_step_overhead)
 from infercept.bench.generator import AUGMENTATION_TYPES, generate_workload
 from infercept.cli import main
 from infercept.engine.profiler import find_saturation_tokens, fit_forward
@@ -107,6 +108,17 @@ def test_calibration_errors() -> None:
     assert with_step_overhead(measured, 0.02).forward_time_s(64) == pytest.approx(0.16)
     with pytest.raises(ValueError, match="no simulated row"):
         calibration_errors(real, sim[:1])
+
+
+def test_forward_scale_scales_every_part_of_t_fwd_and_not_the_copies() -> None:
+    base = CostModel.builtin("gptj-6b-a100+attn")
+    scaled = with_forward_scale(base, 1.25)
+    assert scaled.step_time_s(100, 5000) == pytest.approx(1.25 * base.step_time_s(100, 5000))
+    assert scaled.swap_time_s(1000) == pytest.approx(base.swap_time_s(1000))
+    measured = CostModel.builtin("gptj-6b-a100")
+    measured.forward_points = [(1.0, 0.045), (64.0, 0.14)]
+    assert with_forward_scale(measured, 2.0).forward_time_s(64) == pytest.approx(0.28)
+    assert "x 1.250" in scaled.source
 
 
 def test_bench_sim_end_to_end_writes_json_and_plots(tmp_path, capsys) -> None:

@@ -3,7 +3,11 @@
 The simulator's clock advances by the profile's T_fwd; the real engine's step also spends
 time outside the forward (scheduling, sampling, building tensors, bookkeeping in Python).
 ``step_overhead_s`` measures that from a real run's busy steps, and ``with_step_overhead``
-folds it into the forward's intercept, the per-step term where it belongs.
+folds it into the forward's intercept, the per-step term where it belongs. On a shared machine
+the forward itself can run slower during the run than when the profile was measured (other
+jobs' use of memory bandwidth and cache); ``with_forward_scale`` scales T_fwd by the run's own
+measured/predicted ratio (``forward_model_error``), so what is left of the simulator's error is
+the scheduling, not the machine's speed on the day.
 """
 
 from __future__ import annotations
@@ -79,3 +83,16 @@ def with_step_overhead(cost: CostModel, overhead_s: float) -> CostModel:
     calibrated.forward_points = [(n, seconds + overhead_s) for n, seconds in cost.forward_points]
     calibrated.source = f"{cost.source}; + {1e3 * overhead_s:.2f} ms per-step engine overhead"
     return calibrated
+
+
+def with_forward_scale(cost: CostModel, factor: float) -> CostModel:
+    """A copy of ``cost`` whose T_fwd (intercept, slopes, points, attention term) is x ``factor``."""
+    scaled = CostModel.from_json(cost.to_json())
+    forward = scaled.forward
+    forward.intercept_s = cost.forward.intercept_s * factor
+    forward.slope_s_per_token = cost.forward.slope_s_per_token * factor
+    scaled.forward = forward
+    scaled.forward_points = [(n, seconds * factor) for n, seconds in cost.forward_points]
+    scaled.attention_s_per_context_token = cost.attention_s_per_context_token * factor
+    scaled.source = f"{cost.source}; T_fwd x {factor:.3f} (the run's measured step times)"
+    return scaled

@@ -9,12 +9,12 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from infercept.bench.calibrate import (calibration_errors, forward_model_error, step_overhead_s,
-                                       with_step_overhead)
+                                       with_forward_scale, with_step_overhead)
 from infercept.bench.agents import WORKLOADS, generate_programs
 from infercept.bench.generator import generate_workload, scale_tool_time
 from infercept.bench.metrics import format_table, highest_sustained_rate
@@ -346,19 +346,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def calibrate(templates: list, args: argparse.Namespace, setup: BenchSetup,
-              real_rows: list[dict]) -> dict[str, Any]:
-    """Reruns the grid on the simulator (raw profile, then with the measured step overhead)."""
-    overhead_s = step_overhead_s(real_rows)
-    report: dict[str, Any] = {
-        "forward_model_error": forward_model_error(real_rows, setup.pool_cost()),
-        "step_overhead_s": overhead_s,
-        "mean_runner_s": {f"{r['policy']}@{r['rate']:g}": r["mean_runner_s"] for r in real_rows},
-        "mean_step_s": {f"{r['policy']}@{r['rate']:g}": r["mean_step_s"] for r in real_rows},
-    }
+              real_rows: list[dict], measured: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Reruns the grid on the simulator: the raw profile, with the measured step overhead, and
+    with T_fwd also scaled to the run's measured step times.
+
+    ``measured`` ({"forward_model_error", "step_overhead_s"}) replaces what the real rows' busy
+    steps would give, for rows read back from a results file (which keeps no busy steps).
+    """
+    if measured is None:
+        measured = {"forward_model_error": forward_model_error(real_rows, setup.pool_cost()),
+                    "step_overhead_s": step_overhead_s(real_rows)}
+    forward_error, overhead_s = measured["forward_model_error"], measured["step_overhead_s"]
+    report: dict[str, Any] = {"forward_model_error": forward_error, "step_overhead_s": overhead_s}
+    if all("mean_runner_s" in r for r in real_rows):
+        report["mean_runner_s"] = {f"{r['policy']}@{r['rate']:g}": r["mean_runner_s"] for r in real_rows}
+        report["mean_step_s"] = {f"{r['policy']}@{r['rate']:g}": r["mean_step_s"] for r in real_rows}
     print(f"\ncalibration: T_fwd model vs the runner's measured step times: "
-          f"{100 * report['forward_model_error']:+.1f}%; engine overhead outside the runner "
+          f"{100 * forward_error:+.1f}%; engine overhead outside the runner "
           f"{1e3 * overhead_s:.2f} ms per busy step")
-    for label, cost in (("profile", setup.cost), ("profile+overhead", with_step_overhead(setup.cost, overhead_s))):
+    with_overhead = with_step_overhead(setup.cost, overhead_s)
+    models = [("profile", setup.cost), ("profile+overhead", with_overhead)]
+    if not math.isnan(forward_error) and forward_error > -1:
+        # predicted = (1 + error) x measured, so the run's forward took 1 / (1 + error) x T_fwd.
+        models.append(("measured T_fwd+overhead",
+                       with_step_overhead(with_forward_scale(setup.cost, 1 / (1 + forward_error)),
+                                          overhead_s)))
+    for label, cost in models:
         sim_setup = BenchSetup(**{**setup.__dict__, "cost": cost, "executor": "sim", "_loaded": None})
         sim_rows = _run(templates, args, sim_setup, f"sim ({label})", None)
         errors = calibration_errors(real_rows, sim_rows)

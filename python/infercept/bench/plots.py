@@ -53,6 +53,8 @@ def plot_waste(rows: Sequence[Mapping[str, Any]], path: Path, rate: float | None
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_ylabel("waste (% of device KV memory-time)")
     ax.set_title(f"waste breakdown at {rate:g} req/s")
+    if sum(len(name) for name in names) > 40:  # long labels (e.g. "infercept vllm-v1") overlap
+        ax.tick_params(axis="x", labelrotation=20)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
