@@ -8,7 +8,8 @@
 // last-level cache as a 30-layer model's is, and each call reads another slice of it, so K/V
 // come from memory.
 // Arguments (all optional): threads come from OMP_NUM_THREADS; INFERCEPT_BENCH_REPEATS sets
-// the calls per cell (default 30).
+// the calls per cell (default 30); INFERCEPT_BENCH_CACHE_MIB the K/V cycled through (default
+// 128; 0 leaves only the 4 copies, so small cells run from L2/L3 and time the arithmetic).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,8 +25,9 @@ using namespace infercept;
 namespace {
 
 constexpr int64_t kNumHeads = 9, kNumKvHeads = 3, kHeadDim = 64, kBlockSize = 16;
-// The K/V bytes the calls of one cell cycle through (at least 4 copies of the batch's blocks).
-constexpr int64_t kCacheBytes = int64_t{128} << 20;
+// The K/V MiB the calls of one cell cycle through by default (at least 4 copies of the
+// batch's blocks).
+constexpr int64_t kDefaultCacheMib = 128;
 
 struct Cell {
   int64_t batch, context;
@@ -39,11 +41,12 @@ double median_ms(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-void run_cell(const Cell& cell, CpuAttentionImpl impl, const char* impl_name, int repeats) {
+void run_cell(const Cell& cell, CpuAttentionImpl impl, const char* impl_name, int repeats,
+              int64_t cache_bytes) {
   const int64_t blocks_per_seq = (cell.context + kBlockSize - 1) / kBlockSize;
   const int64_t token_floats = kNumKvHeads * kHeadDim;
   const int64_t call_bytes = cell.batch * blocks_per_seq * kBlockSize * token_floats * 8;
-  const int64_t num_copies = std::max<int64_t>(4, kCacheBytes / call_bytes);
+  const int64_t num_copies = std::max<int64_t>(4, cache_bytes / call_bytes);
   const int64_t num_blocks = num_copies * cell.batch * blocks_per_seq;
   std::vector<float> keys(num_blocks * kBlockSize * token_floats);
   std::vector<float> values(keys.size());
@@ -102,12 +105,15 @@ void run_cell(const Cell& cell, CpuAttentionImpl impl, const char* impl_name, in
 int main() {
   const char* env = std::getenv("INFERCEPT_BENCH_REPEATS");
   const int repeats = env ? std::max(1, std::atoi(env)) : 30;
+  const char* cache_env = std::getenv("INFERCEPT_BENCH_CACHE_MIB");
+  const int64_t cache_bytes = (cache_env ? std::max(0, std::atoi(cache_env)) : kDefaultCacheMib)
+                              << 20;
   std::vector<std::pair<CpuAttentionImpl, const char*>> impls = {
       {CpuAttentionImpl::kPortable, "portable"}};
   if (cpu_attention_has_avx2()) impls.push_back({CpuAttentionImpl::kAvx2, "avx2"});
   for (const Cell cell : {Cell{1, 256}, Cell{1, 512}, Cell{8, 256}, Cell{8, 512}, Cell{32, 256},
                           Cell{32, 512}}) {
-    for (const auto& [impl, name] : impls) run_cell(cell, impl, name, repeats);
+    for (const auto& [impl, name] : impls) run_cell(cell, impl, name, repeats, cache_bytes);
   }
   return 0;
 }
