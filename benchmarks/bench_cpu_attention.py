@@ -95,7 +95,7 @@ def time_step(model, batch: int, context: int, backends: list[str],
     metadata = _decode_metadata(batch, context, num_blocks)
     input_ids = torch.randint(0, model.config.vocab_size, (batch,),
                               generator=torch.Generator().manual_seed(0))
-    positions = metadata.positions()
+    positions = metadata.positions
     step = functools.partial(model, input_ids, positions, metadata, kv_cache)
     return _interleaved_medians_s({b: _with_backend(b, step) for b in backends}, repeats)
 

@@ -11,9 +11,10 @@ namespace infercept::detail {
 bool cpu_has_avx2_fma();
 
 /// Floats of scratch attend_avx2 needs for `rows` query heads: scores of one block padded to
-/// whole vectors, a running maximum and a running sum per head.
+/// whole vectors, and per head a running maximum and sum, and the block's rescale factor and
+/// sum.
 inline int64_t avx2_scratch_floats(int64_t rows, int64_t block_size) {
-  return rows * ((block_size + 7) / 8 * 8) + 2 * rows;
+  return rows * ((block_size + 7) / 8 * 8) + 4 * rows;
 }
 
 /// Attention of sequence `seq`'s query heads that read KV heads [kv_begin, kv_end), written to

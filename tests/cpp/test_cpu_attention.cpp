@@ -141,6 +141,28 @@ TEST(CpuAttention, MatchesReferenceOverAwkwardShapes) {
   }
 }
 
+TEST(CpuAttention, MatchesReferenceAtTheAvx2BodysSeams) {
+  // The AVX2 body scores eight tokens a vector (lengths and block sizes around multiples of 8;
+  // a block's last chunk may be partial), takes the rescale factors eight heads at a time
+  // (group 16 > 8), accumulates V for three heads at once (groups 2, 5 = 3 + 2, 16 = 5 x 3 + 1)
+  // over 32-float chunks of head_dim (16, 24, 48 and 56 leave 2, 3, 2 and 3 vectors over),
+  // and runs whole sequences as tasks when there are enough of them (nine of uneven length).
+  const std::vector<int32_t> lens = {1, 7, 8, 9, 12, 13, 24, 31, 250};
+  for (CpuAttentionImpl impl : impls_here()) {
+    for (auto [heads, kv_heads] : {std::pair{2, 1}, {10, 2}, {16, 1}, {9, 3}}) {
+      for (int64_t head_dim : {16, 24, 48, 56, 128}) {
+        for (int64_t block_size : {8, 12, 16}) {
+          Case c{heads, kv_heads, head_dim, block_size, lens};
+          EXPECT_LT(max_error(c, 13, false, impl), 1e-5)
+              << "impl=" << static_cast<int>(impl) << " heads=" << heads
+              << " kv_heads=" << kv_heads << " head_dim=" << head_dim
+              << " block_size=" << block_size;
+        }
+      }
+    }
+  }
+}
+
 TEST(CpuAttention, AutoTakesThePortableLoopsWhereAvx2CannotRun) {
   // head_dim 36 is no multiple of 8: kAuto must still be right, and kAvx2 refuses it.
   Case c{9, 3, 36, 16, {1, 17, 100}};
