@@ -498,7 +498,7 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
     if (r.last_action_step == step_id_) return;  // preempted this step: its copies are in flight
     const bool can_read_cache = !(r.skip_reading_prefix_cache && r.num_generated_tokens == 0);
     if (r.cacheable && can_read_cache && r.kv->num_tokens == 0) {
-      reuse_cached_prefix(r, token_budget, swap_in_budget_blocks);
+      reuse_cached_prefix(r, token_budget, swap_in_budget_blocks, num_reserved_blocks);
     }
 
     if (!r.kv->host_blocks.empty()) {
@@ -566,14 +566,17 @@ void Scheduler::admit_queued(StepPlan& plan, int32_t& token_budget, int64_t& swa
 
 // ---- the prefix cache at admission -------------------------------------------------------
 
-void Scheduler::reuse_cached_prefix(Request& r, int32_t token_budget, int64_t swap_in_budget_blocks) {
+void Scheduler::reuse_cached_prefix(Request& r, int32_t token_budget, int64_t swap_in_budget_blocks,
+                                    int64_t num_reserved_blocks) {
   const int32_t block_size = config_.block_size;
   r.last_lookup_step = step_id_;
   r.num_lookup_hit_tokens = r.num_lookup_host_hit_tokens = 0;
   // The last token is always computed: its logits are what the request samples from.
   CachedPrefix prefix = kv_.find_cached_prefix(r.tokens, (r.num_tokens() - 1) / block_size);
   const BlockPool& device = kv_.pool(Tier::kDevice);
-  int32_t room = device.num_free() - prefix.num_evictable_device_blocks;
+  // The room skipped swapped heads reserved is theirs: a hit that needs it would leave the
+  // request waiting with blocks.
+  int64_t room = static_cast<int64_t>(device.num_free()) - prefix.num_evictable_device_blocks - num_reserved_blocks;
   // Host hits come back through the swap engine, within the budget and as device room allows;
   // when neither is there this step, they are recomputed like a miss.
   if (!prefix.host_blocks.empty() && (swap_in_budget_blocks <= 0 || room <= 0)) prefix.host_blocks.clear();

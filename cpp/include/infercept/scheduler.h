@@ -232,8 +232,10 @@ class Scheduler {
   void check_token_ids(const std::vector<TokenId>& token_ids, const char* what) const;
   // When a context that lets its blocks go expects them back (< 0: unknown).
   double expected_next_use_s(const Request& r, double now_s) const;
-  // Admission: takes the longest cached prefix when the request can then start this step.
-  void reuse_cached_prefix(Request& r, int32_t token_budget, int64_t swap_in_budget_blocks);
+  // Admission: takes the longest cached prefix when the request can then start this step
+  // beside the `num_reserved_blocks` that skipped swapped heads hold back.
+  void reuse_cached_prefix(Request& r, int32_t token_budget, int64_t swap_in_budget_blocks,
+                           int64_t num_reserved_blocks);
   void count_lookup(Request& r);
   // Leaves the queue for the batch or a swap-in: counts the lookup and the resumed turn's wait.
   void leave_queue(Request& r, double now_s);
