@@ -15,6 +15,10 @@ void bind_swap_engine(pybind11::module_& m);
 /// tensors taken through DLPack.
 void bind_cpu_attention(pybind11::module_& m);
 
+/// pack_linear_weight and cpu_linear: the native packed CPU linear kernel over tensors taken
+/// through DLPack.
+void bind_cpu_linear(pybind11::module_& m);
+
 #ifdef INFERCEPT_WITH_CUDA
 /// CudaSwapEngine, cuda_write_kv_cache and cuda_paged_attention (CUDA builds only).
 void bind_cuda(pybind11::module_& m);

@@ -54,3 +54,51 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, key_cache: to
     _core.paged_decode_attention(
         *map(to_dlpack, (out, query, key_cache, value_cache, block_tables, context_lens)),
         float(scale))
+
+
+def has_native_linear() -> bool:
+    """Whether ``infercept._core`` was built with the packed CPU linear kernel."""
+    return hasattr(_core, "cpu_linear")
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in the native kernel's layout: column panels of 16, each k-major.
+
+    Args:
+        weight: ``[N, K]`` float32 on the CPU, rows contiguous.
+
+    Returns:
+        ``[ceil(N / 16), K, 16]`` float32: ``packed[p, k, j] = weight[16 p + j, k]``, zero for
+        ``16 p + j >= N``.
+
+    Raises:
+        ValueError: ``weight`` is not float32 on the CPU with contiguous rows.
+    """
+    panel = _core.linear_panel_width
+    packed = torch.empty((weight.shape[0] + panel - 1) // panel, weight.shape[1], panel,
+                         dtype=torch.float32)
+    _core.pack_linear_weight(to_dlpack(packed), to_dlpack(weight.detach()))
+    return packed
+
+
+def cpu_linear(x: torch.Tensor, packed_weight: torch.Tensor, out_features: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + bias`` over a weight packed by :func:`pack_linear_weight`.
+
+    Args:
+        x: ``[T, K]`` float32 on the CPU, rows contiguous (a column slice of a wider tensor
+            is read through its row stride, not copied).
+        packed_weight: ``[ceil(N / 16), K, 16]`` float32.
+        out_features: ``N``.
+        bias: ``[N]`` float32, or None.
+
+    Returns:
+        ``[T, N]`` float32, new.
+
+    Raises:
+        ValueError: A tensor has the wrong dtype, device, shape or layout (the message names it).
+    """
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    _core.cpu_linear(to_dlpack(out), to_dlpack(x), to_dlpack(packed_weight),
+                     None if bias is None else to_dlpack(bias))
+    return out

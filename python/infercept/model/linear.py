@@ -1,18 +1,27 @@
-"""Linear layers whose float32 CPU weights are prepacked once for oneDNN, as vLLM's CPU backend
-does with its oneDNN GEMM handles.
+"""Linear layers whose float32 CPU weights are packed once, for the native kernel or oneDNN.
 
-``F.linear`` on the CPU runs MKL's sgemm on the weight as stored, every step. oneDNN (bundled in
-torch's CPU build) can instead reorder a weight once into its blocked layout and run each
-step's GEMM on that: on the 2-core AVX2 EPYC of benchmarks/results/decode.md, SmolLM2's 30
-layers of fused projections took 68 instead of 101 ms at 32 rows and 24 instead of 31 ms at one
-row, and the 49152 x 576 LM head 17 instead of 35 ms at 32 rows. Results differ from MKL's only
-by float rounding (~1e-5 relative).
+``F.linear`` on the CPU runs MKL's sgemm on the weight as stored, every step. Both packed paths
+reorder a weight once, after loading, and run each step's product on that copy:
+
+- ``native``: ``infercept._core.cpu_linear`` (``cpp/src/cpu_linear*.cpp``) on column panels of
+  16 outputs, each k-major, so one row streams the weight in address order and more rows feed
+  an 8-row x 32-column AVX-512 tile (AVX2+FMA and portable bodies elsewhere).
+- ``onednn``: torch's bundled oneDNN on its own blocked layout
+  (``torch.ops.mkldnn._reorder_linear_weight``), as vLLM's CPU backend does.
+
+On the 2-core AVX-512 EPYC (Zen 4) of benchmarks/results/cpu_linear_zen4.md, at SmolLM2's
+shapes, the native kernel reads the weight at 25-45 GB/s at one row where oneDNN reaches 14-27
+and MKL about 10, and runs 30-40 % more GFLOPS than oneDNN at 8-32 rows (decode batches); at
+128-512 rows (prefill chunks) the two are within about 7 % of each other either way. So
+``auto`` takes the native kernel wherever it can run: decode, the step that repeats, is where
+the difference is. Results differ from MKL's only by float rounding (~1e-5 relative).
 
 Packing is a step after loading (:meth:`Linear.pack`, called by
 ``LlamaForCausalLM.process_weights_after_loading`` once the model is on its device): the plain
 weight is then dropped, so the packed copy replaces it instead of doubling memory.
-``$INFERCEPT_CPU_LINEAR`` chooses: ``auto`` (default: oneDNN for float32 CPU weights when torch
-has it), ``onednn`` (the same, but an error where it cannot run) or ``torch`` (never pack).
+``$INFERCEPT_CPU_LINEAR`` chooses: ``auto`` (default: native for float32 CPU weights when the
+core has the kernel, else oneDNN when torch has it, else ``F.linear``), ``native`` or
+``onednn`` (that one, and an error where it cannot run) or ``torch`` (never pack).
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infercept.model import cpu_kernels
+
 CPU_LINEAR_ENV = "INFERCEPT_CPU_LINEAR"
-_CHOICES = ("auto", "onednn", "torch")
+_CHOICES = ("auto", "native", "onednn", "torch")
 
 
 def _cpu_linear_choice() -> str:
@@ -40,25 +51,43 @@ def _has_onednn_linear() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def packing_for(weight: torch.Tensor) -> str | None:
+    """Which packed path :meth:`Linear.pack` would take for ``weight`` under
+    ``$INFERCEPT_CPU_LINEAR``: ``"native"``, ``"onednn"``, or None (``F.linear`` on the plain
+    weight).
+
+    Raises:
+        RuntimeError: ``$INFERCEPT_CPU_LINEAR`` names a path that this weight, core or torch
+            build cannot run.
+    """
+    choice = _cpu_linear_choice()
+    fits = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+    available = {"native": cpu_kernels.has_native_linear(), "onednn": _has_onednn_linear()}
+    if choice in available and not (fits and available[choice]):
+        needs = {"native": "infercept._core built with cpu_linear",
+                 "onednn": "torch built with oneDNN"}[choice]
+        raise RuntimeError(
+            f"${CPU_LINEAR_ENV}={choice} but a {weight.dtype} weight on {weight.device} cannot "
+            f"be packed (needs float32 on the CPU and {needs}: {available[choice]})")
+    if choice == "torch" or not fits:
+        return None
+    if choice == "auto":
+        return next((name for name, ok in available.items() if ok), None)
+    return choice
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether :meth:`Linear.pack` would pack ``weight`` under ``$INFERCEPT_CPU_LINEAR``.
 
     Raises:
-        RuntimeError: ``$INFERCEPT_CPU_LINEAR=onednn`` but this weight or torch build cannot.
+        RuntimeError: As :func:`packing_for`.
     """
-    choice = _cpu_linear_choice()
-    fits = weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-    if choice == "onednn" and not (fits and _has_onednn_linear()):
-        raise RuntimeError(
-            f"${CPU_LINEAR_ENV}=onednn but a {weight.dtype} weight on {weight.device} cannot be "
-            f"packed (needs float32 on the CPU and torch built with oneDNN: "
-            f"{torch.backends.mkldnn.is_available()})")
-    return choice != "torch" and fits and _has_onednn_linear()
+    return packing_for(weight) is not None
 
 
 class Linear(nn.Module):
     """``y = x W^T + b`` like ``nn.Linear`` (same parameter names, so HF weights load as is),
-    with an optional oneDNN-packed weight.
+    with an optional packed weight (native or oneDNN layout).
 
     x: ``[T, in_features]`` (rows may be strided) -> ``[T, out_features]``.
     """
@@ -70,30 +99,53 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features), requires_grad=False)
                      if bias else None)
-        self._packed: torch.Tensor | None = None  # oneDNN's opaque layout of weight
+        self._packed: torch.Tensor | None = None  # the packed layout of weight
+        self._packing: str | None = None  # "native" or "onednn" once packed
 
     @property
     def is_packed(self) -> bool:
         """Whether the GEMM runs on a packed copy (the plain weight is then gone)."""
         return self._packed is not None
 
+    @property
+    def packing(self) -> str | None:
+        """``"native"`` or ``"onednn"`` once packed, else None."""
+        return self._packing
+
     def pack(self) -> bool:
-        """Reorders the weight for oneDNN where :func:`can_pack` allows, dropping the plain one.
+        """Reorders the weight for the path :func:`packing_for` picks, dropping the plain one.
 
         Idempotent. Returns whether the layer is packed.
         """
-        if self._packed is None and can_pack(self.weight):
-            # batch_size=None: one layout for every row count (1-row decode to 512-row prefill
-            # chunks measured within noise of a layout chosen for the exact count).
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-            self.weight = None  # type: ignore[assignment]  # the packed copy replaces it
+        if self._packed is None:
+            packing = packing_for(self.weight)
+            if packing == "native":
+                weight = self.weight.detach()
+                if weight.stride(-1) != 1:
+                    weight = weight.contiguous()
+                self._packed = cpu_kernels.pack_linear_weight(weight)
+            elif packing == "onednn":
+                # batch_size=None: one layout for every row count (1-row decode to 512-row
+                # prefill chunks measured within noise of a layout chosen for the exact count).
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+            if packing is not None:
+                self._packing = packing
+                self.weight = None  # type: ignore[assignment]  # the packed copy replaces it
         return self._packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None:
+        if self._packing == "native":
+            if x.dim() != 2 or x.dtype != torch.float32 or x.stride(-1) != 1:
+                # The kernel takes [T, K] float32 rows (any row stride); others are reshaped.
+                shape = x.shape[:-1]
+                x = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+                return cpu_kernels.cpu_linear(x, self._packed, self.out_features,
+                                              self.bias).reshape(*shape, self.out_features)
+            return cpu_kernels.cpu_linear(x, self._packed, self.out_features, self.bias)
+        if self._packing == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, packed={self.is_packed}")
+                f"bias={self.bias is not None}, packed={self._packing or False}")

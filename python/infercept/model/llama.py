@@ -166,8 +166,8 @@ class LlamaForCausalLM(nn.Module):
         return model.eval()
 
     def process_weights_after_loading(self) -> None:
-        """Packs every linear layer's weight for oneDNN where it can (``model/linear.py``);
-        call once the model is on the device it runs on. Idempotent.
+        """Packs every linear layer's weight for the native CPU kernel or oneDNN where it can
+        (``model/linear.py``); call once the model is on the device it runs on. Idempotent.
 
         A tied model's LM head gets its own packed copy of the embeddings (the lookup keeps the
         plain table): one more ``vocab x hidden`` in memory for a GEMM about twice as fast.
@@ -197,7 +197,7 @@ class LlamaForCausalLM(nn.Module):
             RuntimeError: The model is packed (its plain weights are gone): load them again.
         """
         if self.is_packed:
-            raise RuntimeError("the model's weights are packed for oneDNN "
+            raise RuntimeError("the model's weights are packed for the CPU kernels "
                                "(process_weights_after_loading); load the checkpoint again")
         out: dict[str, torch.Tensor] = {}
         for name, tensor in self.state_dict().items():
