@@ -23,15 +23,6 @@ constexpr char kOp[] = "cpu_linear";
 // Below this many multiply-adds a second thread costs more to wake than it saves.
 constexpr int64_t kMinParallelMacs = int64_t{1} << 16;
 
-// Rows of x one pass over the panels serves. Each thread keeps its panel pair and the chunk's
-// x rows in its L2 (1 MiB on Zen 4, 512 KiB on Zen 3): the chunk is held to ~256 KiB of x, so
-// a larger M re-reads the weight once per chunk rather than re-reading x from L3 per panel.
-int64_t rows_per_chunk(int64_t in_features) {
-  constexpr int64_t kChunkBytes = 256 * 1024;
-  const int64_t rows = kChunkBytes / (in_features * static_cast<int64_t>(sizeof(float)));
-  return std::max<int64_t>(24, rows / 24 * 24);  // whole tiles of 8 (AVX-512) and 6 (AVX2)
-}
-
 using BlockFn = void (*)(const LinearProblem&, int64_t, int64_t, int64_t, int64_t);
 
 BlockFn choose_body(CpuLinearImpl impl) {
@@ -146,7 +137,6 @@ void cpu_linear(const LinearProblem& p) {
 #else
   const int num_threads = 1;
 #endif
-  const int64_t chunk = rows_per_chunk(p.in_features);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(num_threads)
 #endif
@@ -158,9 +148,11 @@ void cpu_linear(const LinearProblem& p) {
 #endif
     const int64_t panel_begin = std::min(num_panels, num_pairs * thread / num_threads * 2);
     const int64_t panel_end = std::min(num_panels, num_pairs * (thread + 1) / num_threads * 2);
-    for (int64_t row = 0; row < p.num_rows; row += chunk) {
-      body(p, row, std::min(p.num_rows, row + chunk), panel_begin, panel_end);
-    }
+    // All rows at once: each panel pair is then read from memory exactly once, and x streams
+    // past it from L2/L3 (a tile reads 8 x K floats per 8 * 32 * K multiply-adds, little next
+    // to the FMA work). Cutting the rows into L2-sized chunks re-read the weight per chunk and
+    // measured ~5-10 % slower at 128-512 rows on the 2-core Zen 4.
+    body(p, 0, p.num_rows, panel_begin, panel_end);
   }
 }
 

@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
+__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cpu_linear', 'cpu_linear_has_avx512', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'linear_panel_width', 'pack_linear_weight', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
 class InferceptError(RuntimeError):
     pass
 class OutOfBlocksError(InferceptError):
@@ -1259,6 +1259,16 @@ def cpu_attention_has_openmp() -> bool:
     """
     Whether paged_decode_attention was built with OpenMP (multi-threaded).
     """
+def cpu_linear(out: typing.Any, x: typing.Any, packed_weight: typing.Any, bias: typing.Any = None) -> None:
+    """
+    out = x W^T + bias over a weight packed by pack_linear_weight, float32 on the CPU.
+    
+    Tensors (torch, numpy, any DLPack producer, or DLPack capsules): x [num_rows, in_features] with contiguous rows (any row stride), packed_weight [num_panels, in_features, 16], bias [out_features] or None, out [num_rows, out_features] contiguous (written; out_features is read off it). Multi-threaded with OpenMP; releases the GIL. Raises InvalidArgumentError (a ValueError) naming the tensor on a wrong dtype, device, shape or layout.
+    """
+def cpu_linear_has_avx512() -> bool:
+    """
+    Whether cpu_linear runs its AVX-512 body on this CPU.
+    """
 def cuda_device_count() -> int:
     ...
 def cuda_paged_attention(out: typing.Any, query: typing.Any, key_cache: typing.Any, value_cache: typing.Any, block_tables: typing.Any, context_lens: typing.Any, query_start: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
@@ -1283,6 +1293,10 @@ def hash_salt(salt: str) -> int:
     """
     The root key of a prefix-cache hash chain for `salt`.
     """
+def pack_linear_weight(packed: typing.Any, weight: typing.Any) -> None:
+    """
+    Writes the packed layout of a float32 weight [out_features, in_features] (CPU, rows contiguous) into `packed` [ceil(out_features / 16), in_features, 16] float32: packed[p][k][j] = weight[16 p + j][k], zero past out_features. Releases the GIL. Raises InvalidArgumentError (a ValueError) naming the tensor on a wrong dtype, device, shape or layout.
+    """
 def paged_decode_attention(out: typing.Any, query: typing.Any, key_cache: typing.Any, value_cache: typing.Any, block_tables: typing.Any, context_lens: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex) -> None:
     """
     Decode attention of num_seqs single-token queries over a paged float32 KV cache.
@@ -1299,3 +1313,4 @@ def swap_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.Supp
     """
 __version__: str = '0.1.0'
 cuda_compiled: bool = True
+linear_panel_width: int = 16
