@@ -31,7 +31,12 @@ void cpu_linear(py::handle out, py::handle x, py::handle packed_weight, py::hand
 }  // namespace
 
 void bind_cpu_linear(py::module_& m) {
-  m.attr("linear_panel_width") = infercept::kLinearPanelWidth;
+  m.def("linear_packed_shape", [](int64_t out_features, int64_t in_features) {
+    return py::make_tuple(infercept::linear_num_panels(out_features), in_features,
+                          infercept::kLinearPanelWidth);
+  }, py::arg("out_features"), py::arg("in_features"),
+        "The shape pack_linear_weight writes for a [out_features, in_features] weight: "
+        "(ceil(out_features / 16), in_features, 16).");
   m.def("pack_linear_weight", &pack_linear_weight, py::arg("packed"), py::arg("weight"),
         "Writes the packed layout of a float32 weight [out_features, in_features] (CPU, rows "
         "contiguous) into `packed` [ceil(out_features / 16), in_features, 16] float32: "

@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cpu_linear', 'cpu_linear_has_avx512', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'linear_panel_width', 'pack_linear_weight', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
+__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cpu_linear', 'cpu_linear_has_avx512', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'linear_packed_shape', 'linear_panel_width', 'pack_linear_weight', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
 class InferceptError(RuntimeError):
     pass
 class OutOfBlocksError(InferceptError):
@@ -1293,6 +1293,10 @@ def hash_salt(salt: str) -> int:
     """
     The root key of a prefix-cache hash chain for `salt`.
     """
+def linear_packed_shape(out_features: typing.SupportsInt | typing.SupportsIndex, in_features: typing.SupportsInt | typing.SupportsIndex) -> tuple[int, int, int]:
+    """
+    The shape pack_linear_weight writes for a [out_features, in_features] weight: (ceil(out_features / 16), in_features, 16).
+    """
 def pack_linear_weight(packed: typing.Any, weight: typing.Any) -> None:
     """
     Writes the packed layout of a float32 weight [out_features, in_features] (CPU, rows contiguous) into `packed` [ceil(out_features / 16), in_features, 16] float32: packed[p][k][j] = weight[16 p + j][k], zero past out_features. Releases the GIL. Raises InvalidArgumentError (a ValueError) naming the tensor on a wrong dtype, device, shape or layout.
@@ -1313,4 +1317,3 @@ def swap_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.Supp
     """
 __version__: str = '0.1.0'
 cuda_compiled: bool = True
-linear_panel_width: int = 16

@@ -74,9 +74,7 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: ``weight`` is not float32 on the CPU with contiguous rows.
     """
-    panel = _core.linear_panel_width
-    packed = torch.empty((weight.shape[0] + panel - 1) // panel, weight.shape[1], panel,
-                         dtype=torch.float32)
+    packed = torch.empty(_core.linear_packed_shape(*weight.shape), dtype=torch.float32)
     _core.pack_linear_weight(to_dlpack(packed), to_dlpack(weight.detach()))
     return packed
 

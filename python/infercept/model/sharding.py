@@ -76,8 +76,8 @@ def shard_weights(weights: Mapping[str, torch.Tensor], rank: int,
 class AllReduceLinear(Linear):
     """A row-parallel linear (input split across ranks, no bias): ``x @ W.T`` summed across ranks.
 
-    x: ``[T, in/N]`` -> ``[T, out]``, the same on every rank after ``all_reduce``. Packed for
-    oneDNN like any :class:`Linear` by ``process_weights_after_loading``.
+    x: ``[T, in/N]`` -> ``[T, out]``, the same on every rank after ``all_reduce``. Packed (native
+    kernel or oneDNN) like any :class:`Linear` by ``process_weights_after_loading``.
     """
 
     def __init__(self, weight: torch.Tensor, all_reduce: Callable[[torch.Tensor], None]) -> None:
