@@ -10,11 +10,12 @@ reorder a weight once, after loading, and run each step's product on that copy:
   (``torch.ops.mkldnn._reorder_linear_weight``), as vLLM's CPU backend does.
 
 On the 2-core AVX-512 EPYC (Zen 4) of benchmarks/results/cpu_linear_zen4.md, at SmolLM2's
-shapes, the native kernel reads the weight at 25-45 GB/s at one row where oneDNN reaches 14-27
-and MKL about 10, and runs 30-40 % more GFLOPS than oneDNN at 8-32 rows (decode batches); at
-128-512 rows (prefill chunks) the two are within about 7 % of each other either way. So
-``auto`` takes the native kernel wherever it can run: decode, the step that repeats, is where
-the difference is. Results differ from MKL's only by float rounding (~1e-5 relative).
+shapes with the weights coming from memory, the native kernel reads the weight at 30-42 GB/s
+at one row where oneDNN reaches 16-21 and MKL 10-13 (median calls), is 1.2-1.8x oneDNN's
+speed at 8 rows and 1.0-1.5x at 32 (decode batches), and within 5 % of it at 128-512 rows
+(prefill chunks; oneDNN ahead only on the LM head, which runs on one row per sequence). So
+``auto`` takes the native kernel wherever it can run. Decode at batch 1 went from 21-24 to
+28-32 tokens/s end to end. Results differ from MKL's only by float rounding (~1e-5 relative).
 
 Packing is a step after loading (:meth:`Linear.pack`, called by
 ``LlamaForCausalLM.process_weights_after_loading`` once the model is on its device): the plain
