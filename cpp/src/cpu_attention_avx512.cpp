@@ -63,54 +63,112 @@ INFERCEPT_AVX512 inline __m512 exp_nonpositive16(__m512 x) {
   return _mm512_mul_ps(poly, _mm512_castsi512_ps(exponent));
 }
 
-// a[16] are sixteen dot products' partial sums, sixteen lanes each. Four levels of shuffles
-// and adds halve the vectors and their lanes per dot product (16 x 16 -> 8 x 8 x 2 -> 4 x 4 x
-// 4 -> 2 x 2 x 8 -> 1 x 16); lane 4 * l + k of the result is the sum of a[4 * k + l]. 45
-// instructions for sixteen dot products instead of sixteen full reductions.
-INFERCEPT_AVX512 inline __m512 transpose_sum16(const __m512 a[16]) {
-  __m512 b[8], c[4], e[2];
-  for (int i = 0; i < 8; ++i) {  // 128-bit lanes 0-1: a[2i]'s halves summed; 2-3: a[2i + 1]'s
-    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
-  }
-  for (int i = 0; i < 4; ++i) {  // 128-bit lane l: four partials of a[4i + l]
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  }
-  for (int i = 0; i < 2; ++i) {  // 128-bit lane l: two partials each of a[8i + l], a[8i + 4 + l]
-    e[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0xEE));
-  }
-  return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
+// Sixteen dot products' partial sums, sixteen lanes each, reduced to one vector of sixteen sums
+// in two stages of two levels each, every level one pair of shuffles and an add per output
+// (45 instructions in all, instead of sixteen full reductions):
+//   sum4: a[0..3] -> c, 128-bit lane l of c = four partials of a[l];
+//   sum16: c[0..3] (from sum4) -> f, lane 4 * l + k of f = the sum of c[k]'s lane l.
+// So sum16 of sum4s over tokens {k, k + 4, k + 8, k + 12} (k = 0..3) puts token t in lane t.
+INFERCEPT_AVX512 inline __m512 sum4(const __m512 a[4]) {
+  const __m512 b0 = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44),
+                                  _mm512_shuffle_f32x4(a[0], a[1], 0xEE));
+  const __m512 b1 = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44),
+                                  _mm512_shuffle_f32x4(a[2], a[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(b0, b1, 0x88), _mm512_shuffle_f32x4(b0, b1, 0xDD));
 }
 
-// Scores of one query [head_dim] against sixteen key rows keys + t * token_stride as one vector
-// (lane t = token t). Rows past num_rows (< 16 in a block's last chunk) re-read the last row;
-// the caller discards those lanes. kQVectors = head_dim / 16 keeps the query in registers and
-// walks one row pointer (0: any head_dim, the query re-read from L1).
-template <int kQVectors>
-INFERCEPT_AVX512 inline __m512 scores16(const float* query, const float* keys,
-                                        int64_t token_stride, int64_t num_rows,
-                                        int64_t head_dim) {
-  __m512 q[kQVectors > 0 ? kQVectors : 1];
-  for (int v = 0; v < kQVectors; ++v) q[v] = _mm512_loadu_ps(query + 16 * v);
-  __m512 a[16];
-  for (int m = 0; m < 16; ++m) {
-    // Accumulator m takes token 4 * (m % 4) + m / 4, which transpose_sum16 puts in lane t.
-    const float* row = keys + std::min<int64_t>(4 * (m % 4) + m / 4, num_rows - 1) * token_stride;
-    if constexpr (kQVectors > 0) {
-      a[m] = _mm512_mul_ps(q[0], _mm512_loadu_ps(row));
-      for (int v = 1; v < kQVectors; ++v) {
-        a[m] = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(row + 16 * v), a[m]);
-      }
-    } else {
-      a[m] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < head_dim; d += 16) {
-        a[m] = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(row + d), a[m]);
+INFERCEPT_AVX512 inline __m512 sum16(const __m512 c[4]) {
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44),
+                                  _mm512_shuffle_ps(c[0], c[1], 0xEE));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_ps(c[2], c[3], 0x44),
+                                  _mm512_shuffle_ps(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(e0, e1, 0x88), _mm512_shuffle_ps(e0, e1, 0xDD));
+}
+
+// Scores of kG query rows query + g * head_dim against sixteen key rows keys + t *
+// token_stride, as one vector per query (lane t = token t) in out[g]. Each key vector is
+// loaded once for the kG queries, which stay in registers (kG * kQVectors <= 12 of the 32).
+// Rows past num_rows (< 16 in a block's last chunk) re-read the last row; the caller discards
+// those lanes.
+template <int kG, int kQVectors>
+INFERCEPT_AVX512 inline void scores16(const float* query, int64_t head_dim, const float* keys,
+                                      int64_t token_stride, int64_t num_rows, __m512 out[kG]) {
+  __m512 q[kG][kQVectors];
+  for (int g = 0; g < kG; ++g) {
+    for (int v = 0; v < kQVectors; ++v) q[g][v] = _mm512_loadu_ps(query + g * head_dim + 16 * v);
+  }
+  __m512 c[kG][4];
+  for (int k = 0; k < 4; ++k) {
+    __m512 a[kG][4];
+    for (int l = 0; l < 4; ++l) {
+      const float* row = keys + std::min<int64_t>(4 * l + k, num_rows - 1) * token_stride;
+      for (int v = 0; v < kQVectors; ++v) {
+        const __m512 x = _mm512_loadu_ps(row + 16 * v);
+        for (int g = 0; g < kG; ++g) {
+          a[g][l] = v == 0 ? _mm512_mul_ps(q[g][0], x) : _mm512_fmadd_ps(q[g][v], x, a[g][l]);
+        }
       }
     }
+    for (int g = 0; g < kG; ++g) c[g][k] = sum4(a[g]);
   }
-  return transpose_sum16(a);
+  for (int g = 0; g < kG; ++g) out[g] = sum16(c[g]);
+}
+
+// The same for one query and any head_dim (a multiple of 16), the query re-read from L1.
+INFERCEPT_AVX512 inline __m512 scores16_any(const float* query, int64_t head_dim,
+                                            const float* keys, int64_t token_stride,
+                                            int64_t num_rows) {
+  __m512 c[4];
+  for (int k = 0; k < 4; ++k) {
+    __m512 a[4];
+    for (int l = 0; l < 4; ++l) {
+      const float* row = keys + std::min<int64_t>(4 * l + k, num_rows - 1) * token_stride;
+      a[l] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < head_dim; d += 16) {
+        a[l] = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(row + d), a[l]);
+      }
+    }
+    c[k] = sum4(a);
+  }
+  return sum16(c);
+}
+
+// Scaled scores of query rows [0, num_queries) (query [num_queries, head_dim]) against one
+// block's num_tokens key rows, into probs [num_queries, padded_block]; lanes past the last
+// token are -inf. Queries go in packs of three at head_dim 64, of two at 128.
+INFERCEPT_AVX512 void score_block(const float* query, int64_t num_queries, int64_t head_dim,
+                                  const float* keys, int64_t token_stride, int64_t num_tokens,
+                                  float scale, float* probs, int64_t padded_block) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < num_tokens; t += 16) {
+    const int64_t n = std::min<int64_t>(16, num_tokens - t);
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+    const float* k = keys + t * token_stride;
+    for (int64_t j = 0; j < num_queries;) {
+      __m512 raw[3];
+      int64_t pack = 1;
+      const float* q = query + j * head_dim;
+      if (head_dim == 64 && num_queries - j >= 3) {
+        scores16<3, 4>(q, head_dim, k, token_stride, n, raw);
+        pack = 3;
+      } else if (head_dim == 64) {
+        scores16<1, 4>(q, head_dim, k, token_stride, n, raw);
+      } else if (head_dim == 128 && num_queries - j >= 2) {
+        scores16<2, 8>(q, head_dim, k, token_stride, n, raw);
+        pack = 2;
+      } else if (head_dim == 128) {
+        scores16<1, 8>(q, head_dim, k, token_stride, n, raw);
+      } else {
+        raw[0] = scores16_any(q, head_dim, k, token_stride, n);
+      }
+      for (int64_t g = 0; g < pack; ++g) {
+        _mm512_storeu_ps(probs + (j + g) * padded_block + t,
+                         _mm512_mask_mul_ps(minus_inf, valid, scale_v, raw[g]));
+      }
+      j += pack;
+    }
+  }
 }
 
 // For kRows query heads r at once: acc_r[0:kVectors * 16] = acc_r * factors[r] + sum_t
@@ -242,8 +300,6 @@ INFERCEPT_AVX512 void attend_avx512(const PagedDecodeProblem& p, int64_t seq, in
   std::fill(acc, acc + rows * head_dim, 0.0f);
   std::fill(running_max, running_max + rows, -std::numeric_limits<float>::infinity());
   std::fill(running_sum, running_sum + rows, 0.0f);
-  const __m512 scale = _mm512_set1_ps(p.scale);
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   RowPrefetcher prefetcher(p, table, context_len, kv_begin, kv_end);
   prefetcher.advance(std::max<int64_t>(1, kPrefetchBytes / (4 * head_dim)));
 
@@ -255,25 +311,16 @@ INFERCEPT_AVX512 void attend_avx512(const PagedDecodeProblem& p, int64_t seq, in
       const float* keys = p.key_cache + offset;
       const float* values = p.value_cache + offset;
       const int64_t first = (kv_head - kv_begin) * group;  // this head's first query row
-      // As many rows prefetched as this (block, KV head) reads: spread over its group's scores
-      // and its V pass.
+      // As many rows prefetched as this (block, KV head) reads: half before its scores, half
+      // before its V pass.
+      prefetcher.advance(num_tokens / 2);
+      score_block(query + first * head_dim, group, head_dim, keys, token_stride, num_tokens,
+                  p.scale, probs + first * padded_block, padded_block);
       for (int64_t j = first; j < first + group; ++j) {
-        const int64_t i = j - first;
-        prefetcher.advance(num_tokens * (i + 1) / (group + 1) - num_tokens * i / (group + 1));
-        // Scaled scores, sixteen tokens a vector; lanes past the block's last token are -inf.
         float* row = probs + j * padded_block;
-        __m512 block_max = minus_inf;
-        for (int64_t t = 0; t < num_tokens; t += 16) {
-          const int64_t n = std::min<int64_t>(16, num_tokens - t);
-          const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
-          const float* q = query + j * head_dim;
-          const float* k = keys + t * token_stride;
-          const __m512 raw = head_dim == 64    ? scores16<4>(q, k, token_stride, n, head_dim)
-                             : head_dim == 128 ? scores16<8>(q, k, token_stride, n, head_dim)
-                                               : scores16<0>(q, k, token_stride, n, head_dim);
-          const __m512 s = _mm512_mask_mul_ps(minus_inf, valid, scale, raw);
-          _mm512_storeu_ps(row + t, s);
-          block_max = _mm512_max_ps(block_max, s);
+        __m512 block_max = _mm512_loadu_ps(row);
+        for (int64_t t = 16; t < num_tokens; t += 16) {
+          block_max = _mm512_max_ps(block_max, _mm512_loadu_ps(row + t));
         }
         const float new_max = std::max(running_max[j], _mm512_reduce_max_ps(block_max));
         const __m512 shift = _mm512_set1_ps(new_max);
@@ -302,7 +349,7 @@ INFERCEPT_AVX512 void attend_avx512(const PagedDecodeProblem& p, int64_t seq, in
                                             factors, _mm512_maskz_loadu_ps(valid, block_sum + j));
         _mm512_mask_storeu_ps(running_sum + j, valid, sums);
       }
-      prefetcher.advance(num_tokens - num_tokens * group / (group + 1));
+      prefetcher.advance(num_tokens - num_tokens / 2);
       // V rows: up to four of the group's heads per pass, so each row is loaded once per pass.
       for (int64_t j = first; j < first + group;) {
         float* a = acc + j * head_dim;
