@@ -29,7 +29,7 @@ import torch
 
 from infercept.model import KVCache, PagedAttentionMetadata, load_model
 from infercept.model.attention import BACKEND_ENV, paged_attention, plan_attention
-from infercept.model.cpu_kernels import has_native_decode
+from infercept.model.cpu_kernels import has_native_decode, native_decode_body
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 
@@ -106,7 +106,8 @@ def _machine() -> dict[str, str]:
             "torch": torch.__version__, "torch_threads": str(torch.get_num_threads()),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
             "loadavg_at_end": " ".join(os.getloadavg() and map(str, os.getloadavg())),
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "native_body_head_dim_64": native_decode_body(64)}
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
+__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_avx2', 'cpu_attention_has_avx512', 'cpu_attention_has_openmp', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
 class InferceptError(RuntimeError):
     pass
 class OutOfBlocksError(InferceptError):
@@ -1254,6 +1254,14 @@ def can_transition(src: RequestState, dst: RequestState) -> bool:
 def chunked_discard_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, other_tokens: typing.SupportsInt | typing.SupportsIndex, num_chunks: typing.SupportsInt | typing.SupportsIndex) -> float:
     """
     Equation 4, byte-seconds: T_fwd(C)*C*M/2 + n*T_fwd(C/n)*C_other*M (recompute in n chunks).
+    """
+def cpu_attention_has_avx2() -> bool:
+    """
+    Whether this CPU can run paged_decode_attention's AVX2+FMA body (taken for a head_dim that is a multiple of 8 when the AVX-512 one does not apply).
+    """
+def cpu_attention_has_avx512() -> bool:
+    """
+    Whether paged_decode_attention takes its AVX-512 body on this CPU (for a head_dim that is a multiple of 16).
     """
 def cpu_attention_has_openmp() -> bool:
     """

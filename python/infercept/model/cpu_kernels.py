@@ -17,6 +17,26 @@ def has_native_decode() -> bool:
     return hasattr(_core, "paged_decode_attention")
 
 
+def native_decode_body(head_dim: int) -> str:
+    """Which body of the native kernel runs for ``head_dim`` on this CPU.
+
+    Args:
+        head_dim: The attention head size.
+
+    Returns:
+        ``"avx512"``, ``"avx2"`` or ``"portable"`` (the widest the CPU has that takes
+        ``head_dim``: a multiple of 16 for AVX-512, of 8 for AVX2), or ``"none"`` when
+        ``infercept._core`` has no native kernel.
+    """
+    if not has_native_decode():
+        return "none"
+    if head_dim % 16 == 0 and _core.cpu_attention_has_avx512():
+        return "avx512"
+    if head_dim % 8 == 0 and _core.cpu_attention_has_avx2():
+        return "avx2"
+    return "portable"
+
+
 def can_run_native_decode(query: torch.Tensor, key_cache: torch.Tensor,
                           value_cache: torch.Tensor) -> bool:
     """Whether :func:`paged_decode_attention` takes these tensors (a query of any layout can be
