@@ -1,5 +1,7 @@
 #include "cpu_attention_avx512.h"
 
+#include "cpu_attention_prefetch.h"
+
 // Compiled without -mavx512f (the wheel runs on any x86-64): each function below carries a
 // target attribute instead, and cpu_attention.cpp calls it only after checking the running CPU.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -30,15 +32,6 @@ bool cpu_has_avx512() {
 namespace {
 
 #define INFERCEPT_AVX512 __attribute__((target("avx512f")))
-
-// How far ahead of the reads RowPrefetcher runs, in bytes of K (and as many of V): 16 KiB is
-// 64 rows of a 64-float head, four 16-token blocks of one KV head. On a 2-core Zen 4 at batch
-// 32, from DRAM: 4 KiB ran ~15 GB/s, 8 and 16 KiB 17-18; prefetching into L1 (T0) instead
-// of L2 ~11, every other line only ~12. -D overrides it, for retuning on another CPU.
-#ifndef INFERCEPT_AVX512_PREFETCH_BYTES
-#define INFERCEPT_AVX512_PREFETCH_BYTES 16384
-#endif
-constexpr int64_t kPrefetchBytes = INFERCEPT_AVX512_PREFETCH_BYTES;
 
 // exp(x) for x <= 0, sixteen at a time: the same 2^n * e^r split and degree-7 polynomial as the
 // portable kernel's exp_nonpositive, so every body agrees to float rounding.
@@ -224,57 +217,6 @@ INFERCEPT_AVX512 void accumulate_heads(float* acc, const float* factors, const f
   }
 }
 
-// Walks one task's K and V rows in the order attend_avx512 reads them (block, KV head, token)
-// a fixed distance ahead of the reads, prefetching each row of K and of V into L2. The blocks
-// are scattered, so the hardware prefetcher loses the stream at every block; the block table
-// says where the next one is. Issuing a row's prefetches per row read, rather than a whole
-// block's at once, keeps the misses in flight steady: a plain read of the benchmark's
-// scattered blocks ran at ~16 GB/s, ~21 with the next block prefetched in one burst and ~32
-// (the machine's sequential read rate) with a line prefetched per line read.
-class RowPrefetcher {
- public:
-  RowPrefetcher(const PagedDecodeProblem& p, const int32_t* table, int64_t context_len,
-                int64_t kv_begin, int64_t kv_end)
-      : p_(p), table_(table), context_len_(context_len), kv_begin_(kv_begin), kv_end_(kv_end),
-        num_blocks_((context_len + p.block_size - 1) / p.block_size), kv_head_(kv_begin) {
-    start_block();
-  }
-
-  /// Prefetches the next `num_rows` rows of K and V (none past the task's last row).
-  void advance(int64_t num_rows) {
-    const int64_t token_stride = p_.num_kv_heads * p_.head_dim;
-    for (; num_rows > 0 && block_ < num_blocks_; --num_rows) {
-      for (int64_t d = 0; d < p_.head_dim; d += 16) {  // 16 floats: one 64-byte line
-        _mm_prefetch(reinterpret_cast<const char*>(p_.key_cache + row_offset_ + d), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(p_.value_cache + row_offset_ + d),
-                     _MM_HINT_T1);
-      }
-      row_offset_ += token_stride;
-      if (++token_ < tokens_in_block_) continue;
-      token_ = 0;
-      if (++kv_head_ == kv_end_) {
-        kv_head_ = kv_begin_;
-        ++block_;
-      }
-      start_block();
-    }
-  }
-
- private:
-  // Points row_offset_ at token 0 of kv_head_ in block_ (when there is one).
-  void start_block() {
-    if (block_ >= num_blocks_) return;
-    tokens_in_block_ = std::min(p_.block_size, context_len_ - block_ * p_.block_size);
-    row_offset_ = (static_cast<int64_t>(table_[block_]) * p_.block_size * p_.num_kv_heads +
-                   kv_head_) * p_.head_dim;
-  }
-
-  const PagedDecodeProblem& p_;
-  const int32_t* table_;
-  const int64_t context_len_, kv_begin_, kv_end_, num_blocks_;
-  int64_t block_ = 0, kv_head_, token_ = 0, tokens_in_block_ = 0, row_offset_ = 0;
-};
-
 }  // namespace
 
 INFERCEPT_AVX512 void attend_avx512(const PagedDecodeProblem& p, int64_t seq, int64_t kv_begin,
@@ -303,7 +245,7 @@ INFERCEPT_AVX512 void attend_avx512(const PagedDecodeProblem& p, int64_t seq, in
   std::fill(running_max, running_max + rows, -std::numeric_limits<float>::infinity());
   std::fill(running_sum, running_sum + rows, 0.0f);
   RowPrefetcher prefetcher(p, table, context_len, kv_begin, kv_end);
-  prefetcher.advance(std::max<int64_t>(1, kPrefetchBytes / (4 * head_dim)));
+  prefetcher.start();
 
   for (int64_t start = 0, b = 0; start < context_len; start += block_size, ++b) {
     const int64_t num_tokens = std::min(block_size, context_len - start);
