@@ -108,6 +108,20 @@ double gather_read_ms(const float* keys, const float* values, const int32_t* tab
   return std::chrono::duration<double, std::milli>(stop - start).count();
 }
 
+// A float buffer aligned to a 64-byte cache line.
+class AlignedFloats {
+ public:
+  explicit AlignedFloats(int64_t size)
+      : data_(static_cast<float*>(std::aligned_alloc(64, (size * sizeof(float) + 63) / 64 * 64))) {}
+  ~AlignedFloats() { std::free(data_); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  float* data() { return data_; }
+
+ private:
+  float* data_;
+};
+
 struct Body {
   CpuAttentionImpl impl;
   const char* name;
@@ -124,14 +138,17 @@ void run_cell(const Cell& cell, const std::vector<Body>& bodies, int repeats,
   const int64_t call_bytes = cell.batch * blocks_per_seq * block_floats * 8;
   const int64_t num_copies = std::max<int64_t>(4, cache_bytes / call_bytes);
   const int64_t num_blocks = num_copies * cell.batch * blocks_per_seq;
-  std::vector<float> keys(num_blocks * block_floats);
-  std::vector<float> values(keys.size());
+  // The caches 64-byte aligned, as torch allocates them (a large std::vector is 16 bytes past
+  // a page, so every 64-byte row load would straddle two lines).
+  const int64_t cache_floats = num_blocks * block_floats;
+  AlignedFloats keys(cache_floats), values(cache_floats);
   std::vector<float> query(cell.batch * kNumHeads * kHeadDim), out(query.size());
   std::mt19937 rng(0);
   std::normal_distribution<float> normal;
-  for (auto* v : {&keys, &values, &query}) {
-    for (float& x : *v) x = normal(rng);
+  for (float* v : {keys.data(), values.data()}) {
+    for (int64_t i = 0; i < cache_floats; ++i) v[i] = normal(rng);
   }
+  for (float& x : query) x = normal(rng);
   std::vector<int32_t> order(num_blocks);
   std::iota(order.begin(), order.end(), 0);
   std::shuffle(order.begin(), order.end(), rng);
