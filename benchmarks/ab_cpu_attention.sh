@@ -3,8 +3,8 @@
 # tree (BASE, a built checkout of the earlier commit with its _core symlinked into
 # python/infercept) and this one take turns (base new base new ...), ROUNDS rounds at each
 # thread count, so load from other work falls on both alike. Two measurements per turn:
-#   - the kernel alone: benchmarks/bench_cpu_attention_kernel.cpp compiled against each tree's
-#     kernel sources (same flags as the CMake Release build);
+#   - the kernel alone: each tree's benchmarks/bench_cpu_attention_kernel.cpp compiled against
+#     its kernel sources (same flags as the CMake Release build);
 #   - one layer's attention and a whole model step through Python:
 #     benchmarks/bench_cpu_attention.py --backends native, this tree's script, each tree's _core.
 # Then benchmarks/summarize_ab_cpu_attention.py prints the tables (the fastest turn of each).
@@ -21,10 +21,10 @@ mkdir -p "$OUT"
 
 for tree in base new; do
   dir=$([[ $tree == base ]] && echo "$BASE" || echo "$NEW")
+  # Each tree's own microbenchmark (it names the bodies that tree has) over its kernel sources.
   g++ -O3 -DNDEBUG -std=gnu++17 -fopenmp -I"$dir/cpp/include" -I"$dir/cpp/src" \
-    "$NEW/benchmarks/bench_cpu_attention_kernel.cpp" "$dir/cpp/src/cpu_attention.cpp" \
-    "$dir/cpp/src/cpu_attention_avx2.cpp" "$dir/cpp/src/attention_args.cpp" \
-    "$dir/cpp/src/tensor_view.cpp" -o "$OUT/kernel_$tree"
+    "$dir/benchmarks/bench_cpu_attention_kernel.cpp" "$dir"/cpp/src/cpu_attention*.cpp \
+    "$dir/cpp/src/attention_args.cpp" "$dir/cpp/src/tensor_view.cpp" -o "$OUT/kernel_$tree"
 done
 git -C "$BASE" rev-parse HEAD > "$OUT/base_commit"
 git -C "$NEW" rev-parse HEAD > "$OUT/new_commit"

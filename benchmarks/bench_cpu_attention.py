@@ -29,7 +29,7 @@ import torch
 
 from infercept.model import KVCache, PagedAttentionMetadata, load_model
 from infercept.model.attention import BACKEND_ENV, paged_attention, plan_attention
-from infercept.model.cpu_kernels import has_native_decode
+from infercept.model.cpu_kernels import has_native_decode, native_decode_body
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 9, 3, 64, 16
 
@@ -66,14 +66,18 @@ def _decode_metadata(batch: int, context: int, num_blocks: int) -> PagedAttentio
     return PagedAttentionMetadata.build([1] * batch, [context] * batch, tables, BLOCK_SIZE)
 
 
-def time_attention(batch: int, context: int, backends: list[str],
-                   repeats: int) -> dict[str, float]:
+def time_attention(batch: int, context: int, backends: list[str], repeats: int,
+                   num_layers: int = 1) -> dict[str, float]:
     """Median seconds of one layer's decode attention per backend (the plan is built once per
-    step and shared by every layer, so it is outside the timed call)."""
+    step and shared by every layer, so it is outside the timed call). With ``num_layers`` > 1
+    each timed call runs that many layers in turn, each on its own caches, as a step does (at
+    30 layers of batch 32 the caches are far past the last-level cache, so K/V come from
+    DRAM), and the time is divided by ``num_layers``."""
     num_blocks = batch * -(-context // BLOCK_SIZE) + 1
     gen = torch.Generator().manual_seed(0)
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    key_cache, value_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    caches = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+              for _ in range(num_layers)]
     query = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen)
     new_kv = torch.randn(batch, NUM_KV_HEADS, HEAD_DIM, generator=gen)
     metadata = _decode_metadata(batch, context, num_blocks)
@@ -81,9 +85,14 @@ def time_attention(batch: int, context: int, backends: list[str],
     for backend in backends:
         os.environ[BACKEND_ENV] = backend
         plan = plan_attention(metadata)
-        fns[backend] = functools.partial(paged_attention, query, new_kv, new_kv, key_cache,
-                                         value_cache, plan, HEAD_DIM ** -0.5)
-    return _interleaved_medians_s(fns, repeats)
+
+        def layers(plan=plan) -> None:
+            for key_cache, value_cache in caches:
+                paged_attention(query, new_kv, new_kv, key_cache, value_cache, plan,
+                                HEAD_DIM ** -0.5)
+        fns[backend] = layers
+    return {backend: seconds / num_layers
+            for backend, seconds in _interleaved_medians_s(fns, repeats).items()}
 
 
 def time_step(model, batch: int, context: int, backends: list[str],
@@ -106,7 +115,8 @@ def _machine() -> dict[str, str]:
             "torch": torch.__version__, "torch_threads": str(torch.get_num_threads()),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
             "loadavg_at_end": " ".join(os.getloadavg() and map(str, os.getloadavg())),
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "native_body_head_dim_64": native_decode_body(64)}
 
 
 def main() -> None:
@@ -118,6 +128,9 @@ def main() -> None:
     parser.add_argument("--attention-repeats", type=int, default=30)
     parser.add_argument("--step-repeats", type=int, default=7)
     parser.add_argument("--no-step", action="store_true", help="time attention only")
+    parser.add_argument("--attention-layers", type=int, default=1,
+                        help="layers per timed attention call, each on its own caches (30: "
+                             "K/V from DRAM as in a step; 1: one cache, reused)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if "native" in args.backends and not has_native_decode():
@@ -130,7 +143,8 @@ def main() -> None:
     for batch in args.batches:
         for context in args.contexts:
             row: dict = {"batch": batch, "context": context}
-            attention_s = time_attention(batch, context, args.backends, args.attention_repeats)
+            attention_s = time_attention(batch, context, args.backends, args.attention_repeats,
+                                         args.attention_layers)
             step_s = ({} if model is None else
                       time_step(model, batch, context, args.backends, args.step_repeats))
             for backend in args.backends:

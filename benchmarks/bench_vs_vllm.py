@@ -152,7 +152,28 @@ def rate_text(rate: float | None) -> str:
     return f"{rate:.3g}"
 
 
-def markdown(payload: dict, rows: list[dict]) -> str:
+# The generated tables end here; --recalibrate rewrites what is above it and keeps, word for
+# word, what a person wrote below it about the run.
+NOTES_MARKER = "<!-- Generated above. Written by hand below: bench_vs_vllm.py --recalibrate keeps it. -->"
+
+
+def kept_notes(md_path: Path) -> str:
+    """The hand-written text after NOTES_MARKER in an earlier md of this run ('' if none).
+
+    Raises:
+        SystemExit: the md has text but no marker, so a rewrite could not tell the run's notes
+            from its old tables and would erase them.
+    """
+    if not md_path.exists():
+        return ""
+    text = md_path.read_text()
+    if NOTES_MARKER not in text:
+        raise SystemExit(f"{md_path} has no line {NOTES_MARKER!r} between its generated tables "
+                         f"and any notes written by hand: add it (or delete the file) and rerun")
+    return text.split(NOTES_MARKER, 1)[1]
+
+
+def markdown(payload: dict, rows: list[dict], notes: str = "\n") -> str:
     lines = [f"# Real vLLM vs InferCept: {payload['workload']}", "",
              f"Command: `{payload['command']}`", "",
              f"vLLM {payload.get('vllm_version', '?')} (torch {payload.get('vllm_torch', '?')}, "
@@ -176,8 +197,8 @@ def markdown(payload: dict, rows: list[dict]) -> str:
     lines += ["", "normalized_latency: (finish - arrival - tool time) / output tokens, over finished "
               "requests; completed_rps: finished / drained run; resumed TTFT: tool return to the "
               "turn's first token; vLLM's prefix_cache_hit_rate: cached / prompt tokens over its "
-              "requests (every turn is one)."]
-    return "\n".join(lines) + "\n"
+              "requests (every turn is one).", "", NOTES_MARKER]
+    return "\n".join(lines) + notes
 
 
 def calibration_grid(args: argparse.Namespace, policies: list[str]) -> argparse.Namespace:
@@ -190,9 +211,10 @@ def recalibrate(json_path: Path, templates: list, policies: list[str], setup: An
                 args: argparse.Namespace) -> int:
     """Redoes the simulator calibration of a finished run from its file.
 
-    The file keeps no busy steps, so the run's forward-model error and step overhead are read
-    from its earlier calibration; the simulated rows are recomputed (same requests, same
-    profile), so a new cost model can be tried without the real runs.
+    The md's notes below NOTES_MARKER are kept. The file keeps no busy steps, so the run's
+    forward-model error and step overhead are read from its earlier calibration; the simulated
+    rows are recomputed (same requests, same profile), so a new cost model can be tried without
+    the real runs.
     """
     import json
     payload = json.loads(json_path.read_text())
@@ -201,8 +223,10 @@ def recalibrate(json_path: Path, templates: list, policies: list[str], setup: An
     ours = [r for r in payload["rows"] if r["system"] != VLLM_LABEL and r["policy"] in policies]
     measured = {k: payload["calibration"][k] for k in ("forward_model_error", "step_overhead_s")}
     payload["calibration"] = calibrate(templates, calibration_grid(args, policies), setup, ours, measured)
+    md_path = json_path.with_suffix(".md")
+    notes = kept_notes(md_path)  # read (and checked) before anything is rewritten
     write_json(json_path, payload)
-    json_path.with_suffix(".md").write_text(markdown(payload, payload["rows"]))
+    md_path.write_text(markdown(payload, payload["rows"], notes or "\n"))
     print(f"rewrote {json_path} and {json_path.with_suffix('.md')}")
     return 0
 

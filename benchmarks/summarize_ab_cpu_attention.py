@@ -1,5 +1,6 @@
 """Tables of a before/after run of benchmarks/ab_cpu_attention.sh: per thread count, batch and
-context, the fastest turn's kernel-alone milliseconds (avx2 body), one layer's attention and
+context, the fastest turn's kernel-alone milliseconds (the widest body each tree has: avx512,
+else avx2), one layer's attention and
 a whole step through Python, for the base and the new tree, and base / new.
 
     python benchmarks/summarize_ab_cpu_attention.py /tmp/ab_cpu_attention
@@ -22,9 +23,10 @@ def _fastest(out: pathlib.Path) -> dict:
     best: dict = collections.defaultdict(lambda: float("inf"))
     for path in out.glob("kernel_*_t*_r*.txt"):
         tree, threads = _TAG.search(path.name).groups()
-        for line in path.read_text().splitlines():
-            m = _KERNEL_LINE.match(line)
-            if m and m.group(1) == "avx2":
+        matches = [m for m in map(_KERNEL_LINE.match, path.read_text().splitlines()) if m]
+        body = "avx512" if any(m.group(1) == "avx512" for m in matches) else "avx2"
+        for m in matches:
+            if m.group(1) == body:
                 key = (int(threads), tree, "kernel", int(m.group(2)), int(m.group(3)))
                 best[key] = min(best[key], float(m.group(4)))
     for path in out.glob("python_*_t*_r*.json"):

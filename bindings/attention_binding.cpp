@@ -39,4 +39,10 @@ void bind_cpu_attention(py::module_& m) {
         "or layout, and on bad sizes, context lengths or block ids.");
   m.def("cpu_attention_has_openmp", &infercept::cpu_attention_has_openmp,
         "Whether paged_decode_attention was built with OpenMP (multi-threaded).");
+  m.def("cpu_attention_has_avx2", &infercept::cpu_attention_has_avx2,
+        "Whether this CPU can run paged_decode_attention's AVX2+FMA body (taken for a head_dim "
+        "that is a multiple of 8 when the AVX-512 one does not apply).");
+  m.def("cpu_attention_has_avx512", &infercept::cpu_attention_has_avx512,
+        "Whether paged_decode_attention takes its AVX-512 body on this CPU (for a head_dim that "
+        "is a multiple of 16).");
 }

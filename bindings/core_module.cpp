@@ -453,6 +453,7 @@ PYBIND11_MODULE(_core, m) {
   bind_swap_engine(m);
   bind_cpu_attention(m);
   bind_cpu_linear(m);
+  bind_cpu_layer_ops(m);
 #ifdef INFERCEPT_WITH_CUDA
   bind_cuda(m);
 #endif

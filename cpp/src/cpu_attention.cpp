@@ -13,6 +13,7 @@
 #endif
 
 #include "cpu_attention_avx2.h"
+#include "cpu_attention_avx512.h"
 #include "infercept/attention_args.h"
 #include "infercept/errors.h"
 
@@ -202,7 +203,13 @@ void check_paged_decode_problem(const PagedDecodeProblem& p) {
 void paged_decode_attention(const PagedDecodeProblem& p) {
   check_paged_decode_problem(p);
   const int64_t group = p.num_heads / p.num_kv_heads;
+  const bool avx512_fits = detail::cpu_has_avx512() && p.head_dim % 16 == 0;
   const bool avx2_fits = detail::cpu_has_avx2_fma() && p.head_dim % 8 == 0;
+  if (p.impl == CpuAttentionImpl::kAvx512 && !avx512_fits) {
+    fail(std::string("impl=kAvx512 needs a CPU with AVX-512 F (") +
+         (detail::cpu_has_avx512() ? "present" : "absent") +
+         ") and head_dim % 16 == 0 (head_dim=" + std::to_string(p.head_dim) + ")");
+  }
   if (p.impl == CpuAttentionImpl::kAvx2 && !avx2_fits) {
     fail(std::string("impl=kAvx2 needs a CPU with AVX2 and FMA (") +
          (detail::cpu_has_avx2_fma() ? "present" : "absent") +
@@ -214,14 +221,23 @@ void paged_decode_attention(const PagedDecodeProblem& p) {
 #else
   const int max_threads = 1;
 #endif
-  if (avx2_fits && p.impl != CpuAttentionImpl::kPortable) {
+  // kAuto: the widest body that fits.
+  const bool use_avx512 = p.impl == CpuAttentionImpl::kAvx512 ||
+                          (p.impl == CpuAttentionImpl::kAuto && avx512_fits);
+  const bool use_avx2 = !use_avx512 && (p.impl == CpuAttentionImpl::kAvx2 ||
+                                        (p.impl == CpuAttentionImpl::kAuto && avx2_fits));
+  if (use_avx512 || use_avx2) {
     // A task is a whole sequence when there are enough to keep every thread busy (its blocks
     // are then read whole, in address order), else one (sequence, KV head) pair.
     const bool per_sequence = p.num_seqs >= 2 * max_threads;
     const int64_t heads_per_task = per_sequence ? p.num_kv_heads : 1;
-    const int64_t num_tasks = p.num_seqs * (p.num_kv_heads / heads_per_task);
+    const int64_t tasks_per_seq = p.num_kv_heads / heads_per_task;
+    const int64_t num_tasks = p.num_seqs * tasks_per_seq;
     const int num_threads = num_tasks > 1 ? max_threads : 1;
-    const int64_t floats = detail::avx2_scratch_floats(heads_per_task * group, p.block_size);
+    const int64_t rows = heads_per_task * group;
+    const int64_t floats = use_avx512 ? detail::avx512_scratch_floats(rows, p.block_size)
+                                      : detail::avx2_scratch_floats(rows, p.block_size);
+    const auto attend = use_avx512 ? detail::attend_avx512 : detail::attend_avx2;
     std::vector<float> scratch(static_cast<size_t>(num_threads) * floats);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
@@ -232,9 +248,8 @@ void paged_decode_attention(const PagedDecodeProblem& p) {
 #else
       float* mine = scratch.data();
 #endif
-      const int64_t tasks_per_seq = p.num_kv_heads / heads_per_task;
       const int64_t kv_begin = task % tasks_per_seq * heads_per_task;
-      detail::attend_avx2(p, task / tasks_per_seq, kv_begin, kv_begin + heads_per_task, mine);
+      attend(p, task / tasks_per_seq, kv_begin, kv_begin + heads_per_task, mine);
     }
     return;
   }
@@ -281,6 +296,8 @@ void paged_decode_attention(const TensorView& out, const TensorView& query,
 }
 
 bool cpu_attention_has_avx2() { return detail::cpu_has_avx2_fma(); }
+
+bool cpu_attention_has_avx512() { return detail::cpu_has_avx512(); }
 
 bool cpu_attention_has_openmp() {
 #ifdef _OPENMP

@@ -1,5 +1,7 @@
 #include "cpu_attention_avx2.h"
 
+#include "cpu_attention_prefetch.h"
+
 // Compiled without -mavx2 (the wheel runs on any x86-64): each function below carries a target
 // attribute instead, and cpu_attention.cpp calls it only after checking the running CPU.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -23,12 +25,6 @@ bool cpu_has_avx2_fma() {
 namespace {
 
 #define INFERCEPT_AVX2 __attribute__((target("avx2,fma")))
-
-// How many blocks ahead the K/V rows are prefetched, into L2 rather than L1: a whole
-// sequence's block (16 tokens x 3 KV heads x 64 floats, K and V: 24 KiB) is most of a 32 KiB
-// L1, so fetching the next ones there would evict the rows still in use. On a shared 2-core
-// Zen 3 the other variants (L1, 1 block ahead, none) were within noise of this one.
-constexpr int64_t kPrefetchBlocks = 2;
 
 // exp(x) for x <= 0, eight at a time: the same 2^n * e^r split and degree-7 polynomial as the
 // portable kernel's exp_nonpositive, so both paths agree to float rounding.
@@ -146,20 +142,6 @@ INFERCEPT_AVX2 void accumulate_heads(float* acc, const float* factors, const flo
   }
 }
 
-// Fetches into L2 `num_floats` floats of K and of V at each of `num_tokens` token rows from
-// `offset` (floats into the caches).
-INFERCEPT_AVX2 void prefetch_rows(const PagedDecodeProblem& p, int64_t offset, int64_t num_tokens,
-                                  int64_t num_floats) {
-  const int64_t token_stride = p.num_kv_heads * p.head_dim;
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const int64_t row = offset + t * token_stride;
-    for (int64_t d = 0; d < num_floats; d += 16) {  // 16 floats: one 64-byte line
-      _mm_prefetch(reinterpret_cast<const char*>(p.key_cache + row + d), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(p.value_cache + row + d), _MM_HINT_T1);
-    }
-  }
-}
-
 }  // namespace
 
 INFERCEPT_AVX2 void attend_avx2(const PagedDecodeProblem& p, int64_t seq, int64_t kv_begin,
@@ -190,26 +172,20 @@ INFERCEPT_AVX2 void attend_avx2(const PagedDecodeProblem& p, int64_t seq, int64_
   const __m256 scale = _mm256_set1_ps(p.scale);
   const __m256i lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  RowPrefetcher prefetcher(p, table, context_len, kv_begin, kv_end);
+  prefetcher.start();
 
   for (int64_t start = 0, b = 0; start < context_len; start += block_size, ++b) {
     const int64_t num_tokens = std::min(block_size, context_len - start);
     const int64_t block_offset = static_cast<int64_t>(table[b]) * block_stride;
     for (int64_t kv_head = kv_begin; kv_head < kv_end; ++kv_head) {
-      // The blocks are scattered, so the hardware prefetcher cannot guess the next ones: ask
-      // for this head's rows of block b + kPrefetchBlocks (on the first block, of all of
-      // 1..kPrefetchBlocks) before computing it. Head by head rather than the whole block at
-      // once keeps the requests spread out (measured faster at batch 8 and 32).
-      for (int64_t ahead = b == 0 ? 1 : kPrefetchBlocks; ahead <= kPrefetchBlocks; ++ahead) {
-        const int64_t ahead_start = start + ahead * block_size;
-        if (ahead_start >= context_len) break;
-        const int64_t ahead_offset = static_cast<int64_t>(table[b + ahead]) * block_stride;
-        prefetch_rows(p, ahead_offset + kv_head * head_dim,
-                      std::min(block_size, context_len - ahead_start), head_dim);
-      }
       const int64_t offset = block_offset + kv_head * head_dim;
       const float* keys = p.key_cache + offset;
       const float* values = p.value_cache + offset;
       const int64_t first = (kv_head - kv_begin) * group;  // this head's first query row
+      // As many rows prefetched as this (block, KV head) reads: half before its scores, half
+      // before its V pass.
+      prefetcher.advance(num_tokens / 2);
       for (int64_t j = first; j < first + group; ++j) {
         // Scaled scores, eight tokens a vector; lanes past the block's last token are -inf.
         float* row = probs + j * padded_block;
@@ -250,6 +226,7 @@ INFERCEPT_AVX2 void attend_avx2(const PagedDecodeProblem& p, int64_t seq, int64_
           running_sum[j + i] = running_sum[j + i] * lanes[i] + block_sum[j + i];
         }
       }
+      prefetcher.advance(num_tokens - num_tokens / 2);
       // V rows: up to three of the group's heads per pass, so each row is loaded once per pass.
       for (int64_t j = first; j < first + group;) {
         float* a = acc + j * head_dim;

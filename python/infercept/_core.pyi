@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_openmp', 'cpu_linear', 'cpu_linear_has_avx512', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'linear_packed_shape', 'linear_panel_width', 'pack_linear_weight', 'paged_decode_attention', 'preserve_waste', 'swap_waste']
+__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'add_rms_norm', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_avx2', 'cpu_attention_has_avx512', 'cpu_attention_has_openmp', 'cpu_linear', 'cpu_linear_has_avx512', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'linear_packed_shape', 'linear_panel_width', 'pack_linear_weight', 'paged_decode_attention', 'preserve_waste', 'rms_norm', 'rotary_write_kv', 'swap_waste']
 class InferceptError(RuntimeError):
     pass
 class OutOfBlocksError(InferceptError):
@@ -1247,6 +1247,10 @@ class CudaSwapEngine(SwapEngine):
     @property
     def max_copy_ctas(self) -> int:
         ...
+def add_rms_norm(x: typing.Any, residual: typing.Any, weight: typing.Any, eps: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    """
+    In place: residual += x, then x = rms_norm(residual) * weight; x and residual [num_rows, hidden] float32 (CPU, contiguous, disjoint). Raises InvalidArgumentError as rms_norm.
+    """
 def can_transition(src: RequestState, dst: RequestState) -> bool:
     """
     Whether a request may move from state `src` to `dst`.
@@ -1254,6 +1258,14 @@ def can_transition(src: RequestState, dst: RequestState) -> bool:
 def chunked_discard_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, other_tokens: typing.SupportsInt | typing.SupportsIndex, num_chunks: typing.SupportsInt | typing.SupportsIndex) -> float:
     """
     Equation 4, byte-seconds: T_fwd(C)*C*M/2 + n*T_fwd(C/n)*C_other*M (recompute in n chunks).
+    """
+def cpu_attention_has_avx2() -> bool:
+    """
+    Whether this CPU can run paged_decode_attention's AVX2+FMA body (taken for a head_dim that is a multiple of 8 when the AVX-512 one does not apply).
+    """
+def cpu_attention_has_avx512() -> bool:
+    """
+    Whether paged_decode_attention takes its AVX-512 body on this CPU (for a head_dim that is a multiple of 16).
     """
 def cpu_attention_has_openmp() -> bool:
     """
@@ -1310,6 +1322,14 @@ def paged_decode_attention(out: typing.Any, query: typing.Any, key_cache: typing
 def preserve_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, intercept_s: typing.SupportsFloat | typing.SupportsIndex) -> float:
     """
     Equation 2, byte-seconds: T_INT*C*M (the context held idle on the device for the intercept).
+    """
+def rms_norm(out: typing.Any, x: typing.Any, weight: typing.Any, eps: typing.SupportsFloat | typing.SupportsIndex) -> None:
+    """
+    out = x / sqrt(mean(x^2, -1) + eps) * weight over rows of x [num_rows, hidden] float32 (CPU, contiguous); out may be x. Raises InvalidArgumentError (a ValueError) naming a tensor of the wrong dtype, device, shape or layout.
+    """
+def rotary_write_kv(qkv: typing.Any, cos: typing.Any, sin: typing.Any, key_cache: typing.Any, value_cache: typing.Any, slot_mapping: typing.Any) -> None:
+    """
+    Rotates the query and key heads of qkv [num_tokens, num_heads + 2 * num_kv_heads, head_dim] in place by cos/sin [num_tokens, head_dim] (rotate-half RoPE), then copies each token's keys and values to its slot of the paged caches [num_blocks, block_size, num_kv_heads, head_dim] (slot_mapping [num_tokens] int64). float32 CPU contiguous. Raises InvalidArgumentError naming a bad tensor or a slot out of range; then nothing is written.
     """
 def swap_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, batch_tokens: typing.SupportsInt | typing.SupportsIndex) -> float:
     """

@@ -117,10 +117,20 @@ double max_error(const Case& c, uint32_t seed, bool through_views = false,
   return worst;
 }
 
-// The bodies the running CPU can take: the portable loops always, AVX2+FMA where present.
+// The bodies the running CPU can take: the portable loops always, AVX2+FMA and AVX-512 where
+// present (each needs head_dim a multiple of 8 and 16 respectively: see fits()).
 std::vector<CpuAttentionImpl> impls_here() {
-  if (cpu_attention_has_avx2()) return {CpuAttentionImpl::kPortable, CpuAttentionImpl::kAvx2};
-  return {CpuAttentionImpl::kPortable};
+  std::vector<CpuAttentionImpl> impls = {CpuAttentionImpl::kPortable};
+  if (cpu_attention_has_avx2()) impls.push_back(CpuAttentionImpl::kAvx2);
+  if (cpu_attention_has_avx512()) impls.push_back(CpuAttentionImpl::kAvx512);
+  return impls;
+}
+
+// Whether a forced body takes this head_dim (kAuto and kPortable take any).
+bool fits(CpuAttentionImpl impl, int64_t head_dim) {
+  if (impl == CpuAttentionImpl::kAvx2) return head_dim % 8 == 0;
+  if (impl == CpuAttentionImpl::kAvx512) return head_dim % 16 == 0;
+  return true;
 }
 
 TEST(CpuAttention, MatchesReferenceOverAwkwardShapes) {
@@ -129,6 +139,7 @@ TEST(CpuAttention, MatchesReferenceOverAwkwardShapes) {
     for (auto [heads, kv_heads] : {std::pair{4, 4}, {9, 3}, {8, 2}, {12, 1}}) {
       // 40 and 200 leave a remainder after the AVX2 body's 64-float chunks.
       for (int64_t head_dim : {64, 40, 200, 8}) {
+        if (!fits(impl, head_dim)) continue;
         for (int64_t block_size : {16, 5}) {
           Case c{heads, kv_heads, head_dim, block_size, lens};
           EXPECT_LT(max_error(c, 7, false, impl), 1e-5)
@@ -151,6 +162,7 @@ TEST(CpuAttention, MatchesReferenceAtTheAvx2BodysSeams) {
   for (CpuAttentionImpl impl : impls_here()) {
     for (auto [heads, kv_heads] : {std::pair{2, 1}, {10, 2}, {16, 1}, {9, 3}}) {
       for (int64_t head_dim : {16, 24, 48, 56, 128}) {
+        if (!fits(impl, head_dim)) continue;
         for (int64_t block_size : {8, 12, 16}) {
           Case c{heads, kv_heads, head_dim, block_size, lens};
           EXPECT_LT(max_error(c, 13, false, impl), 1e-5)
@@ -163,16 +175,78 @@ TEST(CpuAttention, MatchesReferenceAtTheAvx2BodysSeams) {
   }
 }
 
+TEST(CpuAttention, MatchesReferenceAtTheAvx512BodysSeams) {
+  if (!cpu_attention_has_avx512()) GTEST_SKIP() << "this CPU has no AVX-512 F";
+  // The AVX-512 body scores sixteen tokens a vector (lengths 1, block_size - 1, block_size,
+  // block_size + 1 and long; block sizes below, at and above 16, so a block has a partial
+  // chunk or two), takes the rescale factors sixteen heads at a time (group 17 > 16),
+  // accumulates V for up to four heads at once (groups 1, 3, 5 = 4 + 1, 17 = 4 x 4 + 1) over
+  // 64-float chunks of head_dim (80: one vector over; the tests above add 16, 48 and 128), and
+  // runs whole sequences as tasks at batch 7 and 19, (sequence, KV head) pairs at 1 and 3.
+  for (int64_t block_size : {16, 32, 5}) {
+    const std::vector<int32_t> lens = {1,
+                                       static_cast<int32_t>(block_size - 1),
+                                       static_cast<int32_t>(block_size),
+                                       static_cast<int32_t>(block_size + 1),
+                                       384,
+                                       static_cast<int32_t>(3 * block_size + 7)};
+    for (int64_t batch : {1, 3, 7, 19}) {
+      std::vector<int32_t> batch_lens(batch);
+      for (int64_t s = 0; s < batch; ++s) batch_lens[s] = lens[(s * 3 + batch) % lens.size()];
+      for (auto [heads, kv_heads] : {std::pair{3, 3}, {9, 3}, {10, 2}, {17, 1}}) {
+        for (int64_t head_dim : {64, 128, 80}) {
+          Case c{heads, kv_heads, head_dim, block_size, batch_lens};
+          EXPECT_LT(max_error(c, 17, false, CpuAttentionImpl::kAvx512), 1e-5)
+              << "batch=" << batch << " heads=" << heads << " kv_heads=" << kv_heads
+              << " head_dim=" << head_dim << " block_size=" << block_size;
+        }
+      }
+    }
+  }
+}
+
+TEST(CpuAttention, EveryContextLengthAroundABlockOnEveryBody) {
+  // One sequence alone, so every block boundary case is the whole problem.
+  for (CpuAttentionImpl impl : impls_here()) {
+    for (int64_t block_size : {16, 32}) {
+      for (int32_t len : {1, static_cast<int32_t>(block_size - 1),
+                          static_cast<int32_t>(block_size), static_cast<int32_t>(block_size + 1),
+                          static_cast<int32_t>(2 * block_size + 1), 384}) {
+        for (auto [heads, kv_heads] : {std::pair{9, 3}, {4, 4}}) {
+          Case c{heads, kv_heads, 64, block_size, {len}};
+          EXPECT_LT(max_error(c, 19, false, impl), 1e-5)
+              << "impl=" << static_cast<int>(impl) << " len=" << len
+              << " block_size=" << block_size << " heads=" << heads;
+        }
+      }
+    }
+  }
+}
+
 TEST(CpuAttention, AutoTakesThePortableLoopsWhereAvx2CannotRun) {
-  // head_dim 36 is no multiple of 8: kAuto must still be right, and kAvx2 refuses it.
+  // head_dim 36 is no multiple of 8: kAuto must still be right, and kAvx2 and kAvx512 refuse it.
   Case c{9, 3, 36, 16, {1, 17, 100}};
   EXPECT_LT(max_error(c, 5), 1e-5);
   EXPECT_THROW(max_error(c, 5, false, CpuAttentionImpl::kAvx2), InvalidArgumentError);
+  EXPECT_THROW(max_error(c, 5, false, CpuAttentionImpl::kAvx512), InvalidArgumentError);
+}
+
+TEST(CpuAttention, AutoTakesAvx2WhereAvx512CannotRun) {
+  // head_dim 40 is a multiple of 8 but not of 16: kAvx512 refuses it, kAuto is still right.
+  Case c{9, 3, 40, 16, {1, 17, 100}};
+  EXPECT_LT(max_error(c, 5), 1e-5);
+  EXPECT_THROW(max_error(c, 5, false, CpuAttentionImpl::kAvx512), InvalidArgumentError);
+}
+
+TEST(CpuAttention, ForcingAvx512WithoutItThrows) {
+  if (cpu_attention_has_avx512()) GTEST_SKIP() << "this CPU has AVX-512 F";
+  Case c{9, 3, 64, 16, {1, 17, 100}};
+  EXPECT_THROW(max_error(c, 5, false, CpuAttentionImpl::kAvx512), InvalidArgumentError);
 }
 
 TEST(CpuAttention, FewSequencesSplitByKvHead) {
   // One or two sequences are too few to give each thread whole ones: the tasks are then
-  // (sequence, KV head) pairs, on both bodies.
+  // (sequence, KV head) pairs, on every body.
   for (CpuAttentionImpl impl : impls_here()) {
     for (std::vector<int32_t> lens : {std::vector<int32_t>{1000}, {100, 33}}) {
       Case c{9, 3, 64, 16, lens};

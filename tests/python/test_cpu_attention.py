@@ -11,7 +11,8 @@ from fake_dlpack import CUDA, FakeTensor
 from infercept import InvalidArgumentError, _core
 from infercept.model import PagedAttentionMetadata
 from infercept.model.attention import BACKEND_ENV, paged_attention, plan_attention, write_kv
-from infercept.model.cpu_kernels import has_native_decode, paged_decode_attention
+from infercept.model.cpu_kernels import (has_native_decode, native_decode_body,
+                                         paged_decode_attention)
 
 pytestmark = pytest.mark.skipif(not has_native_decode(),
                                 reason="infercept._core was built without the CPU kernel")
@@ -20,17 +21,17 @@ BLOCK_SIZE = 16
 
 
 def _problem(batch: int, context_lens: list[int], num_heads: int, num_kv_heads: int,
-             head_dim: int, seed: int = 0, spare_blocks: int = 5):
+             head_dim: int, seed: int = 0, spare_blocks: int = 5, block_size: int = BLOCK_SIZE):
     """Random caches and queries; each sequence's blocks are drawn from a shuffled free list."""
     gen = torch.Generator().manual_seed(seed)
-    blocks_used = [-(-n // BLOCK_SIZE) for n in context_lens]
+    blocks_used = [-(-n // block_size) for n in context_lens]
     num_blocks = sum(blocks_used) + spare_blocks
     free = torch.randperm(num_blocks, generator=gen).tolist()
     max_blocks = max(blocks_used) + 2  # padding columns the kernel must not read
     tables = torch.full((batch, max_blocks), -1, dtype=torch.int32)
     for seq, n in enumerate(blocks_used):
         tables[seq, :n] = torch.tensor([free.pop() for _ in range(n)], dtype=torch.int32)
-    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
     key_cache = torch.randn(shape, generator=gen)
     value_cache = torch.randn(shape, generator=gen)
     query = torch.randn(batch, num_heads, head_dim, generator=gen)
@@ -44,13 +45,14 @@ def _decode(query, key_cache, value_cache, tables, context_lens, scale):
     return out
 
 
-def _reference(query, key_cache, value_cache, tables, context_lens, scale):
+def _reference(query, key_cache, value_cache, tables, context_lens, scale,
+               block_size: int = BLOCK_SIZE):
     """Per sequence: gather its context, repeat KV heads for GQA, softmax(q K^T * scale) V."""
     num_heads = query.shape[1]
     group = num_heads // key_cache.shape[2]
     out = torch.empty_like(query)
     for seq, context_len in enumerate(context_lens.tolist()):
-        blocks = tables[seq, :-(-context_len // BLOCK_SIZE)].long()
+        blocks = tables[seq, :-(-context_len // block_size)].long()
         keys = key_cache[blocks].flatten(0, 1)[:context_len].repeat_interleave(group, dim=1)
         values = value_cache[blocks].flatten(0, 1)[:context_len].repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,chd->hc", query[seq].double(), keys.double()) * scale
@@ -69,6 +71,32 @@ def test_matches_reference_on_awkward_shapes(batch, num_heads, num_kv_heads, hea
     scale = head_dim ** -0.5
     got = _decode(*problem, scale)
     torch.testing.assert_close(got, _reference(*problem, scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim,widest", [(64, "avx512"), (128, "avx512"), (40, "avx2"),
+                                              (36, "portable")])
+def test_body_is_the_widest_the_cpu_has(head_dim, widest):
+    """The tests above run whatever body kAuto takes here; this says which, per head_dim."""
+    has = {"avx512": _core.cpu_attention_has_avx512(), "avx2": _core.cpu_attention_has_avx2(),
+           "portable": True}
+    order = ["avx512", "avx2", "portable"]
+    want = next(body for body in order[order.index(widest):] if has[body])
+    assert native_decode_body(head_dim) == want
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 19])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (3, 3)])
+def test_block_boundaries_at_each_block_size(batch, block_size, num_heads, num_kv_heads):
+    """Lengths 1, block_size - 1, block_size, block_size + 1 and long, on either block size
+    (the AVX-512 body scores sixteen tokens a vector, so 32 is two vectors a block)."""
+    lengths = [1, block_size - 1, block_size, block_size + 1, 384]
+    context_lens = [lengths[(seq * 3 + batch) % len(lengths)] for seq in range(batch)]
+    problem = _problem(batch, context_lens, num_heads, num_kv_heads, 64, seed=batch,
+                       block_size=block_size)
+    got = _decode(*problem, 0.125)
+    want = _reference(*problem, 0.125, block_size=block_size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("context_len", [1, 15, 16, 17, 100, 1000])

@@ -24,10 +24,11 @@ namespace infercept {
 ///   context_lens [num_seqs]              tokens of each sequence in the cache, >= 1
 /// Query heads h * group .. h * group + group - 1 share KV head h (group = num_heads /
 /// num_kv_heads), as in grouped-query attention.
-/// Which body computes the attention: kAuto takes AVX2+FMA intrinsics when the running CPU
-/// has them and head_dim is a multiple of 8, else the portable loops; the other two force one
-/// (tests compare them; kAvx2 where it cannot run throws).
-enum class CpuAttentionImpl { kAuto, kPortable, kAvx2 };
+/// Which body computes the attention: kAuto takes AVX-512 intrinsics when the running CPU has
+/// AVX-512 F and head_dim is a multiple of 16, else AVX2+FMA ones when it has those and
+/// head_dim is a multiple of 8, else the portable loops; the others force one (tests and
+/// microbenchmarks compare them; kAvx2 or kAvx512 where it cannot run throws).
+enum class CpuAttentionImpl { kAuto, kPortable, kAvx2, kAvx512 };
 
 struct PagedDecodeProblem {
   float* out = nullptr;
@@ -56,8 +57,8 @@ void check_paged_decode_problem(const PagedDecodeProblem& problem);
 /// Checks `problem` (as above), then writes `out`: for each sequence s and query head q,
 /// softmax(scale * K_s q_s) V_s over the sequence's context_len cached tokens, computed with a
 /// streaming (online) softmax in float32. Parallel with OpenMP when the library was built with
-/// it: over sequences when there are at least two per thread (the AVX2 body), else over
-/// (sequence, KV head) pairs. Throws InvalidArgumentError; on a throw `out` is
+/// it: over sequences when there are at least two per thread (the AVX2 and AVX-512 bodies),
+/// else over (sequence, KV head) pairs. Throws InvalidArgumentError; on a throw `out` is
 /// unchanged.
 void paged_decode_attention(const PagedDecodeProblem& problem);
 
@@ -73,8 +74,11 @@ void paged_decode_attention(const TensorView& out, const TensorView& query,
                             const TensorView& block_tables, const TensorView& context_lens,
                             float scale);
 
-/// Whether kAuto takes the AVX2+FMA body on this CPU for a head_dim that is a multiple of 8.
+/// Whether the AVX2+FMA body can run on this CPU (for a head_dim that is a multiple of 8).
 bool cpu_attention_has_avx2();
+
+/// Whether kAuto takes the AVX-512 body on this CPU for a head_dim that is a multiple of 16.
+bool cpu_attention_has_avx512();
 
 /// Whether the kernel was built with OpenMP (and so runs its (sequence, KV head) pairs on
 /// several threads).

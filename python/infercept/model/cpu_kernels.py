@@ -17,6 +17,26 @@ def has_native_decode() -> bool:
     return hasattr(_core, "paged_decode_attention")
 
 
+def native_decode_body(head_dim: int) -> str:
+    """Which body of the native kernel runs for ``head_dim`` on this CPU.
+
+    Args:
+        head_dim: The attention head size.
+
+    Returns:
+        ``"avx512"``, ``"avx2"`` or ``"portable"`` (the widest the CPU has that takes
+        ``head_dim``: a multiple of 16 for AVX-512, of 8 for AVX2), or ``"none"`` when
+        ``infercept._core`` has no native kernel.
+    """
+    if not has_native_decode():
+        return "none"
+    if head_dim % 16 == 0 and _core.cpu_attention_has_avx512():
+        return "avx512"
+    if head_dim % 8 == 0 and _core.cpu_attention_has_avx2():
+        return "avx2"
+    return "portable"
+
+
 def can_run_native_decode(query: torch.Tensor, key_cache: torch.Tensor,
                           value_cache: torch.Tensor) -> bool:
     """Whether :func:`paged_decode_attention` takes these tensors (a query of any layout can be
@@ -100,3 +120,56 @@ def cpu_linear(x: torch.Tensor, packed_weight: torch.Tensor, out_features: int,
     _core.cpu_linear(to_dlpack(out), to_dlpack(x), to_dlpack(packed_weight),
                      None if bias is None else to_dlpack(bias))
     return out
+
+
+def has_native_layer_ops() -> bool:
+    """Whether ``infercept._core`` has the CPU layer ops (rms_norm, add_rms_norm,
+    rotary_write_kv)."""
+    return hasattr(_core, "rotary_write_kv")
+
+
+def can_run_layer_ops(*tensors: torch.Tensor) -> bool:
+    """Whether the native layer ops take these tensors: float32, CPU and contiguous."""
+    return has_native_layer_ops() and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """``out = x / sqrt(mean(x^2, -1) + eps) * weight`` over rows ``[T, hidden]``; out may be x.
+
+    Raises:
+        ValueError: A tensor of the wrong dtype, device, shape or layout (named).
+    """
+    _core.rms_norm(to_dlpack(out), to_dlpack(x), to_dlpack(weight), float(eps))
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> None:
+    """In place: ``residual += x``, then ``x = rms_norm(residual) * weight`` (``[T, hidden]``
+    each, disjoint): vLLM's fused_add_rms_norm.
+
+    Raises:
+        ValueError: As :func:`rms_norm`, or x and residual share memory.
+    """
+    _core.add_rms_norm(to_dlpack(x), to_dlpack(residual), to_dlpack(weight), float(eps))
+
+
+def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """RoPE on the new query and key heads, in place, and their K/V written to the cache.
+
+    Args:
+        qkv: ``[T, num_heads + 2 * num_kv_heads, head_dim]`` float32: each token's query, key
+            and value heads; the query and key heads are rotated in place.
+        cos: ``[T, head_dim]`` float32 (rotate-half layout, :func:`rope_cos_sin`).
+        sin: Same as ``cos``.
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` float32; slot ``s`` is
+            row ``s`` of it viewed as ``[num_blocks * block_size, num_kv_heads, head_dim]``.
+        value_cache: Same as ``key_cache``.
+        slot_mapping: ``[T]`` int64 slot of each token.
+
+    Raises:
+        ValueError: A bad tensor or a slot out of range (named); nothing is then written.
+    """
+    _core.rotary_write_kv(*map(to_dlpack, (qkv, cos, sin, key_cache, value_cache, slot_mapping)))

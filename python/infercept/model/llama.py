@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infercept.model import cpu_kernels
 from infercept.model.attention import (AttentionPlan, PagedAttentionMetadata, paged_attention,
                                        plan_attention, write_kv)
 from infercept.model.config import ModelConfig
@@ -22,17 +23,37 @@ from infercept.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as transformers does, then cast back."""
+    """Root-mean-square norm computed in float32, as transformers does, then cast back.
+
+    Called with a residual it is the pre-norm residual step, vLLM's fused_add_rms_norm:
+    ``residual = residual + x`` and its norm, returned as ``(norm, residual)``. On the CPU in
+    float32 both run as one native call each (cpu_kernels), in place: ``x`` then holds the
+    norm and ``residual`` the sum, so neither may be read for its old value afterwards.
+    """
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # x: [T, hidden]
+        if cpu_kernels.can_run_layer_ops(x, self.weight) and (
+                residual is None or cpu_kernels.can_run_layer_ops(residual)):
+            if residual is None:
+                out = torch.empty_like(x)
+                cpu_kernels.rms_norm(out, x, self.weight, self.eps)
+                return out
+            cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is None:
+            return self._norm(x)
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # torch's fused kernel: the same float32 arithmetic in one op instead of six
-            # (bit-identical on the CPU; 18 against 46 us a call at one row).
+            # torch's fused kernel: the same float32 arithmetic in one op instead of six.
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -60,10 +81,16 @@ class LlamaAttention(nn.Module):
         num_tokens = x.shape[0]
         heads, kv_heads = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(num_tokens, heads + 2 * kv_heads, self.head_dim)
-        # One rotation for the query and key heads together: [T, H + H_kv, D].
-        qk = apply_rope(qkv[:, :heads + kv_heads], cos, sin)
-        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
-        write_kv(k, v, key_cache, value_cache, slot_mapping)
+        if cpu_kernels.can_run_layer_ops(qkv, cos, sin, key_cache, value_cache) and \
+                slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous():
+            # One native call: RoPE on q and k in place in qkv, then k and v into their slots.
+            cpu_kernels.rotary_write_kv(qkv, cos, sin, key_cache, value_cache, slot_mapping)
+            q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+        else:
+            # One rotation for the query and key heads together: [T, H + H_kv, D].
+            qk = apply_rope(qkv[:, :heads + kv_heads], cos, sin)
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
+            write_kv(k, v, key_cache, value_cache, slot_mapping)
         o = paged_attention(q, k, v, key_cache, value_cache, plan, self.head_dim ** -0.5)
         return self.o_proj(o.reshape(num_tokens, heads * self.head_dim))
 
@@ -96,12 +123,21 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                plan: AttentionPlan) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_cache, value_cache,
-                               slot_mapping, plan)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                slot_mapping: torch.Tensor, plan: AttentionPlan
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: ``[T, hidden]`` the previous block's output (the embeddings when ``residual`` is
+        None, in the first layer); residual: the stream before it. Returns this layer's MLP
+        output and the stream before it, which the next norm adds (vLLM's layout): each residual
+        add is fused into the norm after it."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, key_cache, value_cache, slot_mapping, plan)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -242,13 +278,17 @@ class LlamaForCausalLM(nn.Module):
             logits_indices = metadata.last_token_indices()
         plan = plan_attention(metadata)
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        residual = None
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # [T, head_dim] each
         for index, (layer, key_cache, value_cache) in enumerate(
                 zip(self.model.layers, kv_cache.key_caches, kv_cache.value_caches)):
             if before_layer is not None:
                 before_layer(index)
-            x = layer(x, cos, sin, key_cache, value_cache, metadata.slot_mapping, plan)
-        x = self.model.norm(x.index_select(0, logits_indices))  # [R, hidden]
+            x, residual = layer(x, residual, cos, sin, key_cache, value_cache,
+                                metadata.slot_mapping, plan)
+        # The last residual add and the final norm on the rows that need logits only: [R, hidden].
+        x, _ = self.model.norm(x.index_select(0, logits_indices),
+                               residual.index_select(0, logits_indices))
         return self._lm_head(x).to(torch.float32)
 
 

@@ -1,0 +1,178 @@
+#include "infercept/cpu_layer_ops.h"
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "infercept/errors.h"
+
+// Built with -ffp-contract=off (CMakeLists.txt): no multiply-add is fused, so the rotation
+// rounds exactly as torch's separate multiplies and add do, whatever -march a build uses.
+// The loops are plain so that -O3 vectorises them for the baseline x86-64 (SSE2) the wheel
+// targets; at a few thousand floats a call they are bound by memory, not by vector width.
+
+#ifdef _OPENMP
+#define INFERCEPT_PRAGMA(x) _Pragma(#x)
+#else
+#define INFERCEPT_PRAGMA(x)
+#endif
+
+namespace infercept {
+namespace {
+
+constexpr const char* kRmsNorm = "rms_norm";
+constexpr const char* kAddRmsNorm = "add_rms_norm";
+constexpr const char* kRotary = "rotary_write_kv";
+
+[[noreturn]] void fail(const std::string& what) { throw InvalidArgumentError(what); }
+
+// Rows are split over OpenMP threads only for prefill-sized work: at decode a fork costs more
+// than the row loop.
+constexpr int64_t kParallelFloats = 1 << 16;
+
+// 1 / sqrt(mean(x^2) + eps) of one row, with a vectorised float32 sum.
+float inverse_rms(const float* x, int64_t hidden, float eps) {
+  float sum = 0.0f;
+  INFERCEPT_PRAGMA(omp simd reduction(+ : sum))
+  for (int64_t i = 0; i < hidden; ++i) sum += x[i] * x[i];
+  return 1.0f / std::sqrt(sum / static_cast<float>(hidden) + eps);
+}
+
+void scale_row(float* out, const float* x, const float* weight, int64_t hidden, float inv) {
+  for (int64_t i = 0; i < hidden; ++i) out[i] = x[i] * inv * weight[i];
+}
+
+// Rotates one head of head_dim floats in place (rotate-half).
+void rotate_head(float* x, const float* cos, const float* sin, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float lo = x[i], hi = x[i + half];
+    x[i] = lo * cos[i] - hi * sin[i];
+    x[i + half] = hi * cos[i + half] + lo * sin[i + half];
+  }
+}
+
+void check_positive(const char* op, const char* name, int64_t value) {
+  if (value < 1) fail(std::string(op) + ": " + name + "=" + std::to_string(value) + " must be >= 1");
+}
+
+const Device kCpu{DeviceType::kCpu, 0};
+
+}  // namespace
+
+void rms_norm(float* out, const float* x, const float* weight, int64_t num_rows, int64_t hidden,
+              float eps) {
+  INFERCEPT_PRAGMA(omp parallel for if (num_rows * hidden >= kParallelFloats))
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const float* row = x + r * hidden;
+    scale_row(out + r * hidden, row, weight, hidden, inverse_rms(row, hidden, eps));
+  }
+}
+
+void add_rms_norm(float* x, float* residual, const float* weight, int64_t num_rows,
+                  int64_t hidden, float eps) {
+  INFERCEPT_PRAGMA(omp parallel for if (num_rows * hidden >= kParallelFloats))
+  for (int64_t r = 0; r < num_rows; ++r) {
+    float* sum = residual + r * hidden;
+    const float* delta = x + r * hidden;
+    for (int64_t i = 0; i < hidden; ++i) sum[i] += delta[i];
+    scale_row(x + r * hidden, sum, weight, hidden, inverse_rms(sum, hidden, eps));
+  }
+}
+
+void rotary_write_kv(const RotaryCacheWrite& w) {
+  check_positive(kRotary, "num_heads", w.num_heads);
+  check_positive(kRotary, "num_kv_heads", w.num_kv_heads);
+  check_positive(kRotary, "num_slots", w.num_slots);
+  if (w.head_dim < 2 || w.head_dim % 2 != 0) {
+    fail(std::string(kRotary) + ": head_dim=" + std::to_string(w.head_dim) +
+         " must be even and >= 2 (rotate-half pairs)");
+  }
+  for (int64_t t = 0; t < w.num_tokens; ++t) {
+    if (w.slot_mapping[t] < 0 || w.slot_mapping[t] >= w.num_slots) {
+      fail(std::string(kRotary) + ": slot_mapping[" + std::to_string(t) + "]=" +
+           std::to_string(w.slot_mapping[t]) + " must be in [0, num_slots=" +
+           std::to_string(w.num_slots) + ")");
+    }
+  }
+  const int64_t d = w.head_dim;
+  const int64_t rotated_heads = w.num_heads + w.num_kv_heads;
+  const int64_t token_floats = (rotated_heads + w.num_kv_heads) * d;
+  const size_t kv_bytes = static_cast<size_t>(w.num_kv_heads * d) * sizeof(float);
+  INFERCEPT_PRAGMA(omp parallel for if (w.num_tokens * token_floats >= kParallelFloats))
+  for (int64_t t = 0; t < w.num_tokens; ++t) {
+    float* token = w.qkv + t * token_floats;
+    for (int64_t h = 0; h < rotated_heads; ++h) rotate_head(token + h * d, w.cos + t * d, w.sin + t * d, d);
+    const int64_t slot = w.slot_mapping[t];
+    std::memcpy(w.key_cache + slot * w.num_kv_heads * d, token + w.num_heads * d, kv_bytes);
+    std::memcpy(w.value_cache + slot * w.num_kv_heads * d, token + rotated_heads * d, kv_bytes);
+  }
+}
+
+void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weight, float eps) {
+  check_ndim(kRmsNorm, "x", x, 2, "[num_rows, hidden]");
+  const int64_t rows = x.shape[0], hidden = x.shape[1];
+  check_tensor(kRmsNorm, "x", x, ScalarType::kFloat32, kCpu, {rows, hidden});
+  check_tensor(kRmsNorm, "out", out, ScalarType::kFloat32, kCpu, {rows, hidden});
+  check_tensor(kRmsNorm, "weight", weight, ScalarType::kFloat32, kCpu, {hidden});
+  if (out.data != x.data) check_disjoint(kRmsNorm, "out", out, "x", x);
+  check_disjoint(kRmsNorm, "out", out, "weight", weight);
+  rms_norm(out.data_as<float>(), x.data_as<const float>(), weight.data_as<const float>(), rows,
+           hidden, eps);
+}
+
+void add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& weight,
+                  float eps) {
+  check_ndim(kAddRmsNorm, "x", x, 2, "[num_rows, hidden]");
+  const int64_t rows = x.shape[0], hidden = x.shape[1];
+  check_tensor(kAddRmsNorm, "x", x, ScalarType::kFloat32, kCpu, {rows, hidden});
+  check_tensor(kAddRmsNorm, "residual", residual, ScalarType::kFloat32, kCpu, {rows, hidden});
+  check_tensor(kAddRmsNorm, "weight", weight, ScalarType::kFloat32, kCpu, {hidden});
+  check_disjoint(kAddRmsNorm, "x", x, "residual", residual);
+  check_disjoint(kAddRmsNorm, "x", x, "weight", weight);
+  check_disjoint(kAddRmsNorm, "residual", residual, "weight", weight);
+  add_rms_norm(x.data_as<float>(), residual.data_as<float>(), weight.data_as<const float>(), rows,
+               hidden, eps);
+}
+
+void rotary_write_kv(const TensorView& qkv, const TensorView& cos, const TensorView& sin,
+                     const TensorView& key_cache, const TensorView& value_cache,
+                     const TensorView& slot_mapping) {
+  check_ndim(kRotary, "qkv", qkv, 3, "[num_tokens, num_heads + 2 * num_kv_heads, head_dim]");
+  check_ndim(kRotary, "key_cache", key_cache, 4,
+             "[num_blocks, block_size, num_kv_heads, head_dim]");
+  const int64_t tokens = qkv.shape[0], heads_total = qkv.shape[1], d = qkv.shape[2];
+  const int64_t blocks = key_cache.shape[0], block_size = key_cache.shape[1];
+  const int64_t kv_heads = key_cache.shape[2];
+  if (heads_total <= 2 * kv_heads) {
+    fail(std::string(kRotary) + ": qkv has " + std::to_string(heads_total) +
+         " heads, expected num_heads + 2 * num_kv_heads with num_kv_heads=" +
+         std::to_string(kv_heads) + " (key_cache) and num_heads >= 1");
+  }
+  check_tensor(kRotary, "qkv", qkv, ScalarType::kFloat32, kCpu, {tokens, heads_total, d});
+  check_tensor(kRotary, "cos", cos, ScalarType::kFloat32, kCpu, {tokens, d});
+  check_tensor(kRotary, "sin", sin, ScalarType::kFloat32, kCpu, {tokens, d});
+  check_tensor(kRotary, "key_cache", key_cache, ScalarType::kFloat32, kCpu,
+               {blocks, block_size, kv_heads, d});
+  check_tensor(kRotary, "value_cache", value_cache, ScalarType::kFloat32, kCpu,
+               {blocks, block_size, kv_heads, d});
+  check_tensor(kRotary, "slot_mapping", slot_mapping, ScalarType::kInt64, kCpu, {tokens});
+  check_disjoint(kRotary, "key_cache", key_cache, "qkv", qkv);
+  check_disjoint(kRotary, "value_cache", value_cache, "qkv", qkv);
+  check_disjoint(kRotary, "key_cache", key_cache, "value_cache", value_cache);
+  RotaryCacheWrite w;
+  w.qkv = qkv.data_as<float>();
+  w.cos = cos.data_as<const float>();
+  w.sin = sin.data_as<const float>();
+  w.key_cache = key_cache.data_as<float>();
+  w.value_cache = value_cache.data_as<float>();
+  w.slot_mapping = slot_mapping.data_as<const int64_t>();
+  w.num_tokens = tokens;
+  w.num_heads = heads_total - 2 * kv_heads;
+  w.num_kv_heads = kv_heads;
+  w.head_dim = d;
+  w.num_slots = blocks * block_size;
+  rotary_write_kv(w);
+}
+
+}  // namespace infercept
