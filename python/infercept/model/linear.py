@@ -15,7 +15,8 @@ at one row where oneDNN reaches 16-21 and MKL 10-13 (median calls), is 1.2-1.8x 
 speed at 8 rows and 1.0-1.5x at 32 (decode batches), and within 5 % of it at 128-512 rows
 (prefill chunks; oneDNN ahead only on the LM head, which runs on one row per sequence). So
 ``auto`` takes the native kernel wherever it can run. Decode at batch 1 went from 21-24 to
-28-32 tokens/s end to end (25-27 to 35 with main's native layer ops). Results differ from MKL's only by float rounding (~1e-5 relative).
+28-32 tokens/s end to end (25-27 to 35 with the native layer ops). Results differ from MKL's
+only by float rounding (~1e-5 relative).
 
 Packing is a step after loading (:meth:`Linear.pack`, called by
 ``LlamaForCausalLM.process_weights_after_loading`` once the model is on its device): the plain
