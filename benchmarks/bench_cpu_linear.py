@@ -32,25 +32,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_decode import read_bandwidth_bytes_per_s
 from bench_vs_transformers import machine
 from infercept.model.cpu_kernels import cpu_linear, pack_linear_weight
 
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576),
           "lm_head": (576, 49152)}
 ROWS = (1, 2, 4, 8, 16, 32, 128, 512)
-
-
-def read_bandwidth_bytes_per_s(num_bytes: int = 1 << 30, repeats: int = 7) -> float:
-    """Best-of-``repeats`` bytes/s of ``torch.sum`` over ``num_bytes`` of float32, as
-    bench_decode.py measures it."""
-    data = torch.ones(num_bytes // 4, dtype=torch.float32)
-    data.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - begin)
-    return data.numel() * 4 / best
 
 
 def callers(in_features: int, out_features: int, cycle_bytes: int) -> dict:
