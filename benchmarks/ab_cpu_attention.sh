@@ -24,7 +24,9 @@ for tree in base new; do
   # Each tree's own microbenchmark (it names the bodies that tree has) over its kernel sources.
   g++ -O3 -DNDEBUG -std=gnu++17 -fopenmp -I"$dir/cpp/include" -I"$dir/cpp/src" \
     "$dir/benchmarks/bench_cpu_attention_kernel.cpp" "$dir"/cpp/src/cpu_attention*.cpp \
-    "$dir/cpp/src/attention_args.cpp" "$dir/cpp/src/tensor_view.cpp" -o "$OUT/kernel_$tree"
+    "$dir/cpp/src/attention_args.cpp" "$dir/cpp/src/tensor_view.cpp" \
+    $([[ -f "$dir/cpp/src/cpu_features.cpp" ]] && echo "$dir/cpp/src/cpu_features.cpp") \
+    -o "$OUT/kernel_$tree"
 done
 git -C "$BASE" rev-parse HEAD > "$OUT/base_commit"
 git -C "$NEW" rev-parse HEAD > "$OUT/new_commit"

@@ -203,11 +203,11 @@ void check_paged_decode_problem(const PagedDecodeProblem& p) {
 void paged_decode_attention(const PagedDecodeProblem& p) {
   check_paged_decode_problem(p);
   const int64_t group = p.num_heads / p.num_kv_heads;
-  const bool avx512_fits = detail::cpu_has_avx512() && p.head_dim % 16 == 0;
+  const bool avx512_fits = detail::cpu_has_avx512f() && p.head_dim % 16 == 0;
   const bool avx2_fits = detail::cpu_has_avx2_fma() && p.head_dim % 8 == 0;
   if (p.impl == CpuAttentionImpl::kAvx512 && !avx512_fits) {
     fail(std::string("impl=kAvx512 needs a CPU with AVX-512 F (") +
-         (detail::cpu_has_avx512() ? "present" : "absent") +
+         (detail::cpu_has_avx512f() ? "present" : "absent") +
          ") and head_dim % 16 == 0 (head_dim=" + std::to_string(p.head_dim) + ")");
   }
   if (p.impl == CpuAttentionImpl::kAvx2 && !avx2_fits) {
@@ -297,7 +297,7 @@ void paged_decode_attention(const TensorView& out, const TensorView& query,
 
 bool cpu_attention_has_avx2() { return detail::cpu_has_avx2_fma(); }
 
-bool cpu_attention_has_avx512() { return detail::cpu_has_avx512(); }
+bool cpu_attention_has_avx512() { return detail::cpu_has_avx512f(); }
 
 bool cpu_attention_has_openmp() {
 #ifdef _OPENMP

@@ -17,11 +17,6 @@ namespace infercept::detail {
 
 #ifdef INFERCEPT_AVX2_PATH
 
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
 namespace {
 
 #define INFERCEPT_AVX2 __attribute__((target("avx2,fma")))
@@ -252,8 +247,6 @@ INFERCEPT_AVX2 void attend_avx2(const PagedDecodeProblem& p, int64_t seq, int64_
 }
 
 #else  // no x86-64 GCC/Clang: the portable kernel only.
-
-bool cpu_has_avx2_fma() { return false; }
 
 void attend_avx2(const PagedDecodeProblem&, int64_t, int64_t, int64_t, float*) {}
 

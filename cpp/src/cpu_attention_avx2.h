@@ -3,12 +3,10 @@
 // Private to the library: the public entry points are in infercept/cpu_attention.h.
 #include <cstdint>
 
+#include "cpu_features.h"
 #include "infercept/cpu_attention.h"
 
 namespace infercept::detail {
-
-/// Whether the running CPU has AVX2 and FMA (always false off x86-64 GCC/Clang builds).
-bool cpu_has_avx2_fma();
 
 /// Floats of scratch attend_avx2 needs for `rows` query heads: scores of one block padded to
 /// whole vectors, and per head a running maximum and sum, and the block's rescale factor and

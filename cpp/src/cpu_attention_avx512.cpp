@@ -24,11 +24,6 @@ namespace infercept::detail {
 
 #ifdef INFERCEPT_AVX512_PATH
 
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
 namespace {
 
 #define INFERCEPT_AVX512 __attribute__((target("avx512f")))
@@ -321,8 +316,6 @@ INFERCEPT_AVX512 void attend_avx512(const PagedDecodeProblem& p, int64_t seq, in
 }
 
 #else  // no x86-64 GCC/Clang: the portable kernel only.
-
-bool cpu_has_avx512() { return false; }
 
 void attend_avx512(const PagedDecodeProblem&, int64_t, int64_t, int64_t, float*) {}
 

@@ -30,7 +30,7 @@ BlockFn choose_body(CpuLinearImpl impl) {
     case CpuLinearImpl::kPortable:
       return &detail::linear_block_portable;
     case CpuLinearImpl::kAvx2:
-      if (!detail::cpu_has_avx2_and_fma()) fail(kOp, "impl=kAvx2 needs a CPU with AVX2 and FMA");
+      if (!detail::cpu_has_avx2_fma()) fail(kOp, "impl=kAvx2 needs a CPU with AVX2 and FMA");
       return &detail::linear_block_avx2;
     case CpuLinearImpl::kAvx512:
       if (!detail::cpu_has_avx512f()) fail(kOp, "impl=kAvx512 needs a CPU with AVX-512F");
@@ -39,7 +39,7 @@ BlockFn choose_body(CpuLinearImpl impl) {
       break;
   }
   if (detail::cpu_has_avx512f()) return &detail::linear_block_avx512;
-  if (detail::cpu_has_avx2_and_fma()) return &detail::linear_block_avx2;
+  if (detail::cpu_has_avx2_fma()) return &detail::linear_block_avx2;
   return &detail::linear_block_portable;
 }
 
@@ -235,7 +235,7 @@ void cpu_linear(const TensorView& out, const TensorView& x, const TensorView& pa
 bool cpu_linear_has(CpuLinearImpl impl) {
   switch (impl) {
     case CpuLinearImpl::kAvx2:
-      return detail::cpu_has_avx2_and_fma();
+      return detail::cpu_has_avx2_fma();
     case CpuLinearImpl::kAvx512:
       return detail::cpu_has_avx512f();
     case CpuLinearImpl::kAuto:

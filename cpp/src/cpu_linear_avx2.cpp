@@ -16,11 +16,6 @@ namespace infercept::detail {
 
 #ifdef INFERCEPT_LINEAR_AVX2_PATH
 
-bool cpu_has_avx2_and_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-
 namespace {
 
 #define INFERCEPT_AVX2 __attribute__((target("avx2,fma")))
@@ -112,9 +107,7 @@ void linear_block_avx2(const LinearProblem& p, int64_t row_begin, int64_t row_en
   }
 }
 
-#else  // not x86-64 GCC/Clang: never called (cpu_has_avx2_and_fma() is false)
-
-bool cpu_has_avx2_and_fma() { return false; }
+#else  // not x86-64 GCC/Clang: never called (cpu_has_avx2_fma() is false)
 
 void linear_block_avx2(const LinearProblem& p, int64_t row_begin, int64_t row_end,
                        int64_t panel_begin, int64_t panel_end) {

@@ -15,12 +15,6 @@ namespace infercept::detail {
 
 #ifdef INFERCEPT_AVX512_PATH
 
-bool cpu_has_avx512f() {
-  // GCC and Clang also check (xgetbv) that the OS saves the zmm state before reporting it.
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
 namespace {
 
 #define INFERCEPT_AVX512 __attribute__((target("avx512f")))
@@ -114,8 +108,6 @@ void linear_block_avx512(const LinearProblem& p, int64_t row_begin, int64_t row_
 }
 
 #else  // not x86-64 GCC/Clang: never called (cpu_has_avx512f() is false)
-
-bool cpu_has_avx512f() { return false; }
 
 void linear_block_avx512(const LinearProblem& p, int64_t row_begin, int64_t row_end,
                          int64_t panel_begin, int64_t panel_end) {

@@ -3,15 +3,10 @@
 // Private to the library: the public entry points are in infercept/cpu_linear.h.
 #include <cstdint>
 
+#include "cpu_features.h"
 #include "infercept/cpu_linear.h"
 
 namespace infercept::detail {
-
-/// Whether the running CPU has AVX-512F (always false off x86-64 GCC/Clang builds).
-bool cpu_has_avx512f();
-
-/// Whether the running CPU has AVX2 and FMA (always false off x86-64 GCC/Clang builds).
-bool cpu_has_avx2_and_fma();
 
 /// Each body writes out[row_begin:row_end, 16 * panel_begin : min(16 * panel_end, N)] of an
 /// already checked problem, reading only those panels of the packed weight. Call the AVX bodies
