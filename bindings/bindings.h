@@ -19,9 +19,13 @@ void bind_cpu_attention(pybind11::module_& m);
 /// through DLPack.
 void bind_cpu_linear(pybind11::module_& m);
 
-/// rms_norm, add_rms_norm and rotary_write_kv: the CPU decoder layer's small ops (cpu_layer_ops.h)
-/// over tensors taken through DLPack.
+/// rms_norm, add_rms_norm, silu_mul and rotary_write_kv: the CPU decoder layer's small ops
+/// (cpu_layer_ops.h) over tensors taken through DLPack.
 void bind_cpu_layer_ops(pybind11::module_& m);
+
+/// CpuDecoderLayer, CpuDecodeBatch and CpuDecoderScratch: a decode step's layer as one native
+/// call (cpu_decoder_layer.h).
+void bind_cpu_decoder_layer(pybind11::module_& m);
 
 #ifdef INFERCEPT_WITH_CUDA
 /// CudaSwapEngine, cuda_write_kv_cache and cuda_paged_attention (CUDA builds only).

@@ -454,6 +454,7 @@ PYBIND11_MODULE(_core, m) {
   bind_cpu_attention(m);
   bind_cpu_linear(m);
   bind_cpu_layer_ops(m);
+  bind_cpu_decoder_layer(m);
 #ifdef INFERCEPT_WITH_CUDA
   bind_cuda(m);
 #endif

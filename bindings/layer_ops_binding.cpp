@@ -1,4 +1,4 @@
-// infercept._core.rms_norm / add_rms_norm / rotary_write_kv: declares the adapters of
+// infercept._core.rms_norm / add_rms_norm / silu_mul / rotary_write_kv: declares the adapters of
 // cpu_layer_ops.h, which check every tensor and throw InvalidArgumentError (a ValueError)
 // naming it. Tensors arrive through DLPack (dlpack_view.h): torch is not linked.
 #include "bindings.h"
@@ -23,6 +23,11 @@ void add_rms_norm(py::handle x, py::handle residual, py::handle weight, double e
                           static_cast<float>(eps));
 }
 
+void silu_mul(py::handle gate_up) {
+  const DLPackView gate_up_view(gate_up, "gate_up");
+  infercept::silu_mul(gate_up_view.view());
+}
+
 void rotary_write_kv(py::handle qkv, py::handle cos, py::handle sin, py::handle key_cache,
                      py::handle value_cache, py::handle slot_mapping) {
   const DLPackView qkv_view(qkv, "qkv"), cos_view(cos, "cos"), sin_view(sin, "sin"),
@@ -45,6 +50,11 @@ void bind_cpu_layer_ops(py::module_& m) {
         "In place: residual += x, then x = rms_norm(residual) * weight; x and residual "
         "[num_rows, hidden] float32 (CPU, contiguous, disjoint). Raises InvalidArgumentError as "
         "rms_norm.");
+  m.def("silu_mul", &silu_mul, py::arg("gate_up"),
+        "In place over gate_up [num_rows, 2 * intermediate] float32 (CPU, contiguous), the "
+        "output of a stacked gate/up GEMM: the gate half becomes silu(gate) * up, the up half "
+        "is left. Raises InvalidArgumentError naming a tensor of the wrong dtype, device, shape "
+        "or layout.");
   m.def("rotary_write_kv", &rotary_write_kv, py::arg("qkv"), py::arg("cos"), py::arg("sin"),
         py::arg("key_cache"), py::arg("value_cache"), py::arg("slot_mapping"),
         "Rotates the query and key heads of qkv [num_tokens, num_heads + 2 * num_kv_heads, "

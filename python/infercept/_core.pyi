@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'add_rms_norm', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_avx2', 'cpu_attention_has_avx512', 'cpu_attention_has_openmp', 'cpu_linear', 'cpu_linear_has_avx512', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'linear_packed_shape', 'linear_panel_width', 'pack_linear_weight', 'paged_decode_attention', 'preserve_waste', 'rms_norm', 'rotary_write_kv', 'swap_waste']
+__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuDecodeBatch', 'CpuDecoderLayer', 'CpuDecoderScratch', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'add_rms_norm', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_avx2', 'cpu_attention_has_avx512', 'cpu_attention_has_openmp', 'cpu_linear', 'cpu_linear_has_avx512', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'linear_packed_shape', 'pack_linear_weight', 'paged_decode_attention', 'preserve_waste', 'rms_norm', 'rotary_write_kv', 'silu_mul', 'swap_waste']
 class InferceptError(RuntimeError):
     pass
 class OutOfBlocksError(InferceptError):
@@ -1247,6 +1247,28 @@ class CudaSwapEngine(SwapEngine):
     @property
     def max_copy_ctas(self) -> int:
         ...
+class CpuDecoderScratch:
+    """
+    Intermediate buffers of CpuDecoderLayer.decode, kept from layer to layer and step to step (grown on demand). One per model; not for two threads at once.
+    """
+    def __init__(self) -> None:
+        ...
+class CpuDecoderLayer:
+    """
+    A Llama decoder layer's weights for a decode step in one native call. Float32 CPU contiguous tensors: input_norm and post_norm [hidden]; qkv_packed, o_packed, gate_up_packed, down_packed in pack_linear_weight's layout of [Q + 2 KV, hidden], [hidden, Q], [2 I, hidden], [hidden, I] (Q = num_heads * head_dim, KV = num_kv_heads * head_dim, I = intermediate); qkv_bias [Q + 2 KV] or None. Holds the tensors. Raises InvalidArgumentError (a ValueError) naming a tensor of the wrong dtype, device, shape or layout.
+    """
+    def __init__(self, input_norm: typing.Any, qkv_packed: typing.Any, qkv_bias: typing.Any | None, o_packed: typing.Any, post_norm: typing.Any, gate_up_packed: typing.Any, down_packed: typing.Any, num_heads: typing.SupportsInt | typing.SupportsIndex, num_kv_heads: typing.SupportsInt | typing.SupportsIndex, head_dim: typing.SupportsInt | typing.SupportsIndex, eps: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    def decode(self, batch: ..., key_cache: typing.Any, value_cache: typing.Any, scratch: CpuDecoderScratch) -> None:
+        """
+        Runs the layer on the batch in place: residual += x, the input norm, the qkv GEMM, RoPE and the K/V write into the caches [num_blocks, block_size, num_kv_heads, head_dim], paged decode attention, o_proj, the post-attention norm (residual += x again), gate_up, SwiGLU, down_proj into x. Bit-equal to the per-op path. Releases the GIL. Raises InvalidArgumentError naming a bad tensor, slot, context length or block id.
+        """
+class CpuDecodeBatch:
+    """
+    One decode step's tensors, shared by every CpuDecoderLayer.decode of the step: x and residual [num_seqs, hidden] float32 (updated in place; residual zeros before the first layer), cos/sin [num_seqs, head_dim] float32, slot_mapping [num_seqs] int64, block_tables [num_seqs, max_blocks] and context_lens [num_seqs] int32, CPU and contiguous. Holds the tensors. Raises InvalidArgumentError naming a bad tensor.
+    """
+    def __init__(self, x: typing.Any, residual: typing.Any, cos: typing.Any, sin: typing.Any, slot_mapping: typing.Any, block_tables: typing.Any, context_lens: typing.Any, scale: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
 def add_rms_norm(x: typing.Any, residual: typing.Any, weight: typing.Any, eps: typing.SupportsFloat | typing.SupportsIndex) -> None:
     """
     In place: residual += x, then x = rms_norm(residual) * weight; x and residual [num_rows, hidden] float32 (CPU, contiguous, disjoint). Raises InvalidArgumentError as rms_norm.
@@ -1330,6 +1352,10 @@ def rms_norm(out: typing.Any, x: typing.Any, weight: typing.Any, eps: typing.Sup
 def rotary_write_kv(qkv: typing.Any, cos: typing.Any, sin: typing.Any, key_cache: typing.Any, value_cache: typing.Any, slot_mapping: typing.Any) -> None:
     """
     Rotates the query and key heads of qkv [num_tokens, num_heads + 2 * num_kv_heads, head_dim] in place by cos/sin [num_tokens, head_dim] (rotate-half RoPE), then copies each token's keys and values to its slot of the paged caches [num_blocks, block_size, num_kv_heads, head_dim] (slot_mapping [num_tokens] int64). float32 CPU contiguous. Raises InvalidArgumentError naming a bad tensor or a slot out of range; then nothing is written.
+    """
+def silu_mul(gate_up: typing.Any) -> None:
+    """
+    In place over gate_up [num_rows, 2 * intermediate] float32 (CPU, contiguous), the output of a stacked gate/up GEMM: the gate half becomes silu(gate) * up, the up half is left. Raises InvalidArgumentError naming a tensor of the wrong dtype, device, shape or layout.
     """
 def swap_waste(cost: CostModel, context_tokens: typing.SupportsInt | typing.SupportsIndex, batch_tokens: typing.SupportsInt | typing.SupportsIndex) -> float:
     """

@@ -31,6 +31,28 @@ std::vector<double> reference_norm(const float* row, const float* weight, int64_
   return out;
 }
 
+TEST(SiluMul, MatchesReferenceAndLeavesTheUpHalf) {
+  for (const int64_t intermediate : {int64_t{1}, int64_t{7}, int64_t{1536}}) {
+    const int64_t rows = 3;
+    auto gate_up = random_floats(rows * 2 * intermediate, 9);
+    for (float& v : gate_up) v *= 8.0f;
+    gate_up[0] = -200.0f;  // e^-g past the clamp: silu -> -0
+    if (intermediate > 1) gate_up[1] = 200.0f;  // e^-g -> 0: silu(g) = g
+    const auto before = gate_up;
+    silu_mul(gate_up.data(), rows, intermediate);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = before.data() + r * 2 * intermediate;
+      for (int64_t i = 0; i < intermediate; ++i) {
+        const double g = row[i], u = row[intermediate + i];
+        const double want = g / (1.0 + std::exp(-g)) * u;
+        ASSERT_NEAR(gate_up[r * 2 * intermediate + i], want, 4e-7 * (1 + std::abs(want)))
+            << "row " << r << " column " << i << " gate " << g;
+        ASSERT_EQ(gate_up[r * 2 * intermediate + intermediate + i], row[intermediate + i]);
+      }
+    }
+  }
+}
+
 class RmsNormSizes : public ::testing::TestWithParam<std::pair<int64_t, int64_t>> {};
 
 TEST_P(RmsNormSizes, MatchesReferenceOutOfPlaceAndInPlace) {

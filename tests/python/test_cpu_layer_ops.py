@@ -53,6 +53,19 @@ def test_rotary_write_kv_equals_apply_rope_then_write_kv(tokens, heads, kv_heads
     assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
 
 
+@pytest.mark.parametrize("rows,intermediate", [(1, 1536), (5, 7), (64, 1536)])
+def test_silu_mul_matches_torch(rows, intermediate):
+    g = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * intermediate, generator=g) * 6
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # e^-g clamped at both ends
+    gate, up = gate_up.split(intermediate, dim=-1)
+    want = F.silu(gate) * up
+    ours = gate_up.clone()
+    cpu_kernels.silu_mul(ours)
+    torch.testing.assert_close(ours[:, :intermediate], want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(ours[:, intermediate:], up)
+
+
 def test_bad_tensors_raise_naming_them_and_write_nothing():
     qkv = torch.randn(2, 5, 4)
     cos = sin = torch.ones(2, 4)
@@ -66,6 +79,8 @@ def test_bad_tensors_raise_naming_them_and_write_nothing():
                                     torch.tensor([0, 1], dtype=torch.int32))
     with pytest.raises(ValueError, match="weight"):
         cpu_kernels.rms_norm(torch.empty(2, 4), torch.randn(2, 4), torch.ones(3), 1e-5)
+    with pytest.raises(ValueError, match="gate_up has 5 columns"):
+        cpu_kernels.silu_mul(torch.randn(2, 5))
     x = torch.randn(2, 4)
     with pytest.raises(ValueError, match="residual"):
         cpu_kernels.add_rms_norm(x, x, torch.ones(4), 1e-5)

@@ -123,9 +123,9 @@ def cpu_linear(x: torch.Tensor, packed_weight: torch.Tensor, out_features: int,
 
 
 def has_native_layer_ops() -> bool:
-    """Whether ``infercept._core`` has the CPU layer ops (rms_norm, add_rms_norm,
+    """Whether ``infercept._core`` has the CPU layer ops (rms_norm, add_rms_norm, silu_mul,
     rotary_write_kv)."""
-    return hasattr(_core, "rotary_write_kv")
+    return hasattr(_core, "silu_mul")
 
 
 def can_run_layer_ops(*tensors: torch.Tensor) -> bool:
@@ -152,6 +152,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
         ValueError: As :func:`rms_norm`, or x and residual share memory.
     """
     _core.add_rms_norm(to_dlpack(x), to_dlpack(residual), to_dlpack(weight), float(eps))
+
+
+def silu_mul(gate_up: torch.Tensor) -> None:
+    """In place over a stacked gate/up GEMM's output ``[T, 2 * intermediate]``: the gate half
+    becomes ``silu(gate) * up``, the up half is left as it was.
+
+    Raises:
+        ValueError: A tensor of the wrong dtype, device, shape or layout (named).
+    """
+    _core.silu_mul(to_dlpack(gate_up))
 
 
 def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -110,6 +110,12 @@ class Linear(nn.Module):
         return self._packed is not None
 
     @property
+    def packed_weight(self) -> torch.Tensor | None:
+        """The packed copy of the weight (the native kernel's ``[ceil(N / 16), K, 16]`` or
+        oneDNN's opaque layout), None until :meth:`pack`."""
+        return self._packed
+
+    @property
     def packing(self) -> str | None:
         """``"native"`` or ``"onednn"`` once packed, else None."""
         return self._packing

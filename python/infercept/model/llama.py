@@ -17,6 +17,7 @@ from infercept.model import cpu_kernels
 from infercept.model.attention import (AttentionPlan, PagedAttentionMetadata, paged_attention,
                                        plan_attention, write_kv)
 from infercept.model.config import ModelConfig
+from infercept.model.cpu_decoder import CpuDecoder
 from infercept.model.linear import Linear
 from infercept.model.paged_cache import KVCache
 from infercept.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -106,10 +107,15 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden]
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         # In place, in the GEMM's output: a fresh [T, I] buffer would be page-faulted in every
         # layer (glibc maps allocations this large anew each time); 290 against ~50 us a call
-        # at 32 rows. down_proj reads the gate half through its row stride.
+        # at 32 rows. down_proj reads the gate half through its row stride. On the CPU in
+        # float32 one native call, the one the native decode layer (cpu_decoder.py) makes.
+        if cpu_kernels.can_run_layer_ops(gate_up):
+            cpu_kernels.silu_mul(gate_up)
+            return self.down_proj(gate)
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
@@ -162,6 +168,8 @@ class LlamaForCausalLM(nn.Module):
         # A tied model's head as its own Linear once its copy of the embeddings is packed
         # (process_weights_after_loading); None while the head reads the embeddings directly.
         self._packed_tied_head: Linear | None = None
+        # The decode step's layers as native calls, once packed (None where they cannot run).
+        self._cpu_decoder: CpuDecoder | None = None
         self.register_buffer(
             "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
             persistent=False)
@@ -203,7 +211,8 @@ class LlamaForCausalLM(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Packs every linear layer's weight for the native CPU kernel or oneDNN where it can
-        (``model/linear.py``); call once the model is on the device it runs on. Idempotent.
+        (``model/linear.py``) and builds the native decode layers where they can run
+        (``model/cpu_decoder.py``); call once the model is on the device it runs on. Idempotent.
 
         A tied model's LM head gets its own packed copy of the embeddings (the lookup keeps the
         plain table): one more ``vocab x hidden`` in memory for a GEMM about twice as fast.
@@ -220,6 +229,8 @@ class LlamaForCausalLM(nn.Module):
                                              requires_grad=False)
             if head.pack():
                 self._packed_tied_head = head
+        if self._cpu_decoder is None:
+            self._cpu_decoder = CpuDecoder.build(self)
 
     @property
     def is_packed(self) -> bool:
@@ -280,12 +291,17 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         residual = None
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # [T, head_dim] each
-        for index, (layer, key_cache, value_cache) in enumerate(
-                zip(self.model.layers, kv_cache.key_caches, kv_cache.value_caches)):
-            if before_layer is not None:
-                before_layer(index)
-            x, residual = layer(x, residual, cos, sin, key_cache, value_cache,
-                                metadata.slot_mapping, plan)
+        if (self._cpu_decoder is not None and plan.decode_only
+                and plan.native_block_tables is not None):
+            x, residual = self._cpu_decoder.forward(x, cos, sin, metadata, plan, kv_cache,
+                                                    before_layer)
+        else:
+            for index, (layer, key_cache, value_cache) in enumerate(
+                    zip(self.model.layers, kv_cache.key_caches, kv_cache.value_caches)):
+                if before_layer is not None:
+                    before_layer(index)
+                x, residual = layer(x, residual, cos, sin, key_cache, value_cache,
+                                    metadata.slot_mapping, plan)
         # The last residual add and the final norm on the rows that need logits only: [R, hidden].
         x, _ = self.model.norm(x.index_select(0, logits_indices),
                                residual.index_select(0, logits_indices))
