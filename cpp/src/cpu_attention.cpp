@@ -80,9 +80,7 @@ inline void add_scaled(float* acc, float weight, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += weight * x[i];
 }
 
-[[noreturn]] void fail(const std::string& what) {
-  throw InvalidArgumentError("paged_decode_attention: " + what);
-}
+constexpr char kOp[] = "paged_decode_attention";
 
 // Per-thread scratch of one (sequence, KV head) task.
 struct Scratch {
@@ -162,9 +160,9 @@ INFERCEPT_SIMD_CLONES void attend_one(const PagedDecodeProblem& p, int64_t seq, 
 
 void check_paged_decode_problem(const PagedDecodeProblem& p) {
   auto positive = [](const char* name, int64_t value) {
-    if (value <= 0) fail(std::string(name) + "=" + std::to_string(value) + " must be > 0");
+    if (value <= 0) throw_invalid_argument(kOp, std::string(name) + "=" + std::to_string(value) + " must be > 0");
   };
-  if (p.num_seqs < 0) fail("num_seqs=" + std::to_string(p.num_seqs) + " must be >= 0");
+  if (p.num_seqs < 0) throw_invalid_argument(kOp, "num_seqs=" + std::to_string(p.num_seqs) + " must be >= 0");
   positive("num_heads", p.num_heads);
   positive("num_kv_heads", p.num_kv_heads);
   positive("head_dim", p.head_dim);
@@ -172,27 +170,27 @@ void check_paged_decode_problem(const PagedDecodeProblem& p) {
   positive("max_blocks", p.max_blocks);
   positive("num_blocks", p.num_blocks);
   if (p.num_heads % p.num_kv_heads != 0) {
-    fail("num_heads=" + std::to_string(p.num_heads) + " must be a multiple of num_kv_heads=" +
+    throw_invalid_argument(kOp, "num_heads=" + std::to_string(p.num_heads) + " must be a multiple of num_kv_heads=" +
          std::to_string(p.num_kv_heads));
   }
-  if (!std::isfinite(p.scale)) fail("scale=" + std::to_string(p.scale) + " must be finite");
+  if (!std::isfinite(p.scale)) throw_invalid_argument(kOp, "scale=" + std::to_string(p.scale) + " must be finite");
   if (p.num_seqs == 0) return;
   if (!p.out || !p.query || !p.key_cache || !p.value_cache || !p.block_tables ||
       !p.context_lens) {
-    fail("out, query, key_cache, value_cache, block_tables and context_lens must be non-null");
+    throw_invalid_argument(kOp, "out, query, key_cache, value_cache, block_tables and context_lens must be non-null");
   }
   const int64_t max_context = p.max_blocks * p.block_size;
   for (int64_t seq = 0; seq < p.num_seqs; ++seq) {
     const int64_t context_len = p.context_lens[seq];
     if (context_len < 1 || context_len > max_context) {
-      fail("context_lens[" + std::to_string(seq) + "]=" + std::to_string(context_len) +
+      throw_invalid_argument(kOp, "context_lens[" + std::to_string(seq) + "]=" + std::to_string(context_len) +
            " must be in 1..max_blocks * block_size=" + std::to_string(max_context));
     }
     const int64_t blocks_used = (context_len + p.block_size - 1) / p.block_size;
     for (int64_t b = 0; b < blocks_used; ++b) {
       const int32_t block = p.block_tables[seq * p.max_blocks + b];
       if (block < 0 || block >= p.num_blocks) {
-        fail("block_tables[" + std::to_string(seq) + ", " + std::to_string(b) + "]=" +
+        throw_invalid_argument(kOp, "block_tables[" + std::to_string(seq) + ", " + std::to_string(b) + "]=" +
              std::to_string(block) + " must be in [0, num_blocks=" +
              std::to_string(p.num_blocks) + ")");
       }
@@ -206,12 +204,12 @@ void paged_decode_attention(const PagedDecodeProblem& p) {
   const bool avx512_fits = detail::cpu_has_avx512f() && p.head_dim % 16 == 0;
   const bool avx2_fits = detail::cpu_has_avx2_fma() && p.head_dim % 8 == 0;
   if (p.impl == CpuAttentionImpl::kAvx512 && !avx512_fits) {
-    fail(std::string("impl=kAvx512 needs a CPU with AVX-512 F (") +
+    throw_invalid_argument(kOp, std::string("impl=kAvx512 needs a CPU with AVX-512 F (") +
          (detail::cpu_has_avx512f() ? "present" : "absent") +
          ") and head_dim % 16 == 0 (head_dim=" + std::to_string(p.head_dim) + ")");
   }
   if (p.impl == CpuAttentionImpl::kAvx2 && !avx2_fits) {
-    fail(std::string("impl=kAvx2 needs a CPU with AVX2 and FMA (") +
+    throw_invalid_argument(kOp, std::string("impl=kAvx2 needs a CPU with AVX2 and FMA (") +
          (detail::cpu_has_avx2_fma() ? "present" : "absent") +
          ") and head_dim % 8 == 0 (head_dim=" + std::to_string(p.head_dim) + ")");
   }
@@ -280,7 +278,7 @@ void paged_decode_attention(const TensorView& out, const TensorView& query,
                            block_tables, context_lens, ScalarType::kFloat32,
                            Device{DeviceType::kCpu, 0});
   if (s.num_rows != s.num_seqs) {
-    fail("query has " + std::to_string(s.num_rows) + " rows, expected one per sequence of " +
+    throw_invalid_argument(kOp, "query has " + std::to_string(s.num_rows) + " rows, expected one per sequence of " +
          "block_tables (" + std::to_string(s.num_seqs) + ")");
   }
   PagedDecodeProblem p;

@@ -15,14 +15,6 @@ constexpr char kLayer[] = "CpuDecoderLayer";
 constexpr char kBatch[] = "cpu_decode_batch";
 const Device kCpu{DeviceType::kCpu, 0};
 
-[[noreturn]] void fail(const char* op, const std::string& what) {
-  throw InvalidArgumentError(std::string(op) + ": " + what);
-}
-
-void check_positive(const char* op, const char* name, int64_t value) {
-  if (value < 1) fail(op, std::string(name) + "=" + std::to_string(value) + " must be >= 1");
-}
-
 // out[rows, out_features] = x W^T (+ bias), x's rows x_row_stride floats apart.
 void linear(float* out, const float* x, int64_t x_row_stride, const float* packed,
             const float* bias, int64_t rows, int64_t in_features, int64_t out_features) {
@@ -126,7 +118,7 @@ CpuDecoderLayer::CpuDecoderLayer(const TensorView& input_norm, const TensorView&
   check_positive(kLayer, "num_kv_heads", num_kv_heads);
   check_positive(kLayer, "head_dim", head_dim);
   if (num_heads % num_kv_heads != 0) {
-    fail(kLayer, "num_heads=" + std::to_string(num_heads) + " must be a multiple of num_kv_heads=" +
+    throw_invalid_argument(kLayer, "num_heads=" + std::to_string(num_heads) + " must be a multiple of num_kv_heads=" +
                      std::to_string(num_kv_heads));
   }
   check_ndim(kLayer, "input_norm", input_norm, 1, "[hidden]");
@@ -165,7 +157,7 @@ void CpuDecoderLayer::decode(const CpuDecodeBatch& batch, const TensorView& key_
                              const TensorView& value_cache, CpuDecoderScratch& scratch) const {
   const CpuDecoderLayerWeights& w = weights_;
   if (batch.hidden != w.hidden || batch.head_dim != w.head_dim) {
-    fail(kLayer, "the batch has hidden=" + std::to_string(batch.hidden) + " and head_dim=" +
+    throw_invalid_argument(kLayer, "the batch has hidden=" + std::to_string(batch.hidden) + " and head_dim=" +
                      std::to_string(batch.head_dim) + ", the layer hidden=" +
                      std::to_string(w.hidden) + " and head_dim=" + std::to_string(w.head_dim));
   }

@@ -26,8 +26,6 @@ constexpr const char* kAddRmsNorm = "add_rms_norm";
 constexpr const char* kRotary = "rotary_write_kv";
 constexpr const char* kSiluMul = "silu_mul";
 
-[[noreturn]] void fail(const std::string& what) { throw InvalidArgumentError(what); }
-
 // Rows are split over OpenMP threads only for prefill-sized work: at decode a fork costs more
 // than the row loop.
 constexpr int64_t kParallelFloats = 1 << 16;
@@ -76,10 +74,6 @@ inline float exp_poly(float x) {
   return er * scale;
 }
 
-void check_positive(const char* op, const char* name, int64_t value) {
-  if (value < 1) fail(std::string(op) + ": " + name + "=" + std::to_string(value) + " must be >= 1");
-}
-
 const Device kCpu{DeviceType::kCpu, 0};
 
 }  // namespace
@@ -121,12 +115,12 @@ void rotary_write_kv(const RotaryCacheWrite& w) {
   check_positive(kRotary, "num_kv_heads", w.num_kv_heads);
   check_positive(kRotary, "num_slots", w.num_slots);
   if (w.head_dim < 2 || w.head_dim % 2 != 0) {
-    fail(std::string(kRotary) + ": head_dim=" + std::to_string(w.head_dim) +
+    throw_invalid_argument(kRotary, "head_dim=" + std::to_string(w.head_dim) +
          " must be even and >= 2 (rotate-half pairs)");
   }
   for (int64_t t = 0; t < w.num_tokens; ++t) {
     if (w.slot_mapping[t] < 0 || w.slot_mapping[t] >= w.num_slots) {
-      fail(std::string(kRotary) + ": slot_mapping[" + std::to_string(t) + "]=" +
+      throw_invalid_argument(kRotary, "slot_mapping[" + std::to_string(t) + "]=" +
            std::to_string(w.slot_mapping[t]) + " must be in [0, num_slots=" +
            std::to_string(w.num_slots) + ")");
     }
@@ -175,7 +169,7 @@ void silu_mul(const TensorView& gate_up) {
   check_ndim(kSiluMul, "gate_up", gate_up, 2, "[num_rows, 2 * intermediate]");
   const int64_t rows = gate_up.shape[0], width = gate_up.shape[1];
   if (width < 2 || width % 2 != 0) {
-    fail(std::string(kSiluMul) + ": gate_up has " + std::to_string(width) +
+    throw_invalid_argument(kSiluMul, "gate_up has " + std::to_string(width) +
          " columns, expected 2 * intermediate (even, >= 2)");
   }
   check_tensor(kSiluMul, "gate_up", gate_up, ScalarType::kFloat32, kCpu, {rows, width});
@@ -192,7 +186,7 @@ void rotary_write_kv(const TensorView& qkv, const TensorView& cos, const TensorV
   const int64_t blocks = key_cache.shape[0], block_size = key_cache.shape[1];
   const int64_t kv_heads = key_cache.shape[2];
   if (heads_total <= 2 * kv_heads) {
-    fail(std::string(kRotary) + ": qkv has " + std::to_string(heads_total) +
+    throw_invalid_argument(kRotary, "qkv has " + std::to_string(heads_total) +
          " heads, expected num_heads + 2 * num_kv_heads with num_kv_heads=" +
          std::to_string(kv_heads) + " (key_cache) and num_heads >= 1");
   }

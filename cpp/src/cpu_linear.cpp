@@ -16,10 +16,6 @@ namespace {
 
 constexpr char kOp[] = "cpu_linear";
 
-[[noreturn]] void fail(const char* op, const std::string& what) {
-  throw InvalidArgumentError(std::string(op) + ": " + what);
-}
-
 // Below this many multiply-adds a second thread costs more to wake than it saves.
 constexpr int64_t kMinParallelMacs = int64_t{1} << 16;
 
@@ -30,10 +26,10 @@ BlockFn choose_body(CpuLinearImpl impl) {
     case CpuLinearImpl::kPortable:
       return &detail::linear_block_portable;
     case CpuLinearImpl::kAvx2:
-      if (!detail::cpu_has_avx2_fma()) fail(kOp, "impl=kAvx2 needs a CPU with AVX2 and FMA");
+      if (!detail::cpu_has_avx2_fma()) throw_invalid_argument(kOp, "impl=kAvx2 needs a CPU with AVX2 and FMA");
       return &detail::linear_block_avx2;
     case CpuLinearImpl::kAvx512:
-      if (!detail::cpu_has_avx512f()) fail(kOp, "impl=kAvx512 needs a CPU with AVX-512F");
+      if (!detail::cpu_has_avx512f()) throw_invalid_argument(kOp, "impl=kAvx512 needs a CPU with AVX-512F");
       return &detail::linear_block_avx512;
     case CpuLinearImpl::kAuto:
       break;
@@ -82,13 +78,13 @@ void linear_block_portable(const LinearProblem& p, int64_t row_begin, int64_t ro
 void pack_linear_weight(const float* weight, int64_t out_features, int64_t in_features,
                         int64_t weight_row_stride, float* packed) {
   constexpr char op[] = "pack_linear_weight";
-  if (out_features <= 0) fail(op, "out_features=" + std::to_string(out_features) + " must be > 0");
-  if (in_features <= 0) fail(op, "in_features=" + std::to_string(in_features) + " must be > 0");
+  if (out_features <= 0) throw_invalid_argument(op, "out_features=" + std::to_string(out_features) + " must be > 0");
+  if (in_features <= 0) throw_invalid_argument(op, "in_features=" + std::to_string(in_features) + " must be > 0");
   if (weight_row_stride < in_features) {
-    fail(op, "weight_row_stride=" + std::to_string(weight_row_stride) +
+    throw_invalid_argument(op, "weight_row_stride=" + std::to_string(weight_row_stride) +
                  " must be >= in_features=" + std::to_string(in_features));
   }
-  if (weight == nullptr || packed == nullptr) fail(op, "weight and packed must be non-null");
+  if (weight == nullptr || packed == nullptr) throw_invalid_argument(op, "weight and packed must be non-null");
   const int64_t num_panels = linear_num_panels(out_features);
   for (int64_t panel = 0; panel < num_panels; ++panel) {
     float* dst = packed + panel * in_features * kLinearPanelWidth;
@@ -102,23 +98,23 @@ void pack_linear_weight(const float* weight, int64_t out_features, int64_t in_fe
 }
 
 void check_linear_problem(const LinearProblem& p) {
-  if (p.num_rows < 0) fail(kOp, "num_rows=" + std::to_string(p.num_rows) + " must be >= 0");
+  if (p.num_rows < 0) throw_invalid_argument(kOp, "num_rows=" + std::to_string(p.num_rows) + " must be >= 0");
   if (p.in_features <= 0) {
-    fail(kOp, "in_features=" + std::to_string(p.in_features) + " must be > 0");
+    throw_invalid_argument(kOp, "in_features=" + std::to_string(p.in_features) + " must be > 0");
   }
   if (p.out_features <= 0) {
-    fail(kOp, "out_features=" + std::to_string(p.out_features) + " must be > 0");
+    throw_invalid_argument(kOp, "out_features=" + std::to_string(p.out_features) + " must be > 0");
   }
   if (p.x_row_stride < p.in_features) {
-    fail(kOp, "x_row_stride=" + std::to_string(p.x_row_stride) + " must be >= in_features=" +
+    throw_invalid_argument(kOp, "x_row_stride=" + std::to_string(p.x_row_stride) + " must be >= in_features=" +
                   std::to_string(p.in_features));
   }
   if (p.out_row_stride < p.out_features) {
-    fail(kOp, "out_row_stride=" + std::to_string(p.out_row_stride) +
+    throw_invalid_argument(kOp, "out_row_stride=" + std::to_string(p.out_row_stride) +
                   " must be >= out_features=" + std::to_string(p.out_features));
   }
   if (p.num_rows > 0 && (p.out == nullptr || p.x == nullptr || p.packed_weight == nullptr)) {
-    fail(kOp, "out, x and packed_weight must be non-null");
+    throw_invalid_argument(kOp, "out, x and packed_weight must be non-null");
   }
 }
 
@@ -161,22 +157,22 @@ void pack_linear_weight(const TensorView& packed, const TensorView& weight) {
   const Device cpu{DeviceType::kCpu, 0};
   check_ndim(op, "weight", weight, 2, "[out_features, in_features]");
   if (weight.device != cpu) {
-    fail(op, "weight is on " + to_string(weight.device) + ", expected " + to_string(cpu));
+    throw_invalid_argument(op, "weight is on " + to_string(weight.device) + ", expected " + to_string(cpu));
   }
   if (weight.dtype != ScalarType::kFloat32) {
-    fail(op, "weight is " + to_string(weight.dtype) + ", expected float32");
+    throw_invalid_argument(op, "weight is " + to_string(weight.dtype) + ", expected float32");
   }
   const int64_t out_features = weight.shape[0], in_features = weight.shape[1];
   if (out_features <= 0 || in_features <= 0) {
-    fail(op, "weight has shape [" + std::to_string(out_features) + ", " +
+    throw_invalid_argument(op, "weight has shape [" + std::to_string(out_features) + ", " +
                  std::to_string(in_features) + "], expected both sizes > 0");
   }
   if (in_features > 1 && weight.strides[1] != 1) {
-    fail(op, "weight has column stride " + std::to_string(weight.strides[1]) +
+    throw_invalid_argument(op, "weight has column stride " + std::to_string(weight.strides[1]) +
                  ", expected 1 (contiguous rows)");
   }
   if (out_features > 1 && weight.strides[0] < in_features) {
-    fail(op, "weight has row stride " + std::to_string(weight.strides[0]) +
+    throw_invalid_argument(op, "weight has row stride " + std::to_string(weight.strides[0]) +
                  ", expected >= in_features=" + std::to_string(in_features));
   }
   check_tensor(op, "packed", packed, ScalarType::kFloat32, cpu,
@@ -192,22 +188,22 @@ void cpu_linear(const TensorView& out, const TensorView& x, const TensorView& pa
   check_ndim(kOp, "x", x, 2, "[num_rows, in_features]");
   check_ndim(kOp, "out", out, 2, "[num_rows, out_features]");
   check_ndim(kOp, "packed_weight", packed_weight, 3, "[num_panels, in_features, 16]");
-  if (x.device != cpu) fail(kOp, "x is on " + to_string(x.device) + ", expected cpu");
+  if (x.device != cpu) throw_invalid_argument(kOp, "x is on " + to_string(x.device) + ", expected cpu");
   if (x.dtype != ScalarType::kFloat32) {
-    fail(kOp, "x is " + to_string(x.dtype) + ", expected float32");
+    throw_invalid_argument(kOp, "x is " + to_string(x.dtype) + ", expected float32");
   }
   const int64_t num_rows = x.shape[0], in_features = x.shape[1], out_features = out.shape[1];
   if (in_features > 1 && x.strides[1] != 1) {
-    fail(kOp, "x has column stride " + std::to_string(x.strides[1]) +
+    throw_invalid_argument(kOp, "x has column stride " + std::to_string(x.strides[1]) +
                   ", expected 1 (contiguous rows)");
   }
   const int64_t x_row_stride = num_rows > 1 ? x.strides[0] : in_features;
   if (x_row_stride < in_features) {
-    fail(kOp, "x has row stride " + std::to_string(x_row_stride) + ", expected >= in_features=" +
+    throw_invalid_argument(kOp, "x has row stride " + std::to_string(x_row_stride) + ", expected >= in_features=" +
                   std::to_string(in_features));
   }
   if (in_features <= 0 || out_features <= 0) {
-    fail(kOp, "in_features=" + std::to_string(in_features) + " and out_features=" +
+    throw_invalid_argument(kOp, "in_features=" + std::to_string(in_features) + " and out_features=" +
                   std::to_string(out_features) + " must be > 0");
   }
   check_tensor(kOp, "packed_weight", packed_weight, ScalarType::kFloat32, cpu,

@@ -11,13 +11,6 @@ namespace infercept {
 
 namespace {
 
-void check_positive(const char* field, int64_t value) {
-  if (value <= 0) {
-    throw InvalidArgumentError("swap engine: " + std::string(field) + "=" + std::to_string(value) +
-                               " must be > 0");
-  }
-}
-
 void check_block(const char* list, size_t index, const char* end, BlockId block, const char* pool,
                  int32_t num_blocks) {
   if (block < 0 || block >= num_blocks) {
@@ -64,10 +57,10 @@ size_t SwapEngineConfig::host_pool_bytes() const {
 }
 
 void SwapEngineConfig::validate() const {
-  check_positive("num_layers", num_layers);
-  check_positive("block_bytes", block_bytes);
-  check_positive("num_device_blocks", num_device_blocks);
-  check_positive("num_host_blocks", num_host_blocks);
+  check_positive("swap engine", "num_layers", num_layers);
+  check_positive("swap engine", "block_bytes", block_bytes);
+  check_positive("swap engine", "num_device_blocks", num_device_blocks);
+  check_positive("swap engine", "num_host_blocks", num_host_blocks);
   // Both pools are addressed as base + block * block_bytes; keep every offset in range.
   // num_layers * 2 * num_host_blocks < 2^63 since both counts are int32.
   const int64_t max_bytes = std::numeric_limits<int64_t>::max();

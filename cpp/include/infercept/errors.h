@@ -2,6 +2,7 @@
 // Typed errors of the core. The binding maps each one to a Python exception of the same name,
 // so a caller can tell an exhausted pool from a bad argument. Messages name the value and the
 // limit it broke.
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -43,5 +44,16 @@ class InvalidArgumentError : public Error {
  public:
   using Error::Error;
 };
+
+/// Throws InvalidArgumentError "op: what": the one spelling of an argument error of the
+/// kernels and engines (`op` is the function or component, `what` names the value and limit).
+[[noreturn]] inline void throw_invalid_argument(const char* op, const std::string& what) {
+  throw InvalidArgumentError(std::string(op) + ": " + what);
+}
+
+/// Throws InvalidArgumentError "op: name=value must be > 0" unless value > 0.
+inline void check_positive(const char* op, const char* name, int64_t value) {
+  if (value <= 0) throw_invalid_argument(op, std::string(name) + "=" + std::to_string(value) + " must be > 0");
+}
 
 }  // namespace infercept
