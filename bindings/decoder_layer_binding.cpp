@@ -1,5 +1,6 @@
-// infercept._core.CpuDecoderLayer / CpuDecodeBatch / CpuDecoderScratch: a decode step's layer
-// as one call (cpu_decoder_layer.h). The objects hold the DLPack exports of their tensors, so
+// infercept._core.CpuDecoderLayer / CpuDecodeBatch / CpuTokenBatch / CpuDecoderScratch: a
+// decode step's layer as one call, another step's as two around its attention
+// (cpu_decoder_layer.h). The objects hold the DLPack exports of their tensors, so
 // the producer's memory stays alive as long as they do: a layer its weights, a batch its
 // step's tensors. Tensors arrive through DLPack (dlpack_view.h): torch is not linked.
 #include <pybind11/stl.h>
@@ -43,6 +44,21 @@ class Layer {
   infercept::CpuDecoderLayer layer_;
 };
 
+class Tokens {
+ public:
+  Tokens(py::handle x, py::handle residual, py::handle cos, py::handle sin,
+         py::handle slot_mapping)
+      : tokens_(infercept::make_cpu_token_batch(
+            take(views_, x, "x"), take(views_, residual, "residual"), take(views_, cos, "cos"),
+            take(views_, sin, "sin"), take(views_, slot_mapping, "slot_mapping"))) {}
+
+  const infercept::CpuTokenBatch& tokens() const { return tokens_; }
+
+ private:
+  Views views_;
+  infercept::CpuTokenBatch tokens_;
+};
+
 class Batch {
  public:
   Batch(py::handle x, py::handle residual, py::handle cos, py::handle sin,
@@ -66,6 +82,22 @@ void decode(const Layer& layer, const Batch& batch, py::handle key_cache, py::ha
   // Touches no Python object: the tool runtime's and the server's threads may run meanwhile.
   py::gil_scoped_release release;
   layer.layer().decode(batch.batch(), key_view.view(), value_view.view(), scratch);
+}
+
+void pre_attention(const Layer& layer, const Tokens& tokens, py::handle key_cache,
+                   py::handle value_cache, py::handle qkv) {
+  const DLPackView key_view(key_cache, "key_cache"), value_view(value_cache, "value_cache"),
+      qkv_view(qkv, "qkv");
+  py::gil_scoped_release release;
+  layer.layer().pre_attention(tokens.tokens(), key_view.view(), value_view.view(),
+                              qkv_view.view());
+}
+
+void post_attention(const Layer& layer, const Tokens& tokens, py::handle attention,
+                    infercept::CpuDecoderScratch& scratch) {
+  const DLPackView attention_view(attention, "attention");
+  py::gil_scoped_release release;
+  layer.layer().post_attention(tokens.tokens(), attention_view.view(), scratch);
 }
 
 }  // namespace
@@ -97,7 +129,29 @@ void bind_cpu_decoder_layer(py::module_& m) {
            "head_dim], paged decode attention, o_proj, the post-attention norm (residual += x "
            "again), gate_up, SwiGLU, down_proj into x. Bit-equal to the per-op path. Releases "
            "the GIL. Raises InvalidArgumentError naming a bad tensor, slot, context length or "
-           "block id.");
+           "block id.")
+      .def("pre_attention", &pre_attention, py::arg("tokens"), py::arg("key_cache"),
+           py::arg("value_cache"), py::arg("qkv"),
+           "The layer before its attention, for any tokens (chunks too), in place on the "
+           "tokens' x and residual: residual += x, the input norm, the qkv GEMM into qkv "
+           "[num_tokens, num_heads + 2 * num_kv_heads, head_dim] float32 (written), RoPE on its "
+           "query and key heads, their K/V into the caches. Releases the GIL. Raises "
+           "InvalidArgumentError naming a bad tensor or slot (then nothing is written).")
+      .def("post_attention", &post_attention, py::arg("tokens"), py::arg("attention"),
+           py::arg("scratch"),
+           "The layer after its attention: o_proj of attention [num_tokens, num_heads * "
+           "head_dim] float32 (contiguous rows) into x, the post-attention norm (residual += x), "
+           "gate_up, SwiGLU, down_proj into x. Releases the GIL. Raises InvalidArgumentError "
+           "naming a bad tensor.");
+  py::class_<Tokens>(
+      m, "CpuTokenBatch",
+      "One step's new tokens, shared by every CpuDecoderLayer.pre_attention/post_attention of "
+      "the step: x and residual [num_tokens, hidden] float32 (updated in place; residual zeros "
+      "before the first layer), cos/sin [num_tokens, head_dim] float32, slot_mapping "
+      "[num_tokens] int64, CPU and contiguous. Holds the tensors. Raises InvalidArgumentError "
+      "naming a bad tensor.")
+      .def(py::init<py::handle, py::handle, py::handle, py::handle, py::handle>(), py::arg("x"),
+           py::arg("residual"), py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"));
   py::class_<Batch>(
       m, "CpuDecodeBatch",
       "One decode step's tensors, shared by every CpuDecoderLayer.decode of the step: x and "

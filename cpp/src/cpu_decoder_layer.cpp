@@ -51,33 +51,54 @@ void CpuDecoderScratch::reserve(const CpuDecoderLayerWeights& w, int64_t num_seq
   grow(gate_up_, 2 * w.intermediate);
 }
 
-void cpu_decoder_layer_decode(const CpuDecoderLayerWeights& w, const CpuLayerCache& cache,
-                              const CpuDecodeBatch& b, CpuDecoderScratch& scratch) {
-  const int64_t n = b.num_seqs;
+void cpu_decoder_layer_pre_attention(const CpuDecoderLayerWeights& w, const CpuLayerCache& cache,
+                                     const CpuTokenBatch& t, float* qkv) {
+  const int64_t n = t.num_tokens;
   if (n == 0) return;
-  scratch.reserve(w, n);
-  const int64_t hidden = w.hidden, d = w.head_dim;
-  const int64_t q_width = w.num_heads * d;
-  const int64_t qkv_width = q_width + 2 * w.num_kv_heads * d;
-
-  add_rms_norm(b.x, b.residual, w.input_norm, n, hidden, w.eps);
-  float* qkv = scratch.qkv();
-  linear(qkv, b.x, hidden, w.qkv_packed, w.qkv_bias, n, hidden, qkv_width);
-
+  const int64_t qkv_width = (w.num_heads + 2 * w.num_kv_heads) * w.head_dim;
   RotaryCacheWrite rotary;
   rotary.qkv = qkv;
-  rotary.cos = b.cos;
-  rotary.sin = b.sin;
+  rotary.cos = t.cos;
+  rotary.sin = t.sin;
   rotary.key_cache = cache.key_cache;
   rotary.value_cache = cache.value_cache;
-  rotary.slot_mapping = b.slot_mapping;
+  rotary.slot_mapping = t.slot_mapping;
   rotary.num_tokens = n;
   rotary.num_heads = w.num_heads;
   rotary.num_kv_heads = w.num_kv_heads;
-  rotary.head_dim = d;
+  rotary.head_dim = w.head_dim;
   rotary.num_slots = cache.num_blocks * cache.block_size;
+  check_rotary_write(rotary);  // before x and residual change
+  add_rms_norm(t.x, t.residual, w.input_norm, n, w.hidden, w.eps);
+  linear(qkv, t.x, w.hidden, w.qkv_packed, w.qkv_bias, n, w.hidden, qkv_width);
   rotary_write_kv(rotary);
+}
 
+void cpu_decoder_layer_post_attention(const CpuDecoderLayerWeights& w, const CpuTokenBatch& t,
+                                      const float* attention, int64_t attention_row_stride,
+                                      CpuDecoderScratch& scratch) {
+  const int64_t n = t.num_tokens;
+  if (n == 0) return;
+  scratch.reserve(w, n);
+  const int64_t q_width = w.num_heads * w.head_dim;
+  linear(t.x, attention, attention_row_stride, w.o_packed, nullptr, n, q_width, w.hidden);
+  add_rms_norm(t.x, t.residual, w.post_norm, n, w.hidden, w.eps);
+  float* gate_up = scratch.gate_up();
+  linear(gate_up, t.x, w.hidden, w.gate_up_packed, nullptr, n, w.hidden, 2 * w.intermediate);
+  silu_mul(gate_up, n, w.intermediate);
+  // The gate half, read through the row stride of both halves.
+  linear(t.x, gate_up, 2 * w.intermediate, w.down_packed, nullptr, n, w.intermediate, w.hidden);
+}
+
+void cpu_decoder_layer_decode(const CpuDecoderLayerWeights& w, const CpuLayerCache& cache,
+                              const CpuDecodeBatch& b, CpuDecoderScratch& scratch) {
+  const int64_t n = b.tokens.num_tokens;
+  if (n == 0) return;
+  scratch.reserve(w, n);
+  const int64_t q_width = w.num_heads * w.head_dim;
+  const int64_t qkv_width = q_width + 2 * w.num_kv_heads * w.head_dim;
+  float* qkv = scratch.qkv();
+  cpu_decoder_layer_pre_attention(w, cache, b.tokens, qkv);
   // The kernel takes dense queries; in qkv each token's query heads are followed by its K/V.
   float* query = scratch.query();
   for (int64_t s = 0; s < n; ++s) {
@@ -93,20 +114,13 @@ void cpu_decoder_layer_decode(const CpuDecoderLayerWeights& w, const CpuLayerCac
   attention.num_seqs = n;
   attention.num_heads = w.num_heads;
   attention.num_kv_heads = w.num_kv_heads;
-  attention.head_dim = d;
+  attention.head_dim = w.head_dim;
   attention.block_size = cache.block_size;
   attention.max_blocks = b.max_blocks;
   attention.num_blocks = cache.num_blocks;
   attention.scale = b.scale;
   paged_decode_attention(attention);
-
-  linear(b.x, scratch.attention(), q_width, w.o_packed, nullptr, n, q_width, hidden);
-  add_rms_norm(b.x, b.residual, w.post_norm, n, hidden, w.eps);
-  float* gate_up = scratch.gate_up();
-  linear(gate_up, b.x, hidden, w.gate_up_packed, nullptr, n, hidden, 2 * w.intermediate);
-  silu_mul(gate_up, n, w.intermediate);
-  // The gate half, read through the row stride of both halves.
-  linear(b.x, gate_up, 2 * w.intermediate, w.down_packed, nullptr, n, w.intermediate, hidden);
+  cpu_decoder_layer_post_attention(w, b.tokens, scratch.attention(), q_width, scratch);
 }
 
 CpuDecoderLayer::CpuDecoderLayer(const TensorView& input_norm, const TensorView& qkv_packed,
@@ -153,13 +167,15 @@ CpuDecoderLayer::CpuDecoderLayer(const TensorView& input_norm, const TensorView&
   weights_.eps = eps;
 }
 
-void CpuDecoderLayer::decode(const CpuDecodeBatch& batch, const TensorView& key_cache,
-                             const TensorView& value_cache, CpuDecoderScratch& scratch) const {
+CpuLayerCache CpuDecoderLayer::check_cache(const CpuTokenBatch& tokens,
+                                           const TensorView& key_cache,
+                                           const TensorView& value_cache) const {
   const CpuDecoderLayerWeights& w = weights_;
-  if (batch.hidden != w.hidden || batch.head_dim != w.head_dim) {
-    throw_invalid_argument(kLayer, "the batch has hidden=" + std::to_string(batch.hidden) + " and head_dim=" +
-                     std::to_string(batch.head_dim) + ", the layer hidden=" +
-                     std::to_string(w.hidden) + " and head_dim=" + std::to_string(w.head_dim));
+  if (tokens.hidden != w.hidden || tokens.head_dim != w.head_dim) {
+    throw_invalid_argument(kLayer, "the batch has hidden=" + std::to_string(tokens.hidden) +
+                                       " and head_dim=" + std::to_string(tokens.head_dim) +
+                                       ", the layer hidden=" + std::to_string(w.hidden) +
+                                       " and head_dim=" + std::to_string(w.head_dim));
   }
   check_ndim(kLayer, "key_cache", key_cache, 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
   const int64_t blocks = key_cache.shape[0], block_size = key_cache.shape[1];
@@ -173,7 +189,66 @@ void CpuDecoderLayer::decode(const CpuDecodeBatch& batch, const TensorView& key_
   cache.value_cache = value_cache.data_as<float>();
   cache.num_blocks = blocks;
   cache.block_size = block_size;
-  cpu_decoder_layer_decode(w, cache, batch, scratch);
+  return cache;
+}
+
+void CpuDecoderLayer::decode(const CpuDecodeBatch& batch, const TensorView& key_cache,
+                             const TensorView& value_cache, CpuDecoderScratch& scratch) const {
+  const CpuLayerCache cache = check_cache(batch.tokens, key_cache, value_cache);
+  cpu_decoder_layer_decode(weights_, cache, batch, scratch);
+}
+
+void CpuDecoderLayer::pre_attention(const CpuTokenBatch& tokens, const TensorView& key_cache,
+                                    const TensorView& value_cache, const TensorView& qkv) const {
+  const CpuLayerCache cache = check_cache(tokens, key_cache, value_cache);
+  const CpuDecoderLayerWeights& w = weights_;
+  check_tensor(kLayer, "qkv", qkv, ScalarType::kFloat32, kCpu,
+               {tokens.num_tokens, w.num_heads + 2 * w.num_kv_heads, w.head_dim});
+  check_disjoint(kLayer, "key_cache", key_cache, "qkv", qkv);
+  check_disjoint(kLayer, "value_cache", value_cache, "qkv", qkv);
+  cpu_decoder_layer_pre_attention(w, cache, tokens, qkv.data_as<float>());
+}
+
+void CpuDecoderLayer::post_attention(const CpuTokenBatch& tokens, const TensorView& attention,
+                                     CpuDecoderScratch& scratch) const {
+  const CpuDecoderLayerWeights& w = weights_;
+  const int64_t q_width = w.num_heads * w.head_dim;
+  check_ndim(kLayer, "attention", attention, 2, "[num_tokens, num_heads * head_dim]");
+  if (attention.dtype != ScalarType::kFloat32 || attention.device != kCpu ||
+      attention.shape[0] != tokens.num_tokens || attention.shape[1] != q_width ||
+      (q_width > 1 && attention.strides[1] != 1) ||
+      (tokens.num_tokens > 1 && attention.strides[0] < q_width)) {
+    throw_invalid_argument(kLayer, "attention must be float32 on the cpu, [" +
+                                       std::to_string(tokens.num_tokens) + ", " +
+                                       std::to_string(q_width) + "] with contiguous rows");
+  }
+  const int64_t row_stride = tokens.num_tokens > 1 ? attention.strides[0] : q_width;
+  cpu_decoder_layer_post_attention(w, tokens, attention.data_as<const float>(), row_stride,
+                                   scratch);
+}
+
+CpuTokenBatch make_cpu_token_batch(const TensorView& x, const TensorView& residual,
+                                   const TensorView& cos, const TensorView& sin,
+                                   const TensorView& slot_mapping) {
+  check_ndim(kBatch, "x", x, 2, "[num_tokens, hidden]");
+  check_ndim(kBatch, "cos", cos, 2, "[num_tokens, head_dim]");
+  const int64_t n = x.shape[0], hidden = x.shape[1], d = cos.shape[1];
+  check_tensor(kBatch, "x", x, ScalarType::kFloat32, kCpu, {n, hidden});
+  check_tensor(kBatch, "residual", residual, ScalarType::kFloat32, kCpu, {n, hidden});
+  check_tensor(kBatch, "cos", cos, ScalarType::kFloat32, kCpu, {n, d});
+  check_tensor(kBatch, "sin", sin, ScalarType::kFloat32, kCpu, {n, d});
+  check_tensor(kBatch, "slot_mapping", slot_mapping, ScalarType::kInt64, kCpu, {n});
+  check_disjoint(kBatch, "x", x, "residual", residual);
+  CpuTokenBatch t;
+  t.x = x.data_as<float>();
+  t.residual = residual.data_as<float>();
+  t.cos = cos.data_as<const float>();
+  t.sin = sin.data_as<const float>();
+  t.slot_mapping = slot_mapping.data_as<const int64_t>();
+  t.num_tokens = n;
+  t.hidden = hidden;
+  t.head_dim = d;
+  return t;
 }
 
 CpuDecodeBatch make_cpu_decode_batch(const TensorView& x, const TensorView& residual,
@@ -181,30 +256,15 @@ CpuDecodeBatch make_cpu_decode_batch(const TensorView& x, const TensorView& resi
                                      const TensorView& slot_mapping,
                                      const TensorView& block_tables,
                                      const TensorView& context_lens, float scale) {
-  check_ndim(kBatch, "x", x, 2, "[num_seqs, hidden]");
-  check_ndim(kBatch, "cos", cos, 2, "[num_seqs, head_dim]");
+  CpuDecodeBatch b;
+  b.tokens = make_cpu_token_batch(x, residual, cos, sin, slot_mapping);
+  const int64_t n = b.tokens.num_tokens;
   check_ndim(kBatch, "block_tables", block_tables, 2, "[num_seqs, max_blocks]");
-  const int64_t n = x.shape[0], hidden = x.shape[1], d = cos.shape[1];
   const int64_t max_blocks = block_tables.shape[1];
-  check_tensor(kBatch, "x", x, ScalarType::kFloat32, kCpu, {n, hidden});
-  check_tensor(kBatch, "residual", residual, ScalarType::kFloat32, kCpu, {n, hidden});
-  check_tensor(kBatch, "cos", cos, ScalarType::kFloat32, kCpu, {n, d});
-  check_tensor(kBatch, "sin", sin, ScalarType::kFloat32, kCpu, {n, d});
-  check_tensor(kBatch, "slot_mapping", slot_mapping, ScalarType::kInt64, kCpu, {n});
   check_tensor(kBatch, "block_tables", block_tables, ScalarType::kInt32, kCpu, {n, max_blocks});
   check_tensor(kBatch, "context_lens", context_lens, ScalarType::kInt32, kCpu, {n});
-  check_disjoint(kBatch, "x", x, "residual", residual);
-  CpuDecodeBatch b;
-  b.x = x.data_as<float>();
-  b.residual = residual.data_as<float>();
-  b.cos = cos.data_as<const float>();
-  b.sin = sin.data_as<const float>();
-  b.slot_mapping = slot_mapping.data_as<const int64_t>();
   b.block_tables = block_tables.data_as<const int32_t>();
   b.context_lens = context_lens.data_as<const int32_t>();
-  b.num_seqs = n;
-  b.hidden = hidden;
-  b.head_dim = d;
   b.max_blocks = max_blocks;
   b.scale = scale;
   return b;

@@ -110,7 +110,7 @@ void silu_mul(float* gate_up, int64_t num_rows, int64_t intermediate) {
   }
 }
 
-void rotary_write_kv(const RotaryCacheWrite& w) {
+void check_rotary_write(const RotaryCacheWrite& w) {
   check_positive(kRotary, "num_heads", w.num_heads);
   check_positive(kRotary, "num_kv_heads", w.num_kv_heads);
   check_positive(kRotary, "num_slots", w.num_slots);
@@ -125,6 +125,10 @@ void rotary_write_kv(const RotaryCacheWrite& w) {
            std::to_string(w.num_slots) + ")");
     }
   }
+}
+
+void rotary_write_kv(const RotaryCacheWrite& w) {
+  check_rotary_write(w);
   const int64_t d = w.head_dim;
   const int64_t rotated_heads = w.num_heads + w.num_kv_heads;
   const int64_t token_floats = (rotated_heads + w.num_kv_heads) * d;

@@ -8,7 +8,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuDecodeBatch', 'CpuDecoderLayer', 'CpuDecoderScratch', 'CpuSwapEngine', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'add_rms_norm', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_avx2', 'cpu_attention_has_avx512', 'cpu_attention_has_openmp', 'cpu_linear', 'cpu_linear_has_avx512', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'linear_packed_shape', 'pack_linear_weight', 'paged_decode_attention', 'preserve_waste', 'rms_norm', 'rotary_write_kv', 'silu_mul', 'swap_waste']
+__all__: list[str] = ['AffineFit', 'BlockCopy', 'BlockError', 'BlockPool', 'BlockTable', 'CostModel', 'CpuDecodeBatch', 'CpuDecoderLayer', 'CpuDecoderScratch', 'CpuSwapEngine', 'CpuTokenBatch', 'CudaSwapEngine', 'InferceptError', 'InvalidArgumentError', 'KvStateChange', 'OutOfBlocksError', 'Policy', 'Request', 'RequestState', 'ScheduledRequest', 'Scheduler', 'SchedulerConfig', 'SchedulerStats', 'StateError', 'StepOutput', 'StepPlan', 'StepResult', 'SwapCounters', 'SwapEngine', 'SwapStepStats', 'Tier', 'UnknownRequestError', 'WasteCounters', 'WasteLedger', 'add_rms_norm', 'can_transition', 'chunked_discard_waste', 'cpu_attention_has_avx2', 'cpu_attention_has_avx512', 'cpu_attention_has_openmp', 'cpu_linear', 'cpu_linear_has_avx512', 'cuda_compiled', 'cuda_device_count', 'cuda_paged_attention', 'cuda_smoke_test', 'cuda_write_kv_cache', 'discard_waste', 'hash_block', 'hash_salt', 'linear_packed_shape', 'pack_linear_weight', 'paged_decode_attention', 'preserve_waste', 'rms_norm', 'rotary_write_kv', 'silu_mul', 'swap_waste']
 class InferceptError(RuntimeError):
     pass
 class OutOfBlocksError(InferceptError):
@@ -1263,6 +1263,20 @@ class CpuDecoderLayer:
         """
         Runs the layer on the batch in place: residual += x, the input norm, the qkv GEMM, RoPE and the K/V write into the caches [num_blocks, block_size, num_kv_heads, head_dim], paged decode attention, o_proj, the post-attention norm (residual += x again), gate_up, SwiGLU, down_proj into x. Bit-equal to the per-op path. Releases the GIL. Raises InvalidArgumentError naming a bad tensor, slot, context length or block id.
         """
+    def post_attention(self, tokens: ..., attention: typing.Any, scratch: CpuDecoderScratch) -> None:
+        """
+        The layer after its attention: o_proj of attention [num_tokens, num_heads * head_dim] float32 (contiguous rows) into x, the post-attention norm (residual += x), gate_up, SwiGLU, down_proj into x. Releases the GIL. Raises InvalidArgumentError naming a bad tensor.
+        """
+    def pre_attention(self, tokens: ..., key_cache: typing.Any, value_cache: typing.Any, qkv: typing.Any) -> None:
+        """
+        The layer before its attention, for any tokens (chunks too), in place on the tokens' x and residual: residual += x, the input norm, the qkv GEMM into qkv [num_tokens, num_heads + 2 * num_kv_heads, head_dim] float32 (written), RoPE on its query and key heads, their K/V into the caches. Releases the GIL. Raises InvalidArgumentError naming a bad tensor or slot (then nothing is written).
+        """
+class CpuTokenBatch:
+    """
+    One step's new tokens, shared by every CpuDecoderLayer.pre_attention/post_attention of the step: x and residual [num_tokens, hidden] float32 (updated in place; residual zeros before the first layer), cos/sin [num_tokens, head_dim] float32, slot_mapping [num_tokens] int64, CPU and contiguous. Holds the tensors. Raises InvalidArgumentError naming a bad tensor.
+    """
+    def __init__(self, x: typing.Any, residual: typing.Any, cos: typing.Any, sin: typing.Any, slot_mapping: typing.Any) -> None:
+        ...
 class CpuDecodeBatch:
     """
     One decode step's tensors, shared by every CpuDecoderLayer.decode of the step: x and residual [num_seqs, hidden] float32 (updated in place; residual zeros before the first layer), cos/sin [num_seqs, head_dim] float32, slot_mapping [num_seqs] int64, block_tables [num_seqs, max_blocks] and context_lens [num_seqs] int32, CPU and contiguous. Holds the tensors. Raises InvalidArgumentError naming a bad tensor.

@@ -118,16 +118,16 @@ TEST(CpuDecoderLayer, MatchesADoublePrecisionReference) {
   const auto x0 = x, residual0 = residual, key0 = key_cache, value0 = value_cache;
 
   CpuDecodeBatch batch;
-  batch.x = x.data();
-  batch.residual = residual.data();
-  batch.cos = cos.data();
-  batch.sin = sin.data();
-  batch.slot_mapping = slots.data();
+  batch.tokens.x = x.data();
+  batch.tokens.residual = residual.data();
+  batch.tokens.cos = cos.data();
+  batch.tokens.sin = sin.data();
+  batch.tokens.slot_mapping = slots.data();
+  batch.tokens.num_tokens = num_seqs;
+  batch.tokens.hidden = kHidden;
+  batch.tokens.head_dim = kHeadDim;
   batch.block_tables = block_tables.data();
   batch.context_lens = context_lens.data();
-  batch.num_seqs = num_seqs;
-  batch.hidden = kHidden;
-  batch.head_dim = kHeadDim;
   batch.max_blocks = max_blocks;
   batch.scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
   CpuLayerCache cache{key_cache.data(), value_cache.data(), kNumBlocks, kBlockSize};

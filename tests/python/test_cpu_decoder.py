@@ -1,7 +1,7 @@
-"""The native decode layers (model/cpu_decoder.py) against the module path they replace: the
-same native operations in the same order, so logits and caches must be bit-equal, on random
-Llamas (with and without q/k/v biases, tied and untied heads) and on the embedded SmolLM2
-through the engine."""
+"""The native decoder layers (model/cpu_decoder.py) against the module path they replace: the
+same native operations in the same order, so logits and caches must be bit-equal, for prefill,
+decode-only and mixed (chunk + decodes) steps, on random Llamas (with and without q/k/v biases,
+tied and untied heads) and on the embedded SmolLM2 through the engine."""
 
 from __future__ import annotations
 
@@ -55,12 +55,15 @@ def run_steps(model: LlamaForCausalLM, config: ModelConfig, prompts, decode_step
                                         tables, BLOCK_SIZE)
     logits = model(torch.tensor([t for p in prompts for t in p]), meta.positions, meta, cache)
     lengths = [len(p) for p in prompts]
-    out = []
-    for _ in range(decode_steps):
-        next_ids = logits.argmax(-1)
-        lengths = [n + 1 for n in lengths]
-        meta = PagedAttentionMetadata.build([1] * len(prompts), lengths, tables, BLOCK_SIZE)
-        logits = model(next_ids, meta.positions, meta, cache)
+    out = [logits]
+    for step in range(decode_steps):
+        next_ids = logits.argmax(-1).tolist()
+        # Step 3: sequence 0 takes a 4-token chunk (its token and a 3-token "tool output")
+        # beside the others' decodes, as a resumed request does.
+        new = [[t] + ([5, 6, 7] if step == 3 and s == 0 else []) for s, t in enumerate(next_ids)]
+        lengths = [n + len(ids) for n, ids in zip(lengths, new)]
+        meta = PagedAttentionMetadata.build([len(ids) for ids in new], lengths, tables, BLOCK_SIZE)
+        logits = model(torch.tensor([t for ids in new for t in ids]), meta.positions, meta, cache)
         out.append(logits)
     return out, cache
 
@@ -86,13 +89,16 @@ def test_native_decode_layers_are_bit_equal_to_the_module_path(name, monkeypatch
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist()
                for n in (5, 17, 9)]
-    calls = []
+    # Which native path each step took: one call a layer (decode-only) or two around attention.
+    paths = []
     forward = CpuDecoder.forward
-    monkeypatch.setattr(CpuDecoder, "forward",
-                        lambda self, *a: calls.append(1) or forward(self, *a))
+    monkeypatch.setattr(CpuDecoder, "forward", lambda self, x, cos, sin, meta, plan, *a: (
+        paths.append("decode" if plan.decode_only else "split"),
+        forward(self, x, cos, sin, meta, plan, *a))[1])
     got, got_cache = run_steps(native, config, prompts, decode_steps=12)
-    assert len(calls) == 12  # every decode step, not the prefill
+    assert paths == ["split"] + ["decode"] * 3 + ["split"] + ["decode"] * 8
     want, want_cache = run_steps(modules, config, prompts, decode_steps=12)
+    assert len(got) == len(want) == 13
     for step, (a, b) in enumerate(zip(got, want)):
         assert torch.equal(a, b), f"step {step}: max diff {(a - b).abs().max()}"
     for a, b in zip(got_cache.key_caches + got_cache.value_caches,
@@ -134,6 +140,16 @@ def test_bad_tensors_raise_naming_them(monkeypatch):
         bad = _core.CpuDecodeBatch(x, residual, cos, sin, torch.tensor([0, 17]), tables, lens,
                                    0.25)
         layer.decode(bad, key_cache, value_cache, model._cpu_decoder.scratch)
+    # The split path checks the slots before it touches x: a bad one loses nothing.
+    before = x.clone()
+    tokens = _core.CpuTokenBatch(x, residual, cos, sin, torch.tensor([0, 17]))
+    with pytest.raises(ValueError, match=r"slot_mapping\[1\]=17"):
+        layer.pre_attention(tokens, key_cache, value_cache, torch.empty(2, 8, 16))
+    assert torch.equal(x, before) and not residual.any()
+    with pytest.raises(ValueError, match="qkv"):
+        layer.pre_attention(tokens, key_cache, value_cache, torch.empty(2, 7, 16))
+    with pytest.raises(ValueError, match="attention must be float32"):
+        layer.post_attention(tokens, torch.empty(2, 63), model._cpu_decoder.scratch)
     with pytest.raises(ValueError, match="down_packed"):
         _core.CpuDecoderLayer(torch.ones(64), model.model.layers[0].self_attn.qkv_proj.packed_weight,
                               None, model.model.layers[0].self_attn.o_proj.packed_weight,

@@ -9,10 +9,14 @@
 // tensor) cost about as much again. The layer runs exactly the operations the per-op torch path
 // runs, on the same bodies, so its output is bit-equal to that path's (tests compare them).
 //
-// Two layers (STYLE.md §3): CpuDecoderLayerWeights, CpuDecodeBatch and CpuLayerCache over raw
-// pointers with cpu_decoder_layer_decode are the bottom one; CpuDecoderLayer and
-// make_cpu_decode_batch over TensorViews are the adapter the binding calls, which checks the
-// weights once when a layer is built and each step's tensors once per step.
+// A step with a prefill or recompute chunk runs a layer as two calls, the part before the
+// attention and the part after it, with the attention (the chunks' causal attention is torch
+// SDPA) between them in Python.
+//
+// Two layers (STYLE.md §3): the structs over raw pointers with the cpu_decoder_layer_*
+// functions are the bottom one; CpuDecoderLayer and make_cpu_*_batch over TensorViews are the
+// adapter the binding calls, which checks the weights once when a layer is built and each
+// step's tensors once per step.
 #include <cstdint>
 #include <vector>
 
@@ -45,26 +49,31 @@ struct CpuDecoderLayerWeights {
   float eps = 1e-5f;
 };
 
-/// One decode step's batch, shared by every layer: one new token per sequence.
-///   x             [num_seqs, hidden]  in: the previous layer's output (the embeddings before
-///                                     the first layer); out: this layer's MLP output
-///   residual      [num_seqs, hidden]  the residual stream before x (zeros before the first
-///                                     layer: 0 + x is x exactly); out: the stream before x
-///   cos, sin      [num_seqs, head_dim] rotate-half RoPE of each token's position
-///   slot_mapping  [num_seqs] int64    cache slot of each new token
-///   block_tables  [num_seqs, max_blocks] int32, context_lens [num_seqs] int32: as
-///                 PagedDecodeProblem, the context including the new token
-struct CpuDecodeBatch {
+/// One step's new tokens, shared by every layer (T tokens of any sequences, in any step):
+///   x             [num_tokens, hidden]  in: the previous layer's output (the embeddings before
+///                                       the first layer); out: this layer's MLP output
+///   residual      [num_tokens, hidden]  the residual stream before x (zeros before the first
+///                                       layer: 0 + x is x exactly); out: the stream before x
+///   cos, sin      [num_tokens, head_dim] rotate-half RoPE of each token's position
+///   slot_mapping  [num_tokens] int64    cache slot of each token
+struct CpuTokenBatch {
   float* x = nullptr;
   float* residual = nullptr;
   const float* cos = nullptr;
   const float* sin = nullptr;
   const int64_t* slot_mapping = nullptr;
-  const int32_t* block_tables = nullptr;
-  const int32_t* context_lens = nullptr;
-  int64_t num_seqs = 0;
+  int64_t num_tokens = 0;
   int64_t hidden = 0;
   int64_t head_dim = 0;
+};
+
+/// A decode-only step: one new token per sequence (tokens.num_tokens sequences), with what the
+/// attention reads: block_tables [num_seqs, max_blocks] int32 and context_lens [num_seqs]
+/// int32 as PagedDecodeProblem, the context including the new token.
+struct CpuDecodeBatch {
+  CpuTokenBatch tokens;
+  const int32_t* block_tables = nullptr;
+  const int32_t* context_lens = nullptr;
   int64_t max_blocks = 0;
   float scale = 1.0f;  ///< Softmax scale, usually head_dim ** -0.5.
 };
@@ -92,15 +101,27 @@ class CpuDecoderScratch {
   std::vector<float> qkv_, query_, attention_, gate_up_;
 };
 
-/// Runs one layer on `batch` in place (x and residual as CpuDecodeBatch says), writing the new
-/// tokens' K/V into `cache`:
+/// The layer before its attention, for any tokens (prefill and recompute chunks too), in place
+/// on x and residual:
 ///   residual += x; x = rms_norm(residual) * input_norm
-///   qkv = x Wqkv^T + b; RoPE on q, k in place; k, v -> their slots
-///   attention = paged_decode_attention(q over the cache)
+///   qkv = x Wqkv^T + b; RoPE on q, k in place; k, v -> their slots of `cache`
+/// `qkv` [num_tokens, Q + 2 KV] is written: each token's rotated query heads, keys, values.
+/// Throws InvalidArgumentError for a slot out of range, before anything is written.
+void cpu_decoder_layer_pre_attention(const CpuDecoderLayerWeights& weights,
+                                     const CpuLayerCache& cache, const CpuTokenBatch& tokens,
+                                     float* qkv);
+
+/// The layer after its attention, in place on x and residual; `attention` [num_tokens, Q]
+/// (rows attention_row_stride floats apart) is the attention's output:
 ///   x = attention Wo^T; residual += x; x = rms_norm(residual) * post_norm
 ///   gate_up = x Wgu^T; gate = silu(gate) * up; x = gate Wdown^T
-/// Throws InvalidArgumentError from the parts' checks (a slot, context length or block id out
-/// of range); the write into the cache and x may then have happened in part.
+void cpu_decoder_layer_post_attention(const CpuDecoderLayerWeights& weights,
+                                      const CpuTokenBatch& tokens, const float* attention,
+                                      int64_t attention_row_stride, CpuDecoderScratch& scratch);
+
+/// A whole layer on a decode-only step: pre-attention, paged decode attention over the cache,
+/// post-attention. Throws InvalidArgumentError from the parts' checks (a slot, context length
+/// or block id out of range); the write into the cache and x may then have happened in part.
 void cpu_decoder_layer_decode(const CpuDecoderLayerWeights& weights, const CpuLayerCache& cache,
                               const CpuDecodeBatch& batch, CpuDecoderScratch& scratch);
 
@@ -120,16 +141,35 @@ class CpuDecoderLayer {
   void decode(const CpuDecodeBatch& batch, const TensorView& key_cache,
               const TensorView& value_cache, CpuDecoderScratch& scratch) const;
 
+  /// Checks the caches and `qkv` [num_tokens, num_heads + 2 * num_kv_heads, head_dim] float32
+  /// CPU contiguous, then runs cpu_decoder_layer_pre_attention.
+  void pre_attention(const CpuTokenBatch& tokens, const TensorView& key_cache,
+                     const TensorView& value_cache, const TensorView& qkv) const;
+
+  /// Checks `attention` [num_tokens, num_heads * head_dim] float32 CPU with contiguous rows,
+  /// then runs cpu_decoder_layer_post_attention.
+  void post_attention(const CpuTokenBatch& tokens, const TensorView& attention,
+                      CpuDecoderScratch& scratch) const;
+
   const CpuDecoderLayerWeights& weights() const { return weights_; }
 
  private:
+  // The caches' views, checked against the layer's heads and the batch's sizes.
+  CpuLayerCache check_cache(const CpuTokenBatch& tokens, const TensorView& key_cache,
+                            const TensorView& value_cache) const;
+
   CpuDecoderLayerWeights weights_;
 };
 
-/// The adapter of a step's batch: `x` and `residual` [num_seqs, hidden], `cos`/`sin`
-/// [num_seqs, head_dim] float32; `slot_mapping` [num_seqs] int64; `block_tables` [num_seqs,
-/// max_blocks] and `context_lens` [num_seqs] int32; all CPU and contiguous, x and residual
-/// disjoint. Throws InvalidArgumentError naming a bad tensor.
+/// The adapter of a step's tokens: `x` and `residual` [num_tokens, hidden], `cos`/`sin`
+/// [num_tokens, head_dim] float32; `slot_mapping` [num_tokens] int64; all CPU and contiguous,
+/// x and residual disjoint. Throws InvalidArgumentError naming a bad tensor.
+CpuTokenBatch make_cpu_token_batch(const TensorView& x, const TensorView& residual,
+                                   const TensorView& cos, const TensorView& sin,
+                                   const TensorView& slot_mapping);
+
+/// The adapter of a decode-only step: the tokens as make_cpu_token_batch (one per sequence),
+/// `block_tables` [num_seqs, max_blocks] and `context_lens` [num_seqs] int32, CPU, contiguous.
 CpuDecodeBatch make_cpu_decode_batch(const TensorView& x, const TensorView& residual,
                                      const TensorView& cos, const TensorView& sin,
                                      const TensorView& slot_mapping,

@@ -62,8 +62,10 @@ struct RotaryCacheWrite {
 };
 
 /// Throws InvalidArgumentError, naming the value and its limit, unless the sizes are positive
-/// (num_tokens may be 0), head_dim is even and every slot is in [0, num_slots); then applies
-/// RotaryCacheWrite. On a throw nothing is written.
+/// (num_tokens may be 0), head_dim is even and every slot is in [0, num_slots).
+void check_rotary_write(const RotaryCacheWrite& write);
+
+/// check_rotary_write, then applies RotaryCacheWrite. On a throw nothing is written.
 void rotary_write_kv(const RotaryCacheWrite& write);
 
 /// Adapters. rms_norm: `x` and `out` [num_rows, hidden] float32 CPU contiguous (out may be x),

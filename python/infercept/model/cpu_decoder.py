@@ -1,16 +1,18 @@
-"""A decode step's decoder layers as one native call each on the CPU.
+"""The decoder layers as native calls on the CPU: one a layer on a decode step, two otherwise.
 
 ``infercept._core.CpuDecoderLayer`` (``cpp/src/cpu_decoder_layer.cpp``) runs a whole layer of a
 decode-only step: the fused residual norms, the four packed GEMMs, RoPE with the KV write, paged
 decode attention and SwiGLU, the same native operations the module path of ``model/llama.py``
-calls one by one, so the logits are bit-equal (``tests/python/test_cpu_decoder.py``). What goes
-is the Python between them: at batch 1 a step's ~300 module calls, dispatch checks, DLPack
+calls one by one, so the logits are bit-equal (``tests/python/test_cpu_decoder.py``). A step
+with a prefill or recompute chunk runs each layer as the part before its attention and the part
+after it, with :func:`paged_attention` (SDPA for the chunks) between them. What goes is the
+Python between the operations: at batch 1 a step's ~300 module calls, dispatch checks, DLPack
 exports and fresh output tensors.
 
 It is built once, after packing (:meth:`LlamaForCausalLM.process_weights_after_loading`), when
 every piece can run natively: float32 weights on the CPU, each Linear packed for the native
 kernel (so not under tensor parallelism, whose row-parallel layers all-reduce), the core built
-with the kernels. Steps with a prefill or recompute chunk take the module path.
+with the kernels.
 ``$INFERCEPT_CPU_DECODER`` picks: ``auto`` (default: native where it can run) or ``torch``
 (always the module path, e.g. to compare).
 """
@@ -25,6 +27,7 @@ from torch.utils.dlpack import to_dlpack
 
 from infercept import _core
 from infercept.model import cpu_kernels
+from infercept.model.attention import paged_attention
 from infercept.model.linear import Linear
 
 if TYPE_CHECKING:
@@ -54,6 +57,7 @@ class CpuDecoder:
     def __init__(self, model: LlamaForCausalLM) -> None:
         config = model.config
         self.scale = config.head_dim ** -0.5
+        self.heads = (config.num_heads, config.num_kv_heads, config.head_dim)
         self.scratch = _core.CpuDecoderScratch()
         self.layers = []
         for layer in model.model.layers:
@@ -95,29 +99,44 @@ class CpuDecoder:
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 metadata: PagedAttentionMetadata, plan: AttentionPlan, kv_cache: KVCache,
                 before_layer: Callable[[int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs every layer on a decode-only step (``plan.decode_only``, native decode plan).
+        """Runs every layer on a step: one native call a layer on a decode-only step
+        (``plan.decode_only`` with the native decode plan), else two around the attention
+        (:func:`paged_attention`: native decode rows, SDPA for the chunks).
 
         Args:
-            x: ``[B, hidden]`` float32 embeddings of the new tokens; overwritten.
-            cos: ``[B, head_dim]`` RoPE cosines, ``sin`` the sines.
+            x: ``[T, hidden]`` float32 embeddings of the new tokens; overwritten.
+            cos: ``[T, head_dim]`` RoPE cosines, ``sin`` the sines.
             metadata: The step's slot mapping.
-            plan: From :func:`plan_attention`, with the native kernel's block tables.
+            plan: From :func:`plan_attention`.
             kv_cache: Written at the slot mapping.
             before_layer: As :meth:`LlamaForCausalLM.forward`'s.
 
         Returns:
-            The last layer's MLP output and the residual stream before it, ``[B, hidden]``.
+            The last layer's MLP output and the residual stream before it, ``[T, hidden]``.
         """
         # 0 + embeddings is the embeddings exactly: the first layer's norm then adds as the
         # others do.
         residual = torch.zeros_like(x)
-        batch = _core.CpuDecodeBatch(
-            *map(to_dlpack, (x, residual, cos.contiguous(), sin.contiguous(),
-                             metadata.slot_mapping, plan.native_block_tables,
-                             plan.native_context_lens)), self.scale)
-        for index, (layer, key_cache, value_cache) in enumerate(
-                zip(self.layers, kv_cache.key_caches, kv_cache.value_caches)):
+        step = (x, residual, cos.contiguous(), sin.contiguous(), metadata.slot_mapping)
+        layers = zip(self.layers, kv_cache.key_caches, kv_cache.value_caches)
+        if plan.decode_only and plan.native_block_tables is not None:
+            batch = _core.CpuDecodeBatch(
+                *map(to_dlpack, step + (plan.native_block_tables, plan.native_context_lens)),
+                self.scale)
+            for index, (layer, key_cache, value_cache) in enumerate(layers):
+                if before_layer is not None:
+                    before_layer(index)
+                layer.decode(batch, to_dlpack(key_cache), to_dlpack(value_cache), self.scratch)
+            return x, residual
+        tokens = _core.CpuTokenBatch(*map(to_dlpack, step))
+        heads, kv_heads, head_dim = self.heads
+        qkv = torch.empty(x.shape[0], heads + 2 * kv_heads, head_dim)
+        q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+        for index, (layer, key_cache, value_cache) in enumerate(layers):
             if before_layer is not None:
                 before_layer(index)
-            layer.decode(batch, to_dlpack(key_cache), to_dlpack(value_cache), self.scratch)
+            layer.pre_attention(tokens, to_dlpack(key_cache), to_dlpack(value_cache),
+                                to_dlpack(qkv))
+            out = paged_attention(q, k, v, key_cache, value_cache, plan, self.scale)
+            layer.post_attention(tokens, to_dlpack(out.view(x.shape[0], -1)), self.scratch)
         return x, residual

@@ -168,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
         # A tied model's head as its own Linear once its copy of the embeddings is packed
         # (process_weights_after_loading); None while the head reads the embeddings directly.
         self._packed_tied_head: Linear | None = None
-        # The decode step's layers as native calls, once packed (None where they cannot run).
+        # The layers as native calls, once packed (None where they cannot run).
         self._cpu_decoder: CpuDecoder | None = None
         self.register_buffer(
             "inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
@@ -291,8 +291,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [T, hidden]
         residual = None
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # [T, head_dim] each
-        if (self._cpu_decoder is not None and plan.decode_only
-                and plan.native_block_tables is not None):
+        if self._cpu_decoder is not None:
             x, residual = self._cpu_decoder.forward(x, cos, sin, metadata, plan, kv_cache,
                                                     before_layer)
         else:
