@@ -124,7 +124,8 @@ def test_empty_batch_is_a_no_op():
 
 
 def test_paged_attention_native_matches_torch_path(monkeypatch):
-    """Decodes mixed with chunks: the native decode rows equal the gather + SDPA path's."""
+    """Decodes mixed with chunks (one fresh, one over a cached context): the native kernel over
+    every row, each chunk token seeing its cache prefix, equals the gather + SDPA path."""
     gen = torch.Generator().manual_seed(1)
     query_lens, cached_lens = [1, 5, 1, 1, 16, 1], [0, 40, 17, 1000, 0, 15]
     num_heads, num_kv_heads, head_dim, num_blocks = 9, 3, 64, 128
@@ -144,7 +145,7 @@ def test_paged_attention_native_matches_torch_path(monkeypatch):
     for backend in ("torch", "native"):
         monkeypatch.setenv(BACKEND_ENV, backend)
         plan = plan_attention(metadata)
-        assert (plan.native_block_tables is not None) == (backend == "native")
+        assert (plan.row_block_tables is not None) == (backend == "native")
         outputs[backend] = paged_attention(query, key, value, key_cache, value_cache, plan,
                                            head_dim ** -0.5)
     torch.testing.assert_close(outputs["native"], outputs["torch"], rtol=1e-5, atol=1e-5)

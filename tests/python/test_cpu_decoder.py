@@ -1,6 +1,6 @@
 """The native decoder layers (model/cpu_decoder.py) against the module path they replace: the
 same native operations in the same order, so logits and caches must be bit-equal, for prefill,
-decode-only and mixed (chunk + decodes) steps, on random Llamas (with and without q/k/v biases,
+decode-only and mixed (chunk + decodes) steps, with the native attention and with SDPA, on random Llamas (with and without q/k/v biases,
 tied and untied heads) and on the embedded SmolLM2 through the engine."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from infercept import _core
 from infercept.model import cpu_kernels
-from infercept.model.attention import PagedAttentionMetadata
+from infercept.model.attention import BACKEND_ENV, PagedAttentionMetadata
 from infercept.model.config import ModelConfig
 from infercept.model.cpu_decoder import DECODER_ENV, CpuDecoder
 from infercept.model.linear import CPU_LINEAR_ENV
@@ -79,8 +79,12 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("attention", ["auto", "torch"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_native_decode_layers_are_bit_equal_to_the_module_path(name, monkeypatch):
+def test_native_decode_layers_are_bit_equal_to_the_module_path(name, attention, monkeypatch):
+    """With the native attention every step (prefill, decodes, the mixed step) is one call a
+    layer; with $INFERCEPT_CPU_ATTENTION=torch every step is two calls around SDPA."""
+    monkeypatch.setenv(BACKEND_ENV, attention)
     config = CONFIGS[name]
     weights = random_state_dict(config, seed=len(name))
     native = built(config, weights, monkeypatch, "auto")
@@ -89,14 +93,14 @@ def test_native_decode_layers_are_bit_equal_to_the_module_path(name, monkeypatch
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist()
                for n in (5, 17, 9)]
-    # Which native path each step took: one call a layer (decode-only) or two around attention.
+    # Which native path each step took: one call a layer or two around the attention.
     paths = []
     forward = CpuDecoder.forward
     monkeypatch.setattr(CpuDecoder, "forward", lambda self, x, cos, sin, meta, plan, *a: (
-        paths.append("decode" if plan.decode_only else "split"),
+        paths.append("whole" if plan.row_block_tables is not None else "split"),
         forward(self, x, cos, sin, meta, plan, *a))[1])
     got, got_cache = run_steps(native, config, prompts, decode_steps=12)
-    assert paths == ["split"] + ["decode"] * 3 + ["split"] + ["decode"] * 8
+    assert paths == ["whole" if attention == "auto" else "split"] * 13
     want, want_cache = run_steps(modules, config, prompts, decode_steps=12)
     assert len(got) == len(want) == 13
     for step, (a, b) in enumerate(zip(got, want)):

@@ -1,8 +1,9 @@
 #pragma once
-// Decode attention over a paged KV cache on the CPU, framework-free: raw float32 pointers and
-// sizes, no torch. Each decode sequence's single query token attends to its whole cached
-// context, read block by block through its block table, so no per-step gather of the context
-// into a contiguous buffer is needed.
+// Paged attention over a KV cache on the CPU, framework-free: raw float32 pointers and sizes,
+// no torch. Each row is one query token (a decode token, or one token of a prefill or
+// recompute chunk) that attends to its sequence's cache prefix up to its own context length,
+// read block by block through the row's block table, so a chunk is causal by construction and
+// no per-step gather of the context into a contiguous buffer is needed.
 //
 // Two layers (STYLE.md §3): PagedDecodeProblem and the paged_decode_attention taking it are the
 // bottom one, raw pointers and sizes, what C++ tests and microbenchmarks call; the overload
@@ -14,7 +15,8 @@
 
 namespace infercept {
 
-/// One decode-attention call. Every array is dense, row-major, float32 or int32:
+/// One attention call over num_seqs rows (query tokens; several rows of one chunk share a block
+/// table and differ in context length). Every array is dense, row-major, float32 or int32:
 ///   out          [num_seqs, num_heads, head_dim]                        written
 ///   query        [num_seqs, num_heads, head_dim]                        RoPE applied
 ///   key_cache    [num_blocks, block_size, num_kv_heads, head_dim]

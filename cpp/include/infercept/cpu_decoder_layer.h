@@ -1,5 +1,5 @@
 #pragma once
-// One Llama decoder layer of a decode step on the CPU as a single call: the pre-norm residual
+// One Llama decoder layer of a step on the CPU as a single call: the pre-norm residual
 // adds, the four packed GEMMs (cpu_linear.h), RoPE with the KV write and the SwiGLU gate
 // (cpu_layer_ops.h), and paged decode attention (cpu_attention.h), in that order, over scratch
 // buffers that live from step to step.
@@ -9,9 +9,10 @@
 // tensor) cost about as much again. The layer runs exactly the operations the per-op torch path
 // runs, on the same bodies, so its output is bit-equal to that path's (tests compare them).
 //
-// A step with a prefill or recompute chunk runs a layer as two calls, the part before the
-// attention and the part after it, with the attention (the chunks' causal attention is torch
-// SDPA) between them in Python.
+// The attention's rows are the step's tokens, each over its own sequence's cache prefix up to
+// and including itself: a decode token, or a token of a prefill or recompute chunk (whose KV the
+// pre-attention part has just written, so the context length makes the chunk causal). The two
+// parts are also bound separately, for a step whose attention runs in torch.
 //
 // Two layers (STYLE.md §3): the structs over raw pointers with the cpu_decoder_layer_*
 // functions are the bottom one; CpuDecoderLayer and make_cpu_*_batch over TensorViews are the
@@ -67,9 +68,10 @@ struct CpuTokenBatch {
   int64_t head_dim = 0;
 };
 
-/// A decode-only step: one new token per sequence (tokens.num_tokens sequences), with what the
-/// attention reads: block_tables [num_seqs, max_blocks] int32 and context_lens [num_seqs]
-/// int32 as PagedDecodeProblem, the context including the new token.
+/// A step's tokens with what the attention reads, one row per token: block_tables
+/// [num_tokens, max_blocks] int32 (the row's sequence's table) and context_lens [num_tokens]
+/// int32 (the row's position + 1) as PagedDecodeProblem. On a decode-only step the rows are the
+/// sequences and their tables.
 struct CpuDecodeBatch {
   CpuTokenBatch tokens;
   const int32_t* block_tables = nullptr;
@@ -119,7 +121,7 @@ void cpu_decoder_layer_post_attention(const CpuDecoderLayerWeights& weights,
                                       const CpuTokenBatch& tokens, const float* attention,
                                       int64_t attention_row_stride, CpuDecoderScratch& scratch);
 
-/// A whole layer on a decode-only step: pre-attention, paged decode attention over the cache,
+/// A whole layer on a step: pre-attention, paged attention of every row over the cache,
 /// post-attention. Throws InvalidArgumentError from the parts' checks (a slot, context length
 /// or block id out of range); the write into the cache and x may then have happened in part.
 void cpu_decoder_layer_decode(const CpuDecoderLayerWeights& weights, const CpuLayerCache& cache,
@@ -168,8 +170,9 @@ CpuTokenBatch make_cpu_token_batch(const TensorView& x, const TensorView& residu
                                    const TensorView& cos, const TensorView& sin,
                                    const TensorView& slot_mapping);
 
-/// The adapter of a decode-only step: the tokens as make_cpu_token_batch (one per sequence),
-/// `block_tables` [num_seqs, max_blocks] and `context_lens` [num_seqs] int32, CPU, contiguous.
+/// The adapter of a step: the tokens as make_cpu_token_batch, `block_tables`
+/// [num_tokens, max_blocks] and `context_lens` [num_tokens] int32 (one row per token), CPU,
+/// contiguous.
 CpuDecodeBatch make_cpu_decode_batch(const TensorView& x, const TensorView& residual,
                                      const TensorView& cos, const TensorView& sin,
                                      const TensorView& slot_mapping,

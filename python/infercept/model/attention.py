@@ -4,10 +4,12 @@ One path serves prefill, chunked prefill, recompute chunks and decode: each sequ
 attend to everything already cached for it plus themselves, causally. There is no separate
 "prefill phase"; the scheduler may mix a recompute chunk with decodes in one step.
 
-Decode rows (single-token sequences) on CPU float32 go to the native kernel of
-:mod:`infercept.model.cpu_kernels`, which reads K/V straight from the blocks; elsewhere they are
-gathered into a padded buffer for SDPA. ``$INFERCEPT_CPU_ATTENTION`` picks: ``auto`` (default:
-native when built and the tensors allow), ``native`` (the same, but an error when not built) or
+On CPU float32 every row of the step, decode token or chunk token, goes to the native kernel
+of :mod:`infercept.model.cpu_kernels` as one query over its sequence's blocks up to its own
+position (the chunk's K/V are written first), so one call a layer covers the step and the
+context is never gathered. Elsewhere decode rows are gathered into a padded buffer for SDPA and
+each chunk is its own SDPA call. ``$INFERCEPT_CPU_ATTENTION`` picks: ``auto`` (default: native
+when built and the tensors allow), ``native`` (the same, but an error when not built) or
 ``torch`` (always the gather path, e.g. to compare).
 
 On CUDA tensors the kernels of :mod:`infercept.model.cuda_kernels` write K/V by slot mapping
@@ -23,6 +25,7 @@ tensor-core flash kernels for long float16/bfloat16 chunks).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Sequence
 
@@ -176,22 +179,85 @@ class _ChunkPlan:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
-    """Per-step derived index tensors, computed once and shared by every layer."""
+    """Per-step derived index tensors, computed once and shared by every layer.
 
-    decode_rows: torch.Tensor  # [B_dec] int64 flat row of each single-token sequence
-    decode_block_tables: torch.Tensor  # [B_dec, max_blocks_dec] int64
-    decode_mask: torch.Tensor  # [B_dec, 1, 1, max_blocks_dec * block_size] bool (True = attend)
-    chunks: tuple[_ChunkPlan, ...]
-    # Native-kernel inputs, None when the plan is for the torch path (not CPU, not built, or
-    # $INFERCEPT_CPU_ATTENTION=torch). [B_dec, max_blocks] int32 and [B_dec] int32, contiguous.
+    On the CPU with the native kernel (``row_block_tables`` set) every flat row, decode or
+    chunk, is one query over its sequence's cache up to its own position, so one kernel call
+    covers the step and nothing else is built. The torch path's tensors (``decode_rows``,
+    ``decode_block_tables``, ``decode_mask``, ``chunks``) are built on first use only: on such
+    a step that is only when the kernel cannot take the tensors (not float32).
+    """
+
+    metadata: PagedAttentionMetadata
+    # CPU native kernel: [T, max_blocks] int32, row r's sequence's block table, and [T] int32,
+    # row r's position + 1 (the tokens it sees: the cached ones and the new ones up to itself,
+    # all written before the attention). None when the plan is for another path.
+    row_block_tables: torch.Tensor | None = None
+    row_context_lens: torch.Tensor | None = None
+    # CUDA native-kernel inputs, None otherwise: with native_query_start ([B + 1] int32 row
+    # offsets, $INFERCEPT_CUDA_PREFILL=native) [B, max_blocks] / [B] over every sequence, one
+    # launch for every row; without it [B_dec, ...] over the decode sequences only.
     native_block_tables: torch.Tensor | None = None
     native_context_lens: torch.Tensor | None = None
+    native_query_start: torch.Tensor | None = None
     # Every flat row is a decode row, in order: query and output need no gather or scatter.
     decode_only: bool = False
-    # CUDA, $INFERCEPT_CUDA_PREFILL=native: one kernel launch covers every row of the step.
-    # [B + 1] int32 row offsets; native_block_tables / native_context_lens then cover all B
-    # sequences. None otherwise.
-    native_query_start: torch.Tensor | None = None
+
+    @functools.cached_property
+    def decode_seqs(self) -> list[int]:
+        """The single-token sequences, in order."""
+        return [i for i, n in enumerate(self.metadata.query_lens_host) if n == 1]
+
+    @functools.cached_property
+    def _decode_index(self) -> torch.Tensor:
+        return torch.tensor(self.decode_seqs, dtype=torch.int64,
+                            device=self.metadata.slot_mapping.device)
+
+    @functools.cached_property
+    def decode_rows(self) -> torch.Tensor:
+        """``[B_dec]`` int64 flat row of each single-token sequence."""
+        return self.metadata.query_start.index_select(0, self._decode_index)
+
+    @functools.cached_property
+    def _max_blocks_dec(self) -> int:
+        block_size, lens = self.metadata.block_size, self.metadata.context_lens_host
+        return max((-(-lens[i] // block_size) for i in self.decode_seqs), default=0)
+
+    @functools.cached_property
+    def decode_block_tables(self) -> torch.Tensor:
+        """``[B_dec, max_blocks_dec]`` int64 tables of the decode sequences (torch path)."""
+        return self.metadata.block_tables.index_select(0, self._decode_index)[
+            :, :self._max_blocks_dec].to(torch.int64)
+
+    @functools.cached_property
+    def decode_mask(self) -> torch.Tensor:
+        """``[B_dec, 1, 1, max_blocks_dec * block_size]`` bool (True = attend), torch path."""
+        meta = self.metadata
+        context = meta.context_lens.index_select(0, self._decode_index).to(torch.int64)
+        key_pos = torch.arange(self._max_blocks_dec * meta.block_size, device=context.device)
+        return (key_pos[None, :] < context[:, None])[:, None, None, :]
+
+    @functools.cached_property
+    def chunks(self) -> tuple[_ChunkPlan, ...]:
+        """The multi-token sequences, each attended by a loop of SDPA calls (torch path)."""
+        meta = self.metadata
+        device = meta.slot_mapping.device
+        chunks = []
+        start = 0
+        for seq, (query_len, context_len) in enumerate(zip(meta.query_lens_host,
+                                                           meta.context_lens_host)):
+            if query_len > 1:
+                mask = None
+                if query_len != context_len:
+                    # Query j sits at position context_len - query_len + j, sees keys up to it.
+                    query_pos = torch.arange(context_len - query_len, context_len, device=device)
+                    mask = torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
+                num_blocks = -(-context_len // meta.block_size)
+                chunks.append(_ChunkPlan(
+                    start=start, query_len=query_len, context_len=context_len,
+                    block_ids=meta.block_tables[seq, :num_blocks].to(torch.int64), mask=mask))
+            start += query_len
+        return tuple(chunks)
 
 
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -225,50 +291,33 @@ def _use_native_decode(device: torch.device) -> bool:
 
 
 def plan_attention(metadata: PagedAttentionMetadata) -> AttentionPlan:
-    """Splits the batch into single-token sequences (batched) and multi-token chunks (looped)."""
+    """What every layer's :func:`paged_attention` of this step reads, built once per step."""
     device = metadata.slot_mapping.device
-    block_size = metadata.block_size
-    decode_seqs = [i for i, n in enumerate(metadata.query_lens_host) if n == 1]
-    max_blocks_dec = max((-(-metadata.context_lens_host[i] // block_size) for i in decode_seqs),
-                         default=0)
-    decode_index = torch.tensor(decode_seqs, dtype=torch.int64, device=device)
-    decode_context = metadata.context_lens.index_select(0, decode_index).to(torch.int64)
-    key_pos = torch.arange(max_blocks_dec * block_size, device=device)
-    chunks = []
-    for seq, (query_len, context_len) in enumerate(zip(metadata.query_lens_host,
-                                                       metadata.context_lens_host)):
-        if query_len == 1:
-            continue
-        num_blocks = -(-context_len // block_size)
-        mask = None
-        if query_len != context_len:
-            # Query j sits at position context_len - query_len + j and sees keys up to it.
-            query_pos = torch.arange(context_len - query_len, context_len, device=device)
-            mask = torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
-        chunks.append(_ChunkPlan(
-            start=sum(metadata.query_lens_host[:seq]), query_len=query_len,
-            context_len=context_len,
-            block_ids=metadata.block_tables[seq, :num_blocks].to(torch.int64), mask=mask))
-    native_block_tables = native_context_lens = native_query_start = None
-    if (device.type == "cuda" and chunks and use_cuda_kernels(device)
-            and _env_choice(CUDA_PREFILL_ENV, "native", _PREFILL_PATHS) == "native"):
-        native_block_tables = metadata.block_tables
-        native_context_lens = metadata.context_lens
-        native_query_start = metadata.query_start.to(torch.int32)
-    elif decode_seqs and _use_native_decode(device):
-        native_block_tables = metadata.block_tables.index_select(0, decode_index)
-        native_context_lens = metadata.context_lens.index_select(0, decode_index)
-    return AttentionPlan(
-        decode_rows=metadata.query_start.index_select(0, decode_index),
-        decode_block_tables=metadata.block_tables.index_select(0, decode_index)[
-            :, :max_blocks_dec].to(torch.int64),
-        decode_mask=(key_pos[None, :] < decode_context[:, None])[:, None, None, :],
-        chunks=tuple(chunks),
-        native_block_tables=native_block_tables,
-        native_context_lens=native_context_lens,
-        decode_only=len(decode_seqs) == metadata.num_seqs,
-        native_query_start=native_query_start,
-    )
+    decode_only = max(metadata.query_lens_host, default=1) == 1
+    if device.type == "cpu":
+        if not _use_native_decode(device):
+            return AttentionPlan(metadata, decode_only=decode_only)
+        if decode_only:  # one row per sequence: the step's own tables, no copy
+            return AttentionPlan(metadata, row_block_tables=metadata.block_tables,
+                                 row_context_lens=metadata.context_lens, decode_only=True)
+        query_lens = torch.tensor(metadata.query_lens_host, dtype=torch.int64)
+        row_seq = torch.repeat_interleave(torch.arange(metadata.num_seqs), query_lens)
+        return AttentionPlan(
+            metadata, row_block_tables=metadata.block_tables.index_select(0, row_seq),
+            row_context_lens=(metadata.positions + 1).to(torch.int32))
+    if not use_cuda_kernels(device):
+        return AttentionPlan(metadata, decode_only=decode_only)
+    if not decode_only and _env_choice(CUDA_PREFILL_ENV, "native", _PREFILL_PATHS) == "native":
+        return AttentionPlan(metadata, native_block_tables=metadata.block_tables,
+                             native_context_lens=metadata.context_lens,
+                             native_query_start=metadata.query_start.to(torch.int32))
+    plan = AttentionPlan(metadata, decode_only=decode_only)
+    if not plan.decode_seqs:
+        return plan
+    index = plan._decode_index
+    return dataclasses.replace(
+        plan, native_block_tables=metadata.block_tables.index_select(0, index),
+        native_context_lens=metadata.context_lens.index_select(0, index))
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
@@ -312,6 +361,12 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if plan.row_block_tables is not None and can_run_native_decode(query, key_cache,
+                                                                   value_cache):
+        # Every row, decode or chunk, over its own cache prefix: causal by the context lengths.
+        paged_decode_attention(out, query.contiguous(), key_cache, value_cache,
+                               plan.row_block_tables, plan.row_context_lens, scale)
+        return out
     num_decode = plan.decode_rows.numel()
     is_cuda_native = (plan.native_block_tables is not None and query.is_cuda
                       and cuda_kernels.can_run_cuda_attention(query, key_cache, value_cache))
@@ -321,14 +376,8 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                      plan.native_block_tables, plan.native_context_lens, scale,
                                      query_start=plan.native_query_start)
         return out
-    # Both native decode kernels take (out, query, key_cache, value_cache, block_tables,
-    # context_lens, scale) and walk each block table themselves: no per-step context copy.
-    native_decode = None
-    if is_cuda_native:
-        native_decode = cuda_kernels.paged_attention
-    elif plan.native_block_tables is not None and can_run_native_decode(query, key_cache,
-                                                                        value_cache):
-        native_decode = paged_decode_attention
+    # The CUDA decode kernel walks each block table itself: no per-step context copy.
+    native_decode = cuda_kernels.paged_attention if is_cuda_native else None
     if num_decode and native_decode is not None:
         if plan.decode_only:
             native_decode(out, query.contiguous(), key_cache, value_cache,

@@ -1,13 +1,16 @@
-"""The decoder layers as native calls on the CPU: one a layer on a decode step, two otherwise.
+"""The decoder layers as native calls on the CPU: one call a layer on every step.
 
-``infercept._core.CpuDecoderLayer`` (``cpp/src/cpu_decoder_layer.cpp``) runs a whole layer of a
-decode-only step: the fused residual norms, the four packed GEMMs, RoPE with the KV write, paged
-decode attention and SwiGLU, the same native operations the module path of ``model/llama.py``
-calls one by one, so the logits are bit-equal (``tests/python/test_cpu_decoder.py``). A step
-with a prefill or recompute chunk runs each layer as the part before its attention and the part
-after it, with :func:`paged_attention` (SDPA for the chunks) between them. What goes is the
-Python between the operations: at batch 1 a step's ~300 module calls, dispatch checks, DLPack
-exports and fresh output tensors.
+``infercept._core.CpuDecoderLayer`` (``cpp/src/cpu_decoder_layer.cpp``) runs a whole layer: the
+fused residual norms, the four packed GEMMs, RoPE with the KV write, paged attention and SwiGLU,
+the same native operations the module path of ``model/llama.py`` calls one by one, so the
+logits are bit-equal (``tests/python/test_cpu_decoder.py``). The attention treats every token
+of the step as a row over its own sequence's cache prefix (``plan.row_block_tables``, context
+``position + 1``), so a prefill or recompute chunk runs through the same call as a decode: its
+KV is written before the attention reads it, and the context length makes it causal. What goes
+is the Python between the operations: at batch 1 a step's ~300 module calls, dispatch checks,
+DLPack exports and fresh output tensors. With ``$INFERCEPT_CPU_ATTENTION=torch`` the plan has
+no row tables and each layer runs as the part before its attention and the part after it, with
+:func:`paged_attention` (SDPA) between them.
 
 It is built once, after packing (:meth:`LlamaForCausalLM.process_weights_after_loading`), when
 every piece can run natively: float32 weights on the CPU, each Linear packed for the native
@@ -99,9 +102,8 @@ class CpuDecoder:
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 metadata: PagedAttentionMetadata, plan: AttentionPlan, kv_cache: KVCache,
                 before_layer: Callable[[int], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Runs every layer on a step: one native call a layer on a decode-only step
-        (``plan.decode_only`` with the native decode plan), else two around the attention
-        (:func:`paged_attention`: native decode rows, SDPA for the chunks).
+        """Runs every layer on a step: one native call a layer when the plan has row tables
+        (the native attention, every step), else two around :func:`paged_attention`.
 
         Args:
             x: ``[T, hidden]`` float32 embeddings of the new tokens; overwritten.
@@ -119,9 +121,9 @@ class CpuDecoder:
         residual = torch.zeros_like(x)
         step = (x, residual, cos.contiguous(), sin.contiguous(), metadata.slot_mapping)
         layers = zip(self.layers, kv_cache.key_caches, kv_cache.value_caches)
-        if plan.decode_only and plan.native_block_tables is not None:
+        if plan.row_block_tables is not None:
             batch = _core.CpuDecodeBatch(
-                *map(to_dlpack, step + (plan.native_block_tables, plan.native_context_lens)),
+                *map(to_dlpack, step + (plan.row_block_tables, plan.row_context_lens)),
                 self.scale)
             for index, (layer, key_cache, value_cache) in enumerate(layers):
                 if before_layer is not None:
