@@ -96,19 +96,18 @@ void linear_block_avx512(const LinearProblem& p, int64_t row_begin, int64_t row_
   static constexpr auto kPairTiles = tile_table<2>(std::make_integer_sequence<int, kMaxRows>());
   static constexpr auto kSingleTiles =
       tile_table<1>(std::make_integer_sequence<int, kMaxRows>());
-  // One row (batch-1 decode): panel by panel, so the thread reads its part of the weight as one
-  // stream in address order; a pair tile would read two streams K x 16 floats apart. The
-  // accumulators and their order are the same as the pair tile's (kSplit 4), so the result is
-  // bit-equal. A 113 MB GEMV on the 2-core Zen 4 read at ~51 GB/s this way against ~44 in pairs
-  // (best of 20, interleaved; torch.sum over the same bytes ~48).
-  if (row_end - row_begin == 1) {
-    for (int64_t panel = panel_begin; panel < panel_end; ++panel) kSingleTiles[0](p, row_begin, panel);
-    return;
-  }
-  // Panel pairs outside, row tiles inside: a pair (K x 32 floats, 72 KiB at K = 576) is read
-  // from memory once and then from L2 by every further tile of rows.
-  for (int64_t panel = panel_begin; panel < panel_end; panel += 2) {
-    const auto& tiles = panel + 1 < panel_end ? kPairTiles : kSingleTiles;
+  // Panels outside, row tiles inside. With several rows a tile covers a panel pair (K x 32
+  // floats, 72 KiB at K = 576), read from memory once and then from L2 by every further tile of
+  // rows. With one row (batch-1 decode) no further tile re-reads it, so a tile covers one panel
+  // and the thread reads its part of the weight as a single stream in address order, where a
+  // pair would read two streams K x 16 floats apart. The 1-row tiles of either width split k
+  // the same way (kSplit 4), so the result is bit-equal. A 113 MB GEMV on the 2-core Zen 4 read
+  // at ~51 GB/s by single panels against ~44 by pairs (best of 20, interleaved; a plain AVX-512
+  // sum over the same bytes ~48).
+  const int64_t panels_per_tile = row_end - row_begin == 1 ? 1 : 2;
+  for (int64_t panel = panel_begin; panel < panel_end; panel += panels_per_tile) {
+    const auto& tiles =
+        panels_per_tile == 2 && panel + 1 < panel_end ? kPairTiles : kSingleTiles;
     for (int64_t row = row_begin; row < row_end; row += kMaxRows) {
       const int64_t rows = std::min<int64_t>(kMaxRows, row_end - row);
       tiles[rows - 1](p, row, panel);
