@@ -307,6 +307,8 @@ void bind_scheduler(py::module_& m) {
                      "fill the plan's flat forward inputs (off for the simulator, which runs no forward)")
       .def_readwrite("demand_aware_preserve", &SchedulerConfig::demand_aware_preserve,
                      "min-waste charges a preserved context only for memory wanted before it returns")
+      .def_readwrite("rank_s_per_predicted_token", &SchedulerConfig::rank_s_per_predicted_token,
+                     "LAMPS-style ranking: seconds added to a request's FCFS key per predicted remaining output token (0: FCFS)")
       .def("validate", &SchedulerConfig::validate,
            "Raises InvalidArgumentError naming the first bad field.");
 
@@ -392,6 +394,9 @@ void bind_scheduler(py::module_& m) {
       .def("set_generated_token_limit", &Scheduler::set_generated_token_limit, py::arg("request_id"),
            py::arg("generated_token_limit"),
            "update() reports the request once it has generated this many tokens (0: never).")
+      .def("set_predicted_output_tokens", &Scheduler::set_predicted_output_tokens, py::arg("request_id"),
+           py::arg("num_tokens"),
+           "The caller's prediction of the output tokens left over the request's remaining turns; re-ranks it when ranking is on (< 0: none).")
       .def("finish", &Scheduler::finish, py::arg("request_id"),
            "Ends a running request normally and frees its blocks.")
       .def("abort", &Scheduler::abort, py::arg("request_id"),

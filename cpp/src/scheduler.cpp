@@ -44,6 +44,8 @@ void SchedulerConfig::validate() const {
           "max_running_requests must be positive, got " + std::to_string(max_running_requests));
   require(max_context_tokens >= 0, "max_context_tokens must be >= 0, got " + std::to_string(max_context_tokens));
   require(vocab_size >= 0, "vocab_size must be >= 0, got " + std::to_string(vocab_size));
+  require(rank_s_per_predicted_token >= 0 && std::isfinite(rank_s_per_predicted_token),
+          "rank_s_per_predicted_token must be finite and >= 0, got " + std::to_string(rank_s_per_predicted_token));
 }
 
 Scheduler::Scheduler(const SchedulerConfig& config, const CostModel& cost)
@@ -85,7 +87,7 @@ RequestId Scheduler::add_request(int32_t num_prompt_tokens, double arrival_s, in
   RequestId id = next_id_++;
   Request& r = requests_[id];
   r.id = id;
-  r.arrival_s = r.priority_s = arrival_s;
+  r.arrival_s = r.fcfs_s = r.priority_s = arrival_s;
   r.num_prompt_tokens = num_prompt_tokens;
   r.generated_token_limit = generated_token_limit;
   r.kv = &kv_.add(id);
@@ -277,7 +279,8 @@ void Scheduler::requeue_after_tool(Request& r, int32_t num_tool_tokens, double n
   if (r.state == RequestState::kSwappingOut && r.kv->host_blocks.empty()) r.transition(RequestState::kPreserved);
   if (traits_->resume_order == ResumeOrder::kNewArrival) {
     // vLLM treats the tool's return as the start of a new request: the back of the queue.
-    r.priority_s = now_s;
+    r.fcfs_s = now_s;
+    r.priority_s = ranked_priority(r);
     r.transition(RequestState::kWaiting);
   }
   enqueue(r);
@@ -292,6 +295,31 @@ void Scheduler::set_generated_token_limit(RequestId request, int32_t generated_t
     throw InvalidArgumentError("generated_token_limit must be >= 0, got " + std::to_string(generated_token_limit));
   }
   get(request).generated_token_limit = generated_token_limit;
+}
+
+void Scheduler::set_predicted_output_tokens(RequestId request, int32_t num_tokens) {
+  Request& r = get(request);
+  r.predicted_output_tokens = num_tokens < 0 ? -1 : num_tokens;
+  double priority_s = ranked_priority(r);
+  if (priority_s == r.priority_s) return;
+  // Re-key wherever the request is held in priority order.
+  bool queued = queue_.count({r.priority_s, r.id}) != 0;
+  if (queued) dequeue(r);
+  auto rekey = [&](std::vector<Request*>& list) {
+    auto it = std::find(list.begin(), list.end(), &r);
+    if (it == list.end()) return false;
+    list.erase(it);
+    r.priority_s = priority_s;
+    insert_by_priority(list, &r);
+    return true;
+  };
+  if (!rekey(running_) && !rekey(swapping_in_)) r.priority_s = priority_s;
+  if (queued) enqueue(r);
+}
+
+double Scheduler::ranked_priority(const Request& r) const {
+  if (config_.rank_s_per_predicted_token <= 0 || r.predicted_output_tokens < 0) return r.fcfs_s;
+  return r.fcfs_s + config_.rank_s_per_predicted_token * r.predicted_output_tokens;
 }
 
 void Scheduler::finish(RequestId request) {
@@ -979,6 +1007,19 @@ void Scheduler::check_invariants() const {
                      ", queued " + std::to_string(queue_.size()) + " vs " + std::to_string(num_queued) +
                      ", intercepted " + std::to_string(intercepted_.size()) + " vs " + std::to_string(num_pending));
   }
+  // Preemption and swap-in order read these lists front to back: they stay sorted by key.
+  auto check_sorted = [](const std::vector<Request*>& list, const char* name) {
+    for (size_t i = 1; i < list.size(); ++i) {
+      const Request& a = *list[i - 1];
+      const Request& b = *list[i];
+      if (a.priority_s > b.priority_s || (a.priority_s == b.priority_s && a.id > b.id)) {
+        throw StateError(std::string("the ") + name + " list is out of priority order at request " +
+                         std::to_string(b.id));
+      }
+    }
+  };
+  check_sorted(running_, "running");
+  check_sorted(swapping_in_, "swapping-in");
 }
 
 }  // namespace infercept

@@ -932,6 +932,14 @@ class SchedulerConfig:
     def num_host_blocks(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     @property
+    def rank_s_per_predicted_token(self) -> float:
+        """
+        LAMPS-style ranking: seconds added to a request's FCFS key per predicted remaining output token (0: FCFS)
+        """
+    @rank_s_per_predicted_token.setter
+    def rank_s_per_predicted_token(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
     def vocab_size(self) -> int:
         """
         Token ids must lie in [0, vocab_size); 0 leaves them unchecked.
@@ -1107,6 +1115,10 @@ class Scheduler:
     def set_generated_token_limit(self, request_id: typing.SupportsInt | typing.SupportsIndex, generated_token_limit: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
         update() reports the request once it has generated this many tokens (0: never).
+        """
+    def set_predicted_output_tokens(self, request_id: typing.SupportsInt | typing.SupportsIndex, num_tokens: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        The caller's prediction of the output tokens left over the request's remaining turns; re-ranks it when ranking is on (< 0: none).
         """
     def stats(self) -> SchedulerStats:
         """

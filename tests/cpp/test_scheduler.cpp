@@ -5,10 +5,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
 
+#include "infercept/errors.h"
 #include "infercept/waste_model.h"
 #include "scheduler_sim.h"
 
@@ -553,6 +555,68 @@ TEST(TokenBudget, RecomputeChunksRideAlongWithDecodesWithinMaxBatchedTokens) {
   EXPECT_EQ(sim.s.stats().num_recomputed_tokens, kContext);
   // 200 + 1 + 10 = 211 tokens to compute, 63 a step beside the decode: 4 steps (63, 63, 63, 22).
   EXPECT_EQ(sim.request(resumed).kv->num_tokens, kContext + 1 + 10);
+}
+
+// ---- ranking by predicted work (LAMPS-style) -------------------------------------------------
+
+struct RankingCase {
+  double rank_s_per_predicted_token;
+  bool short_work_first;
+};
+
+class RankByPredictedWork : public ::testing::TestWithParam<RankingCase> {};
+
+INSTANTIATE_TEST_SUITE_P(Ranking, RankByPredictedWork,
+                         ::testing::Values(RankingCase{0.0, false}, RankingCase{0.01, true}),
+                         [](const ::testing::TestParamInfo<RankingCase>& info) {
+                           return info.param.short_work_first ? std::string("Ranked") : std::string("Fcfs");
+                         });
+
+TEST_P(RankByPredictedWork, ShorterPredictedWorkIsAdmittedFirstOnlyWhenRanked) {
+  SchedulerConfig config = make_config(Policy::kInfercept);
+  config.max_running_requests = 1;
+  config.rank_s_per_predicted_token = GetParam().rank_s_per_predicted_token;
+  Sim sim{config};
+  RequestId blocker = sim.s.add_request(16, 0);
+  sim.run_until_sampled(blocker);
+  RequestId long_work = sim.s.add_request(16, 0.1);
+  RequestId short_work = sim.s.add_request(16, 0.2);
+  sim.s.set_predicted_output_tokens(long_work, 500);  // key 0.1 + 5 s when ranked
+  sim.s.set_predicted_output_tokens(short_work, 10);  // key 0.2 + 0.1 s
+  sim.s.check_invariants();
+  sim.s.finish(blocker);
+  Sim::Step st = sim.step();
+  ASSERT_EQ(st.plan.scheduled.size(), 1u);
+  EXPECT_EQ(st.plan.scheduled.front().request_id, GetParam().short_work_first ? short_work : long_work);
+  // Withdrawing the prediction gives back the FCFS key.
+  sim.s.set_predicted_output_tokens(long_work, -1);
+  EXPECT_DOUBLE_EQ(sim.request(long_work).priority_s, 0.1);
+  sim.s.check_invariants();
+}
+
+TEST(RankByPredictedWork, ReRankingARunningRequestKeepsThePreemptionOrder) {
+  // The running list stays sorted by key, so the request preempted first is the one ranked last.
+  SchedulerConfig config = make_config(Policy::kInfercept);
+  config.rank_s_per_predicted_token = 1.0;
+  Sim sim{config};
+  RequestId a = sim.s.add_request(16, 0);
+  RequestId b = sim.s.add_request(16, 0.5);
+  sim.run_until_sampled(a);
+  sim.run_until_sampled(b);
+  sim.s.set_predicted_output_tokens(a, 3);  // a's key 3.0 passes b's 0.5
+  EXPECT_DOUBLE_EQ(sim.request(a).priority_s, 3.0);
+  EXPECT_DOUBLE_EQ(sim.request(b).priority_s, 0.5);
+  sim.s.check_invariants();
+  sim.run_until_sampled(a, 3);
+  sim.s.check_invariants();
+}
+
+TEST(RankByPredictedWork, ANegativeOrNonFiniteRateIsRejected) {
+  SchedulerConfig config = make_config(Policy::kInfercept);
+  config.rank_s_per_predicted_token = -0.5;
+  EXPECT_THROW(config.validate(), InvalidArgumentError);
+  config.rank_s_per_predicted_token = std::numeric_limits<double>::infinity();
+  EXPECT_THROW(config.validate(), InvalidArgumentError);
 }
 
 }  // namespace

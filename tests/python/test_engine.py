@@ -331,3 +331,38 @@ def test_stop_string_trims_the_text(make_engine, chat_ids):
     assert out.finish_reason == "stop" and stop not in out.text
     assert full.text.startswith(out.text)
     assert_all_memory_returned(engine)
+
+
+# ---- ranking by predicted work ---------------------------------------------------------------
+
+def test_ranked_engine_serves_shorter_predicted_work_first_with_the_same_tokens(make_engine, chat_ids):
+    """One slot: under FCFS the first arrival runs first; ranked by predicted output the
+    request predicted shorter goes first. Greedy tokens are the same either way."""
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    outputs = {}
+    for rank in (0.0, 0.01):
+        engine = make_engine(max_running_requests=1, rank_s_per_predicted_token=rank)
+        long_id = engine.add_request(prompt_token_ids=chat_ids[0], params=params, predicted_output_tokens=1000)
+        short_id = engine.add_request(prompt_token_ids=chat_ids[1], params=params, predicted_output_tokens=5)
+        done = engine.run_until_done([long_id, short_id])
+        outputs[rank] = done
+        assert_all_memory_returned(engine)
+    fcfs, ranked = outputs[0.0], outputs[0.01]
+    assert fcfs[0].finish_s < fcfs[1].finish_s
+    assert ranked[1].finish_s < ranked[0].finish_s
+    assert [o.token_ids for o in ranked] == [o.token_ids for o in fcfs]
+
+
+def test_bad_predictions_and_ranking_rates_are_rejected(make_engine, chat_ids):
+    with pytest.raises(ValueError, match="rank_s_per_predicted_token=-1"):
+        EngineConfig(rank_s_per_predicted_token=-1)
+    engine = make_engine(rank_s_per_predicted_token=0.1)
+    with pytest.raises(ValueError, match="predicted_output_tokens=-3"):
+        engine.add_request(prompt_token_ids=chat_ids[0], predicted_output_tokens=-3)
+    request_id = engine.add_request(prompt_token_ids=chat_ids[0], params=SamplingParams(max_tokens=4, **GREEDY))
+    with pytest.raises(ValueError, match="predicted_output_tokens=2.5"):
+        engine.set_predicted_output_tokens(request_id, 2.5)
+    engine.set_predicted_output_tokens(request_id, 7)  # the request is kept, and runs on
+    (out,) = engine.run_until_done([request_id])
+    assert out.num_generated_tokens == 4
+    assert_all_memory_returned(engine)

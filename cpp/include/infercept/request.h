@@ -53,7 +53,9 @@ struct Request {
   RequestId id = 0;
   RequestState state = RequestState::kWaiting;
   double arrival_s = 0;   // original arrival: the FCFS key, unless the policy requeues as new
-  double priority_s = 0;  // queue key: arrival_s, or the resume time (ResumeOrder::kNewArrival)
+  double fcfs_s = 0;      // FCFS key: arrival_s, or the resume time (ResumeOrder::kNewArrival)
+  double priority_s = 0;  // queue key: fcfs_s, plus the predicted work's term when ranked
+  int32_t predicted_output_tokens = -1;  // caller's prediction of what is left to generate (< 0: none)
 
   int32_t num_prompt_tokens = 0;
   int32_t num_generated_tokens = 0;

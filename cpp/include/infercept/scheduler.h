@@ -42,6 +42,12 @@ struct SchedulerConfig {
   /// returns (admission blocked, or the allocation rate over the intercept exceeding the free
   /// capacity). Off: the paper's rule, every paused byte counts as wasted.
   bool demand_aware_preserve = true;
+  /// Ranking of the queue (and of who is preempted first) by predicted remaining work, as
+  /// LAMPS does: a request's key is its FCFS key plus this many seconds per predicted remaining
+  /// output token (set_predicted_output_tokens), so shorter work goes first and a long one is
+  /// still served once newer arrivals' keys pass its own (no starvation). 0: plain FCFS, the
+  /// paper's order. Requests with no prediction keep their FCFS key.
+  double rank_s_per_predicted_token = 0;
 
   /// Throws InvalidArgumentError naming the first bad field.
   void validate() const;
@@ -142,6 +148,11 @@ class Scheduler {
 
   void set_generated_token_limit(RequestId request, int32_t generated_token_limit);
 
+  /// The caller's prediction of the output tokens the request has still to generate, over all
+  /// its remaining turns (a learned output-length predictor's, LAMPS's). Re-ranks the request
+  /// when SchedulerConfig::rank_s_per_predicted_token is set; < 0 withdraws the prediction.
+  void set_predicted_output_tokens(RequestId request, int32_t num_tokens);
+
   /// Ends a request normally and frees its blocks.
   void finish(RequestId request);
 
@@ -194,6 +205,8 @@ class Scheduler {
   Request& get(RequestId request);
   Request* find_request(RequestId request);  // nullptr when unknown (removed)
   void enqueue(Request& r);
+  /// The queue key `r` gets from its FCFS key and predicted work (rank_s_per_predicted_token).
+  double ranked_priority(const Request& r) const;
   void dequeue(Request& r);
   void add_running(Request& r);
   void remove_running(Request& r);

@@ -226,7 +226,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     setup = BenchSetup.from_profile(cost, args.duration, seed=args.seed, block_size=args.block_size,
                                     host_to_device_ratio=args.host_to_device_ratio,
                                     token_ids=not args.counts_only,
-                                    enable_prefix_caching=not args.no_prefix_caching)
+                                    enable_prefix_caching=not args.no_prefix_caching,
+                                    rank_s_per_predicted_token=args.rank_s_per_predicted_token,
+                                    prediction_error=args.prediction_error)
     print(f"profile {cost.name}: {cost.source}")
     print(f"device KV capacity {cost.kv_capacity_tokens} tokens, host {args.host_to_device_ratio:g}x that, "
           f"token budget S={cost.saturation_tokens}")
@@ -283,7 +285,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        max_running_requests=args.max_running_requests, model=args.model,
                        device=args.device, dtype=args.dtype, max_time_s=args.max_time,
                        token_ids=not args.counts_only,
-                       enable_prefix_caching=not args.no_prefix_caching)
+                       enable_prefix_caching=not args.no_prefix_caching,
+                       rank_s_per_predicted_token=args.rank_s_per_predicted_token,
+                       prediction_error=args.prediction_error)
     print(f"{workload}\n{executor} executor; window {args.duration:g} s; seed {args.seed}; device "
           f"pool {setup.num_device_blocks} blocks of {setup.block_size}, host {setup.num_host_blocks}; "
           f"token budget {setup.max_batched_tokens}; profile {cost.name}: {cost.source}")
@@ -296,7 +300,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "setup": {k: getattr(setup, k) for k in ("executor", "duration_s", "num_device_blocks",
                                                   "num_host_blocks", "max_batched_tokens", "seed",
                                                   "block_size", "max_running_requests", "device",
-                                                  "dtype", "token_ids", "enable_prefix_caching")},
+                                                  "dtype", "token_ids", "enable_prefix_caching",
+                                                  "rank_s_per_predicted_token", "prediction_error")},
         "complete": False,
         "rows": [],
         "timeline": {"policy": args.timeline_policy, "rate": max(args.rates), "samples": timeline},
@@ -432,7 +437,23 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sim: requests carry token counts, not ids (the prefix cache idles)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="turn the core's prefix cache off for every policy")
+    parser.add_argument("--rank-s-per-predicted-token", type=non_negative, default=0.0, metavar="S",
+                        help="rank the queue by predicted remaining output, LAMPS-style: a request's "
+                             "FCFS key plus S seconds per predicted token (0: FCFS, the paper's order)")
+    parser.add_argument("--prediction-error", type=non_negative, default=0.0, metavar="SIGMA",
+                        help="the output-length predictor's error: true count x exp(N(0, SIGMA))")
     parser.set_defaults(parser=parser)
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
 
 
 def add_parsers(sub: argparse._SubParsersAction, floats, policies) -> None:

@@ -10,12 +10,14 @@ ledger, as in the simulator (``replay.py``), so the two can be compared row by r
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from infercept.engine import LLMEngine
 from infercept.bench.metrics import RequestRecord
+from infercept.bench.replay import prediction_rng
 from infercept.bench.token_ids import prompt_token_ids
 from infercept.sampling import SamplingParams, ScriptedIntercept
 from infercept.bench.workload import WorkloadRequest
@@ -61,7 +63,7 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
            time_scale: float = 1.0, seed: int = 0,
            on_step: Callable[[int, int], None] | None = None,
            on_tick: Callable[[float], None] | None = None,
-           max_time_s: float | None = None) -> RealReplayResult:
+           max_time_s: float | None = None, prediction_error: float | None = None) -> RealReplayResult:
     """Runs ``requests`` (arrival_s set, in seconds) on ``engine`` and returns what happened.
 
     Args:
@@ -75,8 +77,13 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
             read ``engine.scheduler.stats()`` in it).
         max_time_s: Stop stepping here even if requests are unfinished (they are reported
             unfinished; the engine's shutdown aborts them).
+        prediction_error: None: no predictions. Else each request arrives with its output
+            over all turns predicted as the script's count times exp(N(0, prediction_error)),
+            for an engine that ranks by predicted work (``rank_s_per_predicted_token``); the
+            prediction is made once, at arrival.
     """
     pending = sorted(requests, key=lambda r: r.arrival_s)
+    predictions = _predictions(pending, seed, prediction_error)
     prepared = [to_engine_request(r, engine.model.config.vocab_size, seed, time_scale) for r in pending]
     ids: dict[int, WorkloadRequest] = {}
     turns = _TurnClock()
@@ -89,7 +96,8 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
             break
         while next_arrival < len(pending) and pending[next_arrival].arrival_s <= now:
             prompt, params = prepared[next_arrival]
-            request_id = engine.add_request(prompt_token_ids=prompt, params=params)
+            request_id = engine.add_request(prompt_token_ids=prompt, params=params,
+                                            predicted_output_tokens=predictions[next_arrival])
             ids[request_id] = pending[next_arrival]
             live.add(request_id)
             next_arrival += 1
@@ -115,6 +123,18 @@ def replay(engine: LLMEngine, requests: Sequence[WorkloadRequest], duration_s: f
             resumed_ttfts_s=tuple(turns.resumed_ttfts_s.get(request_id, ()))))
     ledger = engine.scheduler.ledger()
     return RealReplayResult(records, duration_s, end, ledger.as_dict(), ledger.fractions(), engine.stats)
+
+
+def _predictions(requests: Sequence[WorkloadRequest], seed: int,
+                 error: float | None) -> list[int | None]:
+    """Each request's predicted output (None without a predictor), as ReplayEngine draws them."""
+    if error is None:
+        return [None] * len(requests)
+    if not error >= 0:
+        raise ValueError(f"prediction_error={error} must be >= 0")
+    rng = prediction_rng(seed)
+    return [round(r.num_output_tokens * (math.exp(rng.gauss(0.0, error)) if error > 0 else 1.0))
+            for r in requests]
 
 
 class _TurnClock:

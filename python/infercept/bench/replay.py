@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -25,6 +26,11 @@ from infercept.engine.step_loop import CoreEvents, StepLoop, VirtualClock
 from infercept.bench.metrics import RequestRecord
 from infercept.bench.token_ids import SIM_VOCAB_SIZE, prompt_token_ids, tool_token_ids
 from infercept.bench.workload import WorkloadRequest
+
+
+def prediction_rng(seed: int) -> random.Random:
+    """The stream of the stand-in predictor's errors for a run seeded `seed`."""
+    return random.Random(seed * 7919 + 17)
 
 
 @dataclass
@@ -71,12 +77,23 @@ class ReplayEngine:
         check_invariants: check block conservation after every step (tests; slow).
         token_ids: add requests and tool returns as token ids (the executor must then sample
             ids); None: as the executor does (its ``token_ids`` attribute, else counts only).
-        seed: seeds the ids (``token_ids.py``).
+        seed: seeds the ids (``token_ids.py``) and the predictor's errors.
+        prediction_error: when the config ranks by predicted work
+            (``rank_s_per_predicted_token``), each request's remaining output is predicted at
+            its arrival and at each tool return as the script's true count times
+            exp(N(0, prediction_error)): a stand-in for a learned output-length predictor
+            (LAMPS's), with its error set here (0: an exact one).
     """
 
     def __init__(self, config: SchedulerConfig, cost: CostModel, executor: Executor,
-                 check_invariants: bool = False, token_ids: bool | None = None, seed: int = 0) -> None:
+                 check_invariants: bool = False, token_ids: bool | None = None, seed: int = 0,
+                 prediction_error: float = 0.0) -> None:
+        if not prediction_error >= 0:
+            raise ValueError(f"prediction_error={prediction_error} must be >= 0")
         self.scheduler = Scheduler(config, cost)
+        self._predicts = config.rank_s_per_predicted_token > 0
+        self._prediction_error = prediction_error
+        self._prediction_rng = prediction_rng(seed)
         # The engine loop of the real engine, under a virtual clock: resumes and intercepts
         # queue in _events and cross to the core once per step each.
         self._events = CoreEvents(self.scheduler)
@@ -168,6 +185,16 @@ class ReplayEngine:
             request_id = self.scheduler.add_request(request.prompt_tokens, request.arrival_s, 1)
         state = _Progress(request=request, segment_end_tokens=request.segments[0].completion_tokens)
         progress[request_id] = state
+        self._predict(request_id, state)
+
+    def _predict(self, request_id: int, state: _Progress) -> None:
+        """Tells the core the output left over the request's remaining turns, as predicted."""
+        if not self._predicts:
+            return
+        remaining = sum(s.completion_tokens for s in state.request.segments[state.segment:])
+        if self._prediction_error > 0:
+            remaining *= math.exp(self._prediction_rng.gauss(0.0, self._prediction_error))
+        self.scheduler.set_predicted_output_tokens(request_id, round(remaining))
 
     def _segment_done(self, request_id: int, now_s: float, progress: dict[int, _Progress],
                       events: list, seq: itertools.count) -> None:
@@ -204,6 +231,7 @@ class ReplayEngine:
         state.segment += 1
         state.segment_end_tokens += state.request.segments[state.segment].completion_tokens
         core.set_generated_token_limit(request_id, state.segment_end_tokens)
+        self._predict(request_id, state)
         state.resume_s = now_s
         self._awaiting_first_token.add(request_id)
 

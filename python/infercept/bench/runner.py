@@ -47,6 +47,10 @@ class BenchSetup:
         enable_prefix_caching: The core's prefix cache (policies that have one).
         demand_aware_preserve: min-waste's eq. 2 charges only memory someone wants (False:
             the paper's rule, every paused byte; simulator only).
+        rank_s_per_predicted_token: LAMPS-style ranking of the queue by predicted remaining
+            output (SchedulerConfig's field; 0: FCFS). The simulator predicts again at every
+            tool return; the real engine once, at arrival.
+        prediction_error: the predictor's error, a log-normal sigma (ReplayEngine's).
     """
 
     cost: CostModel
@@ -65,6 +69,8 @@ class BenchSetup:
     token_ids: bool = True
     enable_prefix_caching: bool = True
     demand_aware_preserve: bool = True
+    rank_s_per_predicted_token: float = 0.0
+    prediction_error: float = 0.0
     _loaded: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +129,9 @@ def _row(policy: str, rate: float, setup: BenchSetup, records: list[RequestRecor
          waste: dict[str, float], waste_fractions: dict[str, float], end_s: float,
          extra: dict) -> dict:
     row: dict[str, Any] = {"policy": policy, "rate": rate, "executor": setup.executor}
+    if setup.rank_s_per_predicted_token > 0:  # the queue was ranked, not FCFS
+        row.update(rank_s_per_predicted_token=setup.rank_s_per_predicted_token,
+                   prediction_error=setup.prediction_error)
     row.update(summarize(records, setup.duration_s))
     # Short windows: completions over the whole run (until drained) are the steadier rate.
     row["completed_rps"] = row["num_finished"] / end_s if end_s > 0 else 0.0
@@ -153,8 +162,9 @@ def run_sim(requests: Sequence[WorkloadRequest], policy: str, rate: float, setup
                               setup.max_running_requests)
     config.enable_prefix_caching = setup.enable_prefix_caching
     config.demand_aware_preserve = setup.demand_aware_preserve
+    config.rank_s_per_predicted_token = setup.rank_s_per_predicted_token
     executor = SimulatedExecutor(cost, setup.block_size, token_ids=setup.token_ids, seed=setup.seed)
-    engine = ReplayEngine(config, cost, executor, seed=setup.seed)
+    engine = ReplayEngine(config, cost, executor, seed=setup.seed, prediction_error=setup.prediction_error)
     on_step = None
     if timeline is not None:
         def on_step(now_s: float) -> None:
@@ -207,7 +217,8 @@ def run_real(requests: Sequence[WorkloadRequest], policy: str, rate: float, setu
                           num_host_blocks=setup.num_host_blocks,
                           max_batched_tokens=setup.max_batched_tokens,
                           max_running_requests=setup.max_running_requests, device=setup.device,
-                          enable_prefix_caching=setup.enable_prefix_caching)
+                          enable_prefix_caching=setup.enable_prefix_caching,
+                          rank_s_per_predicted_token=setup.rank_s_per_predicted_token)
     cost = setup.pool_cost()
     # Per executed step: tokens, context, executor s (StepResult.duration_s), whole step s;
     # step - executor is the engine loop's own overhead, which T_fwd does not contain.
@@ -226,7 +237,8 @@ def run_real(requests: Sequence[WorkloadRequest], policy: str, rate: float, setu
                                         setup.num_host_blocks))
 
         result = replay(engine, requests, setup.duration_s, seed=setup.seed, on_tick=on_tick,
-                        max_time_s=setup.max_time_s)
+                        max_time_s=setup.max_time_s,
+                        prediction_error=setup.prediction_error if setup.rank_s_per_predicted_token > 0 else None)
         stats = engine.stats
     num_busy = max(1, len(busy))
     return _row(policy, rate, setup, result.records, result.waste, result.waste_fractions, result.end_s, {

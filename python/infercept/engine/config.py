@@ -48,6 +48,11 @@ class EngineConfig:
             ``device`` on must be visible. ``kv_cache_bytes`` is then per rank.
         tensor_parallel_timeout_s: How long a collective may wait for the other ranks before
             the engine fails (a worker that hangs; one that dies is seen at once).
+        rank_s_per_predicted_token: Rank the waiting queue (and who is preempted first) by
+            predicted remaining output, LAMPS-style: a request's FCFS key plus this many
+            seconds per predicted token (``add_request(predicted_output_tokens=...)``), so
+            short work goes first and long work is delayed by at most its own term. 0: FCFS,
+            the paper's order. Requests without a prediction keep their FCFS key.
     """
 
     model: str | None = None
@@ -67,6 +72,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     tensor_parallel_timeout_s: float = 120.0
+    rank_s_per_predicted_token: float = 0.0
 
     def __post_init__(self) -> None:
         self.policy = canonical_policy(self.policy)  # ValueError naming the policy and the choices
@@ -86,6 +92,10 @@ class EngineConfig:
         if not self.tensor_parallel_timeout_s > 0:
             raise ValueError(f"tensor_parallel_timeout_s={self.tensor_parallel_timeout_s!r} "
                              "must be > 0")
+        if not (isinstance(self.rank_s_per_predicted_token, (int, float))
+                and 0 <= self.rank_s_per_predicted_token < float("inf")):
+            raise ValueError(f"rank_s_per_predicted_token={self.rank_s_per_predicted_token!r} "
+                             "must be a finite number >= 0")
         if self.num_host_blocks is not None and self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks={self.num_host_blocks} must be >= 0 or None")
         if not isinstance(self.device, str) or not (

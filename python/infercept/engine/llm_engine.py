@@ -131,6 +131,7 @@ class LLMEngine:
         scheduler_config.max_running_requests = config.max_running_requests
         scheduler_config.max_context_tokens = self.max_model_len
         scheduler_config.enable_prefix_caching = config.enable_prefix_caching
+        scheduler_config.rank_s_per_predicted_token = config.rank_s_per_predicted_token
         scheduler_config.vocab_size = model_config.vocab_size
         scheduler = Scheduler(scheduler_config, self.cost_model)
         # Resumes and intercepts queue here and cross to the core once per step each.
@@ -177,7 +178,8 @@ class LLMEngine:
 
     def add_request(self, prompt: str | None = None, params: SamplingParams | None = None, *,
                     prompt_token_ids: SequenceT[int] | None = None, use_tools: bool = True,
-                    client_tools: Iterable[str] = (), cache_salt: str | None = None) -> int:
+                    client_tools: Iterable[str] = (), cache_salt: str | None = None,
+                    predicted_output_tokens: int | None = None) -> int:
         """Queues a request and returns its id.
 
         Args:
@@ -189,6 +191,9 @@ class LLMEngine:
                 (``RequestOutput.paused``) until ``resume``.
             cache_salt: Tenant isolation for the prefix cache: the request's blocks are found
                 only by requests with the same salt (None: the shared, unsalted cache).
+            predicted_output_tokens: A predictor's count of the tokens the request will
+                generate over all its turns; ranks it when ``rank_s_per_predicted_token`` is
+                set (see ``set_predicted_output_tokens``).
 
         Raises:
             ValueError: No prompt, an empty prompt, a token id outside the vocabulary, a
@@ -203,6 +208,7 @@ class LLMEngine:
                              "params.for_choice(i) (LLM.generate and the server fan n out)")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError(f"cache_salt={cache_salt!r} must be a string or None")
+        _check_prediction(predicted_output_tokens)
         if (prompt is None) == (prompt_token_ids is None):
             raise ValueError("give exactly one of prompt and prompt_token_ids")
         token_ids = (self.tokenizer.encode(prompt) if prompt is not None
@@ -227,6 +233,8 @@ class LLMEngine:
             skip_reading_prefix_cache=params.prompt_logprobs is not None)
         if matcher is not None:
             self.grammars.attach(request_id, matcher)
+        if predicted_output_tokens is not None:
+            self.scheduler.set_predicted_output_tokens(request_id, predicted_output_tokens)
         output = RequestOutput(request_id=request_id, prompt=prompt,
                                prompt_token_ids=list(token_ids), arrival_s=now)
         self._seqs[request_id] = Sequence(
@@ -235,6 +243,14 @@ class LLMEngine:
             scripted=deque(sorted(params.intercepts, key=lambda i: i.after_tokens)))
         self.runner.add_request(request_id, params, token_ids)
         return request_id
+
+    def set_predicted_output_tokens(self, request_id: int, num_tokens: int | None) -> None:
+        """Updates the prediction of what the request has still to generate (over its
+        remaining turns), e.g. at a tool's return; None withdraws it. The request is re-ranked
+        at once when ``rank_s_per_predicted_token`` is set, and the value is kept otherwise."""
+        self._check_live(self._seq(request_id))
+        _check_prediction(num_tokens)
+        self.scheduler.set_predicted_output_tokens(request_id, -1 if num_tokens is None else num_tokens)
 
     def get(self, request_id: int) -> RequestOutput:
         """The request's latest output."""
@@ -704,3 +720,9 @@ class LLMEngine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+
+def _check_prediction(num_tokens: int | None) -> None:
+    if num_tokens is not None and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool)
+                                   or not 0 <= num_tokens < 2**31):
+        raise ValueError(f"predicted_output_tokens={num_tokens!r} must be an int in [0, 2**31) or None")
