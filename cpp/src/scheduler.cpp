@@ -18,12 +18,14 @@ const SchedulerConfig& validated(const SchedulerConfig& config) {
   return config;
 }
 
+// The order of the running and swapping-in lists: by queue key, then id.
+bool priority_before(const Request* a, const Request* b) {
+  return a->priority_s != b->priority_s ? a->priority_s < b->priority_s : a->id < b->id;
+}
+
 // Keeps `list` ordered by priority (then id) when inserting `r`.
 void insert_by_priority(std::vector<Request*>& list, Request* r) {
-  auto before = [](const Request* a, const Request* b) {
-    return a->priority_s != b->priority_s ? a->priority_s < b->priority_s : a->id < b->id;
-  };
-  list.insert(std::upper_bound(list.begin(), list.end(), r, before), r);
+  list.insert(std::upper_bound(list.begin(), list.end(), r, priority_before), r);
 }
 
 void erase_from(std::vector<Request*>& list, Request* r) {
@@ -302,18 +304,16 @@ void Scheduler::set_predicted_output_tokens(RequestId request, int32_t num_token
   r.predicted_output_tokens = num_tokens < 0 ? -1 : num_tokens;
   double priority_s = ranked_priority(r);
   if (priority_s == r.priority_s) return;
-  // Re-key wherever the request is held in priority order.
-  bool queued = queue_.count({r.priority_s, r.id}) != 0;
+  // Re-key wherever the request is held in priority order: the queue, or the list its state
+  // puts it in (check_invariants ties running_ and swapping_in_ to the states).
+  const bool queued = queue_.count({r.priority_s, r.id}) != 0;
+  std::vector<Request*>* list = is_computing(r.state)                     ? &running_
+                                : r.state == RequestState::kSwappingIn ? &swapping_in_
+                                                                        : nullptr;
   if (queued) dequeue(r);
-  auto rekey = [&](std::vector<Request*>& list) {
-    auto it = std::find(list.begin(), list.end(), &r);
-    if (it == list.end()) return false;
-    list.erase(it);
-    r.priority_s = priority_s;
-    insert_by_priority(list, &r);
-    return true;
-  };
-  if (!rekey(running_) && !rekey(swapping_in_)) r.priority_s = priority_s;
+  if (list != nullptr) erase_from(*list, &r);
+  r.priority_s = priority_s;
+  if (list != nullptr) insert_by_priority(*list, &r);
   if (queued) enqueue(r);
 }
 
@@ -1009,13 +1009,10 @@ void Scheduler::check_invariants() const {
   }
   // Preemption and swap-in order read these lists front to back: they stay sorted by key.
   auto check_sorted = [](const std::vector<Request*>& list, const char* name) {
-    for (size_t i = 1; i < list.size(); ++i) {
-      const Request& a = *list[i - 1];
-      const Request& b = *list[i];
-      if (a.priority_s > b.priority_s || (a.priority_s == b.priority_s && a.id > b.id)) {
-        throw StateError(std::string("the ") + name + " list is out of priority order at request " +
-                         std::to_string(b.id));
-      }
+    auto out_of_order = std::is_sorted_until(list.begin(), list.end(), priority_before);
+    if (out_of_order != list.end()) {
+      throw StateError(std::string("the ") + name + " list is out of priority order at request " +
+                       std::to_string((*out_of_order)->id));
     }
   };
   check_sorted(running_, "running");

@@ -10,14 +10,13 @@ ledger, as in the simulator (``replay.py``), so the two can be compared row by r
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from infercept.engine import LLMEngine
 from infercept.bench.metrics import RequestRecord
-from infercept.bench.replay import prediction_rng
+from infercept.bench.replay import OutputPredictor
 from infercept.bench.token_ids import prompt_token_ids
 from infercept.sampling import SamplingParams, ScriptedIntercept
 from infercept.bench.workload import WorkloadRequest
@@ -130,11 +129,8 @@ def _predictions(requests: Sequence[WorkloadRequest], seed: int,
     """Each request's predicted output (None without a predictor), as ReplayEngine draws them."""
     if error is None:
         return [None] * len(requests)
-    if not error >= 0:
-        raise ValueError(f"prediction_error={error} must be >= 0")
-    rng = prediction_rng(seed)
-    return [round(r.num_output_tokens * (math.exp(rng.gauss(0.0, error)) if error > 0 else 1.0))
-            for r in requests]
+    predictor = OutputPredictor(seed, error)
+    return [predictor.predict(r.num_output_tokens) for r in requests]
 
 
 class _TurnClock:

@@ -28,9 +28,20 @@ from infercept.bench.token_ids import SIM_VOCAB_SIZE, prompt_token_ids, tool_tok
 from infercept.bench.workload import WorkloadRequest
 
 
-def prediction_rng(seed: int) -> random.Random:
-    """The stream of the stand-in predictor's errors for a run seeded `seed`."""
-    return random.Random(seed * 7919 + 17)
+class OutputPredictor:
+    """The benchmarks' stand-in for a learned output-length predictor (LAMPS's): a true count
+    times exp(N(0, error)), the errors drawn from a stream seeded by the run's seed."""
+
+    def __init__(self, seed: int, error: float) -> None:
+        if not error >= 0:
+            raise ValueError(f"prediction_error={error} must be >= 0")
+        self.error = error
+        self._rng = random.Random(seed * 7919 + 17)
+
+    def predict(self, true_count: int) -> int:
+        if self.error == 0:
+            return true_count
+        return round(true_count * math.exp(self._rng.gauss(0.0, self.error)))
 
 
 @dataclass
@@ -88,12 +99,9 @@ class ReplayEngine:
     def __init__(self, config: SchedulerConfig, cost: CostModel, executor: Executor,
                  check_invariants: bool = False, token_ids: bool | None = None, seed: int = 0,
                  prediction_error: float = 0.0) -> None:
-        if not prediction_error >= 0:
-            raise ValueError(f"prediction_error={prediction_error} must be >= 0")
+        predictor = OutputPredictor(seed, prediction_error)  # ValueError naming a bad error
+        self._predictor = predictor if config.rank_s_per_predicted_token > 0 else None
         self.scheduler = Scheduler(config, cost)
-        self._predicts = config.rank_s_per_predicted_token > 0
-        self._prediction_error = prediction_error
-        self._prediction_rng = prediction_rng(seed)
         # The engine loop of the real engine, under a virtual clock: resumes and intercepts
         # queue in _events and cross to the core once per step each.
         self._events = CoreEvents(self.scheduler)
@@ -189,12 +197,10 @@ class ReplayEngine:
 
     def _predict(self, request_id: int, state: _Progress) -> None:
         """Tells the core the output left over the request's remaining turns, as predicted."""
-        if not self._predicts:
+        if self._predictor is None:
             return
         remaining = sum(s.completion_tokens for s in state.request.segments[state.segment:])
-        if self._prediction_error > 0:
-            remaining *= math.exp(self._prediction_rng.gauss(0.0, self._prediction_error))
-        self.scheduler.set_predicted_output_tokens(request_id, round(remaining))
+        self.scheduler.set_predicted_output_tokens(request_id, self._predictor.predict(remaining))
 
     def _segment_done(self, request_id: int, now_s: float, progress: dict[int, _Progress],
                       events: list, seq: itertools.count) -> None:
