@@ -234,3 +234,18 @@ def test_cli_ranks_by_predicted_work_and_rejects_a_negative_rate(trace_file, tmp
     with pytest.raises(SystemExit):
         main(["simulate", "--trace", str(trace_file), "--rank-s-per-predicted-token", "-1"])
     assert "-1 must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_real_replay_predicts_each_program_once_as_the_simulator_would() -> None:
+    """The real replay's arrival predictions: none without a predictor, the true output count
+    at error 0, the simulator's stream of errors otherwise, a negative error rejected."""
+    from infercept.bench.real_replay import _predictions
+    from infercept.bench.replay import OutputPredictor
+    requests = _requests(5)
+    assert _predictions(requests, 0, None) == [None] * 5
+    assert _predictions(requests, 0, 0.0) == [r.num_output_tokens for r in requests]
+    twin = OutputPredictor(3, 0.5)
+    assert _predictions(requests, 3, 0.5) == [twin.predict(r.num_output_tokens) for r in requests]
+    assert _predictions(requests, 3, 0.5) != [r.num_output_tokens for r in requests]
+    with pytest.raises(ValueError, match="prediction_error=-1"):
+        _predictions(requests, 0, -1)
