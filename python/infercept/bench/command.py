@@ -248,7 +248,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         payload = {
             "command": " ".join(sys.argv),
-            "machine": platform.platform(),
+            # The figures are virtual-clock results (machine-independent); the simulator's own
+            # speed is not, so the CPU is recorded beside them as everywhere else.
+            "machine": platform.platform(), "cpu": cpu_description(),
             "profile": {"name": cost.name, "source": cost.source},
             "rows": rows,
         }
