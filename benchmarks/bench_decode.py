@@ -18,7 +18,9 @@ limit = read bandwidth / weight bytes. Bandwidth is measured here: the best of s
 ``torch.sum`` over a 1 GiB float32 tensor with the same threads. Weight bytes are the model's
 unique parameter bytes in float32 (tied embeddings counted once: the LM head reads them; the
 embedding lookup reads one row). The KV cache read per token (a few MB at 256-384 tokens) is
-left out, so the limit is a slight overestimate.
+left out, so the limit is a slight overestimate. The guest's read bandwidth moves between ~30
+and ~60 GB/s within seconds, so each batch-1 run is also set against the mean of readings taken
+just before and just after it ("paired"), and runs whose two readings disagree are kept apart.
 
 Run (from the repository root, on a quiet machine):
 
@@ -121,7 +123,7 @@ def main() -> None:
             path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True).eval()
 
     results: dict[str, dict[int, dict]] = {s: {} for s in systems}
-    paired: dict[str, list[float]] = {}
+    paired: dict[str, list[dict]] = {}
     for batch in batches:
         batch_prompts = prompts(batch, vocab, num_tokens=args.prompt_tokens)
         timings: dict[str, tuple[list[float], list[float]]] = {}
