@@ -47,6 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config["cost_profile"] = args.cost_profile
     if args.tensor_parallel_size != 1:
         config["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.rank_s_per_predicted_token:
+        config["rank_s_per_predicted_token"] = args.rank_s_per_predicted_token
     if args.enable_prefix_caching is not None:
         from infercept.engine import EngineConfig
 
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                      default=None, help="reuse the KV of shared prompt prefixes (the engine's "
                                         "default: on)")
+    srv.add_argument("--rank-s-per-predicted-token", type=float, default=0.0, metavar="S",
+                     help="rank the queue by arrival + S seconds per output token a request's "
+                          "predicted_output_tokens field says it will generate (LAMPS-style; "
+                          "default 0: first come, first served)")
     srv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                      help="run the engine in its own process, apart from the HTTP layer "
                           "(default); --no-engine-process runs it on a thread of the server "

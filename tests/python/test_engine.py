@@ -353,6 +353,32 @@ def test_ranked_engine_serves_shorter_predicted_work_first_with_the_same_tokens(
     assert [o.token_ids for o in ranked] == [o.token_ids for o in fcfs]
 
 
+def test_server_core_hands_predictions_to_the_ranked_queue(make_engine, tokenizer):
+    """The server's EngineCore (under both the engine thread and the engine process) gives the
+    engine a request's predicted_output_tokens on add, and a follow-up's new prediction before
+    the resume, so the continuation is queued under the new key."""
+    pytest.importorskip("prometheus_client")
+    from infercept.server.engine_loop import EngineCore
+    from infercept.server.few_shot import FEW_SHOT
+    engine = make_engine(rank_s_per_predicted_token=0.5)
+    core = EngineCore(engine, emit=lambda update: None)
+    prompt = tokenizer.apply_chat_template(
+        [*FEW_SHOT, {"role": "user", "content": "What is 12 + 30?"}])
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    request_id = core.add(prompt, params, ["calculator"], False, None, 40)
+    request = engine.scheduler.request(request_id)
+    assert request.priority_s - request.arrival_s == pytest.approx(20.0)  # 0.5 s x 40
+    (paused,) = engine.run_until_done([request_id])
+    assert paused.paused, paused.text
+    core.resume(request_id, tokenizer.encode("42"), params, (), 10)
+    request = engine.scheduler.request(request_id)
+    # infercept queues the continuation by its original arrival, plus the new prediction.
+    assert request.priority_s - request.arrival_s == pytest.approx(5.0)
+    (out,) = engine.run_until_done([request_id])
+    assert out.finished
+    assert_all_memory_returned(engine)
+
+
 def test_bad_predictions_and_ranking_rates_are_rejected(make_engine, chat_ids):
     with pytest.raises(ValueError, match="rank_s_per_predicted_token=-1"):
         EngineConfig(rank_s_per_predicted_token=-1)

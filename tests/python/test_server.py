@@ -106,6 +106,15 @@ def test_serve_cli_parses():
     assert (args.api_key, args.enable_prefix_caching) == (None, None)
     args = build_parser().parse_args(["serve", "--api-key", "k", "--no-enable-prefix-caching"])
     assert (args.api_key, args.enable_prefix_caching) == ("k", False)
+    assert args.rank_s_per_predicted_token == 0.0  # FCFS unless asked
+    args = build_parser().parse_args(["serve", "--rank-s-per-predicted-token", "0.2"])
+    assert args.rank_s_per_predicted_token == 0.2
+    # What cmd_serve builds from it; a bad rate fails before the engine process starts.
+    from infercept.server import engine_spec
+    assert engine_spec("default", "infercept",
+                       rank_s_per_predicted_token=0.2).config.rank_s_per_predicted_token == 0.2
+    with pytest.raises(ValueError, match="rank_s_per_predicted_token=-1"):
+        engine_spec("default", "infercept", rank_s_per_predicted_token=-1.0)
 
 
 def test_store_matches_only_contexts_of_the_same_cache_salt():
@@ -159,8 +168,12 @@ def test_chat_streaming_matches_non_streaming(client):
 
 def test_tool_round_trip_resumes_paused_context(server, client):
     messages = _question(12, 30)
+    # With a prediction of the remaining output (kept by this FCFS engine, so nothing else
+    # changes; test_engine.py checks the ranked key): it reaches the engine process on the add
+    # and on the resume.
     first = client.chat.completions.create(model=MODEL, messages=messages, tools=[CALCULATOR],
-                                           temperature=0, max_tokens=40)
+                                           temperature=0, max_tokens=40,
+                                           extra_body={"predicted_output_tokens": 30})
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls"
     call = choice.message.tool_calls[0]
@@ -172,7 +185,8 @@ def test_tool_round_trip_resumes_paused_context(server, client):
     follow_up = [*messages, choice.message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": "42"}]
     resumed = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[CALCULATOR],
-                                             temperature=0, max_tokens=12)
+                                             temperature=0, max_tokens=12,
+                                             extra_body={"predicted_output_tokens": 10})
     after = metrics(server)
     reused = 'infercept_paused_context_total{outcome="reused"}'
     fallback = 'infercept_paused_context_total{outcome="fallback"}'
@@ -615,6 +629,9 @@ def test_penalties_logit_bias_and_min_tokens_over_the_wire(client, tokenizer):
     ({"logit_bias": {"abc": 5}}, ["logit_bias key 'abc'"]),
     ({"n": 2, "tools": [CALCULATOR]}, ["n=2 is not supported with tools"]),
     ({"extra_body": {"min_tokens": 50}, "max_tokens": 10}, ["min_tokens=50", "max_tokens=10"]),
+    ({"extra_body": {"predicted_output_tokens": -1}}, ["predicted_output_tokens", "0"]),
+    ({"extra_body": {"predicted_output_tokens": 2**31}},
+     ["predicted_output_tokens", "2147483648"]),
 ])
 def test_bad_sampling_values_are_400s_naming_value_and_limit(server, client, kwargs, words):
     with pytest.raises(openai.BadRequestError) as refused:

@@ -144,8 +144,9 @@ def test_plain_text_response(client):
 
 
 def test_function_call_round_trip_resumes_the_paused_request(server, client):
+    # A prediction of the remaining output rides on both turns (the FCFS engine keeps it).
     first = client.responses.create(input=_question(12, 30), max_output_tokens=40,
-                                    **_tool_kwargs())
+                                    extra_body={"predicted_output_tokens": 30}, **_tool_kwargs())
     assert first.status == "completed"
     call = _calculator_call(first)
     assert json.loads(call.arguments) == {"expression": "12 + 30"}
@@ -154,7 +155,8 @@ def test_function_call_round_trip_resumes_the_paused_request(server, client):
 
     result = {"type": "function_call_output", "call_id": call.call_id, "output": "42"}
     resumed = client.responses.create(previous_response_id=first.id, input=[result],
-                                      max_output_tokens=12, **_tool_kwargs())
+                                      max_output_tokens=12,
+                                      extra_body={"predicted_output_tokens": 10}, **_tool_kwargs())
     after = metrics(server)
     assert (after[REUSED], after[FALLBACK]) == (before[REUSED] + 1, before[FALLBACK])
     # The paused context (prompt and the call) was not prefilled again.

@@ -51,7 +51,7 @@ class ChatHandlers:
         params = self.sampling_params(req, len(prompt_ids), req.completion_limit,
                                       self.structured_output(req, choice, req.tools))
         result_ids = [m.tool_call_id for m in req.messages if m.role == "tool" and m.tool_call_id]
-        conversation = Conversation(req.session_id, req.cache_salt)
+        conversation = Conversation(req.session_id, req.cache_salt, req.predicted_output_tokens)
         handle, num_reused = await self._start(prompt_ids, params, client_tools, conversation,
                                                result_ids, is_followup)
         handles = await self._add_siblings(handle, prompt_ids, params, req.n, client_tools,

@@ -42,7 +42,7 @@ class CompletionHandlers:
         if req.echo and with_logprobs:
             # OpenAI's echo with logprobs scores the prompt too (choice 0 computes it).
             params = dataclasses.replace(params, prompt_logprobs=req.num_logprobs)
-        conversation = Conversation(None, req.cache_salt)
+        conversation = Conversation(None, req.cache_salt, req.predicted_output_tokens)
         handle, _ = await self._start(prompt_ids, params, [], conversation, [], False)
         handles = await self._add_siblings(handle, prompt_ids, params, req.n, [], conversation,
                                            request)

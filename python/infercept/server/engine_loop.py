@@ -207,6 +207,12 @@ def accepts_cache_salt(engine: Any) -> bool:
     return "cache_salt" in inspect.signature(engine.add_request).parameters
 
 
+def accepts_predictions(engine: Any) -> bool:
+    """Whether ``engine.add_request`` takes ``predicted_output_tokens`` (engines that can rank
+    their queue by it)."""
+    return "predicted_output_tokens" in inspect.signature(engine.add_request).parameters
+
+
 class EngineCore:
     """An ``LLMEngine`` and its per-request bookkeeping; single-threaded, like the engine.
 
@@ -223,6 +229,7 @@ class EngineCore:
         self._emit = emit
         self._observe_fn = observe
         self._accepts_cache_salt = accepts_cache_salt(engine)
+        self._accepts_predictions = accepts_predictions(engine)
         self._timings: dict[int, _Timing] = {}
         self._live: set[int] = set()  # requests whose updates are emitted
         self._num_generated: dict[int, int] = {}
@@ -236,13 +243,17 @@ class EngineCore:
 
     def add(self, prompt_token_ids: Sequence[int], params: SamplingParams,
             client_tools: Sequence[str] = (), use_tools: bool = True,
-            cache_salt: str | None = None) -> int:
+            cache_salt: str | None = None, predicted_output_tokens: int | None = None) -> int:
         """Adds a request and listens to it; returns its id (ValueError: refused)."""
         tokens = list(prompt_token_ids)
-        salt = {"cache_salt": cache_salt} if self._accepts_cache_salt and cache_salt else {}
+        extra: dict[str, Any] = {}
+        if self._accepts_cache_salt and cache_salt:
+            extra["cache_salt"] = cache_salt
+        if self._accepts_predictions and predicted_output_tokens is not None:
+            extra["predicted_output_tokens"] = predicted_output_tokens
         request_id = self.engine.add_request(prompt_token_ids=tokens, params=params,
                                              use_tools=use_tools, client_tools=tuple(client_tools),
-                                             **salt)
+                                             **extra)
         self._live.add(request_id)
         self._num_generated[request_id] = 0
         self._num_logprobs_sent[request_id] = 0
@@ -251,7 +262,8 @@ class EngineCore:
         return request_id
 
     def resume(self, request_id: int, token_ids: Sequence[int], params: SamplingParams,
-               client_tools: Sequence[str] = ()) -> tuple[int, int]:
+               client_tools: Sequence[str] = (),
+               predicted_output_tokens: int | None = None) -> tuple[int, int]:
         """Resumes a paused request and listens to it again.
 
         Returns:
@@ -262,6 +274,9 @@ class EngineCore:
             ValueError, UnknownRequestError: The request is gone or not paused for the caller.
         """
         tokens = list(token_ids)
+        if self._accepts_predictions and predicted_output_tokens is not None:
+            # Before the resume: the continuation is queued under the new key.
+            self.engine.set_predicted_output_tokens(request_id, predicted_output_tokens)
         self.engine.resume(request_id, token_ids=tokens, params=params,
                            client_tools=tuple(client_tools))
         output = self.engine.get(request_id)
@@ -496,26 +511,31 @@ class EngineLoop:
 
     async def add(self, prompt_token_ids: Sequence[int], params: SamplingParams, *,
                   client_tools: Iterable[str] = (), use_tools: bool = True,
-                  cache_salt: str | None = None) -> RequestHandle:
+                  cache_salt: str | None = None,
+                  predicted_output_tokens: int | None = None) -> RequestHandle:
         """Queues a request; its updates arrive on the returned handle.
 
         ``cache_salt`` keeps the request's prefix-cache entries apart from other salts'; it is
         not passed to an engine without a prefix cache (nothing is shared there).
+        ``predicted_output_tokens`` ranks the request where the engine ranks its queue.
         """
         updates: asyncio.Queue[Update] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         tokens, tools = list(prompt_token_ids), tuple(client_tools)
 
         def add(engine: LLMEngine) -> int:
-            request_id = self.core.add(tokens, params, tools, use_tools, cache_salt)
+            request_id = self.core.add(tokens, params, tools, use_tools, cache_salt,
+                                       predicted_output_tokens)
             self._subscribers[request_id] = (loop, updates)
             return request_id
 
         return RequestHandle(await self.call(add), updates)
 
     async def resume(self, request_id: int, token_ids: Sequence[int], params: SamplingParams, *,
-                     client_tools: Iterable[str] = ()) -> RequestHandle:
-        """Continues a request paused on a client tool by appending ``token_ids``.
+                     client_tools: Iterable[str] = (),
+                     predicted_output_tokens: int | None = None) -> RequestHandle:
+        """Continues a request paused on a client tool by appending ``token_ids`` (with a new
+        prediction of its remaining output, when given).
 
         Raises:
             ValueError, UnknownRequestError: The request is gone or not paused for the caller.
@@ -527,7 +547,8 @@ class EngineLoop:
         def resume(engine: LLMEngine) -> tuple[int, int]:
             self._subscribers[request_id] = (loop, updates)  # before: it may finish at once
             try:
-                return self.core.resume(request_id, tokens, params, tools)
+                return self.core.resume(request_id, tokens, params, tools,
+                                        predicted_output_tokens)
             except Exception:
                 self._subscribers.pop(request_id, None)
                 raise

@@ -92,6 +92,7 @@ class Add(msgspec.Struct, tag=True):
     client_tools: list[str]
     use_tools: bool
     cache_salt: str | None
+    predicted_output_tokens: int | None = None
 
 
 class Resume(msgspec.Struct, tag=True):
@@ -100,6 +101,7 @@ class Resume(msgspec.Struct, tag=True):
     token_ids: list[int]
     params: SamplingParams
     client_tools: list[str]
+    predicted_output_tokens: int | None = None
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -242,10 +244,10 @@ class _EngineProcess:
             if isinstance(command, Add):
                 value: Any = core.add(command.prompt_token_ids, command.params,
                                       command.client_tools, command.use_tools,
-                                      command.cache_salt)
+                                      command.cache_salt, command.predicted_output_tokens)
             elif isinstance(command, Resume):
                 value = core.resume(command.request_id, command.token_ids, command.params,
-                                    command.client_tools)
+                                    command.client_tools, command.predicted_output_tokens)
             else:
                 value = core.stats()
         except Exception as exc:  # raised again in the awaiting handler
@@ -436,23 +438,25 @@ class EngineProcessClient:
 
     async def add(self, prompt_token_ids: Sequence[int], params: SamplingParams, *,
                   client_tools: Iterable[str] = (), use_tools: bool = True,
-                  cache_salt: str | None = None) -> RequestHandle:
+                  cache_salt: str | None = None,
+                  predicted_output_tokens: int | None = None) -> RequestHandle:
         """Sends a request; its updates arrive on the returned handle (see EngineLoop.add)."""
         updates: asyncio.Queue[Update] = asyncio.Queue()
         call_id = self._new_call_id()
         request_id = await self._call(
             Add(call_id, list(prompt_token_ids), params, list(client_tools), use_tools,
-                cache_salt), call_id, updates)
+                cache_salt, predicted_output_tokens), call_id, updates)
         return RequestHandle(request_id, updates)
 
     async def resume(self, request_id: int, token_ids: Sequence[int], params: SamplingParams, *,
-                     client_tools: Iterable[str] = ()) -> RequestHandle:
+                     client_tools: Iterable[str] = (),
+                     predicted_output_tokens: int | None = None) -> RequestHandle:
         """Continues a paused request (see EngineLoop.resume)."""
         updates: asyncio.Queue[Update] = asyncio.Queue()
         call_id = self._new_call_id()
         text_offset, generated_offset = await self._call(
-            Resume(call_id, request_id, list(token_ids), params, list(client_tools)), call_id,
-            (request_id, updates))
+            Resume(call_id, request_id, list(token_ids), params, list(client_tools),
+                   predicted_output_tokens), call_id, (request_id, updates))
         return RequestHandle(request_id, updates, text_offset, generated_offset)
 
     def abort(self, request_id: int) -> None:

@@ -229,7 +229,8 @@ class OpenAIServer(ChatHandlers, CompletionHandlers):
         try:
             for i in range(1, n):
                 handles.append(await self._add(prompt_ids, params.for_choice(i), client_tools,
-                                               conversation.cache_salt))
+                                               conversation.cache_salt,
+                                               conversation.predicted_output_tokens))
         except BaseException:
             for handle in handles:
                 self.engine_loop.abort(handle.request_id)
@@ -266,9 +267,9 @@ class OpenAIServer(ChatHandlers, CompletionHandlers):
             The handle, and the tokens of the paused context it resumed (0 for a new request).
         """
         self._drop(self.store.expire(), outcome="expired")
-        salt = conversation.cache_salt
+        salt, predicted = conversation.cache_salt, conversation.predicted_output_tokens
         if not is_followup:  # only a tool result continues a paused context
-            return await self._add(prompt_ids, params, client_tools, salt), 0
+            return await self._add(prompt_ids, params, client_tools, salt, predicted), 0
         match = self.store.take_match(prompt_ids, conversation.session_id, result_ids,
                                       cache_salt=salt)
         self._drop(match.stale)
@@ -276,7 +277,7 @@ class OpenAIServer(ChatHandlers, CompletionHandlers):
             try:
                 handle = await self.engine_loop.resume(
                     match.context.request_id, match.resume_token_ids, params,
-                    client_tools=client_tools)
+                    client_tools=client_tools, predicted_output_tokens=predicted)
             except (ValueError, UnknownRequestError) as exc:
                 log.warning("resuming paused request %d failed (%s); prefilling instead",
                             match.context.request_id, exc)
@@ -287,13 +288,15 @@ class OpenAIServer(ChatHandlers, CompletionHandlers):
                 self.metrics.reused_prompt_tokens.inc(num_reused)
                 return handle, num_reused
         self.metrics.count_paused_context("fallback")
-        return await self._add(prompt_ids, params, client_tools, salt), 0
+        return await self._add(prompt_ids, params, client_tools, salt, predicted), 0
 
     async def _add(self, prompt_ids: list[int], params: SamplingParams,
-                   client_tools: list[str], cache_salt: str | None) -> RequestHandle:
+                   client_tools: list[str], cache_salt: str | None,
+                   predicted_output_tokens: int | None = None) -> RequestHandle:
         try:
             return await self.engine_loop.add(prompt_ids, params, client_tools=client_tools,
-                                              cache_salt=cache_salt)
+                                              cache_salt=cache_salt,
+                                              predicted_output_tokens=predicted_output_tokens)
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
 

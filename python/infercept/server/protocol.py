@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from infercept.sampling import (MAX_ABS_PENALTY, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N,
                                 MAX_REPETITION_PENALTY, MAX_STOP_SEQUENCES, MAX_STOP_STRING_CHARS)
 
+# The core keeps a predicted output count as an int32.
+MAX_PREDICTED_OUTPUT_TOKENS = 2**31
+
 # OpenAI's rule for function names.
 _FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 
@@ -162,6 +165,13 @@ class _SamplingFields(BaseModel):
     # OpenAI/vLLM extension: requests share prefix-cache entries (and paused contexts) only
     # with requests of the same salt, so tenants cannot probe each other's prompts by timing.
     cache_salt: str | None = None
+    # InferCept extension: a predictor's count of the tokens this request will still generate
+    # (over all its remaining turns). With `serve --rank-s-per-predicted-token S` the queue is
+    # ranked by arrival + S x this count (LAMPS-style, docs/baselines.md); under FCFS (S = 0,
+    # the default) it is kept and has no effect. A follow-up that resumes a paused context
+    # updates the prediction.
+    predicted_output_tokens: int | None = Field(default=None, ge=0,
+                                                lt=MAX_PREDICTED_OUTPUT_TOKENS)
 
     @field_validator("cache_salt", mode="before")
     @classmethod

@@ -122,7 +122,7 @@ class ResponsesAPI:
             raise BadRequestError(str(exc), param="input") from None
         params = server.sampling_params(req, len(turn.prompt_ids), req.max_output_tokens)
         handle = await self._start(turn, previous, new_messages, params, client_tools,
-                                   req.cache_salt)
+                                   req.cache_salt, req.predicted_output_tokens)
         if req.stream:
             return EngineStreamingResponse(self._stream(turn, req, handle, request),
                                            media_type="text/event-stream")
@@ -138,7 +138,8 @@ class ResponsesAPI:
 
     async def _start(self, turn: _Turn, previous: StoredResponse | None,
                      new_messages: Sequence[ChatMessage], params: SamplingParams,
-                     client_tools: list[str], cache_salt: str | None) -> RequestHandle:
+                     client_tools: list[str], cache_salt: str | None,
+                     predicted_output_tokens: int | None = None) -> RequestHandle:
         """Resumes the previous response's paused request, or adds a new one."""
         server = self.server
         server._drop(server.store.expire(), outcome="expired")
@@ -149,16 +150,19 @@ class ResponsesAPI:
         else:  # the whole conversation sent back: the call's id names the paused request
             context = server.store.take_response_call(result_ids, cache_salt)
         if context is not None:
-            handle = await self._resume(context, turn, params, client_tools)
+            handle = await self._resume(context, turn, params, client_tools,
+                                        predicted_output_tokens)
             if handle is not None:
                 return handle
         if answers_call or context is not None:
             server.metrics.count_paused_context("fallback")
         turn.num_input_tokens = len(turn.prompt_ids)
-        return await server._add(turn.prompt_ids, params, client_tools, cache_salt)
+        return await server._add(turn.prompt_ids, params, client_tools, cache_salt,
+                                 predicted_output_tokens)
 
     async def _resume(self, context: PausedContext, turn: _Turn, params: SamplingParams,
-                      client_tools: list[str]) -> RequestHandle | None:
+                      client_tools: list[str], predicted_output_tokens: int | None = None
+                      ) -> RequestHandle | None:
         """Resumes ``context`` with the prompt's tokens past it; None (and the context
         aborted) when the prompt does not extend it or the engine refuses."""
         server = self.server
@@ -170,8 +174,9 @@ class ResponsesAPI:
             server.engine_loop.abort(context.request_id)
             return None
         try:
-            handle = await server.engine_loop.resume(context.request_id, prompt[len(paused):],
-                                                     params, client_tools=client_tools)
+            handle = await server.engine_loop.resume(
+                context.request_id, prompt[len(paused):], params, client_tools=client_tools,
+                predicted_output_tokens=predicted_output_tokens)
         except (ValueError, UnknownRequestError) as exc:
             log.warning("resuming paused request %d failed (%s); prefilling instead",
                         context.request_id, exc)

@@ -188,7 +188,9 @@ class PausedContextStore:
 
 @dataclass(frozen=True)
 class Conversation:
-    """What ties a request to paused contexts: its session id and its tenant's cache salt."""
+    """What ties a request to paused contexts (its session id and its tenant's cache salt) and
+    what it asks of the scheduler (its predicted output, for the ranked queue)."""
 
     session_id: str | None
     cache_salt: str | None
+    predicted_output_tokens: int | None = None
