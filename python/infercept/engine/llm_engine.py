@@ -722,7 +722,11 @@ class LLMEngine:
         self.shutdown()
 
 
+# The core keeps a predicted output count as an int32.
+MAX_PREDICTED_OUTPUT_TOKENS = 2**31
+
+
 def _check_prediction(num_tokens: int | None) -> None:
     if num_tokens is not None and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool)
-                                   or not 0 <= num_tokens < 2**31):
+                                   or not 0 <= num_tokens < MAX_PREDICTED_OUTPUT_TOKENS):
         raise ValueError(f"predicted_output_tokens={num_tokens!r} must be an int in [0, 2**31) or None")

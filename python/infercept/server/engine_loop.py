@@ -202,15 +202,10 @@ class _Timing:
     num_intercepts: int = 0
 
 
-def accepts_cache_salt(engine: Any) -> bool:
-    """Whether ``engine.add_request`` takes ``cache_salt`` (engines with a prefix cache)."""
-    return "cache_salt" in inspect.signature(engine.add_request).parameters
-
-
-def accepts_predictions(engine: Any) -> bool:
-    """Whether ``engine.add_request`` takes ``predicted_output_tokens`` (engines that can rank
-    their queue by it)."""
-    return "predicted_output_tokens" in inspect.signature(engine.add_request).parameters
+def add_request_takes(engine: Any, name: str) -> bool:
+    """Whether ``engine.add_request`` takes the keyword ``name``: ``cache_salt`` (engines with a
+    prefix cache), ``predicted_output_tokens`` (engines that can rank their queue by it)."""
+    return name in inspect.signature(engine.add_request).parameters
 
 
 class EngineCore:
@@ -228,8 +223,8 @@ class EngineCore:
         self.engine = engine
         self._emit = emit
         self._observe_fn = observe
-        self._accepts_cache_salt = accepts_cache_salt(engine)
-        self._accepts_predictions = accepts_predictions(engine)
+        self._accepts_cache_salt = add_request_takes(engine, "cache_salt")
+        self._accepts_predictions = add_request_takes(engine, "predicted_output_tokens")
         self._timings: dict[int, _Timing] = {}
         self._live: set[int] = set()  # requests whose updates are emitted
         self._num_generated: dict[int, int] = {}

@@ -12,11 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from infercept.engine.llm_engine import MAX_PREDICTED_OUTPUT_TOKENS
 from infercept.sampling import (MAX_ABS_PENALTY, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MAX_N,
                                 MAX_REPETITION_PENALTY, MAX_STOP_SEQUENCES, MAX_STOP_STRING_CHARS)
-
-# The core keeps a predicted output count as an int32.
-MAX_PREDICTED_OUTPUT_TOKENS = 2**31
 
 # OpenAI's rule for function names.
 _FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
