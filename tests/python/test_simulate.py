@@ -228,7 +228,10 @@ def test_cli_ranks_by_predicted_work_and_rejects_a_negative_rate(trace_file, tmp
     assert main(["simulate", "--trace", str(trace_file), "--profile", "gptj-6b-a100", "--rates", "2",
                  "--duration", "20", "--policies", "infercept", "--rank-s-per-predicted-token", "0.2",
                  "--prediction-error", "0.5", "--json", str(out)]) == 0
-    row = json.loads(out.read_text())["rows"][0]
+    payload = json.loads(out.read_text())
+    from infercept.bench.command import cpu_description
+    assert payload["cpu"] == cpu_description()  # the machine beside the figures, as elsewhere
+    row = payload["rows"][0]
     assert row["rank_s_per_predicted_token"] == 0.2 and row["prediction_error"] == 0.5
     assert row["num_finished"] > 0
     with pytest.raises(SystemExit):
