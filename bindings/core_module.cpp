@@ -271,6 +271,10 @@ void bind_scheduler(py::module_& m) {
       .def_readonly("expected_duration_s", &Request::expected_duration_s,
            "The caller's estimate of the intercept; < 0 when unknown.")
       .def_readonly("num_intercepts", &Request::num_intercepts)
+      .def_readonly("predicted_output_tokens", &Request::predicted_output_tokens,
+           "The prediction of what is left to generate over its remaining turns, the caller's or learned (< 0: none).")
+      .def_readonly("program_class", &Request::program_class,
+           "The output-length predictor's key: the hash of the prompt's first blocks (0: counts only, or no full block).")
       .def_readonly("pin_until_s", &Request::pin_until_s,
            "continuum: the pinned KV is released then (< 0: not pinned).")
       .def_readonly("num_preemptions", &Request::num_preemptions)
@@ -309,6 +313,8 @@ void bind_scheduler(py::module_& m) {
                      "min-waste charges a preserved context only for memory wanted before it returns")
       .def_readwrite("rank_s_per_predicted_token", &SchedulerConfig::rank_s_per_predicted_token,
                      "LAMPS-style ranking: seconds added to a request's FCFS key per predicted remaining output token (0: FCFS)")
+      .def_readwrite("learn_output_lengths", &SchedulerConfig::learn_output_lengths,
+                     "When ranking, key a request the caller gave no prediction for its turn by what finished programs of its class generated from that turn on")
       .def("validate", &SchedulerConfig::validate,
            "Raises InvalidArgumentError naming the first bad field.");
 
@@ -411,6 +417,15 @@ void bind_scheduler(py::module_& m) {
            "A copy of the request's record; UnknownRequestError if there is none.")
       .def("contains", &Scheduler::contains, py::arg("request_id"),
            "Whether the scheduler holds a record of the request (live, or ended and not removed).")
+      .def(
+          "predicted_output_tokens",
+          [](const Scheduler& s, BlockHash program_class, int32_t num_prompt_tokens, int32_t turn) {
+            return s.output_lengths().predict(program_class, num_prompt_tokens, turn);
+          },
+          py::arg("program_class"), py::arg("num_prompt_tokens"), py::arg("turn"),
+          "What the output-length predictor expects a program of the class and prompt length to generate from turn `turn` on (< 0: not learned yet)")
+      .def("num_learned_programs", [](const Scheduler& s) { return s.output_lengths().num_programs(); },
+           "Finished programs the output-length predictor has learned from")
       .def("stats", &Scheduler::stats,
            "Counts by state and the cumulative counters now.")
       .def("ledger", &Scheduler::ledger, py::return_value_policy::copy,

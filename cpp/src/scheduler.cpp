@@ -12,6 +12,8 @@ namespace infercept {
 namespace {
 
 constexpr int64_t kUnlimited = std::numeric_limits<int32_t>::max();
+// A program's class (OutputLengths) is the hash of its prompt's first this-many full blocks.
+constexpr size_t kClassBlocks = 8;
 
 const SchedulerConfig& validated(const SchedulerConfig& config) {
   config.validate();
@@ -21,6 +23,13 @@ const SchedulerConfig& validated(const SchedulerConfig& config) {
 // The order of the running and swapping-in lists: by queue key, then id.
 bool priority_before(const Request* a, const Request* b) {
   return a->priority_s != b->priority_s ? a->priority_s < b->priority_s : a->id < b->id;
+}
+
+// The learned prediction for r's current turn, in whole tokens (-1: nothing learned yet).
+int32_t learned_prediction(const OutputLengths& lengths, const Request& r) {
+  const double tokens = lengths.predict(r.program_class, r.num_prompt_tokens, r.num_intercepts);
+  if (tokens < 0) return -1;
+  return static_cast<int32_t>(std::min<double>(std::lround(tokens), std::numeric_limits<int32_t>::max()));
 }
 
 // Keeps `list` ordered by priority (then id) when inserting `r`.
@@ -68,6 +77,12 @@ int32_t Scheduler::num_blocks(int64_t num_tokens) const {
 }
 
 RequestId Scheduler::add_request(int32_t num_prompt_tokens, double arrival_s, int32_t generated_token_limit) {
+  RequestId id = add_counted(num_prompt_tokens, arrival_s, generated_token_limit);
+  predict_from_history(requests_[id]);
+  return id;
+}
+
+RequestId Scheduler::add_counted(int32_t num_prompt_tokens, double arrival_s, int32_t generated_token_limit) {
   if (num_prompt_tokens <= 0) {
     throw InvalidArgumentError("num_prompt_tokens must be positive, got " + std::to_string(num_prompt_tokens));
   }
@@ -105,12 +120,17 @@ RequestId Scheduler::add_request(const std::vector<TokenId>& prompt_token_ids, d
   if (prompt_token_ids.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max() / 2)) {
     throw InvalidArgumentError("prompt of " + std::to_string(prompt_token_ids.size()) + " tokens is too long");
   }
-  RequestId id = add_request(static_cast<int32_t>(prompt_token_ids.size()), arrival_s, generated_token_limit);
+  RequestId id = add_counted(static_cast<int32_t>(prompt_token_ids.size()), arrival_s, generated_token_limit);
   Request& r = requests_[id];
   r.tokens = TokenBlocks(config_.block_size, hash_salt(cache_salt));
   r.tokens.append(prompt_token_ids);
   r.cacheable = caching();
   r.skip_reading_prefix_cache = skip_reading_prefix_cache;
+  // The class is the prompt's head: programs of one app (system prompt, tool schemas) share
+  // it, while a question a few blocks in does not split them.
+  const std::vector<BlockHash>& hashes = r.tokens.block_hashes();
+  if (!hashes.empty()) r.program_class = hashes[std::min(hashes.size(), kClassBlocks) - 1];
+  predict_from_history(r);
   return id;
 }
 
@@ -152,6 +172,8 @@ RequestState Scheduler::intercept(RequestId request, double now_s, double expect
   r.tool_pending = true;
   r.intercept_start_s = now_s;
   r.expected_duration_s = expected_duration_s;
+  r.turn_outputs.push_back(r.num_generated_tokens - r.generated_before_turn);
+  r.generated_before_turn = r.num_generated_tokens;
   ++r.num_intercepts;
   r.tool_id = tool_durations_.id(tool_name);
   double pin_s = 0;
@@ -282,9 +304,13 @@ void Scheduler::requeue_after_tool(Request& r, int32_t num_tool_tokens, double n
   if (traits_->resume_order == ResumeOrder::kNewArrival) {
     // vLLM treats the tool's return as the start of a new request: the back of the queue.
     r.fcfs_s = now_s;
-    r.priority_s = ranked_priority(r);
     r.transition(RequestState::kWaiting);
   }
+  // Held in no ordered list now (intercepted_ has no order): the new key needs no re-keying.
+  if (config_.learn_output_lengths && r.caller_predicted_turn != r.num_intercepts) {
+    r.predicted_output_tokens = learned_prediction(output_lengths_, r);
+  }
+  r.priority_s = ranked_priority(r);
   enqueue(r);
 }
 
@@ -301,6 +327,17 @@ void Scheduler::set_generated_token_limit(RequestId request, int32_t generated_t
 
 void Scheduler::set_predicted_output_tokens(RequestId request, int32_t num_tokens) {
   Request& r = get(request);
+  r.caller_predicted_turn = r.num_intercepts;
+  set_prediction(r, num_tokens);
+}
+
+void Scheduler::predict_from_history(Request& r) {
+  if (config_.learn_output_lengths && r.caller_predicted_turn != r.num_intercepts) {
+    set_prediction(r, learned_prediction(output_lengths_, r));
+  }
+}
+
+void Scheduler::set_prediction(Request& r, int32_t num_tokens) {
   r.predicted_output_tokens = num_tokens < 0 ? -1 : num_tokens;
   double priority_s = ranked_priority(r);
   if (priority_s == r.priority_s) return;
@@ -327,6 +364,8 @@ void Scheduler::finish(RequestId request) {
   if (r.state != RequestState::kRunning) {
     throw StateError("request " + std::to_string(request) + " cannot finish while " + to_string(r.state));
   }
+  r.turn_outputs.push_back(r.num_generated_tokens - r.generated_before_turn);
+  output_lengths_.record(r.program_class, r.num_prompt_tokens, r.turn_outputs);
   release(r, RequestState::kFinished);
 }
 

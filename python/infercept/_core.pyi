@@ -836,9 +836,19 @@ class Request:
         continuum: the pinned KV is released then (< 0: not pinned).
         """
     @property
+    def predicted_output_tokens(self) -> int:
+        """
+        The prediction of what is left to generate over its remaining turns, the caller's or learned (< 0: none).
+        """
+    @property
     def priority_s(self) -> float:
         """
         Queue key: arrival_s, or the resume time (policies that queue a resume as a new arrival).
+        """
+    @property
+    def program_class(self) -> int:
+        """
+        The output-length predictor's key: the hash of the prompt's first blocks (0: counts only, or no full block).
         """
     @property
     def state(self) -> RequestState:
@@ -896,6 +906,14 @@ class SchedulerConfig:
         """
     @enable_prefix_caching.setter
     def enable_prefix_caching(self, arg0: bool) -> None:
+        ...
+    @property
+    def learn_output_lengths(self) -> bool:
+        """
+        When ranking, key a request the caller gave no prediction for its turn by what finished programs of its class generated from that turn on
+        """
+    @learn_output_lengths.setter
+    def learn_output_lengths(self, arg0: bool) -> None:
         ...
     @property
     def max_batched_tokens(self) -> int:
@@ -1068,9 +1086,17 @@ class Scheduler:
         """
         A copy of the waste ledger so far.
         """
+    def num_learned_programs(self) -> int:
+        """
+        Finished programs the output-length predictor has learned from
+        """
     def pool(self, tier: Tier) -> BlockPool:
         """
         The tier's block pool (reference counts, the prefix cache), read-only.
+        """
+    def predicted_output_tokens(self, program_class: typing.SupportsInt | typing.SupportsIndex, num_prompt_tokens: typing.SupportsInt | typing.SupportsIndex, turn: typing.SupportsInt | typing.SupportsIndex) -> float:
+        """
+        What the output-length predictor expects a program of the class and prompt length to generate from turn `turn` on (< 0: not learned yet)
         """
     def remaining_intercept_s(self, request: Request, now_s: typing.SupportsFloat | typing.SupportsIndex) -> float:
         """

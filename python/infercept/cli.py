@@ -49,6 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config["tensor_parallel_size"] = args.tensor_parallel_size
     if args.rank_s_per_predicted_token:
         config["rank_s_per_predicted_token"] = args.rank_s_per_predicted_token
+    if args.learn_output_lengths:
+        config["learn_output_lengths"] = True
     if args.enable_prefix_caching is not None:
         from infercept.engine import EngineConfig
 
@@ -165,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rank the queue by arrival + S seconds per output token a request's "
                           "predicted_output_tokens field says it will generate (LAMPS-style; "
                           "default 0: first come, first served)")
+    srv.add_argument("--learn-output-lengths", action="store_true",
+                     help="with --rank-s-per-predicted-token, rank a request that carries no "
+                          "predicted_output_tokens by what finished requests with the same "
+                          "prompt head generated (learned online)")
     srv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                      help="run the engine in its own process, apart from the HTTP layer "
                           "(default); --no-engine-process runs it on a thread of the server "

@@ -379,6 +379,30 @@ def test_server_core_hands_predictions_to_the_ranked_queue(make_engine, tokenize
     assert_all_memory_returned(engine)
 
 
+def test_engine_learns_output_lengths_from_finished_requests_with_its_prompt_head(make_engine, chat_ids):
+    """learn_output_lengths: once three requests of one prompt have finished, a fourth with
+    the same prompt is keyed by their mean output; a caller's prediction still wins."""
+    engine = make_engine(rank_s_per_predicted_token=0.1, learn_output_lengths=True)
+    for max_tokens in (4, 6, 8):
+        request_id = engine.add_request(prompt_token_ids=chat_ids[0],
+                                        params=SamplingParams(max_tokens=max_tokens, **GREEDY))
+        assert engine.scheduler.request(request_id).predicted_output_tokens == -1  # nothing learned yet
+        (out,) = engine.run_until_done([request_id])
+        assert out.num_generated_tokens == max_tokens
+    assert engine.scheduler.num_learned_programs() == 3
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    learned = engine.add_request(prompt_token_ids=chat_ids[0], params=params)
+    request = engine.scheduler.request(learned)
+    assert request.predicted_output_tokens == 6  # (4 + 6 + 8) / 3
+    assert request.priority_s - request.arrival_s == pytest.approx(0.6)
+    told = engine.add_request(prompt_token_ids=chat_ids[0], params=params, predicted_output_tokens=100)
+    assert engine.scheduler.request(told).predicted_output_tokens == 100
+    engine.run_until_done([learned, told])
+    assert_all_memory_returned(engine)
+    with pytest.raises(ValueError, match="learn_output_lengths=True needs rank_s_per_predicted_token > 0"):
+        EngineConfig(learn_output_lengths=True)
+
+
 def test_bad_predictions_and_ranking_rates_are_rejected(make_engine, chat_ids):
     with pytest.raises(ValueError, match="rank_s_per_predicted_token=-1"):
         EngineConfig(rank_s_per_predicted_token=-1)

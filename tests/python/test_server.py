@@ -115,6 +115,14 @@ def test_serve_cli_parses():
                        rank_s_per_predicted_token=0.2).config.rank_s_per_predicted_token == 0.2
     with pytest.raises(ValueError, match="rank_s_per_predicted_token=-1"):
         engine_spec("default", "infercept", rank_s_per_predicted_token=-1.0)
+    assert not args.learn_output_lengths
+    args = build_parser().parse_args(["serve", "--rank-s-per-predicted-token", "0.2",
+                                      "--learn-output-lengths"])
+    assert args.learn_output_lengths
+    assert engine_spec("default", "infercept", rank_s_per_predicted_token=0.2,
+                       learn_output_lengths=True).config.learn_output_lengths
+    with pytest.raises(ValueError, match="learn_output_lengths=True needs rank_s_per_predicted_token"):
+        engine_spec("default", "infercept", learn_output_lengths=True)
 
 
 def test_store_matches_only_contexts_of_the_same_cache_salt():

@@ -217,6 +217,50 @@ def test_ranking_by_predicted_work_lowers_mean_normalized_latency_under_load() -
     assert means[0.2] < 0.8 * means[0.0], means
 
 
+def test_the_learned_predictor_ranks_by_what_finished_programs_of_a_prompt_length_did() -> None:
+    """learn_output_lengths, no oracle: long programs arrive with long prompts and short ones
+    with short prompts, and once some have finished the core's own predictions (by prompt
+    length bucket and turn) rank the queue: the mean normalized latency falls against FCFS,
+    though by less than under the exact oracle, which knows from the first arrival."""
+    cost = _small_cost()
+    requests = []
+    for i in range(120):
+        long = i % 2 == 0
+        out = 200 if long else 10
+        segments = (Segment(out, 0.5, 8), Segment(out))
+        requests.append(WorkloadRequest(f"r{i}", "synthetic", 300 if long else 40, segments,
+                                        arrival_s=0.05 * i))
+    means = {}
+    for name, rank, learn in (("fcfs", 0.0, False), ("oracle", 0.2, False), ("learned", 0.2, True)):
+        config = simulated_config(cost, "infercept", host_to_device_ratio=1.0)
+        config.rank_s_per_predicted_token = rank
+        config.learn_output_lengths = learn
+        engine = ReplayEngine(config, cost, SimulatedExecutor(cost, config.block_size))
+        records = engine.run(requests, duration_s=6.0).records
+        means[name] = sum(r.latency_s / r.num_output_tokens for r in records) / len(records)
+        if learn:
+            assert engine.scheduler.num_learned_programs() == len(requests)
+    assert means["oracle"] < means["learned"] < 0.8 * means["fcfs"], means
+
+
+def _ranked_simulate(trace_file, out, *extra: str) -> dict:
+    """One short ranked simulate run (infercept, 2 req/s, 20 s); its JSON."""
+    assert main(["simulate", "--trace", str(trace_file), "--profile", "gptj-6b-a100", "--rates", "2",
+                 "--duration", "20", "--policies", "infercept", "--rank-s-per-predicted-token", "0.2",
+                 *extra, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_cli_learned_predictor_is_recorded_and_needs_ranking(trace_file, tmp_path, capsys) -> None:
+    payload = _ranked_simulate(trace_file, tmp_path / "learned.json", "--predictor", "learned")
+    assert payload["rows"][0]["predictor"] == "learned"
+    assert main(["simulate", "--trace", str(trace_file), "--predictor", "learned"]) == 2
+    assert "predictor='learned' needs rank_s_per_predicted_token > 0" in capsys.readouterr().err
+    assert main(["simulate", "--trace", str(trace_file), "--predictor", "learned",
+                 "--rank-s-per-predicted-token", "0.2", "--prediction-error", "0.5"]) == 2
+    assert "prediction_error=0.5 is the oracle's error" in capsys.readouterr().err
+
+
 def test_a_negative_prediction_error_is_rejected() -> None:
     cost = _small_cost()
     with pytest.raises(ValueError, match="prediction_error=-1"):
@@ -224,11 +268,7 @@ def test_a_negative_prediction_error_is_rejected() -> None:
 
 
 def test_cli_ranks_by_predicted_work_and_rejects_a_negative_rate(trace_file, tmp_path, capsys) -> None:
-    out = tmp_path / "ranked.json"
-    assert main(["simulate", "--trace", str(trace_file), "--profile", "gptj-6b-a100", "--rates", "2",
-                 "--duration", "20", "--policies", "infercept", "--rank-s-per-predicted-token", "0.2",
-                 "--prediction-error", "0.5", "--json", str(out)]) == 0
-    payload = json.loads(out.read_text())
+    payload = _ranked_simulate(trace_file, tmp_path / "ranked.json", "--prediction-error", "0.5")
     from infercept.bench.command import cpu_description
     assert payload["cpu"] == cpu_description()  # the machine beside the figures, as elsewhere
     row = payload["rows"][0]

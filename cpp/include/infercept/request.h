@@ -2,6 +2,7 @@
 // A request's lifecycle and token accounting. The KV blocks live in the KvCacheManager; this
 // record says what the request is doing and how many tokens of each kind it has.
 #include <cstdint>
+#include <vector>
 
 #include "infercept/block_hash.h"
 #include "infercept/kv_cache_manager.h"
@@ -55,7 +56,12 @@ struct Request {
   double arrival_s = 0;   // original arrival: the FCFS key, unless the policy requeues as new
   double fcfs_s = 0;      // FCFS key: arrival_s, or the resume time (ResumeOrder::kNewArrival)
   double priority_s = 0;  // queue key: fcfs_s, plus the predicted work's term when ranked
-  int32_t predicted_output_tokens = -1;  // caller's prediction of what is left to generate (< 0: none)
+  int32_t predicted_output_tokens = -1;  // prediction of what is left to generate (< 0: none)
+  int32_t caller_predicted_turn = -1;    // the turn (num_intercepts) the caller last predicted for
+  /// OutputLengths' key: the hash of the prompt's first blocks (0: counts only, or no full block).
+  BlockHash program_class = 0;
+  std::vector<int32_t> turn_outputs;     // tokens generated in each turn that has ended
+  int32_t generated_before_turn = 0;     // num_generated_tokens when the current turn began
 
   int32_t num_prompt_tokens = 0;
   int32_t num_generated_tokens = 0;

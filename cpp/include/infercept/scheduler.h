@@ -13,6 +13,7 @@
 
 #include "infercept/cost_model.h"
 #include "infercept/kv_cache_manager.h"
+#include "infercept/output_lengths.h"
 #include "infercept/request.h"
 #include "infercept/step.h"
 #include "infercept/tool_durations.h"
@@ -48,6 +49,11 @@ struct SchedulerConfig {
   /// still served once newer arrivals' keys pass its own (no starvation). 0: plain FCFS, the
   /// paper's order. Requests with no prediction keep their FCFS key.
   double rank_s_per_predicted_token = 0;
+  /// When ranking, a request whose caller gave no prediction for its current turn is keyed by
+  /// the core's own (OutputLengths): what finished programs of its class generated from the
+  /// same turn on. Set at its arrival and at every tool return; a caller's
+  /// set_predicted_output_tokens for that turn wins. Off: only callers' predictions rank.
+  bool learn_output_lengths = false;
 
   /// Throws InvalidArgumentError naming the first bad field.
   void validate() const;
@@ -185,6 +191,8 @@ class Scheduler {
   const PolicyTraits& policy_traits() const { return *traits_; }
   /// Durations of the intercepts that have resumed, per tool.
   const ToolDurations& tool_durations() const { return tool_durations_; }
+  /// Output per turn of the programs that have finished, per class.
+  const OutputLengths& output_lengths() const { return output_lengths_; }
   /// Mean wait (EMA) from resume to admission of resumed requests that held no KV then.
   double resume_wait_s() const { return resume_wait_s_; }
   const CostModel& cost() const { return cost_; }
@@ -207,6 +215,12 @@ class Scheduler {
   void enqueue(Request& r);
   /// The queue key `r` gets from its FCFS key and predicted work (rank_s_per_predicted_token).
   double ranked_priority(const Request& r) const;
+  /// Sets r's prediction and re-keys it wherever it is held in priority order.
+  void set_prediction(Request& r, int32_t num_tokens);
+  /// learn_output_lengths: r's prediction for its current turn from output_lengths_, unless
+  /// the caller gave one for this turn.
+  void predict_from_history(Request& r);
+  RequestId add_counted(int32_t num_prompt_tokens, double arrival_s, int32_t generated_token_limit);
   void dequeue(Request& r);
   void add_running(Request& r);
   void remove_running(Request& r);
@@ -351,6 +365,7 @@ class Scheduler {
   bool memory_blocked_ = false;
   WasteLedger ledger_;
   ToolDurations tool_durations_;
+  OutputLengths output_lengths_;
   double resume_wait_s_ = 0;
   // Host offload: device blocks computed and cached, in order, with their content key, that
   // are still to be stored to the host (within each step's swap budget).

@@ -18,7 +18,7 @@ from infercept.bench.calibrate import (calibration_errors, forward_model_error, 
 from infercept.bench.agents import WORKLOADS, generate_programs
 from infercept.bench.generator import generate_workload, scale_tool_time
 from infercept.bench.metrics import format_table, highest_sustained_rate
-from infercept.bench.runner import EXECUTORS, BenchSetup, run_grid
+from infercept.bench.runner import EXECUTORS, PREDICTORS, BenchSetup, run_grid
 from infercept.policy_names import POLICY_NAMES
 
 SIMULATE_COLUMNS = ["policy", "rate", "normalized_latency", "throughput_rps", "mean_latency_s",
@@ -228,7 +228,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                     token_ids=not args.counts_only,
                                     enable_prefix_caching=not args.no_prefix_caching,
                                     rank_s_per_predicted_token=args.rank_s_per_predicted_token,
-                                    prediction_error=args.prediction_error)
+                                    prediction_error=args.prediction_error, predictor=args.predictor)
     print(f"profile {cost.name}: {cost.source}")
     print(f"device KV capacity {cost.kv_capacity_tokens} tokens, host {args.host_to_device_ratio:g}x that, "
           f"token budget S={cost.saturation_tokens}")
@@ -289,7 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        token_ids=not args.counts_only,
                        enable_prefix_caching=not args.no_prefix_caching,
                        rank_s_per_predicted_token=args.rank_s_per_predicted_token,
-                       prediction_error=args.prediction_error)
+                       prediction_error=args.prediction_error, predictor=args.predictor)
     print(f"{workload}\n{executor} executor; window {args.duration:g} s; seed {args.seed}; device "
           f"pool {setup.num_device_blocks} blocks of {setup.block_size}, host {setup.num_host_blocks}; "
           f"token budget {setup.max_batched_tokens}; profile {cost.name}: {cost.source}")
@@ -303,7 +303,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                                   "num_host_blocks", "max_batched_tokens", "seed",
                                                   "block_size", "max_running_requests", "device",
                                                   "dtype", "token_ids", "enable_prefix_caching",
-                                                  "rank_s_per_predicted_token", "prediction_error")},
+                                                  "rank_s_per_predicted_token", "prediction_error",
+                                                  "predictor")},
         "complete": False,
         "rows": [],
         "timeline": {"policy": args.timeline_policy, "rate": max(args.rates), "samples": timeline},
@@ -443,7 +444,11 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rank the queue by predicted remaining output, LAMPS-style: a request's "
                              "FCFS key plus S seconds per predicted token (0: FCFS, the paper's order)")
     parser.add_argument("--prediction-error", type=non_negative, default=0.0, metavar="SIGMA",
-                        help="the output-length predictor's error: true count x exp(N(0, SIGMA))")
+                        help="the oracle predictor's error: true count x exp(N(0, SIGMA))")
+    parser.add_argument("--predictor", choices=PREDICTORS, default="oracle",
+                        help="with ranking, who predicts output lengths: oracle (the script's true "
+                             "count, off by --prediction-error) or learned (the core's online "
+                             "predictor, from finished programs of the same app and turn)")
     parser.set_defaults(parser=parser)
 
 

@@ -93,14 +93,17 @@ class ReplayEngine:
             (``rank_s_per_predicted_token``), each request's remaining output is predicted at
             its arrival and at each tool return as the script's true count times
             exp(N(0, prediction_error)): a stand-in for a learned output-length predictor
-            (LAMPS's), with its error set here (0: an exact one).
+            (LAMPS's), with its error set here (0: an exact one). Unused when the config
+            learns output lengths itself (``learn_output_lengths``).
     """
 
     def __init__(self, config: SchedulerConfig, cost: CostModel, executor: Executor,
                  check_invariants: bool = False, token_ids: bool | None = None, seed: int = 0,
                  prediction_error: float = 0.0) -> None:
         predictor = OutputPredictor(seed, prediction_error)  # ValueError naming a bad error
-        self._predictor = predictor if config.rank_s_per_predicted_token > 0 else None
+        # With learn_output_lengths the core predicts from finished programs: no oracle then.
+        ranked = config.rank_s_per_predicted_token > 0 and not config.learn_output_lengths
+        self._predictor = predictor if ranked else None
         self.scheduler = Scheduler(config, cost)
         # The engine loop of the real engine, under a virtual clock: resumes and intercepts
         # queue in _events and cross to the core once per step each.

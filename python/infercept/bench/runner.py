@@ -19,6 +19,8 @@ from infercept.bench.replay import ReplayEngine, simulated_config
 from infercept.bench.workload import WorkloadRequest, poisson_arrivals
 
 EXECUTORS = ("real", "sim")
+# Who predicts output lengths for the ranked queue (BenchSetup.predictor).
+PREDICTORS = ("oracle", "learned")
 
 
 @dataclass
@@ -50,7 +52,10 @@ class BenchSetup:
         rank_s_per_predicted_token: LAMPS-style ranking of the queue by predicted remaining
             output (SchedulerConfig's field; 0: FCFS). The simulator predicts again at every
             tool return; the real engine once, at arrival.
-        prediction_error: the predictor's error, a log-normal sigma (ReplayEngine's).
+        prediction_error: the oracle predictor's error, a log-normal sigma (ReplayEngine's).
+        predictor: with ranking on, who predicts: 'oracle' (the script's true count, off by
+            ``prediction_error``) or 'learned' (the core's OutputLengths, from the programs
+            that have finished; SchedulerConfig.learn_output_lengths).
     """
 
     cost: CostModel
@@ -71,6 +76,7 @@ class BenchSetup:
     demand_aware_preserve: bool = True
     rank_s_per_predicted_token: float = 0.0
     prediction_error: float = 0.0
+    predictor: str = "oracle"
     _loaded: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +85,19 @@ class BenchSetup:
         for name in ("duration_s", "num_device_blocks", "max_batched_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"predictor={self.predictor!r} must be one of {PREDICTORS}")
+        if self.predictor == "learned" and self.rank_s_per_predicted_token == 0:
+            raise ValueError("predictor='learned' needs rank_s_per_predicted_token > 0 (at 0 "
+                             "the queue is FCFS and nothing reads a prediction)")
+        if self.predictor == "learned" and self.prediction_error != 0:
+            raise ValueError(f"prediction_error={self.prediction_error} is the oracle's error; "
+                             "the learned predictor has its own")
+
+    @property
+    def learned(self) -> bool:
+        """The core predicts (OutputLengths) instead of the script's oracle."""
+        return self.predictor == "learned" and self.rank_s_per_predicted_token > 0
 
     @classmethod
     def from_profile(cls, cost: CostModel, duration_s: float, **kwargs: Any) -> BenchSetup:
@@ -131,7 +150,7 @@ def _row(policy: str, rate: float, setup: BenchSetup, records: list[RequestRecor
     row: dict[str, Any] = {"policy": policy, "rate": rate, "executor": setup.executor}
     if setup.rank_s_per_predicted_token > 0:  # the queue was ranked, not FCFS
         row.update(rank_s_per_predicted_token=setup.rank_s_per_predicted_token,
-                   prediction_error=setup.prediction_error)
+                   predictor=setup.predictor, prediction_error=setup.prediction_error)
     row.update(summarize(records, setup.duration_s))
     # Short windows: completions over the whole run (until drained) are the steadier rate.
     row["completed_rps"] = row["num_finished"] / end_s if end_s > 0 else 0.0
@@ -163,6 +182,7 @@ def run_sim(requests: Sequence[WorkloadRequest], policy: str, rate: float, setup
     config.enable_prefix_caching = setup.enable_prefix_caching
     config.demand_aware_preserve = setup.demand_aware_preserve
     config.rank_s_per_predicted_token = setup.rank_s_per_predicted_token
+    config.learn_output_lengths = setup.learned
     executor = SimulatedExecutor(cost, setup.block_size, token_ids=setup.token_ids, seed=setup.seed)
     engine = ReplayEngine(config, cost, executor, seed=setup.seed, prediction_error=setup.prediction_error)
     on_step = None
@@ -218,7 +238,8 @@ def run_real(requests: Sequence[WorkloadRequest], policy: str, rate: float, setu
                           max_batched_tokens=setup.max_batched_tokens,
                           max_running_requests=setup.max_running_requests, device=setup.device,
                           enable_prefix_caching=setup.enable_prefix_caching,
-                          rank_s_per_predicted_token=setup.rank_s_per_predicted_token)
+                          rank_s_per_predicted_token=setup.rank_s_per_predicted_token,
+                          learn_output_lengths=setup.learned)
     cost = setup.pool_cost()
     # Per executed step: tokens, context, executor s (StepResult.duration_s), whole step s;
     # step - executor is the engine loop's own overhead, which T_fwd does not contain.
@@ -238,7 +259,8 @@ def run_real(requests: Sequence[WorkloadRequest], policy: str, rate: float, setu
 
         result = replay(engine, requests, setup.duration_s, seed=setup.seed, on_tick=on_tick,
                         max_time_s=setup.max_time_s,
-                        prediction_error=setup.prediction_error if setup.rank_s_per_predicted_token > 0 else None)
+                        prediction_error=(setup.prediction_error if setup.rank_s_per_predicted_token > 0
+                                          and not setup.learned else None))
         stats = engine.stats
     num_busy = max(1, len(busy))
     return _row(policy, rate, setup, result.records, result.waste, result.waste_fractions, result.end_s, {

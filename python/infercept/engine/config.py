@@ -53,6 +53,10 @@ class EngineConfig:
             seconds per predicted token (``add_request(predicted_output_tokens=...)``), so
             short work goes first and long work is delayed by at most its own term. 0: FCFS,
             the paper's order. Requests without a prediction keep their FCFS key.
+        learn_output_lengths: With ranking on, a request the caller gave no prediction for
+            its current turn is ranked by the core's own: the mean of what finished programs
+            of its class (the hash of its prompt's first 8 blocks: programs of one app share
+            it) generated from the same turn on, learned online (docs/baselines.md).
     """
 
     model: str | None = None
@@ -73,6 +77,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     tensor_parallel_timeout_s: float = 120.0
     rank_s_per_predicted_token: float = 0.0
+    learn_output_lengths: bool = False
 
     def __post_init__(self) -> None:
         self.policy = canonical_policy(self.policy)  # ValueError naming the policy and the choices
@@ -96,6 +101,11 @@ class EngineConfig:
                 and 0 <= self.rank_s_per_predicted_token < float("inf")):
             raise ValueError(f"rank_s_per_predicted_token={self.rank_s_per_predicted_token!r} "
                              "must be a finite number >= 0")
+        if not isinstance(self.learn_output_lengths, bool):
+            raise ValueError(f"learn_output_lengths={self.learn_output_lengths!r} must be a bool")
+        if self.learn_output_lengths and self.rank_s_per_predicted_token == 0:
+            raise ValueError("learn_output_lengths=True needs rank_s_per_predicted_token > 0: "
+                             "at 0 the queue is FCFS and a prediction ranks nothing")
         if self.num_host_blocks is not None and self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks={self.num_host_blocks} must be >= 0 or None")
         if not isinstance(self.device, str) or not (

@@ -132,6 +132,7 @@ class LLMEngine:
         scheduler_config.max_context_tokens = self.max_model_len
         scheduler_config.enable_prefix_caching = config.enable_prefix_caching
         scheduler_config.rank_s_per_predicted_token = config.rank_s_per_predicted_token
+        scheduler_config.learn_output_lengths = config.learn_output_lengths
         scheduler_config.vocab_size = model_config.vocab_size
         scheduler = Scheduler(scheduler_config, self.cost_model)
         # Resumes and intercepts queue here and cross to the core once per step each.
