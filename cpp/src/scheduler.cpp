@@ -172,8 +172,10 @@ RequestState Scheduler::intercept(RequestId request, double now_s, double expect
   r.tool_pending = true;
   r.intercept_start_s = now_s;
   r.expected_duration_s = expected_duration_s;
-  r.turn_outputs.push_back(r.num_generated_tokens - r.generated_before_turn);
-  r.generated_before_turn = r.num_generated_tokens;
+  if (config_.learn_output_lengths) {
+    r.turn_outputs.push_back(r.num_generated_tokens - r.generated_before_turn);
+    r.generated_before_turn = r.num_generated_tokens;
+  }
   ++r.num_intercepts;
   r.tool_id = tool_durations_.id(tool_name);
   double pin_s = 0;
@@ -364,8 +366,10 @@ void Scheduler::finish(RequestId request) {
   if (r.state != RequestState::kRunning) {
     throw StateError("request " + std::to_string(request) + " cannot finish while " + to_string(r.state));
   }
-  r.turn_outputs.push_back(r.num_generated_tokens - r.generated_before_turn);
-  output_lengths_.record(r.program_class, r.num_prompt_tokens, r.turn_outputs);
+  if (config_.learn_output_lengths) {
+    r.turn_outputs.push_back(r.num_generated_tokens - r.generated_before_turn);
+    output_lengths_.record(r.program_class, r.num_prompt_tokens, r.turn_outputs);
+  }
   release(r, RequestState::kFinished);
 }
 

@@ -186,10 +186,10 @@ TEST(LearnedRanking, TheCallersPredictionForATurnWins) {
   sim.s.check_invariants();
 }
 
-TEST(LearnedRanking, OffLearnsButKeysNothing) {
+TEST(LearnedRanking, OffLearnsAndKeysNothing) {
   Sim sim{learning_config(false)};
   teach_app(sim);
-  EXPECT_EQ(sim.s.output_lengths().num_programs(), 3);
+  EXPECT_EQ(sim.s.output_lengths().num_programs(), 0);
   RequestId id = sim.s.add_request(iota_tokens(kPrompt, 1), sim.now_s);
   EXPECT_EQ(sim.request(id).predicted_output_tokens, -1);
   EXPECT_DOUBLE_EQ(sim.request(id).priority_s, sim.request(id).arrival_s);

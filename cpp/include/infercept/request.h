@@ -60,7 +60,7 @@ struct Request {
   int32_t caller_predicted_turn = -1;    // the turn (num_intercepts) the caller last predicted for
   /// OutputLengths' key: the hash of the prompt's first blocks (0: counts only, or no full block).
   BlockHash program_class = 0;
-  std::vector<int32_t> turn_outputs;     // tokens generated in each turn that has ended
+  std::vector<int32_t> turn_outputs;     // tokens generated in each turn that has ended (when learning)
   int32_t generated_before_turn = 0;     // num_generated_tokens when the current turn began
 
   int32_t num_prompt_tokens = 0;

@@ -52,7 +52,8 @@ struct SchedulerConfig {
   /// When ranking, a request whose caller gave no prediction for its current turn is keyed by
   /// the core's own (OutputLengths): what finished programs of its class generated from the
   /// same turn on. Set at its arrival and at every tool return; a caller's
-  /// set_predicted_output_tokens for that turn wins. Off: only callers' predictions rank.
+  /// set_predicted_output_tokens for that turn wins. Off: only callers' predictions rank, and
+  /// nothing is learned (no per-turn bookkeeping).
   bool learn_output_lengths = false;
 
   /// Throws InvalidArgumentError naming the first bad field.
@@ -191,7 +192,7 @@ class Scheduler {
   const PolicyTraits& policy_traits() const { return *traits_; }
   /// Durations of the intercepts that have resumed, per tool.
   const ToolDurations& tool_durations() const { return tool_durations_; }
-  /// Output per turn of the programs that have finished, per class.
+  /// Output per turn of the programs that have finished, per class (learn_output_lengths).
   const OutputLengths& output_lengths() const { return output_lengths_; }
   /// Mean wait (EMA) from resume to admission of resumed requests that held no KV then.
   double resume_wait_s() const { return resume_wait_s_; }
