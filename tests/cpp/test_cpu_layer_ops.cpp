@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -49,6 +50,28 @@ TEST(SiluMul, MatchesReferenceAndLeavesTheUpHalf) {
             << "row " << r << " column " << i << " gate " << g;
         ASSERT_EQ(gate_up[r * 2 * intermediate + intermediate + i], row[intermediate + i]);
       }
+    }
+  }
+}
+
+TEST(SiluMul, EveryBodyTheCpuHasGivesTheBaselinesBits) {
+  // 5 rows x 1539 columns: every body's vector loop and its scalar tail, split over threads.
+  const int64_t rows = 5, intermediate = 1539;
+  auto input = random_floats(rows * 2 * intermediate, 11);
+  for (float& v : input) v *= 12.0f;
+  input[3] = -100.0f, input[4] = 100.0f, input[5] = 0.0f, input[6] = -0.0f;
+  auto want = input;
+  silu_mul(want.data(), rows, intermediate, SiluBody::kBaseline);
+  for (SiluBody body : {SiluBody::kAuto, SiluBody::kAvx2, SiluBody::kAvx512}) {
+    if (!silu_body_available(body)) {
+      EXPECT_THROW(silu_mul(input.data(), rows, intermediate, body), InvalidArgumentError);
+      continue;
+    }
+    auto got = input;
+    silu_mul(got.data(), rows, intermediate, body);
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_EQ(std::memcmp(&got[i], &want[i], sizeof(float)), 0)
+          << "body " << static_cast<int>(body) << " element " << i << ": " << got[i] << " vs " << want[i];
     }
   }
 }

@@ -34,8 +34,13 @@ void add_rms_norm(float* x, float* residual, const float* weight, int64_t num_ro
 /// and the up half is left as it was, so the down projection reads the gate half through the row
 /// stride 2 * intermediate. e^-g is a polynomial (Cody-Waite reduction, Cephes' degree-6 fit:
 /// within 2 ulp of expf) written so -O3 vectorises it on any target; torch's silu differs from it
-/// by float rounding only (~1e-7 relative).
-void silu_mul(float* gate_up, int64_t num_rows, int64_t intermediate);
+/// by float rounding only (~1e-7 relative). The loop is compiled once per SIMD width (`body`;
+/// kAuto: the widest the CPU has) from the same source without contraction, so every body gives
+/// the same bits. Rows split over two or more threads from 8192 columns in all.
+enum class SiluBody : uint8_t { kAuto, kBaseline, kAvx2, kAvx512 };
+void silu_mul(float* gate_up, int64_t num_rows, int64_t intermediate, SiluBody body = SiluBody::kAuto);
+/// Whether the running CPU can run `body` (kAuto and kBaseline: always).
+bool silu_body_available(SiluBody body);
 
 /// One step's new tokens through RoPE and into the cache. Every array dense, row-major:
 ///   qkv          [num_tokens, num_heads + 2 * num_kv_heads, head_dim]  query, key, value heads
