@@ -118,10 +118,14 @@ SchedulerConfig learning_config(bool learn) {
 // One program of the app whose prompt starts at `first`: `first_turn` tokens, a tool call
 // returning 3 tokens, `second_turn` more tokens, done. The tail after the class blocks differs
 // per program (`own`), as a question after a shared system prompt does.
-RequestId run_program(Sim& sim, TokenId first, TokenId own, int32_t first_turn, int32_t second_turn) {
+RequestId add_app_request(Sim& sim, TokenId first, TokenId own) {
   std::vector<TokenId> prompt = iota_tokens(8 * sim_test::kBlockSize, first);
   for (TokenId t : iota_tokens(5, own)) prompt.push_back(t);
-  RequestId id = sim.s.add_request(prompt, sim.now_s);
+  return sim.s.add_request(prompt, sim.now_s);
+}
+
+RequestId run_program(Sim& sim, TokenId first, TokenId own, int32_t first_turn, int32_t second_turn) {
+  RequestId id = add_app_request(sim, first, own);
   sim.run_until_sampled(id, first_turn);
   sim.s.intercept(id, sim.now_s);
   sim.s.resume(id, iota_tokens(3, 9000), sim.now_s);
@@ -139,10 +143,8 @@ TEST(LearnedRanking, KeysEachTurnByWhatFinishedProgramsOfItsClassDidFromThatTurn
   Sim sim{learning_config(true)};
   teach_app(sim);
   EXPECT_EQ(sim.s.output_lengths().num_programs(), 3);
-  std::vector<TokenId> prompt = iota_tokens(8 * sim_test::kBlockSize, 1);
-  for (TokenId t : iota_tokens(5, 7000)) prompt.push_back(t);
   const double arrival_s = sim.now_s;
-  RequestId id = sim.s.add_request(prompt, arrival_s);
+  RequestId id = add_app_request(sim, 1, 7000);
   EXPECT_EQ(sim.request(id).predicted_output_tokens, 8) << "6 + 2 tokens from turn 0";
   EXPECT_DOUBLE_EQ(sim.request(id).priority_s, arrival_s + 0.01 * 8);
   sim.s.check_invariants();
@@ -157,12 +159,11 @@ TEST(LearnedRanking, KeysEachTurnByWhatFinishedProgramsOfItsClassDidFromThatTurn
 TEST(LearnedRanking, AnotherAppFallsBackToAllProgramsUntilItHasItsOwn) {
   Sim sim{learning_config(true)};
   teach_app(sim);
-  std::vector<TokenId> other = iota_tokens(8 * sim_test::kBlockSize + 5, 20000);
-  RequestId id = sim.s.add_request(other, sim.now_s);
+  RequestId id = add_app_request(sim, 20000, 7000);
   EXPECT_EQ(sim.request(id).predicted_output_tokens, 8) << "no program of its own yet";
   sim.s.abort(id);
   for (int i = 0; i < 3; ++i) run_program(sim, 20000, 6000 + 10 * i, 1, 1);
-  id = sim.s.add_request(other, sim.now_s);
+  id = add_app_request(sim, 20000, 7000);
   EXPECT_EQ(sim.request(id).predicted_output_tokens, 2) << "its own three programs: 1 + 1";
   sim.s.check_invariants();
 }
@@ -170,8 +171,7 @@ TEST(LearnedRanking, AnotherAppFallsBackToAllProgramsUntilItHasItsOwn) {
 TEST(LearnedRanking, TheCallersPredictionForATurnWins) {
   Sim sim{learning_config(true)};
   teach_app(sim);
-  std::vector<TokenId> prompt = iota_tokens(8 * sim_test::kBlockSize + 5, 1);
-  RequestId id = sim.s.add_request(prompt, sim.now_s);
+  RequestId id = add_app_request(sim, 1, 7000);
   sim.s.set_predicted_output_tokens(id, 100);
   sim.run_until_sampled(id, 6);
   sim.s.intercept(id, sim.now_s);
